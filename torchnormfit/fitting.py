@@ -1,0 +1,280 @@
+"""The fit pass: one DataLoader pass over a dataset, reduced to ChannelStats."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import PIL.Image
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torchvision import tv_tensors
+from tqdm.auto import tqdm
+
+from .accumulator import BatchNormAccumulator, batch_stats
+from .stats import ChannelStats
+
+__all__ = ["fit_stats", "find_image", "default_num_workers", "DEFAULT_BATCH_SIZE"]
+
+logger = logging.getLogger("torchnormfit")
+
+DEFAULT_BATCH_SIZE = 64
+_LOOKS_0_255 = 1.5
+TO_FLOAT_FIX = "Add ToTensor() or v2.ToDtype(torch.float32, scale=True) before it."
+
+
+def default_num_workers() -> int:
+    """Worker processes used when ``num_workers`` is not given: the usable CPUs, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    return min(8, cpus)
+
+
+def find_image(sample: Any) -> Any:
+    """The image in a sample, found the way v2 transforms find it.
+
+    The first ``tv_tensors.Image`` or ``Video``; else a PIL image (to be
+    rejected); else the first plain tensor. ``None`` if there is none.
+    """
+    flat, _ = tree_flatten(sample)
+    for kind in ((tv_tensors.Image, tv_tensors.Video), PIL.Image.Image):
+        for leaf in flat:
+            if isinstance(leaf, kind):
+                return leaf
+    for leaf in flat:
+        if isinstance(leaf, Tensor) and not isinstance(leaf, tv_tensors.TVTensor):
+            return leaf
+    return None
+
+
+def check_image(image: Any, where: str = "") -> Tensor:
+    """Reject what Normalize rejects, with the fix; return the image as a plain tensor.
+
+    ``where`` (for example ``"Sample 7: "``) starts each message.
+    """
+    if isinstance(image, PIL.Image.Image):
+        raise TypeError(f"{where}FitNormalize() does not support PIL images. {TO_FLOAT_FIX}")
+    if not isinstance(image, Tensor):
+        raise TypeError(
+            f"{where}Expected an image tensor of size (..., C, H, W), got {type(image).__name__}. "
+            "If the image is elsewhere in the sample, pass image=lambda sample: ... to fit()."
+        )
+    if not image.is_floating_point():
+        raise TypeError(f"{where}Input tensor should be a float tensor. Got {image.dtype}. {TO_FLOAT_FIX}")
+    if image.ndim < 3:
+        raise ValueError(
+            f"{where}Expected tensor to be a tensor image of size (..., C, H, W). Got {tuple(image.shape)}."
+        )
+    return image.as_subclass(Tensor)
+
+
+class Capture:
+    """Holds the first image a FitNormalize saw while a sample was read.
+
+    During a fit, the FitNormalize inside the dataset's own pipeline offers
+    each image here instead of normalizing it; the reader takes it after the
+    sample is built, so transforms after FitNormalize never change what is
+    measured. A copy is kept in case a later transform works in place.
+    """
+
+    def __init__(self) -> None:
+        self.image: Tensor | None = None
+
+    def offer(self, image: Tensor) -> None:
+        if self.image is None:
+            self.image = image.as_subclass(Tensor).clone()
+
+    def take(self) -> Tensor | None:
+        image, self.image = self.image, None
+        return image
+
+
+class _SampleReader(Dataset):
+    """``dataset[i]`` -> ``(i, image tensor)``, naming ``i`` in every error."""
+
+    def __init__(self, dataset: Dataset, capture: Capture | None, image: Callable[[Any], Any] | None):
+        self.dataset = dataset
+        self.capture = capture
+        self.image = image
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor]:
+        where = f"Sample {index}: "
+        if self.capture is not None:
+            self.capture.take()
+        try:
+            sample = self.dataset[index]
+        except Exception as error:
+            raise RuntimeError(f"{where}reading the dataset failed with {type(error).__name__}: {error}") from error
+        captured = self.capture.take() if self.capture is not None else None
+        if captured is not None:
+            return index, check_image(captured, where)
+        found = self.image(sample) if self.image is not None else find_image(sample)
+        if found is None:
+            raise TypeError(
+                f"{where}found no image tensor in a sample of type {type(sample).__name__}. "
+                "Return a tensor, a tv_tensors.Image or a tuple/dict holding one, or pass image=... to fit()."
+            )
+        return index, check_image(found, where)
+
+
+@dataclass
+class _Batch:
+    """What a worker sends back for one batch: statistics, or the images themselves."""
+
+    first_index: int
+    num_samples: int
+    channels: int
+    stats: ChannelStats | None = None
+    groups: list[tuple[list[int], Tensor]] | None = None
+
+
+class _Collate:
+    """Groups a batch's images by shape (so sizes may differ) and reduces them to statistics.
+
+    Runs in the DataLoader workers, so the statistics cost is spread over them and
+    only a few numbers per batch travel back. With ``reduce=False`` (an accelerator
+    does the reduction) it returns the stacked groups instead.
+    """
+
+    def __init__(self, reduce: bool):
+        self.reduce = reduce
+        self._work: Tensor | None = None
+
+    def __call__(self, items: Sequence[tuple[int, Tensor]]) -> _Batch:
+        first_index, first = items[0]
+        channels = first.shape[-3]
+        by_shape: dict[tuple[int, ...], list[tuple[int, Tensor]]] = {}
+        for index, image in items:
+            if image.shape[-3] != channels:
+                raise ValueError(_channel_mismatch(index, image.shape[-3], channels, first_index))
+            by_shape.setdefault((*image.shape, image.dtype), []).append((index, image))
+        groups = [([i for i, _ in group], torch.stack([im for _, im in group])) for group in by_shape.values()]
+        batch = _Batch(first_index, len(items), channels)
+        if not self.reduce:
+            batch.groups = groups
+            return batch
+        stats = ChannelStats.empty(channels)
+        for indices, images in groups:
+            group_stats, self._work = batch_stats(images, self._work)
+            _check_finite(group_stats, indices, images)
+            stats = stats.merge(group_stats)
+        batch.stats = stats
+        return batch
+
+
+def _channel_mismatch(index: int, got: int, expected: int, first_index: int) -> str:
+    return (
+        f"Sample {index} has {got} channels, but sample {first_index} has {expected}. All images must have "
+        "the same number of channels: convert them in the pipeline (for example v2.Grayscale(num_output_channels=3) "
+        "or PIL's .convert('RGB'))."
+    )
+
+
+def _check_finite(stats: ChannelStats, indices: list[int], images: Tensor) -> None:
+    if bool(torch.isfinite(stats.mean).all() and torch.isfinite(stats.m2).all()):
+        return
+    finite = torch.isfinite(images.reshape(images.shape[0], -1)).all(dim=1)
+    bad = indices[int((~finite).nonzero()[0])] if not bool(finite.all()) else indices[0]
+    raise ValueError(
+        f"Sample {bad} contains NaN or Inf pixel values. Statistics need finite pixels: fix or drop the sample."
+    )
+
+
+def fit_stats(
+    dataset: Dataset,
+    *,
+    capture: Capture | None = None,
+    image: Callable[[Any], Any] | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+    pin_memory: bool | None = None,
+) -> tuple[ChannelStats, int]:
+    """One pass over ``dataset``; return the exact per-channel statistics and the number of images.
+
+    Statistics are reduced in the DataLoader workers on the CPU, or in this
+    process on ``device`` when it is an accelerator.
+    """
+    _check_dataset(dataset)
+    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+    num_workers = default_num_workers() if num_workers is None else num_workers
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    on_cpu = device.type == "cpu"
+    progress = sys.stderr.isatty() if progress is None else progress
+    loader = DataLoader(
+        _SampleReader(dataset, capture, image),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_Collate(reduce=on_cpu),
+        pin_memory=(not on_cpu) if pin_memory is None else pin_memory,
+    )
+    logger.info("fitting %s: %d samples, batch_size=%d, num_workers=%d, device=%s",
+                type(dataset).__name__, len(dataset), batch_size, num_workers, device)
+    accumulator = BatchNormAccumulator(1, device=device)
+    expected: _Batch | None = None
+    num_samples = 0
+    batches = iter(loader)
+    try:
+        with tqdm(total=len(dataset), unit="img", desc="torchnormfit", disable=not progress) as bar:
+            for batch in batches:
+                if expected is None:
+                    expected = batch
+                    accumulator = BatchNormAccumulator(batch.channels, device=device)
+                elif batch.channels != expected.channels:
+                    raise ValueError(_channel_mismatch(batch.first_index, batch.channels, expected.channels, expected.first_index))
+                _accumulate(accumulator, batch, device)
+                num_samples += batch.num_samples
+                bar.update(batch.num_samples)
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+    stats = accumulator.stats.to("cpu")
+    _warn_if_0_255(stats)
+    return stats, num_samples
+
+
+def _accumulate(accumulator: BatchNormAccumulator, batch: _Batch, device: torch.device) -> None:
+    if batch.stats is not None:
+        accumulator.merge(batch.stats.to(device))
+        return
+    for indices, images in batch.groups:
+        images = images.to(device, non_blocking=True)
+        _check_finite(accumulator.update(images), indices, images)
+
+
+def _check_dataset(dataset: Dataset) -> None:
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
+        raise TypeError(
+            f"fit() needs a map-style dataset (with __len__ and __getitem__). Got {type(dataset).__name__}."
+        )
+    try:
+        length = len(dataset)
+    except TypeError as error:
+        raise TypeError(f"fit() needs a dataset with __len__. Got {type(dataset).__name__}: {error}") from error
+    if length == 0:
+        raise ValueError(f"The dataset {type(dataset).__name__} is empty: there are no pixels to fit statistics on.")
+
+
+def _warn_if_0_255(stats: ChannelStats) -> None:
+    if float(stats.max.max()) > _LOOKS_0_255:
+        warnings.warn(
+            f"The pixel values reach {float(stats.max.max()):g}: the data looks scaled to 0-255, not 0-1. "
+            "If that is not intended, use ToTensor() or v2.ToDtype(torch.float32, scale=True).",
+            UserWarning,
+            stacklevel=3,
+        )

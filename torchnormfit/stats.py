@@ -1,0 +1,160 @@
+"""Per-channel statistics and their exact merge (Chan, Golub & LeVeque 1983).
+
+Pure math on float64 tensors: no ``nn``, no I/O. Every other part of the
+library (accumulator, fitting across workers and ranks, cache) merges through
+:meth:`ChannelStats.merge`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = ["ChannelStats"]
+
+_FIELDS = ("count", "mean", "m2", "min", "max")
+
+
+def _chan_merge(n_a: Tensor, mean_a: Tensor, m2_a: Tensor, n_b: Tensor, mean_b: Tensor, m2_b: Tensor):
+    """Pool two sets of (count, mean, M2) with the parallel formula.
+
+    Chan, Golub & LeVeque, "Algorithms for computing the sample variance", 1983::
+
+        n     = n_a + n_b
+        delta = mean_b - mean_a
+        mean  = mean_a + delta * n_b / n
+        M2    = M2_a + M2_b + delta**2 * n_a * n_b / n
+
+    It is stable whatever the relative sizes and offsets of the two parts, so
+    batches of very different brightness merge without cancellation. An empty
+    side (count 0) leaves the other side exactly as it is.
+    """
+    n = n_a + n_b
+    safe_n = torch.where(n > 0, n, torch.ones_like(n))
+    delta = mean_b - mean_a
+    mean = torch.where(n_a == 0, mean_b, mean_a + delta * (n_b / safe_n))
+    mean = torch.where(n_b == 0, mean_a, mean)
+    m2 = m2_a + m2_b + delta * delta * (n_a * n_b / safe_n)
+    return n, mean, m2
+
+
+class ChannelStats:
+    """Exact per-channel pixel statistics: count, mean, M2, min and max in float64.
+
+    ``var`` is the population variance ``M2 / count`` (ddof=0) and ``std`` its
+    square root: the numbers ``transforms.Normalize`` wants.
+
+    Parameters
+    ----------
+    count, mean, m2, min, max : Tensor
+        One value per channel. They are stored as float64.
+
+    Examples
+    --------
+    >>> x = torch.rand(8, 3, 4, 4, dtype=torch.float64)
+    >>> a = ChannelStats.from_pixels(x[:5].transpose(0, 1).reshape(3, -1))
+    >>> b = ChannelStats.from_pixels(x[5:].transpose(0, 1).reshape(3, -1))
+    >>> torch.allclose(a.merge(b).mean, x.mean(dim=(0, 2, 3)))
+    True
+    """
+
+    __slots__ = _FIELDS
+
+    def __init__(self, count: Tensor, mean: Tensor, m2: Tensor, min: Tensor, max: Tensor):
+        values = [torch.as_tensor(v, dtype=torch.float64) for v in (count, mean, m2, min, max)]
+        shapes = {tuple(v.shape) for v in values}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+            raise ValueError(
+                "ChannelStats expects count, mean, m2, min and max as 1-D tensors of one length "
+                f"(one value per channel). Got shapes {[tuple(v.shape) for v in values]}."
+            )
+        for name, value in zip(_FIELDS, values):
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def empty(cls, num_channels: int, device: torch.device | str | None = None) -> ChannelStats:
+        """Statistics of no pixels: the neutral element of :meth:`merge`."""
+        zeros = torch.zeros(num_channels, dtype=torch.float64, device=device)
+        inf = torch.full_like(zeros, float("inf"))
+        return cls(zeros, zeros.clone(), zeros.clone(), inf, -inf)
+
+    @classmethod
+    def from_pixels(cls, pixels: Tensor) -> ChannelStats:
+        """Two-pass float64 statistics of a ``(C, num_pixels)`` tensor: the reference truth."""
+        if pixels.ndim != 2:
+            raise ValueError(f"Expected pixels of shape (C, num_pixels). Got {tuple(pixels.shape)}.")
+        p = pixels.to(torch.float64)
+        mean = p.mean(dim=1)
+        m2 = (p - mean[:, None]).square().sum(dim=1)
+        count = torch.full_like(mean, p.shape[1])
+        if p.shape[1] == 0:
+            return cls.empty(p.shape[0], device=p.device)
+        return cls(count, mean, m2, p.amin(dim=1), p.amax(dim=1))
+
+    @property
+    def num_channels(self) -> int:
+        return self.mean.numel()
+
+    @property
+    def var(self) -> Tensor:
+        """Population variance (ddof=0) per channel."""
+        return self.m2 / self.count
+
+    @property
+    def std(self) -> Tensor:
+        """Population standard deviation (ddof=0) per channel."""
+        return self.var.sqrt()
+
+    def merge(self, other: ChannelStats) -> ChannelStats:
+        """The statistics of both sets of pixels together (exact; associative and commutative)."""
+        if other.num_channels != self.num_channels:
+            raise ValueError(
+                f"Cannot merge statistics of {other.num_channels} channels into statistics of "
+                f"{self.num_channels} channels."
+            )
+        other = other.to(self.mean.device)
+        count, mean, m2 = _chan_merge(self.count, self.mean, self.m2, other.count, other.mean, other.m2)
+        return ChannelStats(count, mean, m2, torch.minimum(self.min, other.min), torch.maximum(self.max, other.max))
+
+    def constant_channels(self) -> Tensor:
+        """Channels whose variance is zero up to float64 rounding.
+
+        The bound is scikit-learn's ``_is_constant_feature``: the variance is
+        below what rounding alone could produce for this count and mean.
+        """
+        eps = torch.finfo(torch.float64).eps
+        bound = self.count * eps * self.var + (self.count * self.mean * eps) ** 2
+        return self.var <= bound
+
+    def to(self, device: torch.device | str | None) -> ChannelStats:
+        if device is None or self.mean.device == torch.device(device):
+            return self
+        return ChannelStats(*(getattr(self, name).to(device) for name in _FIELDS))
+
+    def to_dict(self) -> dict[str, Tensor]:
+        """The five float64 tensors by name (``count``, ``mean``, ``m2``, ``min``, ``max``)."""
+        return {name: getattr(self, name) for name in _FIELDS}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Tensor]) -> ChannelStats:
+        missing = [name for name in _FIELDS if name not in values]
+        if missing:
+            raise KeyError(f"ChannelStats needs the fields {list(_FIELDS)}; missing {missing}.")
+        return cls(*(values[name] for name in _FIELDS))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("ChannelStats is immutable; merge() returns a new object.")
+
+    def __reduce__(self):
+        return (ChannelStats, tuple(getattr(self, name) for name in _FIELDS))
+
+    def __repr__(self) -> str:
+        def fmt(t: Tensor) -> str:
+            return "[" + ", ".join(f"{v:.6g}" for v in t.tolist()) + "]"
+
+        return (
+            f"ChannelStats(channels={self.num_channels}, pixels_per_channel={fmt(self.count)}, "
+            f"mean={fmt(self.mean)}, std={fmt(self.std)}, min={fmt(self.min)}, max={fmt(self.max)})"
+        )

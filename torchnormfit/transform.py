@@ -1,0 +1,342 @@
+"""FitNormalize: a torchvision v2 Normalize that learns its mean and std from a dataset."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+from torchvision.transforms.v2._transform import Transform
+
+from . import cache as _cache
+from .fingerprint import describe_dataset, describe_pipeline, fingerprint
+from .fitting import TO_FLOAT_FIX, Capture, check_image, fit_stats
+from .stats import ChannelStats
+
+__all__ = ["FitNormalize", "NotFittedError", "DEFAULT_CACHE"]
+
+logger = logging.getLogger("torchnormfit")
+
+
+class NotFittedError(ValueError):
+    """A FitNormalize was used before it had statistics."""
+
+
+class _DefaultCache:
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+DEFAULT_CACHE: Any = _DefaultCache()
+"""The ``cache=`` default: ``$TORCHNORMFIT_CACHE`` or ``$XDG_CACHE_HOME/torchnormfit/stats.h5``, read at fit time."""
+
+
+class FitNormalize(v2.Normalize):
+    """Normalize with a per-channel mean and std fitted exactly on a dataset, cached in HDF5.
+
+    Once it has statistics (given, fitted or loaded from the cache) it behaves
+    exactly like ``v2.Normalize(mean, std)``: same output bit for bit, same
+    tv_tensors handling, usable in v1 and v2 ``Compose``. Before that it raises
+    :class:`NotFittedError`.
+
+    Parameters
+    ----------
+    mean, std : sequence of float, optional
+        Known statistics; leave both out and call :meth:`fit`.
+    cache : path, None or DEFAULT_CACHE
+        HDF5 file that keeps fitted statistics across runs; ``None`` disables it.
+    key : str, optional
+        Cache entry name; by default a fingerprint of the dataset and the
+        transforms before this one.
+    inplace : bool
+        Normalize in place, as in ``v2.Normalize``.
+
+    Examples
+    --------
+    >>> from torchvision.datasets import FakeData
+    >>> from torchvision.transforms import v2
+    >>> norm = FitNormalize(cache=None)
+    >>> ds = FakeData(size=8, image_size=(3, 8, 8),
+    ...               transform=v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), norm]))
+    >>> norm.fit(ds, num_workers=0, progress=False).mean is not None
+    True
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        *,
+        cache: str | os.PathLike | None = DEFAULT_CACHE,
+        key: str | None = None,
+        inplace: bool = False,
+    ) -> None:
+        Transform.__init__(self)
+        if (mean is None) != (std is None):
+            raise ValueError("Pass both mean and std, or neither and call .fit(dataset).")
+        self.mean: list[float] | None = None
+        self.std: list[float] | None = None
+        self.inplace = inplace
+        self._cache = cache
+        self._key = _cache.check_key(key) if key is not None else None
+        self._stats: ChannelStats | None = None
+        self._capture: Capture | None = None
+        if mean is not None:
+            self._set_mean_std(list(map(float, mean)), list(map(float, std)))
+
+    # --- state -------------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> ChannelStats | None:
+        """The fitted :class:`ChannelStats` (float64 count, mean, var, std, min, max); None if not fitted."""
+        return self._stats
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.mean is not None
+
+    def _set_mean_std(self, mean: list[float], std: list[float]) -> None:
+        if len(mean) != len(std) or not mean:
+            raise ValueError(f"mean and std need one value per channel. Got {len(mean)} means and {len(std)} stds.")
+        self.mean, self.std = mean, std
+
+    def _use_stats(self, stats: ChannelStats) -> None:
+        """Take fitted statistics; a constant channel gets std 1.0 (scikit-learn's policy), with a warning."""
+        std = stats.std.clone()
+        constant = stats.constant_channels()
+        if bool(constant.any()):
+            channels = constant.nonzero().flatten().tolist()
+            warnings.warn(
+                f"Channel(s) {channels} have (near) zero variance: their std is set to 1.0, so normalization "
+                "only subtracts their mean (the policy of scikit-learn's StandardScaler).",
+                UserWarning,
+                stacklevel=3,
+            )
+            std[constant] = 1.0
+        self._set_mean_std(stats.mean.tolist(), std.tolist())
+        self._stats = stats
+
+    def get_extra_state(self) -> dict[str, Any]:
+        stats = None if self._stats is None else self._stats.to_dict()
+        return {"mean": self.mean, "std": self.std, "stats": stats, "key": self._key}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if state.get("stats") is not None:
+            self._stats = ChannelStats.from_dict(state["stats"])
+        if state.get("mean") is not None:
+            self._set_mean_std(list(state["mean"]), list(state["std"]))
+        if state.get("key") is not None:
+            self._key = state["key"]
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean}, std={self.std}, inplace={self.inplace}"
+
+    # --- transforming ------------------------------------------------------------------------
+
+    def check_inputs(self, flat_inputs: list[Any]) -> None:
+        if any(isinstance(inpt, PIL.Image.Image) for inpt in flat_inputs):
+            raise TypeError(f"{type(self).__name__}() does not support PIL images. {TO_FLOAT_FIX}")
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, (tv_tensors.Image, tv_tensors.Video)) and isinstance(inpt, tv_tensors.TVTensor):
+            return inpt  # boxes, masks, keypoints pass through, as in v2.Normalize
+        if self._capture is not None:  # being fitted: measure, do not change
+            self._capture.offer(check_image(inpt))
+            return inpt
+        if self.mean is None:
+            raise NotFittedError(
+                f"This {type(self).__name__} has no statistics yet. Call .fit(dataset) first, "
+                "or pass mean=[...] and std=[...]."
+            )
+        check_image(inpt)
+        if inpt.shape[-3] != len(self.mean):
+            raise ValueError(
+                f"{type(self).__name__} has statistics for {len(self.mean)} channels, but the input has "
+                f"{inpt.shape[-3]} (shape {tuple(inpt.shape)}). Convert the images to {len(self.mean)} channels "
+                "or fit on images like these."
+            )
+        if bool((torch.as_tensor(self.std, dtype=inpt.dtype) == 0).any()):
+            raise ValueError(f"std evaluated to zero after conversion to {inpt.dtype}, leading to division by zero.")
+        return self._call_kernel(F.normalize, inpt, mean=self.mean, std=self.std, inplace=self.inplace)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        self._require_fitted()
+        return super().__prepare_scriptable__()
+
+    def _require_fitted(self) -> None:
+        if self.mean is None:
+            raise NotFittedError(
+                f"This {type(self).__name__} has no statistics yet. Call .fit(dataset) first, "
+                "or pass mean=[...] and std=[...]."
+            )
+
+    # --- fitting -----------------------------------------------------------------------------
+
+    def fit(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int | None = None,
+        num_workers: int | None = None,
+        progress: bool | None = None,
+        refit: bool = False,
+        image: Callable[[Any], Any] | None = None,
+        device: torch.device | str | None = None,
+        pin_memory: bool | None = None,
+    ) -> FitNormalize:
+        """Fit mean and std on ``dataset`` in one exact pass, or load them from the cache.
+
+        Parameters
+        ----------
+        dataset : Dataset
+            A map-style dataset whose samples hold a float image ``(..., C, H, W)``.
+            If this transform is in the dataset's own pipeline it passes images
+            through during the pass, and what reaches it is measured.
+        batch_size, num_workers : int, optional
+            DataLoader settings (default 64 and the usable CPUs, at most 8).
+            They change speed, never the result.
+        progress : bool, optional
+            tqdm progress bar; default on where stderr is a terminal.
+        refit : bool
+            Do the pass even if the cache has the statistics.
+        image : callable, optional
+            ``sample -> image tensor`` when the image cannot be found in a sample
+            the way v2 transforms find it.
+        device : torch.device or str, optional
+            Where to reduce the statistics; ``"cuda"`` moves the batches there.
+        pin_memory : bool, optional
+            DataLoader ``pin_memory``; default on for an accelerator.
+
+        Returns
+        -------
+        FitNormalize
+            ``self``, fitted.
+        """
+        settings = {"image": _callable_name(image), "ddof": 0, "statistic": "per-channel population mean/std"}
+        key = self._key or fingerprint(dataset, self, settings)
+        path = self._cache_path()
+        if path is not None and not refit:
+            entry = self._lookup(path, key)
+            if entry is not None:
+                logger.info("cache hit: %r in %s", key, path)
+                self._use_stats(entry.stats)
+                return self
+        capture = Capture()
+        self._capture = capture
+        try:
+            stats, num_samples = fit_stats(
+                dataset,
+                capture=capture,
+                image=image,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                device=device,
+                progress=progress,
+                pin_memory=pin_memory,
+            )
+        finally:
+            self._capture = None
+        self._use_stats(stats)
+        if path is not None:
+            self._save(path, key, stats, _provenance(dataset, self, num_samples))
+        return self
+
+    @classmethod
+    def from_cache(cls, path: str | os.PathLike | None, key: str, *, inplace: bool = False) -> FitNormalize:
+        """A FitNormalize with the statistics of entry ``key`` in cache file ``path`` (None: the default file).
+
+        Raises :class:`~torchnormfit.CacheError` if the entry is missing or invalid.
+        """
+        path = Path(path) if path is not None else _cache.default_cache_path()
+        entry = _cache.read_entry(path, key)
+        if entry is None:
+            known = [e.key for e in _cache.list_entries(path)] if path.is_file() else []
+            raise _cache.CacheError(f"No cache entry {key!r} in {path}. Entries there: {known}.")
+        norm = cls(cache=path, key=key, inplace=inplace)
+        norm._use_stats(entry.stats)
+        return norm
+
+    def _cache_path(self) -> Path | None:
+        if self._cache is None:
+            return None
+        if isinstance(self._cache, _DefaultCache):
+            return _cache.default_cache_path()
+        return Path(self._cache).expanduser()
+
+    def _lookup(self, path: Path, key: str) -> _cache.CacheEntry | None:
+        try:
+            return _cache.read_entry(path, key)
+        except _cache.CacheError as error:
+            warnings.warn(f"{error} Not using it; fitting again.", _cache.CacheWarning, stacklevel=3)
+            return None
+
+    def _save(self, path: Path, key: str, stats: ChannelStats, attrs: dict[str, Any]) -> None:
+        try:
+            _cache.write_entry(path, key, stats, attrs)
+        except (OSError, _cache.CacheError) as error:
+            warnings.warn(
+                f"The statistics were fitted but not saved to the cache {path}: {error}",
+                _cache.CacheWarning,
+                stacklevel=3,
+            )
+        else:
+            logger.info("cached %r in %s", key, path)
+
+    # --- companions --------------------------------------------------------------------------
+
+    def to_normalize(self) -> v2.Normalize:
+        """A plain ``v2.Normalize`` with the same statistics."""
+        self._require_fitted()
+        return v2.Normalize(mean=self.mean, std=self.std, inplace=self.inplace)
+
+    def inverse(self) -> v2.Normalize:
+        """A ``v2.Normalize`` that undoes this one (``x * std + mean``), for looking at images."""
+        self._require_fitted()
+        return v2.Normalize(mean=[-m / s for m, s in zip(self.mean, self.std)], std=[1.0 / s for s in self.std])
+
+    def to_batchnorm(self) -> nn.BatchNorm2d:
+        """A frozen ``BatchNorm2d(C, affine=False)`` in eval mode that normalizes with these statistics.
+
+        ``momentum=0`` keeps its running statistics fixed even if a model is put in train
+        mode (where any BatchNorm normalizes with batch statistics instead).
+        """
+        self._require_fitted()
+        bn = nn.BatchNorm2d(len(self.mean), eps=0.0, momentum=0.0, affine=False)
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.tensor(self.mean))
+            bn.running_var.copy_(torch.tensor(self.std, dtype=torch.float64).square())
+        return bn.eval()
+
+
+def _callable_name(function: Callable[..., Any] | None) -> str | None:
+    if function is None:
+        return None
+    return f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', type(function).__qualname__)}"
+
+
+def _provenance(dataset: Dataset, norm: FitNormalize, num_samples: int) -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "torchnormfit_version": __version__,
+        "dataset": json.dumps(describe_dataset(dataset), sort_keys=True, default=str),
+        "pipeline": describe_pipeline(dataset, norm),
+        "num_samples": num_samples,
+        "ddof": 0,
+    }
