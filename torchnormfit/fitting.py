@@ -14,7 +14,7 @@ import PIL.Image
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from torchvision import tv_tensors
 from tqdm.auto import tqdm
 
@@ -202,20 +202,27 @@ def fit_stats(
     device: torch.device | str | None = None,
     progress: bool | None = None,
     pin_memory: bool | None = None,
+    indices: Sequence[int] | None = None,
+    on_batch: Callable[[ChannelStats], None] | None = None,
 ) -> tuple[ChannelStats, int]:
     """One pass over ``dataset``; return the exact per-channel statistics and the number of images.
 
     Statistics are reduced in the DataLoader workers on the CPU, or in this
-    process on ``device`` when it is an accelerator.
+    process on ``device`` when it is an accelerator. ``indices`` restricts the
+    pass to those samples (a subset or a shard); ``on_batch`` receives each
+    batch's own statistics (for standard errors across batches).
     """
     _check_dataset(dataset)
+    reader: Dataset = _SampleReader(dataset, capture, image)
+    if indices is not None:
+        reader = Subset(reader, indices)
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     num_workers = default_num_workers() if num_workers is None else num_workers
     device = torch.device(device) if device is not None else torch.device("cpu")
     on_cpu = device.type == "cpu"
     progress = sys.stderr.isatty() if progress is None else progress
     loader = DataLoader(
-        _SampleReader(dataset, capture, image),
+        reader,
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -229,14 +236,16 @@ def fit_stats(
     num_samples = 0
     batches = iter(loader)
     try:
-        with tqdm(total=len(dataset), unit="img", desc="torchnormfit", disable=not progress) as bar:
+        with tqdm(total=len(reader), unit="img", desc="torchnormfit", disable=not progress) as bar:
             for batch in batches:
                 if expected is None:
                     expected = batch
                     accumulator = BatchNormAccumulator(batch.channels, device=device)
                 elif batch.channels != expected.channels:
                     raise ValueError(_channel_mismatch(batch.first_index, batch.channels, expected.channels, expected.first_index))
-                _accumulate(accumulator, batch, device)
+                one_batch = _accumulate(accumulator, batch, device)
+                if on_batch is not None:
+                    on_batch(one_batch)
                 num_samples += batch.num_samples
                 bar.update(batch.num_samples)
     finally:
@@ -248,13 +257,18 @@ def fit_stats(
     return stats, num_samples
 
 
-def _accumulate(accumulator: BatchNormAccumulator, batch: _Batch, device: torch.device) -> None:
+def _accumulate(accumulator: BatchNormAccumulator, batch: _Batch, device: torch.device) -> ChannelStats:
+    """Merge one batch into the accumulator; return the batch's own statistics."""
     if batch.stats is not None:
         accumulator.merge(batch.stats.to(device))
-        return
+        return batch.stats
+    stats = ChannelStats.empty(batch.channels, device=device)
     for indices, images in batch.groups:
         images = images.to(device, non_blocking=True)
-        _check_finite(accumulator.update(images), indices, images)
+        group_stats = accumulator.update(images)
+        _check_finite(group_stats, indices, images)
+        stats = stats.merge(group_stats)
+    return stats
 
 
 def _check_dataset(dataset: Dataset) -> None:
