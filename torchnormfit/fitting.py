@@ -116,7 +116,7 @@ class _SampleReader(Dataset):
         try:
             sample = self.dataset[index]
         except Exception as error:
-            raise RuntimeError(f"{where}reading the dataset failed with {type(error).__name__}: {error}") from error
+            raise _naming_sample(error, where) from error
         captured = self.capture.take() if self.capture is not None else None
         if captured is not None:
             return index, check_image(captured, where)
@@ -127,6 +127,15 @@ class _SampleReader(Dataset):
                 "Return a tensor, a tv_tensors.Image or a tuple/dict holding one, or pass image=... to fit()."
             )
         return index, check_image(found, where)
+
+
+def _naming_sample(error: Exception, where: str) -> Exception:
+    """The same kind of error, its message starting with the sample index."""
+    message = f"{where}reading the dataset failed: {error}"
+    try:
+        return type(error)(message)
+    except Exception:  # an exception class that takes other arguments
+        return RuntimeError(f"{message} ({type(error).__name__})")
 
 
 @dataclass
@@ -290,5 +299,5 @@ def _warn_if_0_255(stats: ChannelStats) -> None:
             f"The pixel values reach {float(stats.max.max()):g}: the data looks scaled to 0-255, not 0-1. "
             "If that is not intended, use ToTensor() or v2.ToDtype(torch.float32, scale=True).",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # the user's fit() call
         )

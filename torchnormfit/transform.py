@@ -114,9 +114,9 @@ class FitNormalize(v2.Normalize):
         self.mean, self.std = mean, std
 
     def _use_stats(self, stats: ChannelStats) -> None:
-        """Take fitted statistics; a constant channel gets std 1.0 (scikit-learn's policy), with a warning."""
+        """Take fitted statistics; a (near) constant channel gets std 1.0 (scikit-learn's policy), with a warning."""
         std = stats.std.clone()
-        constant = stats.constant_channels()
+        constant = _near_constant(stats)
         if bool(constant.any()):
             channels = constant.nonzero().flatten().tolist()
             warnings.warn(
@@ -272,9 +272,16 @@ class FitNormalize(v2.Normalize):
     def _cache_path(self) -> Path | None:
         if self._cache is None:
             return None
-        if isinstance(self._cache, _DefaultCache):
-            return _cache.default_cache_path()
-        return Path(self._cache).expanduser()
+        path = _cache.default_cache_path() if isinstance(self._cache, _DefaultCache) else Path(self._cache).expanduser()
+        if path.is_dir():
+            warnings.warn(
+                f"The cache path {path} is a directory: statistics are neither read from nor saved to it. "
+                f"Give a file path such as {path / 'stats.h5'}.",
+                _cache.CacheWarning,
+                stacklevel=3,
+            )
+            return None
+        return path
 
     def _lookup(self, path: Path, key: str) -> _cache.CacheEntry | None:
         try:
@@ -308,17 +315,34 @@ class FitNormalize(v2.Normalize):
         return v2.Normalize(mean=[-m / s for m, s in zip(self.mean, self.std)], std=[1.0 / s for s in self.std])
 
     def to_batchnorm(self) -> nn.BatchNorm2d:
-        """A frozen ``BatchNorm2d(C, affine=False)`` in eval mode that normalizes with these statistics.
+        """A frozen ``BatchNorm2d(C, affine=False)`` that normalizes with these statistics.
 
-        ``momentum=0`` keeps its running statistics fixed even if a model is put in train
-        mode (where any BatchNorm normalizes with batch statistics instead).
+        It stays in eval mode even when its model is put in train mode, so it can
+        serve as a network's input layer.
         """
         self._require_fitted()
-        bn = nn.BatchNorm2d(len(self.mean), eps=0.0, momentum=0.0, affine=False)
+        bn = _FrozenBatchNorm2d(len(self.mean), eps=0.0, momentum=0.0, affine=False)
         with torch.no_grad():
             bn.running_mean.copy_(torch.tensor(self.mean))
             bn.running_var.copy_(torch.tensor(self.std, dtype=torch.float64).square())
         return bn.eval()
+
+
+NEAR_CONSTANT_RTOL = 1e-6
+"""A channel whose std is at most this times its largest absolute pixel value counts as constant."""
+
+
+def _near_constant(stats: ChannelStats) -> Tensor:
+    """Channels with no usable spread: below float32 resolution of their values, or exactly constant."""
+    magnitude = torch.maximum(stats.min.abs(), stats.max.abs())
+    return stats.constant_channels() | (stats.std <= NEAR_CONSTANT_RTOL * magnitude)
+
+
+class _FrozenBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d that ignores ``train()``: its running statistics are the data's, fixed."""
+
+    def train(self, mode: bool = True) -> _FrozenBatchNorm2d:
+        return super().train(False)
 
 
 def _callable_name(function: Callable[..., Any] | None) -> str | None:

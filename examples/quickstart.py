@@ -1,0 +1,41 @@
+"""Fit exact normalization statistics on an embedded dataset, cache them, and reuse them.
+
+Run it twice: the first run makes one pass over the data and writes the cache
+(by default ~/.cache/torchnormfit/stats.h5, or $TORCHNORMFIT_CACHE); the second
+run finds the statistics in the cache without reading a single image.
+
+    python examples/quickstart.py
+"""
+
+import logging
+import time
+
+import torch
+from torchvision.datasets import FakeData
+from torchvision.transforms import v2
+
+from torchnormfit import FitNormalize
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    norm = FitNormalize()
+    # FakeData stands in for CIFAR10(root, transform=...): 5,000 deterministic 3x32x32 images, no download.
+    dataset = FakeData(
+        size=5000,
+        image_size=(3, 32, 32),
+        transform=v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), norm]),
+    )
+    start = time.perf_counter()
+    norm.fit(dataset)
+    elapsed = time.perf_counter() - start
+    print(f"fit took {elapsed * 1000:.1f} ms over {len(dataset)} images")
+    print(f"mean = {[round(m, 6) for m in norm.mean]}")
+    print(f"std  = {[round(s, 6) for s in norm.std]}")
+    print(norm)
+    image, label = dataset[0]
+    print(f"dataset[0] is now normalized: mean {image.mean():.3f}, std {image.std():.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Picklable datasets for tests that use worker processes and subprocesses."""
+
+import os
+
+import torch
+from torch.utils.data import Dataset
+
+
+class CountingDataset(Dataset):
+    """Deterministic float images; counts reads in a file; refuses reads when $NO_READS is set."""
+
+    def __init__(self, n=40, channels=3, size=8, seed=0, transform=None, log=None):
+        self.n, self.channels, self.size, self.seed = n, channels, size, seed
+        self.transform = transform
+        self.log = log
+
+    def __len__(self):
+        return self.n
+
+    def image(self, index):
+        g = torch.Generator().manual_seed(self.seed * 100003 + index)
+        return torch.rand(self.channels, self.size, self.size, generator=g) * 0.5 + (index % 5) * 0.1
+
+    def __getitem__(self, index):
+        if os.environ.get("NO_READS"):
+            raise AssertionError(f"sample {index} was read")
+        if self.log:
+            with open(self.log, "a") as f:
+                f.write(f"{index}\n")
+        x = self.image(index)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, index % 3
+
+
+class FailingDataset(CountingDataset):
+    """Raises at sample ``fail_at``."""
+
+    def __init__(self, fail_at, error=RuntimeError, **kwargs):
+        super().__init__(**kwargs)
+        self.fail_at, self.error = fail_at, error
+
+    def __getitem__(self, index):
+        if index == self.fail_at:
+            raise self.error(f"broken sample {index}")
+        return super().__getitem__(index)

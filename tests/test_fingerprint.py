@@ -1,0 +1,105 @@
+"""The cache key: deterministic across processes, sensitive to what changes the statistics."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from torch.utils.data import ConcatDataset, Subset, TensorDataset
+from torchvision import transforms as v1
+from torchvision.datasets import FakeData, ImageFolder
+from torchvision.transforms import v2
+
+from datasets_for_tests import CountingDataset
+from torchnormfit import FitNormalize
+from torchnormfit.fingerprint import describe_pipeline, fingerprint
+
+SETTINGS = {"image": None}
+TO_FLOAT = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+
+
+def key(dataset, norm):
+    return fingerprint(dataset, norm, SETTINGS)
+
+
+def make_folder(root: Path, n=4):
+    for i in range(n):
+        (root / "a").mkdir(parents=True, exist_ok=True)
+        PIL.Image.fromarray(np.full((4, 4, 3), i * 10, dtype=np.uint8)).save(root / "a" / f"{i}.png")
+    return root
+
+
+def test_same_dataset_same_key_different_length_or_root_different_key(tmp_path):
+    norm = FitNormalize(cache=None)
+    a = ImageFolder(make_folder(tmp_path / "a"), transform=v1.Compose([v1.ToTensor(), norm]))
+    b = ImageFolder(make_folder(tmp_path / "b"), transform=v1.Compose([v1.ToTensor(), norm]))
+    a_again = ImageFolder(tmp_path / "a", transform=v1.Compose([v1.ToTensor(), norm]))
+    assert key(a, norm) == key(a_again, norm)
+    assert key(a, norm) != key(b, norm)  # same size, other folder
+    assert key(FakeData(size=10), norm) != key(FakeData(size=11), norm)
+    assert key(FakeData(size=10, image_size=(3, 8, 8)), norm) != key(FakeData(size=10, image_size=(3, 9, 9)), norm)
+
+
+def test_changed_preceding_transform_changes_key_but_later_ones_and_fitted_state_do_not():
+    norm = FitNormalize(cache=None)
+    base = FakeData(size=10, transform=v2.Compose([TO_FLOAT, norm]))
+    resized = FakeData(size=10, transform=v2.Compose([v2.Resize(16), TO_FLOAT, norm]))
+    float64 = FakeData(size=10, transform=v2.Compose([v2.ToImage(), v2.ToDtype(torch.float64, scale=True), norm]))
+    later = FakeData(size=10, transform=v2.Compose([TO_FLOAT, norm, v2.RandomErasing()]))
+    assert key(base, norm) != key(resized, norm)
+    assert key(base, norm) != key(float64, norm)  # ToDtype's repr hides the dtype; the key does not
+    assert key(base, norm) == key(later, norm)
+    before = key(base, norm)
+    norm._set_mean_std([0.1] * 3, [0.2] * 3)
+    assert key(base, norm) == before
+
+
+def test_pipeline_description_stops_at_the_transform():
+    norm = FitNormalize(cache=None)
+    dataset = FakeData(size=2, transform=v2.Compose([v2.Resize(8), v2.Compose([TO_FLOAT, norm, v2.RandomErasing()])]))
+    described = describe_pipeline(dataset, norm)
+    assert "Resize" in described and "ToDtype" in described and "RandomErasing" not in described
+    assert "FitNormalize" not in described
+
+
+def test_tensor_dataset_key_follows_content_cheaply():
+    norm = FitNormalize(cache=None)
+    x = torch.rand(100, 3, 4, 4)
+    changed = x.clone()
+    changed[0, 0, 0, 0] += 1.0
+    assert key(TensorDataset(x), norm) == key(TensorDataset(x.clone()), norm)
+    assert key(TensorDataset(x), norm) != key(TensorDataset(changed), norm)
+    assert key(TensorDataset(x), norm) != key(TensorDataset(x[:50]), norm)
+
+
+def test_wrappers_describe_what_they_wrap():
+    norm = FitNormalize(cache=None)
+    base = FakeData(size=10)
+    assert key(Subset(base, [0, 1]), norm) != key(Subset(base, [0, 2]), norm)
+    assert key(ConcatDataset([base, base]), norm) != key(ConcatDataset([base, FakeData(size=11)]), norm)
+
+
+def test_settings_change_the_key():
+    norm = FitNormalize(cache=None)
+    assert fingerprint(FakeData(size=3), norm, {"image": None}) != fingerprint(FakeData(size=3), norm, {"image": "f"})
+
+
+def test_key_is_the_same_in_another_process_and_reads_no_sample(tmp_path):
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from datasets_for_tests import CountingDataset\n"
+        "from torchnormfit import FitNormalize\n"
+        "from torchnormfit.fingerprint import fingerprint\n"
+        "norm = FitNormalize(cache=None)\n"
+        "print(fingerprint(CountingDataset(n=7, transform=norm), norm, {'image': None}))\n"
+    )
+    tests = str(Path(__file__).parent)
+    keys = {
+        subprocess.run([sys.executable, "-c", code, tests], capture_output=True, text=True, check=True,
+                       env={"NO_READS": "1", "PYTHONHASHSEED": str(seed), "PATH": ""}).stdout.strip()
+        for seed in (1, 2)
+    }
+    norm = FitNormalize(cache=None)
+    assert keys == {key(CountingDataset(n=7, transform=norm), norm)}

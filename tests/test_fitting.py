@@ -1,0 +1,266 @@
+"""The fit pass: exact statistics through real DataLoaders, in-pipeline capture, bad input."""
+
+import multiprocessing
+import warnings
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+from torchvision import transforms as v1
+from torchvision import tv_tensors
+from torchvision.datasets import FakeData, ImageFolder
+from torchvision.transforms import v2
+
+from datasets_for_tests import CountingDataset, FailingDataset
+from torchnormfit import FitNormalize, NotFittedError
+
+TO_FLOAT = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+
+
+def truth(images):
+    """float64 two-pass mean and population std over all pixels of a list of (C, H, W) images."""
+    pixels = torch.cat([im.double().reshape(im.shape[0], -1) for im in images], dim=1)
+    mean = pixels.mean(dim=1)
+    return mean, (pixels - mean[:, None]).square().mean(dim=1).sqrt()
+
+
+def assert_exact(norm, images, rtol=1e-6):
+    mean, std = truth(images)
+    torch.testing.assert_close(torch.tensor(norm.mean, dtype=torch.float64), mean, rtol=rtol, atol=0)
+    torch.testing.assert_close(torch.tensor(norm.std, dtype=torch.float64), std, rtol=rtol, atol=0)
+
+
+def fit(dataset, norm=None, **kwargs):
+    norm = norm if norm is not None else FitNormalize(cache=None)
+    kwargs.setdefault("num_workers", 0)
+    kwargs.setdefault("progress", False)
+    return norm.fit(dataset, **kwargs)
+
+
+# --- exactness ---------------------------------------------------------------------------------
+
+
+def adversarial_images():
+    """Sorted by class, batches of very different brightness, mean 0.5 / std 0.05 overall."""
+    g = torch.Generator().manual_seed(0)
+    classes = []
+    for level in (0.42, 0.58, 0.45, 0.55):
+        classes.append(torch.randn(37, 3, 6, 6, generator=g) * 0.02 + level)
+    return torch.cat(classes)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_on_adversarial_orders_and_short_last_batch(batch_size, dtype):
+    images = adversarial_images().to(dtype)
+    norm = fit(TensorDataset(images, torch.zeros(len(images))), batch_size=batch_size)
+    assert_exact(norm, list(images))
+    assert norm.stats.count.tolist() == [len(images) * 36.0] * 3
+
+
+def test_order_does_not_matter():
+    images = adversarial_images()
+    forward = fit(TensorDataset(images), batch_size=10)
+    backward = fit(TensorDataset(images.flip(0)), batch_size=13)
+    torch.testing.assert_close(torch.tensor(forward.mean), torch.tensor(backward.mean), rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.tensor(forward.std), torch.tensor(backward.std), rtol=1e-9, atol=0)
+
+
+def test_mixed_size_png_folder_weighs_every_pixel_the_same(tmp_path):
+    rng = np.random.default_rng(1)
+    images = []
+    for index, (w, h) in enumerate([(5, 7), (16, 3), (9, 9), (31, 17), (5, 7), (2, 40)]):
+        folder = tmp_path / f"class{index % 2}"
+        folder.mkdir(exist_ok=True)
+        array = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) // (index + 1)
+        PIL.Image.fromarray(array).save(folder / f"img{index}.png")
+    norm = FitNormalize(cache=None)
+    dataset = ImageFolder(tmp_path, transform=v1.Compose([v1.ToTensor(), norm]))
+    fit(dataset, norm, batch_size=4)
+    reference = ImageFolder(tmp_path, transform=v1.ToTensor())
+    assert_exact(norm, [reference[i][0] for i in range(len(reference))])
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_worker_processes_give_the_same_exact_result(context, monkeypatch):
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: context)
+    norm = FitNormalize(cache=None)
+    dataset = CountingDataset(n=30, transform=norm)
+    torch.multiprocessing.set_start_method(context, force=True)
+    try:
+        fit(dataset, norm, num_workers=2, batch_size=4)
+    finally:
+        torch.multiprocessing.set_start_method(None, force=True)
+    assert_exact(norm, [dataset.image(i) for i in range(30)])
+    assert multiprocessing.active_children() == []
+
+
+def test_fakedata_through_v2_pipeline_matches_truth():
+    norm = FitNormalize(cache=None)
+    dataset = FakeData(size=50, image_size=(3, 10, 12), transform=v2.Compose([TO_FLOAT, norm]))
+    fit(dataset, norm, batch_size=16, num_workers=2)
+    plain = FakeData(size=50, image_size=(3, 10, 12), transform=TO_FLOAT)
+    assert_exact(norm, [plain[i][0] for i in range(50)])
+
+
+# --- the transform inside its own dataset -------------------------------------------------------
+
+
+def test_in_pipeline_transform_passes_images_through_and_later_transforms_do_not_count():
+    norm = FitNormalize(cache=None)
+    erase = v2.RandomErasing(p=1.0, value=100.0)
+    dataset = CountingDataset(n=24, transform=v2.Compose([norm, erase]))
+    fit(dataset, norm, batch_size=5, num_workers=2)
+    assert_exact(norm, [dataset.image(i) for i in range(24)])
+    x, _ = dataset[3]  # after fitting: normalized, then erased
+    expected = erase(v2.Normalize(norm.mean, norm.std)(dataset.image(3)))
+    assert x.shape == expected.shape and not torch.equal(x, dataset.image(3))
+
+
+def test_in_place_transform_after_it_does_not_change_what_is_measured():
+    norm = FitNormalize(cache=None)
+    dataset = CountingDataset(n=10, transform=v1.Compose([norm, v1.Normalize([5.0] * 3, [2.0] * 3, inplace=True)]))
+    fit(dataset, norm)
+    assert_exact(norm, [dataset.image(i) for i in range(10)])
+
+
+def test_refit_measures_raw_images_not_normalized_ones():
+    norm = FitNormalize(cache=None)
+    dataset = CountingDataset(n=10, transform=norm)
+    fit(dataset, norm)
+    first = list(norm.mean)
+    fit(dataset, norm, refit=True)
+    assert norm.mean == pytest.approx(first, rel=1e-12)
+
+
+def test_samples_as_dicts_images_and_custom_extractor():
+    images = adversarial_images()[:20]
+
+    class Dicts(Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return {"label": torch.tensor(i), "image": tv_tensors.Image(images[i])}
+
+    assert_exact(fit(Dicts()), list(images))
+
+    class Nested(Dicts):
+        def __getitem__(self, i):
+            return {"meta": torch.zeros(5, 5, 5), "pixels": images[i]}
+
+    assert_exact(fit(Nested(), image=lambda sample: sample["pixels"]), list(images))
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+class ListDataset(Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_integer_images_get_normalizes_error_with_the_fix():
+    with pytest.raises(TypeError, match=r"Sample 0: Input tensor should be a float tensor. Got torch.uint8.*ToDtype"):
+        fit(ListDataset([torch.zeros(3, 4, 4, dtype=torch.uint8)]))
+
+
+def test_pil_images_get_the_fix():
+    with pytest.raises(TypeError, match=r"Sample 0: FitNormalize\(\) does not support PIL images.*ToTensor"):
+        fit(ListDataset([PIL.Image.new("RGB", (4, 4))]))
+
+
+def test_pil_images_through_the_pipeline_get_the_fix():
+    norm = FitNormalize(cache=None)
+    with pytest.raises(TypeError, match="does not support PIL images"):
+        fit(FakeData(size=3, image_size=(3, 4, 4), transform=norm), norm)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_non_finite_pixel_names_the_sample(value, num_workers):
+    images = [torch.rand(3, 4, 4) for _ in range(10)]
+    images[6][1, 2, 3] = value
+    with pytest.raises(ValueError, match="Sample 6 contains NaN or Inf"):
+        fit(ListDataset(images), batch_size=4, num_workers=num_workers)
+
+
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_channel_count_change_names_the_sample(batch_size):
+    images = [torch.rand(3, 4, 4) for _ in range(6)] + [torch.rand(1, 4, 4)]
+    with pytest.raises(ValueError, match=r"Sample 6 has 1 channels, but sample \d has 3"):
+        fit(ListDataset(images), batch_size=batch_size)
+
+
+def test_empty_dataset_raises():
+    with pytest.raises(ValueError, match="is empty"):
+        fit(ListDataset([]))
+
+
+def test_sample_without_image_raises_with_the_fix():
+    with pytest.raises(TypeError, match=r"Sample 0: found no image tensor.*image="):
+        fit(ListDataset([None]))
+
+
+def test_dataset_whose_len_lies_names_the_sample():
+    class Liar(ListDataset):
+        def __len__(self):
+            return 5
+
+    with pytest.raises(IndexError, match="Sample 3: reading the dataset failed"):
+        fit(Liar([torch.rand(3, 2, 2)] * 3))
+
+
+def test_0_255_data_warns():
+    with pytest.warns(UserWarning, match="looks scaled to 0-255"):
+        fit(ListDataset([torch.rand(3, 4, 4) * 255 for _ in range(3)]))
+
+
+def test_constant_channel_gets_std_one_with_a_warning():
+    images = [torch.stack([torch.rand(4, 4), torch.full((4, 4), 0.3), torch.rand(4, 4)]) for _ in range(5)]
+    with pytest.warns(UserWarning, match=r"Channel\(s\) \[1\] have \(near\) zero variance"):
+        norm = fit(ListDataset(images))
+    assert norm.std[1] == 1.0 and norm.stats.std[1] == 0.0
+    assert torch.isfinite(norm(images[0])).all()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_exception_mid_pass_leaves_it_unfitted_uncached_and_without_workers(tmp_path, num_workers):
+    cache = tmp_path / "stats.h5"
+    norm = FitNormalize(cache=cache)
+    dataset = FailingDataset(fail_at=13, n=30, transform=norm)
+    with pytest.raises(RuntimeError, match="Sample 13: reading the dataset failed: broken sample 13"):
+        fit(dataset, norm, batch_size=4, num_workers=num_workers)
+    assert norm.mean is None and not cache.exists()
+    assert multiprocessing.active_children() == []
+    with pytest.raises(NotFittedError):
+        norm(torch.rand(3, 8, 8))
+
+
+def test_keyboard_interrupt_leaves_it_unfitted_and_uncached(tmp_path):
+    cache = tmp_path / "stats.h5"
+    norm = FitNormalize(cache=cache)
+    with pytest.raises(KeyboardInterrupt):
+        fit(FailingDataset(fail_at=5, error=KeyboardInterrupt, n=12, transform=norm), norm, batch_size=4)
+    assert norm.mean is None and not cache.exists() and norm._capture is None
+
+
+def test_memory_stays_bounded_by_the_batch():
+    """Images are reduced batch by batch: nothing dataset-sized is kept."""
+    seen = []
+
+    class Watch(CountingDataset):
+        def __getitem__(self, index):
+            seen.append(index)
+            return super().__getitem__(index)
+
+    norm = fit(Watch(n=200), batch_size=10)
+    assert len(seen) == 200 and norm.stats.count[0] == 200 * 64
