@@ -19,9 +19,10 @@ from torchvision import tv_tensors
 from tqdm.auto import tqdm
 
 from .accumulator import BatchNormAccumulator, batch_stats
+from .distributed import Ranks, agree, current_ranks, gather_merge, shard
 from .stats import ChannelStats
 
-__all__ = ["fit_stats", "find_image", "default_num_workers", "DEFAULT_BATCH_SIZE"]
+__all__ = ["fit_stats", "tensor_stats", "find_image", "default_num_workers", "DEFAULT_BATCH_SIZE"]
 
 logger = logging.getLogger("torchnormfit")
 
@@ -213,25 +214,80 @@ def fit_stats(
     pin_memory: bool | None = None,
     indices: Sequence[int] | None = None,
     on_batch: Callable[[ChannelStats], None] | None = None,
+    process_group: Any = None,
 ) -> tuple[ChannelStats, int]:
     """One pass over ``dataset``; return the exact per-channel statistics and the number of images.
 
     Statistics are reduced in the DataLoader workers on the CPU, or in this
     process on ``device`` when it is an accelerator. ``indices`` restricts the
-    pass to those samples (a subset or a shard); ``on_batch`` receives each
-    batch's own statistics (for standard errors across batches).
+    pass to those samples (a subset); ``on_batch`` receives each batch's own
+    statistics (for standard errors across batches). Under an initialized
+    ``torch.distributed`` process group (or ``process_group``) each rank reads
+    its own shard and every rank returns the merged statistics of all of them.
     """
     _check_dataset(dataset)
-    reader: Dataset = _SampleReader(dataset, capture, image)
-    if indices is not None:
-        reader = Subset(reader, indices)
+    ranks = current_ranks(process_group)
+    indices = range(len(dataset)) if indices is None else indices
+    if ranks is not None:
+        indices = shard(indices, ranks)
+    progress = sys.stderr.isatty() if progress is None else progress
+
+    def run_local(show_progress: bool) -> tuple[ChannelStats | None, int]:
+        return _local_pass(
+            dataset, indices, capture, image, on_batch, show_progress,
+            batch_size=batch_size, num_workers=num_workers, device=device, pin_memory=pin_memory,
+        )
+
+    if ranks is None:
+        stats, num_samples = run_local(progress)
+    else:
+        stats, num_samples = _ranked_pass(ranks, lambda: run_local(progress and ranks.rank == 0))
+    if stats is None:
+        raise ValueError(f"No samples to fit: the subset of {type(dataset).__name__} is empty.")
+    _warn_if_0_255(stats)
+    return stats, num_samples
+
+
+def _ranked_pass(
+    ranks: Ranks, run_local: Callable[[], tuple[ChannelStats | None, int]]
+) -> tuple[ChannelStats | None, int]:
+    """This rank's shard, then the exact merge with every other rank's; errors reach every rank."""
+    error, stats, num_samples = None, None, 0
+    try:
+        stats, num_samples = run_local()
+    except Exception as caught:
+        error = caught
+    outcomes = agree(ranks, error, (None if stats is None else stats.num_channels, num_samples))
+    channels = {c for c, _ in outcomes if c is not None}
+    if len(channels) > 1:
+        by_rank = {rank: c for rank, (c, _) in enumerate(outcomes)}
+        raise ValueError(f"The ranks saw images with different channel counts: {by_rank}.")
+    if not channels:
+        return None, 0
+    local = stats if stats is not None else ChannelStats.empty(channels.pop())
+    return gather_merge(ranks, local), sum(n for _, n in outcomes)
+
+
+def _local_pass(
+    dataset: Dataset,
+    indices: Sequence[int],
+    capture: Capture | None,
+    image: Callable[[Any], Any] | None,
+    on_batch: Callable[[ChannelStats], None] | None,
+    progress: bool,
+    *,
+    batch_size: int | None,
+    num_workers: int | None,
+    device: torch.device | str | None,
+    pin_memory: bool | None,
+) -> tuple[ChannelStats | None, int]:
+    """The DataLoader pass over ``indices``; ``None`` statistics if there were none."""
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     num_workers = default_num_workers() if num_workers is None else num_workers
     device = torch.device(device) if device is not None else torch.device("cpu")
     on_cpu = device.type == "cpu"
-    progress = sys.stderr.isatty() if progress is None else progress
     loader = DataLoader(
-        reader,
+        Subset(_SampleReader(dataset, capture, image), indices),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -239,19 +295,18 @@ def fit_stats(
         pin_memory=(not on_cpu) if pin_memory is None else pin_memory,
     )
     logger.info("fitting %s: %d samples, batch_size=%d, num_workers=%d, device=%s",
-                type(dataset).__name__, len(dataset), batch_size, num_workers, device)
-    accumulator = BatchNormAccumulator(1, device=device)
-    expected: _Batch | None = None
+                type(dataset).__name__, len(indices), batch_size, num_workers, device)
+    accumulator: BatchNormAccumulator | None = None
+    first: _Batch | None = None
     num_samples = 0
     batches = iter(loader)
     try:
-        with tqdm(total=len(reader), unit="img", desc="torchnormfit", disable=not progress) as bar:
+        with tqdm(total=len(indices), unit="img", desc="torchnormfit", disable=not progress) as bar:
             for batch in batches:
-                if expected is None:
-                    expected = batch
-                    accumulator = BatchNormAccumulator(batch.channels, device=device)
-                elif batch.channels != expected.channels:
-                    raise ValueError(_channel_mismatch(batch.first_index, batch.channels, expected.channels, expected.first_index))
+                if first is None:
+                    first, accumulator = batch, BatchNormAccumulator(batch.channels, device=device)
+                elif batch.channels != first.channels:
+                    raise ValueError(_channel_mismatch(batch.first_index, batch.channels, first.channels, first.first_index))
                 one_batch = _accumulate(accumulator, batch, device)
                 if on_batch is not None:
                     on_batch(one_batch)
@@ -261,9 +316,16 @@ def fit_stats(
         shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
-    stats = accumulator.stats.to("cpu")
-    _warn_if_0_255(stats)
-    return stats, num_samples
+    return (None if accumulator is None else accumulator.stats.to("cpu")), num_samples
+
+
+def tensor_stats(images: Tensor) -> tuple[ChannelStats, int]:
+    """Exact statistics of one float batch ``(..., C, H, W)`` and its number of images."""
+    images = check_image(images)
+    stats, _ = batch_stats(images)
+    count = images.reshape(-1, *images.shape[-3:]).shape[0]
+    _check_finite(stats, list(range(count)), images.reshape(count, -1))
+    return stats, count
 
 
 def _accumulate(accumulator: BatchNormAccumulator, batch: _Batch, device: torch.device) -> ChannelStats:

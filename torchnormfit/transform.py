@@ -23,7 +23,8 @@ from torchvision.transforms.v2._transform import Transform
 
 from . import cache as _cache
 from .fingerprint import describe_dataset, describe_pipeline, fingerprint
-from .fitting import TO_FLOAT_FIX, Capture, check_image, fit_stats
+from .distributed import current_ranks, on_root
+from .fitting import TO_FLOAT_FIX, Capture, check_image, fit_stats, tensor_stats
 from .stats import ChannelStats
 
 __all__ = ["FitNormalize", "NotFittedError", "DEFAULT_CACHE"]
@@ -94,6 +95,7 @@ class FitNormalize(v2.Normalize):
         self._key = _cache.check_key(key) if key is not None else None
         self._stats: ChannelStats | None = None
         self._capture: Capture | None = None
+        self._num_samples = 0
         if mean is not None:
             self._set_mean_std(list(map(float, mean)), list(map(float, std)))
 
@@ -128,6 +130,10 @@ class FitNormalize(v2.Normalize):
             std[constant] = 1.0
         self._set_mean_std(stats.mean.tolist(), std.tolist())
         self._stats = stats
+
+    def _use_entry(self, entry: _cache.CacheEntry) -> None:
+        self._use_stats(entry.stats)
+        self._num_samples = int(entry.attrs.get("num_samples", 0))
 
     def get_extra_state(self) -> dict[str, Any]:
         stats = None if self._stats is None else self._stats.to_dict()
@@ -196,6 +202,7 @@ class FitNormalize(v2.Normalize):
         image: Callable[[Any], Any] | None = None,
         device: torch.device | str | None = None,
         pin_memory: bool | None = None,
+        process_group: Any = None,
     ) -> FitNormalize:
         """Fit mean and std on ``dataset`` in one exact pass, or load them from the cache.
 
@@ -219,6 +226,10 @@ class FitNormalize(v2.Normalize):
             Where to reduce the statistics; ``"cuda"`` moves the batches there.
         pin_memory : bool, optional
             DataLoader ``pin_memory``; default on for an accelerator.
+        process_group : optional
+            A ``torch.distributed`` group to fit across; by default the initialized
+            default group, if any. Each rank reads its own shard; all ranks end
+            with the same exact statistics; only rank 0 reads and writes the cache.
 
         Returns
         -------
@@ -228,31 +239,74 @@ class FitNormalize(v2.Normalize):
         settings = {"image": _callable_name(image), "ddof": 0, "statistic": "per-channel population mean/std"}
         key = self._key or fingerprint(dataset, self, settings)
         path = self._cache_path()
+        ranks = current_ranks(process_group)
         if path is not None and not refit:
-            entry = self._lookup(path, key)
+            entry = on_root(ranks, lambda: self._lookup(path, key))
             if entry is not None:
                 logger.info("cache hit: %r in %s", key, path)
-                self._use_stats(entry.stats)
+                self._use_entry(entry)
                 return self
-        capture = Capture()
-        self._capture = capture
-        try:
-            stats, num_samples = fit_stats(
-                dataset,
-                capture=capture,
-                image=image,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                device=device,
-                progress=progress,
-                pin_memory=pin_memory,
+        stats, num_samples = self._pass(
+            dataset, batch_size=batch_size, num_workers=num_workers, progress=progress, image=image,
+            device=device, pin_memory=pin_memory, process_group=process_group,
+        )
+        self._use_stats(stats)
+        self._num_samples = num_samples
+        if path is not None:
+            on_root(ranks, lambda: self._save(path, key, stats, _provenance(dataset, self, num_samples)))
+        return self
+
+    def partial_fit(self, data: Tensor | Dataset, **fit_options: Any) -> FitNormalize:
+        """Add a batch ``(..., C, H, W)`` or a dataset to the current statistics, exactly.
+
+        Like scikit-learn's ``partial_fit``: ``fit(a)`` then ``partial_fit(b)`` equals
+        one fit over ``a`` and ``b``. A dataset takes ``fit``'s options except
+        ``refit``. Nothing is read from or written to the cache; :meth:`save` writes.
+
+        Examples
+        --------
+        >>> norm = FitNormalize(cache=None)
+        >>> for batch in torch.rand(3, 8, 3, 4, 4).unbind(0):
+        ...     _ = norm.partial_fit(batch)
+        >>> norm.stats.count.tolist()
+        [384.0, 384.0, 384.0]
+        """
+        if self._stats is None and self.mean is not None:
+            raise ValueError(
+                "This FitNormalize has mean/std given by hand, not statistics that can be extended. "
+                "Start from fit(), partial_fit() or from_cache()."
             )
+        if isinstance(data, Tensor):
+            stats, num_samples = tensor_stats(data)
+        else:
+            stats, num_samples = self._pass(data, **fit_options)
+        self._use_stats(stats if self._stats is None else self._stats.merge(stats))
+        self._num_samples += num_samples
+        return self
+
+    def save(self, key: str | None = None) -> str:
+        """Write the current statistics to this transform's cache under ``key`` (default: its own key).
+
+        Use it after :meth:`partial_fit`, for example to extend an entry loaded with
+        :meth:`from_cache`. Returns the key written.
+        """
+        if self._stats is None:
+            raise NotFittedError("There are no fitted statistics to save. Call fit() or partial_fit() first.")
+        key = key if key is not None else self._key
+        path = self._cache_path()
+        if key is None or path is None:
+            raise ValueError("save() needs a cache file and a key: pass key= here or to FitNormalize(key=..., cache=...).")
+        attrs = _provenance(None, self, self._num_samples)
+        _cache.write_entry(path, key, self._stats, attrs)
+        return key
+
+    def _pass(self, dataset: Dataset, **options: Any) -> tuple[ChannelStats, int]:
+        """One pass with this transform in pass-through mode; it is left unchanged if the pass fails."""
+        self._capture = Capture()
+        try:
+            return fit_stats(dataset, capture=self._capture, **options)
         finally:
             self._capture = None
-        self._use_stats(stats)
-        if path is not None:
-            self._save(path, key, stats, _provenance(dataset, self, num_samples))
-        return self
 
     @classmethod
     def from_cache(cls, path: str | os.PathLike | None, key: str, *, inplace: bool = False) -> FitNormalize:
@@ -266,7 +320,7 @@ class FitNormalize(v2.Normalize):
             known = [e.key for e in _cache.list_entries(path)] if path.is_file() else []
             raise _cache.CacheError(f"No cache entry {key!r} in {path}. Entries there: {known}.")
         norm = cls(cache=path, key=key, inplace=inplace)
-        norm._use_stats(entry.stats)
+        norm._use_entry(entry)
         return norm
 
     def _cache_path(self) -> Path | None:
@@ -351,7 +405,7 @@ def _callable_name(function: Callable[..., Any] | None) -> str | None:
     return f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', type(function).__qualname__)}"
 
 
-def _provenance(dataset: Dataset, norm: FitNormalize, num_samples: int) -> dict[str, Any]:
+def _provenance(dataset: Dataset | None, norm: FitNormalize, num_samples: int) -> dict[str, Any]:
     from . import __version__
 
     return {
@@ -359,8 +413,8 @@ def _provenance(dataset: Dataset, norm: FitNormalize, num_samples: int) -> dict[
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
         "torchnormfit_version": __version__,
-        "dataset": json.dumps(describe_dataset(dataset), sort_keys=True, default=str),
-        "pipeline": describe_pipeline(dataset, norm),
+        "dataset": "partial_fit" if dataset is None else json.dumps(describe_dataset(dataset), sort_keys=True, default=str),
+        "pipeline": "" if dataset is None else describe_pipeline(dataset, norm),
         "num_samples": num_samples,
         "ddof": 0,
     }

@@ -1,0 +1,130 @@
+"""Fitting across real torch.distributed process groups (gloo on loopback), and partial fits."""
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from datasets_for_tests import CountingDataset, FailingDataset
+from torchnormfit import FitNormalize, NotFittedError, list_entries
+
+TESTS = str(Path(__file__).parent)
+
+
+def _rank_main(rank, world_size, workdir, n, fail_at):
+    sys.path.insert(0, TESTS)
+    logging.basicConfig(filename=os.path.join(workdir, f"log{rank}.txt"), level=logging.INFO, force=True)
+    dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world_size)
+    try:
+        norm = FitNormalize(cache=os.path.join(workdir, "stats.h5"))
+        log = os.path.join(workdir, f"reads{rank}.txt")
+        if fail_at is None:
+            dataset = CountingDataset(n=n, transform=norm, log=log)
+        else:
+            dataset = FailingDataset(fail_at=fail_at, n=n, transform=norm, log=log)
+        try:
+            norm.fit(dataset, num_workers=0, batch_size=3, progress=False)
+            result = {"mean": norm.mean, "std": norm.std, "count": norm.stats.count.tolist()}
+        except Exception as error:
+            result = {"error": f"{type(error).__name__}: {error}"}
+        with open(os.path.join(workdir, f"result{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(tmp_path, world_size, n, fail_at=None):
+    mp.start_processes(_rank_main, args=(world_size, str(tmp_path), n, fail_at), nprocs=world_size,
+                       join=True, start_method="spawn")
+    return [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(world_size)]
+
+
+def reads(tmp_path, world_size):
+    return sorted(int(i) for r in range(world_size) if (tmp_path / f"reads{r}.txt").exists()
+                  for i in (tmp_path / f"reads{r}.txt").read_text().split())
+
+
+def single_process(n):
+    norm = FitNormalize(cache=None)
+    return norm.fit(CountingDataset(n=n, transform=norm), num_workers=0, progress=False)
+
+
+@pytest.mark.parametrize(
+    "world_size, n",
+    [(2, 11), (3, 10), (3, 2)],  # lengths not divisible by the world size; with n=2 rank 2's shard is empty
+)
+def test_ranks_agree_with_a_single_process_fit_reading_each_sample_once(tmp_path, world_size, n):
+    results = run_ranks(tmp_path, world_size, n)
+    assert all(r == results[0] for r in results), "every rank ends with identical statistics"
+    alone = single_process(n)
+    torch.testing.assert_close(torch.tensor(results[0]["mean"]), torch.tensor(alone.mean), rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.tensor(results[0]["std"]), torch.tensor(alone.std), rtol=1e-12, atol=0)
+    assert reads(tmp_path, world_size) == list(range(n))
+    cached = [line for r in range(world_size) for line in (tmp_path / f"log{r}.txt").read_text().splitlines()
+              if "cached" in line]
+    assert len(cached) == 1 and len(list_entries(tmp_path / "stats.h5")) == 1
+
+
+def test_second_distributed_fit_is_a_cache_hit_on_every_rank(tmp_path):
+    first = run_ranks(tmp_path, 2, 9)
+    for r in range(2):
+        (tmp_path / f"reads{r}.txt").unlink()
+    (tmp_path / "rendezvous").unlink(missing_ok=True)
+    second = run_ranks(tmp_path, 2, 9)
+    assert second == first and reads(tmp_path, 2) == []
+
+
+def test_an_error_on_one_rank_reaches_every_rank_without_hanging(tmp_path):
+    results = run_ranks(tmp_path, 3, 12, fail_at=4)  # sample 4 is in rank 1's shard
+    assert "rank 1" in results[1]["error"] and "Sample 4" in results[1]["error"]
+    for r in (0, 2):
+        assert results[r]["error"].startswith("RuntimeError: The fit failed on rank 1 of 3")
+    assert not (tmp_path / "stats.h5").exists()
+
+
+# --- partial fits ----------------------------------------------------------------------------
+
+
+def test_partial_fit_over_three_pieces_equals_one_fit():
+    whole = single_process(30)
+    pieces = FitNormalize(cache=None)
+    data = CountingDataset(n=30)
+    pieces.partial_fit(torch.utils.data.Subset(data, range(0, 7)), num_workers=0, progress=False)
+    pieces.partial_fit(torch.stack([data.image(i) for i in range(7, 20)]))
+    pieces.partial_fit(torch.utils.data.Subset(data, range(20, 30)), num_workers=0, progress=False)
+    torch.testing.assert_close(torch.tensor(pieces.mean), torch.tensor(whole.mean), rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.tensor(pieces.std), torch.tensor(whole.std), rtol=1e-9, atol=0)
+    assert pieces.stats.count.tolist() == whole.stats.count.tolist()
+
+
+def test_a_cache_entry_can_be_extended_on_another_day(tmp_path):
+    cache = tmp_path / "stats.h5"
+    data = CountingDataset(n=20)
+    FitNormalize(cache=cache, key="shards").fit(torch.utils.data.Subset(data, range(12)), num_workers=0)
+    later = FitNormalize.from_cache(cache, "shards")
+    later.partial_fit(torch.utils.data.Subset(data, range(12, 20)), num_workers=0).save()
+    extended = FitNormalize.from_cache(cache, "shards")
+    torch.testing.assert_close(torch.tensor(extended.mean), torch.tensor(single_process(20).mean), rtol=1e-12, atol=0)
+    assert [e.attrs["num_samples"] for e in list_entries(cache)] == [20]
+
+
+def test_partial_fit_rejects_hand_given_stats_and_save_needs_stats_and_key():
+    with pytest.raises(ValueError, match="given by hand"):
+        FitNormalize([0.5], [0.2], cache=None).partial_fit(torch.rand(2, 1, 3, 3))
+    with pytest.raises(NotFittedError):
+        FitNormalize(cache=None).save("k")
+    with pytest.raises(ValueError, match="needs a cache file and a key"):
+        FitNormalize().partial_fit(torch.rand(2, 1, 3, 3)).save()
+
+
+def test_partial_fit_on_a_bad_batch_names_the_image():
+    batch = torch.rand(4, 3, 2, 2)
+    batch[2, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="Sample 2 contains NaN"):
+        FitNormalize(cache=None).partial_fit(batch)
