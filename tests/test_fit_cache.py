@@ -153,3 +153,24 @@ def test_no_cache_writes_nothing(tmp_path):
     norm = FitNormalize(cache=None)
     fit(norm, CountingDataset(n=5, transform=norm))
     assert not Path(os.environ["TORCHNORMFIT_CACHE"]).exists()
+
+
+def test_subset_fit_reports_standard_errors_that_cover_the_full_pass_and_caches_them(tmp_path, monkeypatch):
+    cache = tmp_path / "stats.h5"
+    full = FitNormalize(cache=None)
+    fit(full, CountingDataset(n=300, transform=full))
+    subset = FitNormalize(cache=cache)
+    fit(subset, CountingDataset(n=300, transform=subset), max_samples=90, seed=3)
+    errors = subset.standard_errors
+    assert subset._num_samples == 90 and bool((errors.mean > 0).all())
+    for fitted_value, full_value, se in [(subset.mean, full.mean, errors.mean), (subset.std, full.std, errors.std)]:
+        assert (torch.tensor(fitted_value) - torch.tensor(full_value)).abs().le(4 * se).all()
+    again = FitNormalize(cache=cache)
+    with monkeypatch.context() as patch:
+        patch.setenv("NO_READS", "1")  # any sample read would raise
+        fit(again, CountingDataset(n=300, transform=again), max_samples=90, seed=3)
+    assert again.mean == subset.mean
+    torch.testing.assert_close(again.standard_errors.mean, errors.mean)
+    other_seed = FitNormalize(cache=cache)
+    fit(other_seed, CountingDataset(n=300, transform=other_seed), max_samples=90, seed=4)
+    assert other_seed.mean != subset.mean and len(list_entries(cache)) == 2

@@ -25,6 +25,7 @@ from . import cache as _cache
 from .fingerprint import describe_dataset, describe_pipeline, fingerprint
 from .distributed import current_ranks, on_root
 from .fitting import TO_FLOAT_FIX, Capture, check_image, fit_stats, tensor_stats
+from .sampling import StandardErrors, fit_subset
 from .stats import ChannelStats
 
 __all__ = ["FitNormalize", "NotFittedError", "DEFAULT_CACHE"]
@@ -96,6 +97,8 @@ class FitNormalize(v2.Normalize):
         self._stats: ChannelStats | None = None
         self._capture: Capture | None = None
         self._num_samples = 0
+        self._standard_errors: StandardErrors | None = None
+        self._fitted_key: str | None = None
         if mean is not None:
             self._set_mean_std(list(map(float, mean)), list(map(float, std)))
 
@@ -105,6 +108,21 @@ class FitNormalize(v2.Normalize):
     def stats(self) -> ChannelStats | None:
         """The fitted :class:`ChannelStats` (float64 count, mean, var, std, min, max); None if not fitted."""
         return self._stats
+
+    @property
+    def standard_errors(self) -> StandardErrors | None:
+        """After ``fit(max_samples=...)``: per-channel standard errors of ``mean`` and ``std`` (float64)."""
+        return self._standard_errors
+
+    @property
+    def num_samples(self) -> int:
+        """The number of images behind :attr:`stats` (0 when the statistics were given by hand)."""
+        return self._num_samples
+
+    @property
+    def cache_key(self) -> str | None:
+        """The cache entry this transform uses: ``key=``, else the fingerprint of the last ``fit()``."""
+        return self._key if self._key is not None else self._fitted_key
 
     @property
     def is_fitted(self) -> bool:
@@ -134,6 +152,11 @@ class FitNormalize(v2.Normalize):
     def _use_entry(self, entry: _cache.CacheEntry) -> None:
         self._use_stats(entry.stats)
         self._num_samples = int(entry.attrs.get("num_samples", 0))
+        if "mean_se" in entry.attrs and "std_se" in entry.attrs:
+            self._standard_errors = StandardErrors(
+                torch.tensor(entry.attrs["mean_se"], dtype=torch.float64),
+                torch.tensor(entry.attrs["std_se"], dtype=torch.float64),
+            )
 
     def get_extra_state(self) -> dict[str, Any]:
         stats = None if self._stats is None else self._stats.to_dict()
@@ -203,6 +226,8 @@ class FitNormalize(v2.Normalize):
         device: torch.device | str | None = None,
         pin_memory: bool | None = None,
         process_group: Any = None,
+        max_samples: int | None = None,
+        seed: int = 0,
     ) -> FitNormalize:
         """Fit mean and std on ``dataset`` in one exact pass, or load them from the cache.
 
@@ -230,6 +255,10 @@ class FitNormalize(v2.Normalize):
             A ``torch.distributed`` group to fit across; by default the initialized
             default group, if any. Each rank reads its own shard; all ranks end
             with the same exact statistics; only rank 0 reads and writes the cache.
+        max_samples, seed : int, optional
+            Fit on a seeded uniform random subset of ``max_samples`` images instead
+            of all; :attr:`standard_errors` then says how far each channel's mean
+            and std can be from the full pass's (a jackknife over batches).
 
         Returns
         -------
@@ -237,7 +266,10 @@ class FitNormalize(v2.Normalize):
             ``self``, fitted.
         """
         settings = {"image": _callable_name(image), "ddof": 0, "statistic": "per-channel population mean/std"}
+        if max_samples is not None:
+            settings.update(max_samples=max_samples, seed=seed)
         key = self._key or fingerprint(dataset, self, settings)
+        self._fitted_key = None
         path = self._cache_path()
         ranks = current_ranks(process_group)
         if path is not None and not refit:
@@ -245,15 +277,17 @@ class FitNormalize(v2.Normalize):
             if entry is not None:
                 logger.info("cache hit: %r in %s", key, path)
                 self._use_entry(entry)
+                self._fitted_key = key
                 return self
-        stats, num_samples = self._pass(
+        stats, num_samples, errors = self._pass(
             dataset, batch_size=batch_size, num_workers=num_workers, progress=progress, image=image,
-            device=device, pin_memory=pin_memory, process_group=process_group,
+            device=device, pin_memory=pin_memory, process_group=process_group, max_samples=max_samples, seed=seed,
         )
         self._use_stats(stats)
-        self._num_samples = num_samples
+        self._num_samples, self._standard_errors, self._fitted_key = num_samples, errors, key
         if path is not None:
-            on_root(ranks, lambda: self._save(path, key, stats, _provenance(dataset, self, num_samples)))
+            attrs = {**_provenance(dataset, self, num_samples), **_subset_provenance(dataset, max_samples, seed, errors)}
+            on_root(ranks, lambda: self._save(path, key, stats, attrs))
         return self
 
     def partial_fit(self, data: Tensor | Dataset, **fit_options: Any) -> FitNormalize:
@@ -279,7 +313,7 @@ class FitNormalize(v2.Normalize):
         if isinstance(data, Tensor):
             stats, num_samples = tensor_stats(data)
         else:
-            stats, num_samples = self._pass(data, **fit_options)
+            stats, num_samples, _ = self._pass(data, **fit_options)
         self._use_stats(stats if self._stats is None else self._stats.merge(stats))
         self._num_samples += num_samples
         return self
@@ -300,11 +334,17 @@ class FitNormalize(v2.Normalize):
         _cache.write_entry(path, key, self._stats, attrs)
         return key
 
-    def _pass(self, dataset: Dataset, **options: Any) -> tuple[ChannelStats, int]:
+    def _pass(
+        self, dataset: Dataset, max_samples: int | None = None, seed: int = 0, **options: Any
+    ) -> tuple[ChannelStats, int, StandardErrors | None]:
         """One pass with this transform in pass-through mode; it is left unchanged if the pass fails."""
         self._capture = Capture()
         try:
-            return fit_stats(dataset, capture=self._capture, **options)
+            if max_samples is None:
+                return (*fit_stats(dataset, capture=self._capture, **options), None)
+            if current_ranks(options.get("process_group")) is not None:
+                raise ValueError("max_samples is not supported across a process group: fit the subset on one rank.")
+            return fit_subset(dataset, max_samples, seed, capture=self._capture, **options)
         finally:
             self._capture = None
 
@@ -417,4 +457,18 @@ def _provenance(dataset: Dataset | None, norm: FitNormalize, num_samples: int) -
         "pipeline": "" if dataset is None else describe_pipeline(dataset, norm),
         "num_samples": num_samples,
         "ddof": 0,
+    }
+
+
+def _subset_provenance(
+    dataset: Dataset, max_samples: int | None, seed: int, errors: StandardErrors | None
+) -> dict[str, Any]:
+    if max_samples is None or errors is None:
+        return {}
+    return {
+        "max_samples": max_samples,
+        "seed": seed,
+        "population": len(dataset),
+        "mean_se": errors.mean.tolist(),
+        "std_se": errors.std.tolist(),
     }
