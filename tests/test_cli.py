@@ -1,0 +1,433 @@
+"""The command line, run as a user runs it: ``python -m torchnormfit ...`` in a subprocess.
+
+Image folders are written here with PIL (mixed sizes and formats, one corrupt
+file), and every printed statistic is checked against a float64 computation
+over the same decoded pixels. Checks that only vary an option call
+``cli.main`` in this process, to keep the module fast (each subprocess pays
+for importing torch). The unit tests of ``folder`` and ``sampling`` are at the
+end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from torchnormfit import ChannelStats, list_entries
+from torchnormfit.cli import main
+from torchnormfit.folder import BadImageError, ImageFiles, to_float_pipeline, unreadable_file_message
+from torchnormfit.sampling import fit_subset, jackknife, sample_pixels, subset_indices
+
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-6
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+try:
+    import matplotlib  # noqa: F401
+
+    HAS_MATPLOTLIB = True
+except ImportError:
+    HAS_MATPLOTLIB = False
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def run(*args: str, tmp: Path) -> subprocess.CompletedProcess:
+    """``python -m torchnormfit ARGS`` as a user runs it; the user's own cache is never touched."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["TORCHNORMFIT_CACHE"] = str(tmp / "default-cache-must-stay-unused.h5")
+    return subprocess.run(
+        [sys.executable, "-m", "torchnormfit", *map(str, args)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+
+
+def call(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """``cli.main(ARGS)`` in this process: (exit code, stdout, stderr); argparse's exits become codes."""
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def reference(paths: list[Path], mode: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Float64 mean, population std and pixel count over the decoded pixels of ``paths``."""
+    pixels = []
+    for path in paths:
+        with PIL.Image.open(path) as image:
+            array = np.asarray(image.convert(mode), dtype=np.float64) / 255.0
+        pixels.append(array.reshape(-1, 1 if array.ndim == 2 else array.shape[-1]))
+    every = np.concatenate(pixels)
+    return every.mean(axis=0), every.std(axis=0), every.shape[0]
+
+
+def stats_rows(stdout: str, names: list[str]) -> dict[str, list[float]]:
+    """The table of a human-readable report: channel name -> its numbers."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = line.split()
+        if cells and cells[0] in names and len(cells) >= 3:
+            rows[cells[0]] = [float(c) for c in cells[1:] if c not in {"±"}]
+    return rows
+
+
+def random_image(rng: np.random.Generator, size: tuple[int, int], channels: int, brightness: float) -> np.ndarray:
+    shape = (size[1], size[0]) if channels == 1 else (size[1], size[0], channels)
+    values = brightness + 0.25 * rng.standard_normal(shape)
+    return (np.clip(values, 0, 1) * 255).round().astype(np.uint8)
+
+
+def write_image(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PIL.Image.fromarray(array, mode=mode).save(path, **({"quality": 90} if path.suffix == ".jpg" else {}))
+    return path
+
+
+# --- fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _no_user_cache(tmp_path, monkeypatch):
+    """In-process calls too: a command that forgot --cache writes here, not into the user's cache."""
+    monkeypatch.setenv("TORCHNORMFIT_CACHE", str(tmp_path / "default-cache-must-stay-unused.h5"))
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> dict:
+    """An ImageFolder tree: 7 good images (5 formats, 6 sizes, gray and RGBA among them), a corrupt JPEG, junk."""
+    root = tmp_path_factory.mktemp("images") / "pets"
+    rng = np.random.default_rng(0)
+    good = [
+        write_image(root / "cat" / "a.png", random_image(rng, (20, 16), 3, 0.2)),
+        write_image(root / "cat" / "b.jpg", random_image(rng, (31, 17), 3, 0.8)),
+        write_image(root / "cat" / "gray.png", random_image(rng, (10, 10), 1, 0.5)),
+        write_image(root / "dog" / "c.webp", random_image(rng, (12, 12), 3, 0.4)),
+        write_image(root / "dog" / "deep" / "d.bmp", random_image(rng, (9, 22), 3, 0.6)),
+        write_image(root / "dog" / "e.tiff", random_image(rng, (15, 15), 3, 0.3)),
+        write_image(root / "dog" / "f.png", random_image(rng, (13, 11), 4, 0.7), mode="RGBA"),
+    ]
+    bad = write_image(root / "dog" / "bad.jpg", random_image(rng, (64, 64), 3, 0.5))
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # truncated
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "cat" / "._a.jpg").write_bytes(b"AppleDouble junk")  # hidden: ignored
+    return {"root": root, "good": sorted(good), "bad": bad}
+
+
+@pytest.fixture(scope="module")
+def fitted(tree, tmp_path_factory) -> dict:
+    """One fresh fit (human output, 2 workers) and the same fit again as JSON (a cache hit)."""
+    tmp = tmp_path_factory.mktemp("fitted")
+    cache = tmp / "stats.h5"
+    common = [tree["root"], "--cache", cache, "--skip-bad", "--no-progress"]
+    human = run("fit", *common, "--workers", 2, tmp=tmp)
+    again = run("fit", *common, "--workers", 0, "--json", tmp=tmp)
+    assert human.returncode == 0, human.stderr
+    assert again.returncode == 0, again.stderr
+    return {"cache": cache, "human": human, "json": json.loads(again.stdout), "tmp": tmp}
+
+
+# --- fit ---------------------------------------------------------------------------------------
+
+
+def test_corrupt_file_fails_with_its_name_and_writes_nothing(tree, tmp_path):
+    result = run("fit", tree["root"], "--cache", tmp_path / "c.h5", "--workers", 2, tmp=tmp_path)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert str(tree["bad"]) in result.stderr and "--skip-bad" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_printed_stats_equal_float64_over_the_same_pixels(tree, fitted):
+    mean, std, count = reference(tree["good"], "RGB")
+    out = fitted["human"].stdout
+    rows = stats_rows(out, ["R", "G", "B"])
+    for c, name in enumerate("RGB"):
+        assert rows[name][0] == pytest.approx(mean[c], abs=TOLERANCE)
+        assert rows[name][1] == pytest.approx(std[c], abs=TOLERANCE)
+    assert f"pixels per channel: {count:,}" in out
+    assert "images: 7;" in out and "1 unreadable file(s) skipped" in out
+    assert "transforms.Normalize(mean=[" in out and "fitted and saved" in out
+    assert str(tree["bad"]) in fitted["human"].stderr  # the skipped file is named
+
+
+def test_json_output_and_cache_hit(tree, fitted):
+    mean, std, count = reference(tree["good"], "RGB")
+    report = fitted["json"]
+    assert report["cached"] is True  # the second run read no image
+    assert report["channels"] == ["R", "G", "B"]
+    np.testing.assert_allclose(report["mean"], mean, rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(report["std"], std, rtol=0, atol=TOLERANCE)
+    assert report["pixels_per_channel"] == count
+    assert (report["num_samples"], report["skipped"], report["subset"]) == (7, 1, None)
+    assert report["normalize"].startswith("transforms.Normalize(mean=[")
+
+
+def test_flat_tree_at_any_depth_with_mode_L(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "flat"
+    paths = [
+        write_image(root / "top.png", random_image(rng, (7, 9), 3, 0.3)),
+        write_image(root / "a" / "b" / "c" / "deep.JPG", random_image(rng, (16, 8), 3, 0.7)),
+        write_image(root / "a" / "mid.tif", random_image(rng, (5, 5), 1, 0.5)),
+    ]
+    result = run("fit", root, "--mode", "L", "--cache", tmp_path / "c.h5", "--workers", 0, "--json", tmp=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    mean, std, count = reference(sorted(paths), "L")
+    assert report["channels"] == ["L"] and "flat" in report["source"]
+    np.testing.assert_allclose(report["mean"], mean, rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(report["std"], std, rtol=0, atol=TOLERANCE)
+    assert (report["pixels_per_channel"], report["num_samples"]) == (count, 3)
+
+
+def test_resize_and_center_crop_shape_every_image(tree, tmp_path, capsys):
+    code, out, err = call(capsys, "fit", tree["root"], "--skip-bad", "--resize", 12, "--center-crop", 10,
+                          "--cache", tmp_path / "c.h5", "--workers", 0, "--json", "--no-progress")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["pixels_per_channel"] == 7 * 10 * 10
+    assert all(0.0 <= v <= 1.0 for v in report["min"] + report["max"])
+
+
+def test_missing_torchvision_dataset_is_a_clear_failure(tmp_path):
+    result = run("fit", "--dataset", "CIFAR10", "--root", tmp_path / "nothing", "--cache", tmp_path / "c.h5",
+                 tmp=tmp_path)
+    assert result.returncode == 1
+    assert "CIFAR10" in result.stderr and "download=True" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_torchvision_dataset_from_local_files(tmp_path, capsys):
+    """MNIST in its own file format, written here: the --dataset path end to end, nothing downloaded."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = np.random.default_rng(2).integers(0, 256, size=(12, 28, 28), dtype=np.uint8)
+    for prefix in ("train", "t10k"):
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">iiii", 2051, 12, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, 12) + bytes(12))
+    code, out, err = call(capsys, "fit", "--dataset", "mnist", "--root", tmp_path, "--split", "test",
+                          "--cache", tmp_path / "c.h5", "--workers", 0, "--json", "--no-progress")
+    assert code == 0, err
+    report = json.loads(out)
+    pixels = images.astype(np.float64) / 255
+    assert report["mean"][0] == pytest.approx(pixels.mean(), abs=TOLERANCE)
+    assert report["std"][0] == pytest.approx(pixels.std(), abs=TOLERANCE)
+    assert report["pixels_per_channel"] == pixels.size
+
+
+def test_subset_standard_error_covers_the_full_pass(tmp_path):
+    rng = np.random.default_rng(3)
+    root = tmp_path / "many"
+    paths = [write_image(root / f"{i:03d}.png", random_image(rng, (8, 6 + i % 5), 3, rng.uniform(0.1, 0.9)))
+             for i in range(90)]
+    result = run("fit", root, "--max-samples", 40, "--seed", 7, "--cache", tmp_path / "c.h5", "--workers", 0,
+                 "--json", tmp=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    subset = report["subset"]
+    assert (report["num_samples"], subset["max_samples"], subset["seed"], subset["population"]) == (40, 40, 7, 90)
+    full_mean, full_std, _ = reference(paths, "RGB")
+    for c in range(3):
+        assert 0 < subset["mean_se"][c] < 0.1 and 0 < subset["std_se"][c] < 0.1
+        assert abs(report["mean"][c] - full_mean[c]) <= 3 * subset["mean_se"][c]
+        assert abs(report["std"][c] - full_std[c]) <= 3 * subset["std_se"][c]
+    chosen = [paths[i] for i in subset_indices(90, 40, seed=7)]  # the subset is the documented one
+    mean, std, _ = reference(chosen, "RGB")
+    np.testing.assert_allclose(report["mean"], mean, rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(report["std"], std, rtol=0, atol=TOLERANCE)
+
+
+# --- ls, show, export, rm ----------------------------------------------------------------------
+
+
+def h5_entry(cache: Path, key: str) -> dict:
+    with h5py.File(cache, "r") as handle:
+        group = handle[key]
+        return {name: group[name][()] for name in ("mean", "std", "count")} | {"attrs": dict(group.attrs)}
+
+
+def test_ls_lists_what_the_file_holds(fitted, capsys):
+    cache = fitted["cache"]
+    with h5py.File(cache, "r") as handle:
+        keys = sorted(handle.keys())
+    result = run("ls", cache, tmp=fitted["tmp"])
+    assert result.returncode == 0, result.stderr
+    for key in keys:
+        assert key in result.stdout
+    code, out, _ = call(capsys, "ls", "--cache", cache, "--json")
+    rows = json.loads(out)
+    assert code == 0 and [row["key"] for row in rows] == keys == [e.key for e in list_entries(cache)]
+    stored = h5_entry(cache, keys[0])
+    assert rows[0]["num_samples"] == stored["attrs"]["num_samples"] == 7
+    assert rows[0]["pixels_per_channel"] == stored["count"][0]
+    assert str(fitted["json"]["source"]) == rows[0]["dataset"]
+
+
+def test_show_prints_the_entry_and_its_provenance(fitted, capsys):
+    key, cache = fitted["json"]["key"], fitted["cache"]
+    result = run("show", key, "--cache", cache, "--json", tmp=fitted["tmp"])
+    assert result.returncode == 0, result.stderr
+    shown, stored = json.loads(result.stdout), h5_entry(cache, key)
+    np.testing.assert_array_equal(shown["mean"], stored["mean"])
+    np.testing.assert_array_equal(shown["std"], stored["std"])
+    assert shown["attrs"]["created_utc"] == stored["attrs"]["created_utc"]
+    assert shown["attrs"]["pipeline"] == stored["attrs"]["pipeline"]
+    code, out, _ = call(capsys, "show", key, "--cache", cache)
+    assert code == 0 and "provenance:" in out and "torch_version" in out and key in out
+
+
+def test_export_formats_carry_the_stored_numbers(fitted, capsys):
+    key, cache = fitted["json"]["key"], fitted["cache"]
+    stored = h5_entry(cache, key)
+    result = run("export", key, "--cache", cache, "--format", "hf", tmp=fitted["tmp"])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"image_mean": stored["mean"].tolist(), "image_std": stored["std"].tolist()}
+    code, out, _ = call(capsys, "export", key, "--cache", cache, "--format", "json")
+    assert code == 0 and json.loads(out) == {"key": key, "mean": stored["mean"].tolist(), "std": stored["std"].tolist()}
+    code, out, _ = call(capsys, "export", key, "--cache", cache)
+    namespace = {"transforms": type("T", (), {"Normalize": staticmethod(lambda mean, std: (mean, std))})}
+    mean, std = eval(out, namespace)  # the line pastes into code
+    np.testing.assert_allclose(mean, stored["mean"], atol=1e-8)
+    np.testing.assert_allclose(std, stored["std"], atol=1e-8)
+
+
+def test_rm_removes_the_entry_from_the_file(fitted, tmp_path, capsys):
+    cache = tmp_path / "copy.h5"
+    shutil.copy(fitted["cache"], cache)
+    key = fitted["json"]["key"]
+    result = run("rm", key, "--cache", cache, tmp=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert key in result.stdout
+    with h5py.File(cache, "r") as handle:
+        assert key not in handle
+    code, _, err = call(capsys, "rm", key, "--cache", cache)
+    assert code == 1 and key in err
+    code, _, err = call(capsys, "show", key, "--cache", cache)
+    assert code == 1 and "No entry" in err
+
+
+# --- plots -------------------------------------------------------------------------------------
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > len(PNG_SIGNATURE) and path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib (the plot extra) is not installed")
+def test_plots_are_png_files(tree, tmp_path, capsys):
+    plot = tmp_path / "fit.png"
+    result = run("fit", tree["root"], "--skip-bad", "--cache", tmp_path / "c.h5", "--workers", 0,
+                 "--plot", plot, tmp=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert is_png(plot) and f"plot: {plot}" in result.stdout
+    key = list_entries(tmp_path / "c.h5")[0].key
+    code, out, err = call(capsys, "show", key, "--cache", tmp_path / "c.h5", "--plot", tmp_path / "show.png")
+    assert code == 0, err
+    assert is_png(tmp_path / "show.png")
+
+
+def test_plot_without_matplotlib_names_the_extra(tree, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    code, out, err = call(capsys, "fit", tree["root"], "--cache", tmp_path / "c.h5", "--plot", tmp_path / "p.png")
+    assert code == 1 and out == ""
+    assert "torchnormfit[plot]" in err
+    assert not (tmp_path / "c.h5").exists()  # it fails before the pass
+
+
+# --- usage -------------------------------------------------------------------------------------
+
+
+def test_usage_errors_exit_2(tree, tmp_path, capsys):
+    result = run("fit", "--cache", tmp_path / "c.h5", tmp=tmp_path)
+    assert result.returncode == 2 and "SOURCE" in result.stderr and result.stdout == ""
+    for args in [
+        ("fit", tree["root"], "--dataset", "CIFAR10"),
+        ("fit", "--dataset", "NoSuchSet", "--root", tmp_path),
+        ("fit", "--dataset", "CIFAR10"),
+        ("fit", "--dataset", "CIFAR10", "--root", tmp_path, "--split", "val"),
+        ("fit", "--dataset", "CIFAR10", "--root", tmp_path, "--skip-bad"),
+        ("fit", tree["root"], "--mode", "P"),
+        ("fit", tree["root"], "--batch-size", "0"),
+        ("fit", tree["root"], "--seed", "3"),
+        ("export", "key", "--format", "yaml"),
+        ("frobnicate",),
+        (),
+    ]:
+        code, out, err = call(capsys, *args)
+        assert code == 2, args
+        assert "usage:" in err and out == ""
+
+
+def test_missing_cache_and_folder_are_failures(tmp_path, capsys):
+    code, _, err = call(capsys, "show", "k", "--cache", tmp_path / "none.h5")
+    assert code == 1 and "no cache file" in err
+    code, out, _ = call(capsys, "ls", tmp_path / "none.h5")
+    assert code == 0 and "no entries" in out
+    code, _, err = call(capsys, "fit", tmp_path / "nowhere", "--cache", tmp_path / "c.h5")
+    assert code == 1 and "nowhere" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = call(capsys, "fit", tmp_path / "empty", "--cache", tmp_path / "c.h5")
+    assert code == 1 and "no image files" in err.lower()
+
+
+# --- folder and sampling -----------------------------------------------------------------------
+
+
+def test_image_files_layouts_and_order(tree):
+    dataset = ImageFiles(tree["root"], transform=to_float_pipeline())
+    assert dataset.layout == "imagefolder" and dataset.classes == ["cat", "dog"]
+    assert [Path(dataset.path(i)) for i in range(len(dataset))] == sorted(tree["good"] + [tree["bad"]])
+    image, target = dataset[0]
+    assert image.dtype == torch.float32 and image.shape[0] == 3 and target == 0
+    bad = [Path(dataset.path(i)) for i in range(len(dataset))].index(tree["bad"])
+    with pytest.raises(BadImageError, match="bad.jpg") as caught:
+        dataset[bad]
+    assert unreadable_file_message(RuntimeError(f"worker text\nBadImageError: {caught.value}\n")) == str(caught.value)
+    assert "Layout: imagefolder" in repr(dataset)
+
+
+def test_subset_indices_are_seeded_uniform_and_nested():
+    first = subset_indices(1000, 100, seed=5)
+    assert first == subset_indices(1000, 100, seed=5) != subset_indices(1000, 100, seed=6)
+    assert len(set(first)) == 100 and all(0 <= i < 1000 for i in first)
+    assert subset_indices(1000, 150, seed=5)[:100] == first
+    assert sorted(subset_indices(10, 50, seed=0)) == list(range(10))
+    with pytest.raises(ValueError):
+        subset_indices(0, 5)
+
+
+def test_jackknife_equals_the_closed_form_for_equal_groups():
+    """For the mean of equal-size groups the jackknife is exactly sd(group means) / sqrt(G)."""
+    groups = torch.rand(12, 3, 50, dtype=torch.float64) + torch.linspace(0, 1, 12, dtype=torch.float64)[:, None, None]
+    errors = jackknife([ChannelStats.from_pixels(g) for g in groups])
+    group_means = groups.mean(dim=2)
+    expected = group_means.std(dim=0, unbiased=True) / math.sqrt(12)
+    torch.testing.assert_close(errors.mean, expected, rtol=1e-10, atol=0)
+    assert bool((errors.std > 0).all())
+    assert bool(jackknife([ChannelStats.from_pixels(groups[0])]).mean.isnan().all())
+
+
+def test_fit_subset_of_everything_has_zero_error(tree):
+    dataset = ImageFiles(tree["root"] / "cat", transform=to_float_pipeline())
+    stats, num_samples, errors = fit_subset(dataset, 100, seed=0, num_workers=0, progress=False)
+    assert num_samples == 3 and bool((errors.mean == 0).all()) and bool((errors.std == 0).all())
+    pixels = sample_pixels(dataset, max_pixels=90, max_images=3)
+    assert pixels.shape == (3, 90) and 0 <= float(pixels.min()) and float(pixels.max()) <= 1

@@ -1,0 +1,282 @@
+"""A folder of image files as a dataset of float tensors: ImageFolder layout or a flat tree.
+
+This is what ``torchnormfit fit DIR`` measures. Files are found once, sorted by
+their path relative to the root, so the dataset (and its cache key) is the same
+in every run on the same files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import VisionDataset
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MODES",
+    "BadImageError",
+    "ConvertMode",
+    "ImageFiles",
+    "find_unreadable",
+    "to_float_pipeline",
+    "unreadable_file_message",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+"""File name endings read as images (any case): JPEG, PNG, WebP, BMP, TIFF."""
+
+MODES = ("RGB", "L", "RGBA", "LA", "CMYK", "YCbCr", "LAB", "HSV")
+"""PIL modes images can be converted to: 8 bits a channel, so ``ToDtype(scale=True)`` maps them to [0, 1]."""
+
+_WIDE_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
+_BAD_IMAGE = re.compile(r"BadImageError: (.+)")
+
+
+class BadImageError(OSError):
+    """An image file that cannot be decoded: corrupt, truncated or not an image. The message names the file."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"Cannot read the image file {self.path}: {reason}".replace("\n", " "))
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason))
+
+
+class ConvertMode:
+    """Convert a PIL image to a PIL mode (``"RGB"``, ``"L"``, ...); tensors pass through.
+
+    A small class rather than a lambda, so it pickles into DataLoader workers
+    and its repr (part of the cache key) is stable.
+    """
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, image: Any) -> Any:
+        if isinstance(image, PIL.Image.Image) and image.mode != self.mode:
+            return image.convert(self.mode)
+        return image
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mode={self.mode!r})"
+
+
+def to_float_pipeline(
+    mode: str | None = None, resize: int | None = None, center_crop: int | None = None
+) -> v2.Compose:
+    """The usual pipeline up to Normalize: [mode] -> [Resize] -> [CenterCrop] -> float32 in [0, 1].
+
+    Resize and crop act on the PIL image, as in ``Compose([Resize(n), CenterCrop(m), ToTensor()])``,
+    and the result equals ``ToTensor()``'s.
+    """
+    steps: list[Callable[[Any], Any]] = [] if mode is None else [ConvertMode(mode)]
+    if resize is not None:
+        steps.append(v2.Resize(resize, antialias=True))
+    if center_crop is not None:
+        steps.append(v2.CenterCrop(center_crop))
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    return v2.Compose(steps)
+
+
+class ImageFiles(VisionDataset):
+    """Every image file under ``root``, decoded with PIL and converted to ``mode``.
+
+    Two layouts are recognized. ImageFolder: all images sit in subfolders of
+    ``root`` (at any depth), and each top-level subfolder is a class, as in
+    ``torchvision.datasets.ImageFolder``. Flat: any other tree (images in
+    ``root`` itself, at any depth); the target is then -1. Hidden files and
+    folders (names starting with ``.``) are ignored.
+
+    Parameters
+    ----------
+    root : str or Path
+        The folder to read.
+    mode : str
+        PIL mode every image is converted to; one of :data:`MODES`.
+    transform : callable, optional
+        Applied to the converted PIL image, for example :func:`to_float_pipeline`.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``root`` is not a folder, or holds no image file.
+
+    Examples
+    --------
+    >>> ds = ImageFiles("photos", transform=to_float_pipeline())  # doctest: +SKIP
+    >>> image, target = ds[0]  # doctest: +SKIP
+    """
+
+    def __init__(self, root: str | os.PathLike, mode: str = "RGB", transform: Callable[[Any], Any] | None = None):
+        root = os.path.abspath(os.path.expanduser(os.fspath(root)))
+        if not os.path.isdir(root):
+            what = "does not exist" if not os.path.exists(root) else "is a file, not a folder"
+            raise FileNotFoundError(f"Expected a folder of images. {root} {what}.")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)}. Got {mode!r}.")
+        super().__init__(root, transform=transform)
+        self.mode = mode
+        files = _find_images(root)
+        if not files:
+            raise FileNotFoundError(
+                f"Found no image files under {root}. Expected files ending in {', '.join(IMAGE_EXTENSIONS)} "
+                "(any case), in the folder or in subfolders."
+            )
+        self.layout = "imagefolder" if all("/" in name for name in files) else "flat"
+        self.classes = sorted({name.split("/", 1)[0] for name in files}) if self.layout == "imagefolder" else []
+        class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        self.samples = [(name, class_to_idx.get(name.split("/", 1)[0], -1)) for name in files]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def path(self, index: int) -> str:
+        """The absolute path of sample ``index``."""
+        return os.path.join(self.root, *self.samples[index][0].split("/"))
+
+    def load(self, index: int) -> PIL.Image.Image:
+        """Decode sample ``index`` completely and convert it to ``mode``.
+
+        Raises
+        ------
+        BadImageError
+            The file cannot be read or decoded, or has more than 8 bits a
+            channel (PIL's conversion would clip it); the message names the file.
+        """
+        path = self.path(index)
+        try:
+            with PIL.Image.open(path) as image:
+                image.load()
+                mode = image.mode
+                converted = image.convert(self.mode) if mode not in _WIDE_MODES else None
+        except Exception as error:
+            raise BadImageError(path, f"{type(error).__name__}: {error}") from error
+        if converted is None:
+            raise BadImageError(
+                path,
+                f"its mode is {mode} (more than 8 bits a channel), and converting it to {self.mode} would clip it. "
+                "Convert such files to 8 bits, or fit them in Python with your own float pipeline",
+            )
+        return converted
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = self.load(index)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.samples[index][1]
+
+    def describe(self) -> str:
+        """One line: root, number of images, layout and mode."""
+        layout = f"ImageFolder layout, {len(self.classes)} classes" if self.layout == "imagefolder" else "flat"
+        return f"{self.root} ({len(self)} image files, {layout}, mode {self.mode})"
+
+    def extra_repr(self) -> str:
+        return f"Mode: {self.mode}\nLayout: {self.layout}"
+
+
+def _find_images(root: str) -> list[str]:
+    """Relative ``/``-separated paths of the image files under ``root``, sorted; symlink loops are cut."""
+    found = []
+    seen = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        relative = Path(os.path.relpath(folder, root))
+        for name in names:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append((relative / name).as_posix().removeprefix("./"))
+    return sorted(found)
+
+
+def unreadable_file_message(error: BaseException) -> str | None:
+    """The :class:`BadImageError` message inside ``error``, or None.
+
+    It looks through the exception chain, and through the text of errors that
+    DataLoader workers send back (their type and chain are lost on the way).
+    """
+    seen = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, BadImageError):
+            return str(current)
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    match = _BAD_IMAGE.search(str(error))
+    return match.group(1).strip() if match else None
+
+
+class _Checker(Dataset):
+    """``i`` -> ``(indices[i], None or the reason the file cannot be read)``."""
+
+    def __init__(self, dataset: ImageFiles, indices: Sequence[int]):
+        self.dataset = dataset
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[int, str | None]:
+        index = self.indices[position]
+        try:
+            self.dataset.load(index)
+        except BadImageError as error:
+            return index, str(error)
+        return index, None
+
+
+def _bad_only(items: list[tuple[int, str | None]]) -> tuple[int, list[tuple[int, str]]]:
+    return len(items), [(index, reason) for index, reason in items if reason is not None]
+
+
+def find_unreadable(
+    dataset: ImageFiles,
+    indices: Sequence[int] | None = None,
+    *,
+    num_workers: int = 0,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> list[tuple[int, str]]:
+    """Decode every file (or those at ``indices``); return ``(index, message)`` for each unreadable one.
+
+    Parameters
+    ----------
+    dataset : ImageFiles
+        The folder to check.
+    indices : sequence of int, optional
+        Only these samples.
+    num_workers, batch_size : int
+        DataLoader settings for the check.
+    progress : bool
+        Show a tqdm progress bar.
+
+    Returns
+    -------
+    list of (int, str)
+        Sorted by index.
+    """
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    loader = DataLoader(
+        _Checker(dataset, indices), batch_size=batch_size, num_workers=num_workers, collate_fn=_bad_only
+    )
+    bad: list[tuple[int, str]] = []
+    with tqdm(total=len(indices), unit="img", desc="checking files", disable=not progress) as bar:
+        for checked, found in loader:
+            bad += found
+            bar.update(checked)
+    return sorted(bad)
+
