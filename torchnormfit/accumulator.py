@@ -9,44 +9,109 @@ from .stats import ChannelStats
 
 __all__ = ["BatchNormAccumulator", "batch_stats"]
 
+_EXACT_BUFFERS = ("pixel_count", "pixel_mean", "pixel_m2", "pixel_min", "pixel_max")  # float64 whatever .to() says
+_CHUNK = 1024  # pixels per partial sum of squares; bounds the float rounding of each (see _sum_of_squares)
+_GRID = 8  # a centre is first guessed from an 8x8 grid of pixels of each image...
+_SMALL = 2048  # ...unless the image is this small, where the full mean costs no more
 
-def batch_stats(images: Tensor, work: Tensor | None = None) -> tuple[ChannelStats, Tensor]:
+
+def batch_stats(images: Tensor, work: Tensor | None = None) -> tuple[ChannelStats, Tensor | None]:
     """Exact per-channel statistics of a float batch ``(..., C, H, W)``.
 
-    Each image is summed in its own dtype around its own mean (so no
-    cancellation, whatever the brightness), and the per-image results are
-    pooled in float64. Relative error against a float64 two-pass computation
-    is about the input dtype's rounding of one image's sum: ~1e-7 for float32.
+    Each image is reduced in its own dtype around a centre ``c`` close to its
+    own mean, with the corrected two-pass formula (Chan, Golub & LeVeque 1983)::
 
-    ``work`` is a scratch tensor reused between calls to avoid a fresh
-    allocation per batch; the (possibly grown) scratch tensor is returned.
+        d    = x - c
+        mean = c + sum(d) / n
+        M2   = sum(d**2) - sum(d)**2 / n
+
+    so there is no cancellation whatever the brightness or the offset. The
+    centre is the mean of a grid of pixels (of all pixels for small images);
+    an image whose centre lands more than one standard deviation from its mean
+    is reduced again around its mean, and a constant image is exactly constant.
+    Sums of squares are taken in chunks of ``_CHUNK`` pixels, so their rounding
+    does not grow with the image size. Per-image results are pooled in float64.
+    Relative error against a float64 two-pass computation: ~1e-8 for float32
+    input. float16 and bfloat16 batches are reduced in float32.
+
+    ``work`` is a scratch buffer reused between calls to avoid a fresh
+    allocation per batch; the buffer to pass next time is returned.
     """
+    if images.dtype.is_complex or not images.dtype.is_floating_point:
+        raise TypeError(
+            f"Statistics need a floating point image batch. Got dtype {images.dtype}. Convert it first, e.g. with "
+            "v2.ToDtype(torch.float32, scale=True) (or ToTensor()) for images stored as integers 0-255."
+        )
+    if images.ndim < 3:
+        raise ValueError(f"Expected images of shape (..., C, H, W). Got a tensor of shape {tuple(images.shape)}.")
+    channels, height, width = images.shape[-3:]
+    per_image = height * width
+    if images.numel() == 0:
+        return ChannelStats.empty(channels, device=images.device), work
+    images = images.detach()
     if images.dtype in (torch.float16, torch.bfloat16):
         images = images.float()
-    channels = images.shape[-3]
-    flat = images.reshape(-1, channels, images.shape[-2] * images.shape[-1])
-    per_image = flat.shape[-1]
-    work = _scratch(work, flat)
+    flat = images.reshape(-1, channels, per_image)
+    work, centred = _scratch(work, flat)
 
-    sums = flat.sum(dim=-1)
-    shift = sums / per_image
-    torch.sub(flat, shift[:, :, None], out=work)
-    squares = torch.linalg.vector_norm(work, dim=-1).double().square()
+    if per_image <= _SMALL:
+        centre = flat.mean(dim=-1)
+    else:
+        rows, cols = max(1, height // _GRID), max(1, width // _GRID)
+        centre = flat.unflatten(-1, (height, width))[..., rows // 2 :: rows, cols // 2 :: cols].mean(dim=(-2, -1))
+    mean_i, m2_i = _centred_moments(flat, centre, centred)
 
-    mean_i = sums.double() / per_image
-    residual = mean_i - shift.double()  # what the rounded shift missed
-    m2_i = squares - per_image * residual.square()
+    low, high = flat.amin(dim=-1).double(), flat.amax(dim=-1).double()
+    constant = low == high
+    far = ((mean_i - centre.double()).square() > m2_i / per_image) & ~constant
+    if bool(far.any()):
+        # A centre more than one std from the mean: centre those images again, on their mean.
+        redo = far.nonzero(as_tuple=True)
+        again = flat[redo]
+        scratch = centred.view(-1)[: again.numel()].view(again.shape)
+        mean_i[redo], m2_i[redo] = _centred_moments(again, mean_i[redo].to(flat.dtype), scratch)
+    mean_i = torch.where(constant, low, mean_i.clamp(min=low, max=high))  # rounding never leaves [min, max]
+    m2_i = torch.where(constant, 0.0, m2_i.clamp_min(0))
+
     mean = mean_i.mean(dim=0)
     m2 = m2_i.sum(dim=0) + per_image * (mean_i - mean).square().sum(dim=0)
     count = torch.full_like(mean, float(flat.shape[0] * per_image))
-    stats = ChannelStats(count, mean, m2.clamp_min(0), flat.amin(dim=-1).amin(dim=0).double(), flat.amax(dim=-1).amax(dim=0).double())
-    return stats, work
+    return ChannelStats(count, mean, m2, low.amin(dim=0), high.amax(dim=0)), work
 
 
-def _scratch(work: Tensor | None, like: Tensor) -> Tensor:
+def _centred_moments(flat: Tensor, centre: Tensor, centred: Tensor) -> tuple[Tensor, Tensor]:
+    """Float64 mean and M2 along the last dimension of ``flat``, from its deviations from ``centre``."""
+    n = flat.shape[-1]
+    torch.sub(flat, centre[..., None], out=centred)
+    dev_sum = centred.sum(dim=-1).double()
+    mean = centre.double() + dev_sum / n
+    m2 = _sum_of_squares(centred) - dev_sum.square() / n
+    return mean, m2
+
+
+def _sum_of_squares(x: Tensor) -> Tensor:
+    """Float64 sum of squares along the last dimension, via ``vector_norm`` over chunks.
+
+    ``vector_norm`` is the fastest reduction of squares (no temporary), but its
+    float32 rounding grows with the length reduced (~1e-4 relative over a
+    2048x2048 image on the CPU); over chunks of ``_CHUNK`` pixels it stays ~1e-7,
+    and the chunks are added in float64.
+    """
+    n = x.shape[-1]
+    if n <= 2 * _CHUNK:
+        return torch.linalg.vector_norm(x, dim=-1).double().square()
+    whole = n // _CHUNK * _CHUNK
+    total = torch.linalg.vector_norm(x[..., :whole].unflatten(-1, (-1, _CHUNK)), dim=-1).double().square().sum(dim=-1)
+    if whole < n:
+        total += torch.linalg.vector_norm(x[..., whole:], dim=-1).double().square()
+    return total
+
+
+def _scratch(work: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
+    """A 1-D buffer at least as large as ``like`` (``work`` when it fits) and a view of it shaped as ``like``."""
     if work is None or work.dtype != like.dtype or work.device != like.device or work.numel() < like.numel():
-        return torch.empty(like.shape, dtype=like.dtype, device=like.device)
-    return work.view(-1)[: like.numel()].view(like.shape)
+        work = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+    return work, work[: like.numel()].view(like.shape)
 
 
 class BatchNormAccumulator(nn.BatchNorm2d):
@@ -87,9 +152,24 @@ class BatchNormAccumulator(nn.BatchNorm2d):
             self.register_buffer(f"pixel_{name}", value)
         self._work: Tensor | None = None
 
+    def _apply(self, fn, recurse=True):
+        # .half(), .float(), .to(dtype) convert every floating point buffer; the exact state must stay
+        # float64 (a float32 count is exact only up to 2**24 pixels), so only its device follows.
+        exact = {name: self._buffers[name] for name in _EXACT_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, before in exact.items():
+            after = self._buffers[name]
+            if after.dtype != torch.float64:
+                self._buffers[name] = before.to(device=after.device)
+        return self
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        return {**state, "_work": None}  # a scratch buffer, not state: do not pickle or deep-copy it
+
     @property
     def stats(self) -> ChannelStats:
-        """The pooled statistics so far, as a :class:`ChannelStats`."""
+        """The pooled statistics so far, as a :class:`ChannelStats` (a snapshot, not a view)."""
         return ChannelStats(self.pixel_count, self.pixel_mean, self.pixel_m2, self.pixel_min, self.pixel_max)
 
     def forward(self, input: Tensor) -> Tensor:

@@ -40,6 +40,16 @@ def _chan_merge(n_a: Tensor, mean_a: Tensor, m2_a: Tensor, n_b: Tensor, mean_b: 
     return n, mean, m2
 
 
+def _within(mean: Tensor, min: Tensor, max: Tensor) -> Tensor:
+    """``mean`` clamped into ``[min, max]`` where that range holds pixels.
+
+    The true mean always lies there; a rounded one can land an ulp outside (a
+    constant channel whose mean is summed from an odd number of pixels), which
+    readers that validate ``min <= mean <= max`` (the cache) would reject.
+    """
+    return torch.where(min <= max, torch.minimum(torch.maximum(mean, min), max), mean)
+
+
 class ChannelStats:
     """Exact per-channel pixel statistics: count, mean, M2, min and max in float64.
 
@@ -63,7 +73,8 @@ class ChannelStats:
     __slots__ = _FIELDS
 
     def __init__(self, count: Tensor, mean: Tensor, m2: Tensor, min: Tensor, max: Tensor):
-        values = [torch.as_tensor(v, dtype=torch.float64) for v in (count, mean, m2, min, max)]
+        # Copies, so that no caller's tensor (an accumulator's buffers, a dict it handed in) aliases ours.
+        values = [torch.as_tensor(v, dtype=torch.float64).detach().clone() for v in (count, mean, m2, min, max)]
         shapes = {tuple(v.shape) for v in values}
         if len(shapes) != 1 or len(next(iter(shapes))) != 1:
             raise ValueError(
@@ -86,12 +97,18 @@ class ChannelStats:
         if pixels.ndim != 2:
             raise ValueError(f"Expected pixels of shape (C, num_pixels). Got {tuple(pixels.shape)}.")
         p = pixels.to(torch.float64)
-        mean = p.mean(dim=1)
-        m2 = (p - mean[:, None]).square().sum(dim=1)
-        count = torch.full_like(mean, p.shape[1])
-        if p.shape[1] == 0:
+        n = p.shape[1]
+        if n == 0:
             return cls.empty(p.shape[0], device=p.device)
-        return cls(count, mean, m2, p.amin(dim=1), p.amax(dim=1))
+        low, high = p.amin(dim=1), p.amax(dim=1)
+        # Corrected two-pass algorithm (Chan, Golub & LeVeque 1983, eq. 1.7): the second pass
+        # also sums the deviations, which repairs the rounding of the first pass's mean.
+        mean = _within(p.mean(dim=1), low, high)
+        dev = p - mean[:, None]
+        dev_sum = dev.sum(dim=1)
+        m2 = (dev.square().sum(dim=1) - dev_sum.square() / n).clamp_min(0)
+        mean = _within(mean + dev_sum / n, low, high)
+        return cls(torch.full_like(mean, n), mean, m2, low, high)
 
     @property
     def num_channels(self) -> int:
@@ -116,7 +133,8 @@ class ChannelStats:
             )
         other = other.to(self.mean.device)
         count, mean, m2 = _chan_merge(self.count, self.mean, self.m2, other.count, other.mean, other.m2)
-        return ChannelStats(count, mean, m2, torch.minimum(self.min, other.min), torch.maximum(self.max, other.max))
+        low, high = torch.minimum(self.min, other.min), torch.maximum(self.max, other.max)
+        return ChannelStats(count, _within(mean, low, high), m2, low, high)
 
     def constant_channels(self) -> Tensor:
         """Channels whose variance is zero up to float64 rounding.
@@ -134,8 +152,8 @@ class ChannelStats:
         return ChannelStats(*(getattr(self, name).to(device) for name in _FIELDS))
 
     def to_dict(self) -> dict[str, Tensor]:
-        """The five float64 tensors by name (``count``, ``mean``, ``m2``, ``min``, ``max``)."""
-        return {name: getattr(self, name) for name in _FIELDS}
+        """The five float64 tensors by name (``count``, ``mean``, ``m2``, ``min``, ``max``), as copies."""
+        return {name: getattr(self, name).clone() for name in _FIELDS}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Tensor]) -> ChannelStats:
@@ -145,6 +163,9 @@ class ChannelStats:
         return cls(*(values[name] for name in _FIELDS))
 
     def __setattr__(self, name, value):
+        raise AttributeError("ChannelStats is immutable; merge() returns a new object.")
+
+    def __delattr__(self, name):
         raise AttributeError("ChannelStats is immutable; merge() returns a new object.")
 
     def __reduce__(self):
