@@ -84,8 +84,7 @@ def test_mixed_size_png_folder_weighs_every_pixel_the_same(tmp_path):
 
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
-def test_worker_processes_give_the_same_exact_result(context, monkeypatch):
-    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: context)
+def test_worker_processes_give_the_same_exact_result(context):
     norm = FitNormalize(cache=None)
     dataset = CountingDataset(n=30, transform=norm)
     torch.multiprocessing.set_start_method(context, force=True)
