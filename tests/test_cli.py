@@ -1,17 +1,15 @@
 """The command line, run as a user runs it: ``python -m torchnormfit ...`` in a subprocess.
 
-Image folders are written here with PIL (mixed sizes and formats, one corrupt
-file), and every printed statistic is checked against a float64 computation
-over the same decoded pixels. Checks that only vary an option call
-``cli.main`` in this process, to keep the module fast (each subprocess pays
-for importing torch). The unit tests of ``folder`` and ``sampling`` are at the
-end.
+Image folders are written with PIL (mixed sizes and formats, one corrupt file;
+the ``tree`` fixture of test_folder.py), and every printed statistic is checked
+against a float64 computation over the same decoded pixels. Checks that only
+vary an option call ``cli.main`` in this process, to keep the module fast (each
+subprocess pays for importing torch).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import struct
@@ -23,12 +21,11 @@ import h5py
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 
-from torchnormfit import ChannelStats, list_entries
+from test_folder import random_image, tree, write_image  # noqa: F401 (tree: a fixture)
+from torchnormfit import list_entries
 from torchnormfit.cli import main
-from torchnormfit.folder import BadImageError, ImageFiles, to_float_pipeline, unreadable_file_message
-from torchnormfit.sampling import fit_subset, jackknife, sample_pixels, subset_indices
+from torchnormfit.sampling import subset_indices
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-6
@@ -87,46 +84,7 @@ def stats_rows(stdout: str, names: list[str]) -> dict[str, list[float]]:
     return rows
 
 
-def random_image(rng: np.random.Generator, size: tuple[int, int], channels: int, brightness: float) -> np.ndarray:
-    shape = (size[1], size[0]) if channels == 1 else (size[1], size[0], channels)
-    values = brightness + 0.25 * rng.standard_normal(shape)
-    return (np.clip(values, 0, 1) * 255).round().astype(np.uint8)
-
-
-def write_image(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    PIL.Image.fromarray(array, mode=mode).save(path, **({"quality": 90} if path.suffix == ".jpg" else {}))
-    return path
-
-
 # --- fixtures ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _no_user_cache(tmp_path, monkeypatch):
-    """In-process calls too: a command that forgot --cache writes here, not into the user's cache."""
-    monkeypatch.setenv("TORCHNORMFIT_CACHE", str(tmp_path / "default-cache-must-stay-unused.h5"))
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory) -> dict:
-    """An ImageFolder tree: 7 good images (5 formats, 6 sizes, gray and RGBA among them), a corrupt JPEG, junk."""
-    root = tmp_path_factory.mktemp("images") / "pets"
-    rng = np.random.default_rng(0)
-    good = [
-        write_image(root / "cat" / "a.png", random_image(rng, (20, 16), 3, 0.2)),
-        write_image(root / "cat" / "b.jpg", random_image(rng, (31, 17), 3, 0.8)),
-        write_image(root / "cat" / "gray.png", random_image(rng, (10, 10), 1, 0.5)),
-        write_image(root / "dog" / "c.webp", random_image(rng, (12, 12), 3, 0.4)),
-        write_image(root / "dog" / "deep" / "d.bmp", random_image(rng, (9, 22), 3, 0.6)),
-        write_image(root / "dog" / "e.tiff", random_image(rng, (15, 15), 3, 0.3)),
-        write_image(root / "dog" / "f.png", random_image(rng, (13, 11), 4, 0.7), mode="RGBA"),
-    ]
-    bad = write_image(root / "dog" / "bad.jpg", random_image(rng, (64, 64), 3, 0.5))
-    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # truncated
-    (root / "cat" / "notes.txt").write_text("not an image")
-    (root / "cat" / "._a.jpg").write_bytes(b"AppleDouble junk")  # hidden: ignored
-    return {"root": root, "good": sorted(good), "bad": bad}
 
 
 @pytest.fixture(scope="module")
@@ -170,13 +128,27 @@ def test_printed_stats_equal_float64_over_the_same_pixels(tree, fitted):
 def test_json_output_and_cache_hit(tree, fitted):
     mean, std, count = reference(tree["good"], "RGB")
     report = fitted["json"]
-    assert report["cached"] is True  # the second run read no image
+    assert report["cached"] is True  # the second run found the unreadable file again, then the cached entry
     assert report["channels"] == ["R", "G", "B"]
     np.testing.assert_allclose(report["mean"], mean, rtol=0, atol=TOLERANCE)
     np.testing.assert_allclose(report["std"], std, rtol=0, atol=TOLERANCE)
     assert report["pixels_per_channel"] == count
     assert (report["num_samples"], report["skipped"], report["subset"]) == (7, 1, None)
     assert report["normalize"].startswith("transforms.Normalize(mean=[")
+
+
+@pytest.mark.filterwarnings("default::torchnormfit.CacheWarning")
+def test_the_cache_line_says_loaded_saved_or_not_saved(tree, tmp_path, capsys):
+    outcomes = []
+    for cache, extra in [("c.h5", []), ("c.h5", []), ("c.h5", ["--refit"]), ("a-folder", [])]:
+        (tmp_path / "a-folder").mkdir(exist_ok=True)
+        code, out, err = call(capsys, "fit", tree["root"] / "cat", "--cache", tmp_path / cache, "--workers", 0,
+                              "--no-progress", *extra)
+        assert code == 0, err
+        outcomes.append(out.splitlines()[-1].split(" (", 1)[1])
+    assert outcomes == ["fitted and saved)", "loaded from the cache; --refit fits again)", "fitted and saved)",
+                        "fitted, NOT saved)"]
+    assert "is a directory" in err
 
 
 def test_flat_tree_at_any_depth_with_mode_L(tmp_path):
@@ -386,48 +358,3 @@ def test_missing_cache_and_folder_are_failures(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, _, err = call(capsys, "fit", tmp_path / "empty", "--cache", tmp_path / "c.h5")
     assert code == 1 and "no image files" in err.lower()
-
-
-# --- folder and sampling -----------------------------------------------------------------------
-
-
-def test_image_files_layouts_and_order(tree):
-    dataset = ImageFiles(tree["root"], transform=to_float_pipeline())
-    assert dataset.layout == "imagefolder" and dataset.classes == ["cat", "dog"]
-    assert [Path(dataset.path(i)) for i in range(len(dataset))] == sorted(tree["good"] + [tree["bad"]])
-    image, target = dataset[0]
-    assert image.dtype == torch.float32 and image.shape[0] == 3 and target == 0
-    bad = [Path(dataset.path(i)) for i in range(len(dataset))].index(tree["bad"])
-    with pytest.raises(BadImageError, match="bad.jpg") as caught:
-        dataset[bad]
-    assert unreadable_file_message(RuntimeError(f"worker text\nBadImageError: {caught.value}\n")) == str(caught.value)
-    assert "Layout: imagefolder" in repr(dataset)
-
-
-def test_subset_indices_are_seeded_uniform_and_nested():
-    first = subset_indices(1000, 100, seed=5)
-    assert first == subset_indices(1000, 100, seed=5) != subset_indices(1000, 100, seed=6)
-    assert len(set(first)) == 100 and all(0 <= i < 1000 for i in first)
-    assert subset_indices(1000, 150, seed=5)[:100] == first
-    assert sorted(subset_indices(10, 50, seed=0)) == list(range(10))
-    with pytest.raises(ValueError):
-        subset_indices(0, 5)
-
-
-def test_jackknife_equals_the_closed_form_for_equal_groups():
-    """For the mean of equal-size groups the jackknife is exactly sd(group means) / sqrt(G)."""
-    groups = torch.rand(12, 3, 50, dtype=torch.float64) + torch.linspace(0, 1, 12, dtype=torch.float64)[:, None, None]
-    errors = jackknife([ChannelStats.from_pixels(g) for g in groups])
-    group_means = groups.mean(dim=2)
-    expected = group_means.std(dim=0, unbiased=True) / math.sqrt(12)
-    torch.testing.assert_close(errors.mean, expected, rtol=1e-10, atol=0)
-    assert bool((errors.std > 0).all())
-    assert bool(jackknife([ChannelStats.from_pixels(groups[0])]).mean.isnan().all())
-
-
-def test_fit_subset_of_everything_has_zero_error(tree):
-    dataset = ImageFiles(tree["root"] / "cat", transform=to_float_pipeline())
-    stats, num_samples, errors = fit_subset(dataset, 100, seed=0, num_workers=0, progress=False)
-    assert num_samples == 3 and bool((errors.mean == 0).all()) and bool((errors.std == 0).all())
-    pixels = sample_pixels(dataset, max_pixels=90, max_images=3)
-    assert pixels.shape == (3, 90) and 0 <= float(pixels.min()) and float(pixels.max()) <= 1

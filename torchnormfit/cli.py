@@ -10,57 +10,48 @@
 
 Results go to stdout (``--json`` for machine-readable output), messages to
 stderr. Exit codes: 0 success, 1 the job failed, 2 usage error (argparse's
-convention). Built on the library's own functions; this module is the only
-place that prints.
+convention). ``fit`` is :meth:`FitNormalize.fit`, ``show`` and ``export`` are
+:meth:`FitNormalize.from_cache`: the command line prints what the library
+computes and caches. This module is the only place that prints.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import difflib
 import inspect
 import json
 import math
 import os
+import re
 import sys
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import PIL.ImageMode
 import torch
-import torchvision
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from . import __version__
-from .cache import (
-    CacheEntry,
-    CacheError,
-    CacheWarning,
-    default_cache_path,
-    delete_entry,
-    list_entries,
-    read_entry,
-    write_entry,
-)
-from .fingerprint import describe_dataset, describe_pipeline, fingerprint
-from .fitting import DEFAULT_BATCH_SIZE, default_num_workers, fit_stats
+from .cache import CacheEntry, CacheError, default_cache_path, delete_entry, list_entries, read_entry
+from .fingerprint import describe_dataset, describe_pipeline
+from .fitting import DEFAULT_BATCH_SIZE
 from .folder import MODES, ImageFiles, find_unreadable, to_float_pipeline, unreadable_file_message
-from .sampling import fit_indices, sample_pixels, subset_indices
-from .stats import ChannelStats
+from .sampling import StandardErrors, sample_pixels
+from .transform import FitNormalize
 
 __all__ = ["main", "build_parser"]
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE = 0, 1  # usage errors exit 2, through argparse
 PROG = "torchnormfit"
 PLOT_EXTRA = "pip install 'torchnormfit[plot]'"
 _COLORS = {"R": "tab:red", "G": "tab:green", "B": "tab:blue", "L": "0.3"}
 _HIDDEN_ATTRS = {"format", "schema_version", "key"}
+_CONVERT_MODE = re.compile(r"ConvertMode\(mode='(\w+)'\)")  # folder.ConvertMode's repr in a cached pipeline
+_SHOWN_CHARS = 300
 
 
 class CliError(Exception):
@@ -78,8 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     >>> main(["ls", "--cache", "/tmp/none.h5"])  # doctest: +SKIP
     0
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "fit":
         _check_fit_usage(args)
     with warnings.catch_warnings():
@@ -99,10 +89,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr)
-
-
-def _note(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr)
 
 
 # --- arguments ---------------------------------------------------------------------------------
@@ -129,25 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(text: str) -> int:
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+def _integer(minimum: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer, at least ``minimum`` if given."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
 
-def _non_negative(text: str) -> int:
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    return parse
 
 
 def _add_fit(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -168,12 +148,12 @@ def _add_fit(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
     pipeline.add_argument("--mode", choices=MODES, metavar="MODE",
                           help=f"convert images to this PIL mode, one of {', '.join(MODES)} "
                           "(default: RGB for folders, unchanged for --dataset)")
-    pipeline.add_argument("--resize", type=_positive, metavar="N", help="Resize(N): smaller edge to N pixels")
-    pipeline.add_argument("--center-crop", type=_positive, metavar="N", help="CenterCrop(N) after the resize")
+    pipeline.add_argument("--resize", type=_integer(1), metavar="N", help="Resize(N): smaller edge to N pixels")
+    pipeline.add_argument("--center-crop", type=_integer(1), metavar="N", help="CenterCrop(N) after the resize")
     run = fit.add_argument_group("run")
-    run.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, metavar="N",
+    run.add_argument("--batch-size", type=_integer(1), default=DEFAULT_BATCH_SIZE, metavar="N",
                      help=f"images per batch (default {DEFAULT_BATCH_SIZE}); never changes the result")
-    run.add_argument("--workers", type=_non_negative, metavar="N",
+    run.add_argument("--workers", type=_integer(0), metavar="N",
                      help="DataLoader worker processes (default: usable CPUs, at most 8)")
     run.add_argument("--key", help="cache entry name; an entry of that name is used as it is (default: a fingerprint "
                      "of the files, pipeline and options)")
@@ -181,9 +161,9 @@ def _add_fit(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
     run.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     run.add_argument("--skip-bad", action="store_true",
                      help="skip unreadable or truncated image files and report how many (folders only)")
-    run.add_argument("--max-samples", type=_positive, metavar="N",
+    run.add_argument("--max-samples", type=_integer(1), metavar="N",
                      help="fit on a uniform random subset of N images and report standard errors")
-    run.add_argument("--seed", type=_integer, metavar="S", help="seed of the --max-samples subset (default 0)")
+    run.add_argument("--seed", type=_integer(), metavar="S", help="seed of the --max-samples subset (default 0)")
     run.add_argument("--plot", type=Path, metavar="FILE.png",
                      help=f"save histograms before/after normalization (needs matplotlib: {PLOT_EXTRA})")
 
@@ -267,56 +247,42 @@ def _dataset_kwargs(args: argparse.Namespace, fail: Any) -> dict[str, Any]:
 # --- fit ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Fit:
-    """The outcome of ``fit``: fitted now or loaded from the cache."""
-
-    stats: ChannelStats
-    num_samples: int | None
-    cached: bool
-    skipped: int = 0
-    subset: dict[str, Any] | None = None
-    indices: list[int] | None = None
-    saved: bool = False
-    skipped_files: list[str] = field(default_factory=list)
-
-
 def _cmd_fit(args: argparse.Namespace) -> int:
     if args.plot is not None:
-        _require_matplotlib()
-        _check_output(args.plot)
-    dataset, source, names = _open_source(args)
+        _check_plot(args.plot)
     path = _cache_path(args.cache)
-    key = args.key or _fit_key(dataset, args)
-    fit = None if args.refit else _load_fit(path, key)
-    if fit is None:
-        fit = _run_fit(dataset, args)
-        fit.saved = _save_fit(path, key, fit, dataset, source, names)
-    plot = None
+    norm = FitNormalize(cache=path, key=args.key)
+    before = _file_state(path)
+    dataset, skipped = _fit(norm, _open_source(args), args)
+    cached, saved = _cache_outcome(path, before, norm.cache_key, args.refit)
+    described = describe_dataset(dataset)
+    names = _channel_names(described, describe_pipeline(dataset, norm), len(norm.mean))
+    settings = {"max_samples": args.max_samples, "seed": args.seed or 0, "population": len(dataset)}
+    report = {
+        "key": norm.cache_key, "cache": str(path), "cached": cached, "saved": saved, "source": _summary(described),
+        **_numbers(norm, names, _subset(settings, norm.standard_errors)),
+        "skipped": len(skipped), "skipped_files": skipped, "plot": None,
+    }
     if args.plot is not None:
-        pixels = sample_pixels(dataset, fit.indices, seed=args.seed or 0)
-        _plot_pixels(args.plot, pixels, fit.stats, names, f"{source}\n{pixels.shape[1]:,} pixels sampled")
-        plot = str(args.plot)
-    report = _fit_report(key, path, source, names, fit, plot)
+        pixels = sample_pixels(dataset, seed=args.seed or 0)
+        _plot_pixels(args.plot, pixels, norm, names, f"{report['source']}\n{pixels.shape[1]:,} pixels sampled")
+        report["plot"] = str(args.plot)
     print(json.dumps(report, indent=2) if args.json else _format_fit(report))
     return EXIT_OK
 
 
-def _open_source(args: argparse.Namespace) -> tuple[Dataset, str, list[str] | None]:
-    """The dataset to fit, a one-line description of it, and the channel names if known."""
+def _open_source(args: argparse.Namespace) -> Dataset:
+    """The dataset to fit: the image folder, or the torchvision dataset, with the pipeline of the options."""
     if args.source is not None:
-        mode = args.mode or "RGB"
         pipeline = to_float_pipeline(resize=args.resize, center_crop=args.center_crop)
         try:
-            dataset = ImageFiles(args.source, mode=mode, transform=pipeline)
+            return ImageFiles(args.source, mode=args.mode or "RGB", transform=pipeline)
         except FileNotFoundError as error:
             raise CliError(str(error)) from None
-        return dataset, dataset.describe(), _channel_names(mode)
     cls, kwargs = args.dataset_class, dict(args.dataset_kwargs)
-    kwargs["transform"] = to_float_pipeline(args.mode, args.resize, args.center_crop)
-    shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "transform")
+    shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     try:
-        dataset = cls(**kwargs)
+        return cls(**kwargs, transform=to_float_pipeline(args.mode, args.resize, args.center_crop))
     except Exception as error:
         raise CliError(
             f"Could not open torchvision.datasets.{cls.__name__}({shown}): "
@@ -325,48 +291,19 @@ def _open_source(args: argparse.Namespace) -> tuple[Dataset, str, list[str] | No
             f"torchvision.datasets.{cls.__name__}({kwargs.get('root', '...')!r}, download=True), "
             "or point --root at the folder that already holds them."
         ) from None
-    source = f"torchvision.datasets.{cls.__name__}({shown}) ({len(dataset)} images)"
-    return dataset, source, _channel_names(args.mode) if args.mode else None
 
 
-def _channel_names(mode: str) -> list[str]:
-    return list(PIL.ImageMode.getmode(mode).bands)
+def _fit(norm: FitNormalize, dataset: Dataset, args: argparse.Namespace) -> tuple[Dataset, list[str]]:
+    """``norm.fit(dataset)``; with --skip-bad, an unreadable file makes it fit the readable files instead.
 
-
-def _cache_path(cache: Path | None) -> Path:
-    return cache.expanduser() if cache is not None else default_cache_path()
-
-
-def _fit_key(dataset: Dataset, args: argparse.Namespace) -> str:
-    """A fingerprint of the files, the pipeline, and the options that change the numbers."""
-    settings = {
-        "statistic": "per-channel population mean/std",
-        "ddof": 0,
-        "max_samples": args.max_samples,
-        "seed": (args.seed or 0) if args.max_samples else None,
-        "skip_bad": args.skip_bad,
-    }
-    return fingerprint(dataset, None, settings)
-
-
-def _load_fit(path: Path, key: str) -> _Fit | None:
+    Returns the dataset fitted and the paths of the files skipped.
+    """
+    loader = {"batch_size": args.batch_size, "num_workers": args.workers,
+              "progress": False if args.no_progress else None}
+    fit_options = {**loader, "refit": args.refit, "max_samples": args.max_samples, "seed": args.seed or 0}
     try:
-        entry = read_entry(path, key)
-    except CacheError as error:
-        warnings.warn(f"{error} Not using it; fitting again.", CacheWarning, stacklevel=2)
-        return None
-    if entry is None:
-        return None
-    attrs = entry.attrs
-    return _Fit(entry.stats, attrs.get("num_samples"), cached=True, skipped=int(attrs.get("skipped", 0)),
-                subset=_subset_from_attrs(attrs))
-
-
-def _run_fit(dataset: Dataset, args: argparse.Namespace) -> _Fit:
-    """The pass; with --skip-bad, an unreadable file makes it check every file and fit the readable ones."""
-    indices = subset_indices(len(dataset), args.max_samples, args.seed or 0) if args.max_samples else None
-    try:
-        return _pass(dataset, indices, args)
+        norm.fit(dataset, **fit_options)
+        return dataset, []
     except Exception as error:
         message = unreadable_file_message(error)
         if message is None:
@@ -375,109 +312,120 @@ def _run_fit(dataset: Dataset, args: argparse.Namespace) -> _Fit:
             raise CliError(
                 f"{message.rstrip('.')}. Fix or remove the file, or pass --skip-bad to skip unreadable files."
             ) from None
-    _note("found an unreadable file; checking each file of the pass (--skip-bad)")
-    bad = find_unreadable(dataset, indices, num_workers=_workers(args), progress=_progress(args))
+    print(f"{PROG}: found an unreadable file; checking every file (--skip-bad)", file=sys.stderr)
+    bad = find_unreadable(dataset, **loader)
     for _, message in bad:
-        warnings.warn(f"skipped: {message}", UserWarning, stacklevel=2)
-    unreadable = {index for index, _ in bad}
-    good = [i for i in (indices if indices is not None else range(len(dataset))) if i not in unreadable]
-    if not good:
-        raise CliError(f"None of the {len(unreadable)} image files could be read.")
-    fit = _pass(dataset, good, args)
-    fit.skipped = len(bad)
-    fit.skipped_files = [dataset.path(index) for index, _ in bad]
-    return fit
+        warnings.warn(f"skipped: {message}", UserWarning)
+    if len(bad) == len(dataset):
+        raise CliError(f"None of the {len(dataset)} image files could be read.")
+    readable = dataset.without(index for index, _ in bad)
+    norm.fit(readable, **fit_options)
+    return readable, [dataset.path(index) for index, _ in bad]
 
 
-def _workers(args: argparse.Namespace) -> int:
-    return default_num_workers() if args.workers is None else args.workers
+def _cache_path(cache: Path | None) -> Path:
+    return cache.expanduser() if cache is not None else default_cache_path()
 
 
-def _progress(args: argparse.Namespace) -> bool | None:
-    return False if args.no_progress else None
-
-
-def _pass(dataset: Dataset, indices: list[int] | None, args: argparse.Namespace) -> _Fit:
-    options = {"batch_size": args.batch_size, "num_workers": _workers(args), "progress": _progress(args)}
-    if args.max_samples is None:
-        stats, num_samples = fit_stats(dataset, indices=indices, **options)
-        return _Fit(stats, num_samples, cached=False, indices=indices)
-    stats, num_samples, errors = fit_indices(dataset, indices, population=len(dataset), **options)
-    subset = {
-        "max_samples": args.max_samples,
-        "seed": args.seed or 0,
-        "population": len(dataset),
-        "mean_se": _floats(errors.mean),
-        "std_se": _floats(errors.std),
-    }
-    return _Fit(stats, num_samples, cached=False, subset=subset, indices=indices)
-
-
-def _save_fit(path: Path, key: str, fit: _Fit, dataset: Dataset, source: str, names: list[str] | None) -> bool:
-    attrs = _provenance(dataset, source, names, fit)
+def _file_state(path: Path) -> tuple[int, int] | None:
     try:
-        write_entry(path, key, fit.stats, attrs)
-    except (OSError, CacheError) as error:
-        warnings.warn(f"The statistics were fitted but not saved to the cache {path}: {error}", CacheWarning)
-        return False
-    return True
-
-
-def _provenance(dataset: Dataset, source: str, names: list[str] | None, fit: _Fit) -> dict[str, Any]:
-    """The entry's attributes: the core's provenance, plus what the command line adds."""
-    scalars = {k: v for k, v in describe_dataset(dataset).items() if v is None or isinstance(v, (str, int, float))}
-    attrs: dict[str, Any] = {
-        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch_version": str(torch.__version__),
-        "torchvision_version": str(torchvision.__version__),
-        "torchnormfit_version": __version__,
-        "dataset": json.dumps(scalars, sort_keys=True, default=str),
-        "pipeline": describe_pipeline(dataset, None),
-        "num_samples": fit.num_samples,
-        "ddof": 0,
-        "source": source,
-        "created_by": f"{PROG} fit",
-        "skipped": fit.skipped,
-    }
-    if names is not None:
-        attrs["channel_names"] = json.dumps(names)
-    if fit.subset is not None:
-        attrs.update({k: fit.subset[k] for k in ("max_samples", "seed", "population")})
-        for name in ("mean_se", "std_se"):
-            attrs[name] = np.array([math.nan if v is None else v for v in fit.subset[name]], dtype=np.float64)
-    return attrs
-
-
-def _subset_from_attrs(attrs: dict[str, Any]) -> dict[str, Any] | None:
-    if "max_samples" not in attrs:
+        stat = path.stat()
+    except OSError:
         return None
-    subset = {k: attrs.get(k) for k in ("max_samples", "seed", "population")}
-    for name in ("mean_se", "std_se"):
-        subset[name] = [None if v is None or math.isnan(v) else float(v) for v in np.atleast_1d(attrs[name]).tolist()]
-    return subset
+    return stat.st_ino, stat.st_mtime_ns
 
 
-# --- reports -----------------------------------------------------------------------------------
+def _cache_outcome(path: Path, before: tuple[int, int] | None, key: str, refit: bool) -> tuple[bool, bool]:
+    """(loaded from the cache, saved to it) for the fit just done.
+
+    FitNormalize.fit reads a hit without writing, and saves by replacing the
+    file: a changed file means saved; an unchanged one with a valid entry
+    ``key`` (and no --refit) means a hit.
+    """
+    if _file_state(path) != before:
+        return False, True
+    try:
+        return not refit and read_entry(path, key) is not None, False
+    except CacheError:  # a damaged entry, refitted and not saved
+        return False, False
+
+
+def _format_fit(report: dict[str, Any]) -> str:
+    images = f"images: {report['num_samples']:,}"
+    subset = report["subset"]
+    if subset:
+        images += f", a uniform random subset of {subset['population']:,} (--max-samples, seed {subset['seed']})"
+    if report["skipped"]:
+        images += f"; {report['skipped']} unreadable file(s) skipped"
+    lines = [f"source: {report['source']}", images, f"pixels per channel: {report['pixels_per_channel']:,}"]
+    state = "loaded from the cache; --refit fits again" if report["cached"] else (
+        "fitted and saved" if report["saved"] else "fitted, NOT saved")
+    lines += [*_numbers_lines(report), "", f"cache: {report['cache']} key {report['key']} ({state})"]
+    if report["plot"]:
+        lines.append(f"plot: {report['plot']}")
+    return "\n".join(lines)
+
+
+# --- numbers shared by fit and show ------------------------------------------------------------
+
+
+def _numbers(norm: FitNormalize, names: list[str], subset: dict[str, Any] | None) -> dict[str, Any]:
+    """The statistics of a fitted FitNormalize (raw ``stats``; the Normalize line with its policy applied)."""
+    stats = norm.stats
+    return {
+        "channels": names,
+        "mean": _floats(stats.mean),
+        "std": _floats(stats.std),
+        "min": _floats(stats.min),
+        "max": _floats(stats.max),
+        "pixels_per_channel": int(stats.count[0]),
+        "num_samples": norm.num_samples,
+        "subset": subset,
+        "normalize": _normalize_line(norm.mean, norm.std),
+    }
+
+
+def _subset(settings: Mapping[str, Any], errors: StandardErrors | None) -> dict[str, Any] | None:
+    """The --max-samples settings (max_samples, seed, population) and standard errors; None for a full pass."""
+    if settings.get("max_samples") is None or errors is None:
+        return None
+    return {**{name: settings.get(name) for name in ("max_samples", "seed", "population")},
+            "mean_se": _floats(errors.mean), "std_se": _floats(errors.std)}
+
+
+def _described(attrs: Mapping[str, Any]) -> Any:
+    """The cached ``dataset`` attribute: a describe_dataset() dict, or its text if it is not JSON."""
+    try:
+        return json.loads(attrs.get("dataset") or "{}")
+    except (TypeError, ValueError):
+        return str(attrs.get("dataset"))
+
+
+def _summary(described: Any) -> str:
+    """One line for a describe_dataset() dict: class, root, number of samples and simple settings."""
+    if not isinstance(described, dict):
+        return str(described)
+    name = str(described.get("class", "?")).rsplit(".", 1)[-1]
+    settings = [f"{k}={v}" for k, v in sorted(described.items())
+                if k not in ("class", "root", "length") and isinstance(v, (str, int, float))]
+    counted = f"{described.get('length', '?')} samples"
+    return " ".join(str(p) for p in (name, described.get("root")) if p) + f" ({', '.join([counted, *settings])})"
+
+
+def _channel_names(described: Any, pipeline: str, channels: int) -> list[str]:
+    """The bands of the PIL mode the images were converted to (a ConvertMode, or ImageFiles' mode), else numbers."""
+    converted = _CONVERT_MODE.search(pipeline or "")
+    for mode in (converted and converted.group(1), isinstance(described, dict) and described.get("mode")):
+        bands = list(PIL.ImageMode.getmode(mode).bands) if mode in MODES else []
+        if len(bands) == channels:
+            return bands
+    return [str(c) for c in range(channels)]
 
 
 def _floats(values: Tensor | Sequence[float]) -> list[float | None]:
     """Plain floats for JSON; NaN becomes null."""
     items = values.tolist() if isinstance(values, Tensor) else list(values)
     return [None if math.isnan(v) else float(v) for v in items]
-
-
-def _normalize_params(stats: ChannelStats) -> tuple[list[float], list[float]]:
-    """Normalize's mean/std: a constant channel gets std 1.0, as FitNormalize does (with a warning)."""
-    std = stats.std.clone()
-    constant = stats.constant_channels()
-    if bool(constant.any()):
-        warnings.warn(
-            f"Channel(s) {constant.nonzero().flatten().tolist()} have (near) zero variance: their std is set to 1.0 "
-            "in the Normalize line, so it only subtracts their mean (FitNormalize's policy).",
-            UserWarning,
-        )
-        std[constant] = 1.0
-    return stats.mean.tolist(), std.tolist()
 
 
 def _g(value: float | None) -> str:
@@ -489,76 +437,29 @@ def _se(value: float | None) -> str:
 
 
 def _normalize_line(mean: Sequence[float], std: Sequence[float]) -> str:
-    return (f"transforms.Normalize(mean=[{', '.join(map(_g, mean))}], "
-            f"std=[{', '.join(map(_g, std))}])")
+    return f"transforms.Normalize(mean=[{', '.join(map(_g, mean))}], std=[{', '.join(map(_g, std))}])"
 
 
-def _names(names: list[str] | None, channels: int) -> list[str]:
-    return names if names is not None and len(names) == channels else [str(c) for c in range(channels)]
-
-
-def _fit_report(key: str, path: Path, source: str, names: list[str] | None, fit: _Fit, plot: str | None) -> dict:
-    stats = fit.stats
-    mean, std = _normalize_params(stats)
-    return {
-        "key": key,
-        "cache": str(path),
-        "cached": fit.cached,
-        "saved": fit.saved,
-        "source": source,
-        "channels": _names(names, stats.num_channels),
-        "mean": _floats(stats.mean),
-        "std": _floats(stats.std),
-        "min": _floats(stats.min),
-        "max": _floats(stats.max),
-        "pixels_per_channel": int(stats.count[0]),
-        "num_samples": fit.num_samples,
-        "skipped": fit.skipped,
-        "skipped_files": fit.skipped_files,
-        "subset": fit.subset,
-        "normalize": _normalize_line(mean, std),
-        "plot": plot,
-    }
-
-
-def _stats_table(report: dict[str, Any]) -> list[str]:
-    subset = report.get("subset")
+def _numbers_lines(report: dict[str, Any]) -> list[str]:
+    """The table of mean, std (with standard errors after a subset fit), min and max, and the Normalize line."""
+    subset = report["subset"]
     se = ["(se)"] if subset else []
-    header = ["channel", "mean", *se, "std", *se, "min", "max"]
-    rows = [header]
+    rows = [["channel", "mean", *se, "std", *se, "min", "max"]]
     for c, name in enumerate(report["channels"]):
         row = [name, _g(report["mean"][c])]
         row += [_se(subset["mean_se"][c])] if subset else []
         row += [_g(report["std"][c])]
         row += [_se(subset["std_se"][c])] if subset else []
         rows.append(row + [_g(report["min"][c]), _g(report["max"][c])])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-            for row in rows]
+    note = ["(± se: standard error of the subset's value against the full pass)"] if subset else []
+    return ["", *_table(rows), *note, "", report["normalize"]]
 
 
-def _format_fit(report: dict[str, Any]) -> str:
-    images = f"images: {_count(report['num_samples'])}"
-    subset = report["subset"]
-    if subset:
-        images += f", a uniform random subset of {subset['population']:,} (--max-samples, seed {subset['seed']})"
-    if report["skipped"]:
-        images += f"; {report['skipped']} unreadable file(s) skipped"
-    lines = [f"source: {report['source']}", images, f"pixels per channel: {report['pixels_per_channel']:,}"]
-    lines += ["", *_stats_table(report)]
-    if subset:
-        lines.append("(± se: standard error of the subset's value against the full pass)")
-    lines += ["", report["normalize"], ""]
-    state = "loaded from the cache; --refit fits again" if report["cached"] else (
-        "fitted and saved" if report["saved"] else "fitted, NOT saved")
-    lines.append(f"cache: {report['cache']} key {report['key']} ({state})")
-    if report["plot"]:
-        lines.append(f"plot: {report['plot']}")
-    return "\n".join(lines)
-
-
-def _count(value: int | None) -> str:
-    return "?" if value is None else f"{value:,}"
+def _table(rows: list[list[str]], left: Sequence[int] = (0,)) -> list[str]:
+    """Rows of cells as aligned lines: the columns in ``left`` left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) if i in left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            .rstrip() for row in rows]
 
 
 # --- ls, show, export, rm ----------------------------------------------------------------------
@@ -566,8 +467,7 @@ def _count(value: int | None) -> str:
 
 def _cmd_ls(args: argparse.Namespace) -> int:
     path = _cache_path(args.cache_file or args.cache)
-    entries = list_entries(path)
-    rows = [_entry_summary(entry) for entry in entries]
+    rows = [_entry_row(entry) for entry in list_entries(path)]
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
@@ -577,48 +477,27 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _entry_summary(entry: CacheEntry) -> dict[str, Any]:
-    attrs = entry.attrs
+def _entry_row(entry: CacheEntry) -> dict[str, Any]:
     return {
         "key": entry.key,
         "channels": entry.stats.num_channels,
-        "num_samples": attrs.get("num_samples"),
+        "num_samples": entry.attrs.get("num_samples"),
         "pixels_per_channel": int(entry.stats.count[0]),
-        "created_utc": attrs.get("created_utc"),
-        "dataset": _entry_source(attrs),
+        "created_utc": entry.attrs.get("created_utc"),
+        "dataset": _summary(_described(entry.attrs)),
         "mean": _floats(entry.stats.mean),
         "std": _floats(entry.stats.std),
     }
 
 
-def _entry_source(attrs: dict[str, Any]) -> str:
-    """A one-line description of the fitted dataset, from the entry's attributes."""
-    if attrs.get("source"):
-        return str(attrs["source"])
-    try:
-        described = json.loads(attrs.get("dataset") or "{}")
-    except (TypeError, ValueError):
-        return str(attrs.get("dataset", ""))
-    if not isinstance(described, dict):
-        return str(described)
-    parts = [str(described.get("class", "?")).rsplit(".", 1)[-1], described.get("root")]
-    if described.get("length") is not None:
-        parts.append(f"({described['length']} samples)")
-    return " ".join(str(p) for p in parts if p)
-
-
 def _format_ls(path: Path, rows: list[dict[str, Any]]) -> str:
     table = [["KEY", "CH", "IMAGES", "PIXELS/CH", "CREATED (UTC)", "DATASET"]]
     for row in rows:
+        images = "?" if row["num_samples"] is None else f"{row['num_samples']:,}"
         created = (row["created_utc"] or "?")[:16].replace("T", " ")
-        table.append([row["key"], str(row["channels"]), _count(row["num_samples"]),
-                      f"{row['pixels_per_channel']:,}", created, row["dataset"]])
-    widths = [max(len(r[i]) for r in table) for i in range(5)]
-    lines = [f"{path}: {len(rows)} entr{'y' if len(rows) == 1 else 'ies'}"]
-    for r in table:
-        cells = [r[0].ljust(widths[0]), *(r[i].rjust(widths[i]) for i in (1, 2, 3)), r[4].ljust(widths[4]), r[5]]
-        lines.append("  ".join(cells))
-    return "\n".join(lines)
+        table.append([row["key"], str(row["channels"]), images, f"{row['pixels_per_channel']:,}", created,
+                      row["dataset"]])
+    return "\n".join([f"{path}: {len(rows)} entr{'y' if len(rows) == 1 else 'ies'}", *_table(table, left=(0, 4, 5))])
 
 
 def _read(path: Path, key: str) -> CacheEntry:
@@ -632,43 +511,33 @@ def _read(path: Path, key: str) -> CacheEntry:
     return entry
 
 
+def _load(path: Path, key: str) -> tuple[FitNormalize, dict[str, Any]]:
+    """The entry ``key`` as a FitNormalize (its Normalize mean/std), and the entry's attributes."""
+    attrs = _read(path, key).attrs
+    return FitNormalize.from_cache(path, key), attrs
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     if args.plot is not None:
-        _require_matplotlib()
-        _check_output(args.plot)
+        _check_plot(args.plot)
     path = _cache_path(args.cache)
-    entry = _read(path, args.key)
-    stats, attrs = entry.stats, entry.attrs
-    names = _names(_stored_names(attrs), stats.num_channels)
-    mean, std = _normalize_params(stats)
+    norm, attrs = _load(path, args.key)
+    described = _described(attrs)
+    names = _channel_names(described, attrs.get("pipeline", ""), len(norm.mean))
     report = {
-        "key": entry.key,
+        "key": args.key,
         "cache": str(path),
-        "channels": names,
-        "count": _floats(stats.count),
-        "mean": _floats(stats.mean),
-        "std": _floats(stats.std),
-        "var": _floats(stats.var),
-        "min": _floats(stats.min),
-        "max": _floats(stats.max),
-        "subset": _subset_from_attrs(attrs),
-        "normalize": _normalize_line(mean, std),
+        **_numbers(norm, names, _subset(attrs, norm.standard_errors)),
+        "count": _floats(norm.stats.count),
+        "var": _floats(norm.stats.var),
         "attrs": {k: _jsonable(v) for k, v in attrs.items() if k not in _HIDDEN_ATTRS},
         "plot": None,
     }
     if args.plot is not None:
-        _plot_normal(args.plot, stats, names, f"{entry.key}: {_entry_source(attrs)}")
+        _plot_normal(args.plot, norm, names, f"{args.key}: {_summary(described)}")
         report["plot"] = str(args.plot)
     print(json.dumps(report, indent=2) if args.json else _format_show(report))
     return EXIT_OK
-
-
-def _stored_names(attrs: dict[str, Any]) -> list[str] | None:
-    try:
-        names = json.loads(attrs.get("channel_names") or "null")
-    except (TypeError, ValueError):
-        return None
-    return names if isinstance(names, list) else None
 
 
 def _jsonable(value: Any) -> Any:
@@ -683,48 +552,45 @@ def _jsonable(value: Any) -> Any:
 
 
 def _format_show(report: dict[str, Any]) -> str:
-    count = report["count"][0]
     attrs = report["attrs"]
     lines = [
         f"key: {report['key']}",
         f"cache: {report['cache']}",
-        f"images: {_count(attrs.get('num_samples'))}   pixels per channel: {int(count):,}   "
+        f"images: {report['num_samples']:,}   pixels per channel: {report['pixels_per_channel']:,}   "
         f"channels: {len(report['channels'])}",
-        "",
-        *_stats_table(report),
-        "",
-        report["normalize"],
+        *_numbers_lines(report),
         "",
         "provenance:",
     ]
-    width = max(len(name) for name in attrs) if attrs else 0
+    width = max(map(len, attrs), default=0)
     for name in sorted(attrs):
-        text = str(attrs[name]).replace("\n", "\n  " + " " * (width + 2))
-        lines.append(f"  {name.ljust(width)}  {text}")
+        text = str(attrs[name])
+        if len(text) > _SHOWN_CHARS:
+            text = f"{text[:_SHOWN_CHARS]}... ({len(text):,} characters; --json shows them all)"
+        lines.append(f"  {name.ljust(width)}  " + text.replace("\n", "\n  " + " " * (width + 2)))
     if report["plot"]:
         lines.append(f"plot: {report['plot']}")
     return "\n".join(lines)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    entry = _read(_cache_path(args.cache), args.key)
-    mean, std = _normalize_params(entry.stats)
+    norm, _ = _load(_cache_path(args.cache), args.key)
     if args.format == "normalize":
-        print(_normalize_line(mean, std))
+        print(_normalize_line(norm.mean, norm.std))
     elif args.format == "json":
-        print(json.dumps({"key": entry.key, "mean": mean, "std": std}, indent=2))
+        print(json.dumps({"key": args.key, "mean": norm.mean, "std": norm.std}, indent=2))
     else:
-        print(json.dumps({"image_mean": mean, "image_std": std}, indent=2))
+        print(json.dumps({"image_mean": norm.mean, "image_std": norm.std}, indent=2))
     return EXIT_OK
 
 
 def _cmd_rm(args: argparse.Namespace) -> int:
     path = _cache_path(args.cache)
-    for key in args.keys:  # all present, or nothing is removed
-        _read(path, key)
-    for key in dict.fromkeys(args.keys):
-        delete_entry(path, key)
     removed = list(dict.fromkeys(args.keys))
+    for key in removed:  # all present, or nothing is removed
+        _read(path, key)
+    for key in removed:
+        delete_entry(path, key)
     if args.json:
         print(json.dumps({"cache": str(path), "removed": removed}))
     else:
@@ -747,18 +613,20 @@ def _require_matplotlib() -> Any:
     return Figure
 
 
-def _check_output(path: Path) -> None:
+def _check_plot(path: Path) -> None:
+    """Fail before any work if the plot cannot be made: no matplotlib, or no folder for the file."""
+    _require_matplotlib()
     folder = path.expanduser().resolve().parent
     if not folder.is_dir():
         raise CliError(f"Cannot write the plot {path}: the folder {folder} does not exist.")
 
 
-def _plot_pixels(path: Path, pixels: Tensor, stats: ChannelStats, names: list[str] | None, title: str) -> None:
+def _plot_pixels(path: Path, pixels: Tensor, norm: FitNormalize, names: list[str], title: str) -> None:
     """Histograms of sampled pixels per channel, before and after normalization, side by side."""
-    mean, std = (torch.tensor(v, dtype=torch.float64)[:, None] for v in _normalize_params(stats))
+    mean, std = (torch.tensor(v, dtype=torch.float64)[:, None] for v in (norm.mean, norm.std))
     after = (pixels.double() - mean) / std
     figure, (left, right) = _figure(title)
-    for c, name in enumerate(_names(names, stats.num_channels)):
+    for c, name in enumerate(names):
         color = _COLORS.get(name)
         left.hist(pixels[c].numpy(), bins=64, histtype="step", density=True, color=color,
                   label=f"{name}: mean {float(mean[c]):.4g}, std {float(std[c]):.4g}")
@@ -766,13 +634,13 @@ def _plot_pixels(path: Path, pixels: Tensor, stats: ChannelStats, names: list[st
     _finish(figure, left, right, path)
 
 
-def _plot_normal(path: Path, stats: ChannelStats, names: list[str], title: str) -> None:
+def _plot_normal(path: Path, norm: FitNormalize, names: list[str], title: str) -> None:
     """The normal approximation of each channel from its cached mean/std, within its [min, max]."""
     figure, (left, right) = _figure(f"{title}\nnormal approximation from mean/std (the cache keeps no pixels)")
-    mean, std = (torch.tensor(v, dtype=torch.float64) for v in _normalize_params(stats))
+    mean, std = (torch.tensor(v, dtype=torch.float64) for v in (norm.mean, norm.std))
     for c, name in enumerate(names):
         color = _COLORS.get(name)
-        x = torch.linspace(float(stats.min[c]), float(stats.max[c]), 256, dtype=torch.float64)
+        x = torch.linspace(float(norm.stats.min[c]), float(norm.stats.max[c]), 256, dtype=torch.float64)
         z = (x - mean[c]) / std[c]
         density = torch.exp(-0.5 * z.square()) / math.sqrt(2 * math.pi)
         left.plot(x.numpy(), (density / std[c]).numpy(), color=color,

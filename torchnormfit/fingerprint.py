@@ -23,7 +23,7 @@ __all__ = ["fingerprint", "describe_dataset", "describe_pipeline"]
 _TRANSFORM_ATTRS = {"transform", "target_transform", "transforms"}
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _MAX_SAMPLED = 1 << 20
-_MAX_LISTED = 1000
+_MAX_LISTED = 64
 
 
 def fingerprint(dataset: Dataset, norm: Any, settings: dict[str, Any]) -> str:

@@ -7,9 +7,10 @@ in every run on the same files.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import VisionDataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
+
+from .fitting import DEFAULT_BATCH_SIZE, default_num_workers
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -176,10 +179,12 @@ class ImageFiles(VisionDataset):
             image = self.transform(image)
         return image, self.samples[index][1]
 
-    def describe(self) -> str:
-        """One line: root, number of images, layout and mode."""
-        layout = f"ImageFolder layout, {len(self.classes)} classes" if self.layout == "imagefolder" else "flat"
-        return f"{self.root} ({len(self)} image files, {layout}, mode {self.mode})"
+    def without(self, indices: Iterable[int]) -> ImageFiles:
+        """A copy without the samples at ``indices`` (for example the unreadable ones); classes are kept."""
+        drop = set(indices)
+        kept = copy.copy(self)
+        kept.samples = [sample for i, sample in enumerate(self.samples) if i not in drop]
+        return kept
 
     def extra_repr(self) -> str:
         return f"Mode: {self.mode}\nLayout: {self.layout}"
@@ -221,17 +226,15 @@ def unreadable_file_message(error: BaseException) -> str | None:
 
 
 class _Checker(Dataset):
-    """``i`` -> ``(indices[i], None or the reason the file cannot be read)``."""
+    """``index`` -> ``(index, None or the reason the file cannot be read)``."""
 
-    def __init__(self, dataset: ImageFiles, indices: Sequence[int]):
+    def __init__(self, dataset: ImageFiles):
         self.dataset = dataset
-        self.indices = indices
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.dataset)
 
-    def __getitem__(self, position: int) -> tuple[int, str | None]:
-        index = self.indices[position]
+    def __getitem__(self, index: int) -> tuple[int, str | None]:
         try:
             self.dataset.load(index)
         except BadImageError as error:
@@ -245,38 +248,27 @@ def _bad_only(items: list[tuple[int, str | None]]) -> tuple[int, list[tuple[int,
 
 def find_unreadable(
     dataset: ImageFiles,
-    indices: Sequence[int] | None = None,
     *,
-    num_workers: int = 0,
-    batch_size: int = 64,
-    progress: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    num_workers: int | None = None,
+    progress: bool | None = None,
 ) -> list[tuple[int, str]]:
-    """Decode every file (or those at ``indices``); return ``(index, message)`` for each unreadable one.
+    """Decode every file; return ``(index, message)`` for each unreadable one, sorted by index.
 
-    Parameters
-    ----------
-    dataset : ImageFiles
-        The folder to check.
-    indices : sequence of int, optional
-        Only these samples.
-    num_workers, batch_size : int
-        DataLoader settings for the check.
-    progress : bool
-        Show a tqdm progress bar.
+    ``batch_size``, ``num_workers`` (default: the usable CPUs, at most 8) and
+    ``progress`` (default: on a terminal) are the DataLoader and tqdm settings of the check.
 
-    Returns
-    -------
-    list of (int, str)
-        Sorted by index.
+    Examples
+    --------
+    >>> ds = ImageFiles("photos")  # doctest: +SKIP
+    >>> readable = ds.without(index for index, _ in find_unreadable(ds))  # doctest: +SKIP
     """
-    indices = list(range(len(dataset))) if indices is None else list(indices)
-    loader = DataLoader(
-        _Checker(dataset, indices), batch_size=batch_size, num_workers=num_workers, collate_fn=_bad_only
-    )
+    num_workers = default_num_workers() if num_workers is None else num_workers
+    loader = DataLoader(_Checker(dataset), batch_size=batch_size, num_workers=num_workers, collate_fn=_bad_only)
     bad: list[tuple[int, str]] = []
-    with tqdm(total=len(indices), unit="img", desc="checking files", disable=not progress) as bar:
+    disable = None if progress is None else not progress  # None: tqdm shows it on a terminal only
+    with tqdm(total=len(dataset), unit="img", desc="checking files", disable=disable) as bar:
         for checked, found in loader:
             bad += found
             bar.update(checked)
     return sorted(bad)
-

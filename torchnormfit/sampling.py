@@ -12,7 +12,7 @@ Jackknife and Bootstrap", 1995, ch. 2). It costs nothing beyond the pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -28,7 +28,6 @@ __all__ = [
     "SubsetFit",
     "subset_indices",
     "jackknife",
-    "fit_indices",
     "fit_subset",
     "sample_pixels",
 ]
@@ -124,62 +123,17 @@ def _group_batch_size(num_samples: int, batch_size: int | None) -> int:
     return max(1, min(batch_size, num_samples // MIN_GROUPS))
 
 
-def fit_indices(
-    dataset: Dataset,
-    indices: Sequence[int],
-    *,
-    population: int | None = None,
-    batch_size: int | None = None,
-    **fit_kwargs: Any,
+def fit_subset(
+    dataset: Dataset, max_samples: int, seed: int = 0, *, batch_size: int | None = None, **fit_kwargs: Any
 ) -> SubsetFit:
-    """Fit on the samples at ``indices`` (a random subset, in random order) and estimate standard errors.
-
-    Parameters
-    ----------
-    dataset : Dataset
-        Any dataset :func:`~torchnormfit.fitting.fit_stats` accepts.
-    indices : sequence of int
-        The subset, for example from :func:`subset_indices`. Its order makes
-        the batches, which must be random groups for the errors to hold.
-    population : int, optional
-        The number of images the subset was drawn from. The errors are then
-        scaled by the finite population correction ``sqrt(1 - n / population)``:
-        they measure the distance to the full pass (0 when the subset is everything).
-    batch_size : int, optional
-        Upper bound on the batch size; it is lowered to give at least
-        :data:`MIN_GROUPS` batches. It never changes the statistics.
-    **fit_kwargs
-        Passed on to ``fit_stats`` (``num_workers``, ``progress``, ``device``, ``capture``, ``image``, ...).
-
-    Returns
-    -------
-    SubsetFit
-        ``(stats, num_samples, standard_errors)``.
-    """
-    for name in ("indices", "on_batch"):
-        if name in fit_kwargs:
-            raise TypeError(f"fit_indices() sets {name} itself; do not pass it.")
-    indices = list(indices)
-    groups: list[ChannelStats] = []
-    stats, num_samples = fit_stats(
-        dataset,
-        indices=indices,
-        on_batch=groups.append,
-        batch_size=_group_batch_size(len(indices), batch_size),
-        **fit_kwargs,
-    )
-    errors = jackknife(groups)
-    if population is not None:
-        correction = math.sqrt(max(0.0, 1.0 - num_samples / population))
-        errors = StandardErrors(errors.mean * correction, errors.std * correction)
-    return SubsetFit(stats, num_samples, errors)
-
-
-def fit_subset(dataset: Dataset, max_samples: int, seed: int = 0, **fit_kwargs: Any) -> SubsetFit:
     """Fit on a uniform random subset of ``max_samples`` images; return the stats and their standard errors.
 
-    The standard errors say how far the subset's mean and std can be from the
-    full pass's: about 95% of seeds land within two of them.
+    The subset is :func:`subset_indices` ``(len(dataset), max_samples, seed)``,
+    visited in its random order, so the batches are random groups of images.
+    The jackknife errors over those batches are scaled by the finite population
+    correction ``sqrt(1 - n / len(dataset))``: they say how far the subset's
+    mean and std can be from the full pass's (0 when the subset is everything);
+    about 95% of seeds land within two of them.
 
     Parameters
     ----------
@@ -189,8 +143,12 @@ def fit_subset(dataset: Dataset, max_samples: int, seed: int = 0, **fit_kwargs: 
         Size of the subset; all images if the dataset is smaller.
     seed : int
         Seed of the subset (same seed, same subset, same statistics).
+    batch_size : int, optional
+        Upper bound on the batch size; it is lowered to give at least
+        :data:`MIN_GROUPS` batches. It never changes the statistics.
     **fit_kwargs
-        ``batch_size``, ``num_workers``, ``progress``, ... as for :func:`fit_indices`.
+        Passed on to :func:`~torchnormfit.fitting.fit_stats` (``num_workers``,
+        ``progress``, ``device``, ``capture``, ``image``, ...).
 
     Returns
     -------
@@ -208,38 +166,34 @@ def fit_subset(dataset: Dataset, max_samples: int, seed: int = 0, **fit_kwargs: 
     (40, torch.Size([3]))
     """
     indices = subset_indices(len(dataset), max_samples, seed)
-    return fit_indices(dataset, indices, population=len(dataset), **fit_kwargs)
+    groups: list[ChannelStats] = []
+    stats, num_samples = fit_stats(
+        dataset, indices=indices, on_batch=groups.append, batch_size=_group_batch_size(len(indices), batch_size),
+        **fit_kwargs,
+    )
+    errors = jackknife(groups)
+    correction = math.sqrt(max(0.0, 1.0 - num_samples / len(dataset)))
+    return SubsetFit(stats, num_samples, StandardErrors(errors.mean * correction, errors.std * correction))
 
 
-def sample_pixels(
-    dataset: Dataset,
-    indices: Sequence[int] | None = None,
-    *,
-    max_pixels: int = 200_000,
-    max_images: int = 32,
-    seed: int = 0,
-    image: Callable[[Any], Any] | None = None,
-) -> Tensor:
+def sample_pixels(dataset: Dataset, *, max_pixels: int = 200_000, max_images: int = 32, seed: int = 0) -> Tensor:
     """A bounded uniform sample of pixel values, ``(C, n)`` float32, for histograms.
 
-    Reads up to ``max_images`` random samples (of ``indices``, default all) in
-    this process and keeps up to ``max_pixels / max_images`` random pixels of
-    each, so memory stays O(max_pixels) whatever the dataset. Samples that
-    fail to load are passed over.
+    Reads up to ``max_images`` random samples in this process and keeps up to
+    ``max_pixels / max_images`` random pixels of each, so memory stays
+    O(max_pixels) whatever the dataset. Samples that fail to load are passed over.
     """
     generator = torch.Generator().manual_seed(seed)
-    pool = list(range(len(dataset))) if indices is None else list(indices)
-    order = torch.randperm(len(pool), generator=generator).tolist()
+    order = torch.randperm(len(dataset), generator=generator).tolist()
     per_image = max(1, max_pixels // max_images)
     parts: list[Tensor] = []
-    for position in order:
+    for index in order:
         if len(parts) == max_images:
             break
         try:
-            sample = dataset[pool[position]]
+            found = find_image(dataset[index])
         except Exception:
             continue
-        found = image(sample) if image is not None else find_image(sample)
         if not isinstance(found, Tensor) or not found.is_floating_point() or found.ndim < 3:
             continue
         flat = found.as_subclass(Tensor).reshape(-1, found.shape[-3], found.shape[-2] * found.shape[-1])
