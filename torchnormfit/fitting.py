@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import PIL.Image
 import torch
@@ -99,8 +101,40 @@ class Capture:
         return image
 
 
+class _RemoteTraceback(Exception):
+    """The traceback of an error raised in a DataLoader worker (as in ``concurrent.futures``)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+@dataclass
+class _Failure:
+    """An error raised while reading or reducing samples, sent back as data.
+
+    Raising it in the main process gives the user the original exception type and
+    message (``Sample 7: ...``) instead of DataLoader's worker wrapper, with the
+    worker's traceback attached as the cause.
+    """
+
+    error: Exception
+    traceback: str
+
+    @classmethod
+    def capture(cls, error: Exception) -> _Failure:
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        try:
+            pickle.dumps(error)
+        except Exception:  # it must cross the worker queue
+            error = RuntimeError(f"{type(error).__name__}: {error}")
+        return cls(error, text)
+
+    def reraise(self) -> NoReturn:
+        raise self.error from _RemoteTraceback(f'\n"""\n{self.traceback}"""')
+
+
 class _SampleReader(Dataset):
-    """``dataset[i]`` -> ``(i, image tensor)``, naming ``i`` in every error."""
+    """``dataset[i]`` -> ``(i, image tensor)``, or ``(i, _Failure)`` naming ``i``."""
 
     def __init__(self, dataset: Dataset, capture: Capture | None, image: Callable[[Any], Any] | None):
         self.dataset = dataset
@@ -110,7 +144,13 @@ class _SampleReader(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[int, Tensor]:
+    def __getitem__(self, index: int) -> tuple[int, Tensor | _Failure]:
+        try:
+            return index, self._image(index)
+        except Exception as error:
+            return index, _Failure.capture(error)
+
+    def _image(self, index: int) -> Tensor:
         where = f"Sample {index}: "
         if self.capture is not None:
             self.capture.take()
@@ -120,14 +160,14 @@ class _SampleReader(Dataset):
             raise _naming_sample(error, where) from error
         captured = self.capture.take() if self.capture is not None else None
         if captured is not None:
-            return index, check_image(captured, where)
+            return check_image(captured, where)
         found = self.image(sample) if self.image is not None else find_image(sample)
         if found is None:
             raise TypeError(
                 f"{where}found no image tensor in a sample of type {type(sample).__name__}. "
                 "Return a tensor, a tv_tensors.Image or a tuple/dict holding one, or pass image=... to fit()."
             )
-        return index, check_image(found, where)
+        return check_image(found, where)
 
 
 def _naming_sample(error: Exception, where: str) -> Exception:
@@ -148,6 +188,7 @@ class _Batch:
     channels: int
     stats: ChannelStats | None = None
     groups: list[tuple[list[int], Tensor]] | None = None
+    failure: _Failure | None = None
 
 
 class _Collate:
@@ -162,7 +203,16 @@ class _Collate:
         self.reduce = reduce
         self._work: Tensor | None = None
 
-    def __call__(self, items: Sequence[tuple[int, Tensor]]) -> _Batch:
+    def __call__(self, items: Sequence[tuple[int, Tensor | _Failure]]) -> _Batch:
+        for index, item in items:
+            if isinstance(item, _Failure):
+                return _Batch(index, 0, 0, failure=item)
+        try:
+            return self._reduce(items)
+        except Exception as error:
+            return _Batch(items[0][0], 0, 0, failure=_Failure.capture(error))
+
+    def _reduce(self, items: Sequence[tuple[int, Tensor]]) -> _Batch:
         first_index, first = items[0]
         channels = first.shape[-3]
         by_shape: dict[tuple[int, ...], list[tuple[int, Tensor]]] = {}
@@ -303,6 +353,8 @@ def _local_pass(
     try:
         with tqdm(total=len(indices), unit="img", desc="torchnormfit", disable=not progress) as bar:
             for batch in batches:
+                if batch.failure is not None:
+                    batch.failure.reraise()
                 if first is None:
                     first, accumulator = batch, BatchNormAccumulator(batch.channels, device=device)
                 elif batch.channels != first.channels:
