@@ -99,6 +99,7 @@ class FitNormalize(v2.Normalize):
         self._num_samples = 0
         self._standard_errors: StandardErrors | None = None
         self._fitted_key: str | None = None
+        self._std_checked: set[tuple[torch.dtype, tuple[float, ...]]] = set()
         if mean is not None:
             self._set_mean_std(list(map(float, mean)), list(map(float, std)))
 
@@ -160,7 +161,7 @@ class FitNormalize(v2.Normalize):
 
     def get_extra_state(self) -> dict[str, Any]:
         stats = None if self._stats is None else self._stats.to_dict()
-        return {"mean": self.mean, "std": self.std, "stats": stats, "key": self._key}
+        return {"mean": self.mean, "std": self.std, "stats": stats, "key": self._key, "num_samples": self._num_samples}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("stats") is not None:
@@ -169,6 +170,7 @@ class FitNormalize(v2.Normalize):
             self._set_mean_std(list(state["mean"]), list(state["std"]))
         if state.get("key") is not None:
             self._key = state["key"]
+        self._num_samples = int(state.get("num_samples", 0))
 
     def extra_repr(self) -> str:
         return f"mean={self.mean}, std={self.std}, inplace={self.inplace}"
@@ -185,11 +187,7 @@ class FitNormalize(v2.Normalize):
         if self._capture is not None:  # being fitted: measure, do not change
             self._capture.offer(check_image(inpt))
             return inpt
-        if self.mean is None:
-            raise NotFittedError(
-                f"This {type(self).__name__} has no statistics yet. Call .fit(dataset) first, "
-                "or pass mean=[...] and std=[...]."
-            )
+        self._require_fitted()
         check_image(inpt)
         if inpt.shape[-3] != len(self.mean):
             raise ValueError(
@@ -197,9 +195,17 @@ class FitNormalize(v2.Normalize):
                 f"{inpt.shape[-3]} (shape {tuple(inpt.shape)}). Convert the images to {len(self.mean)} channels "
                 "or fit on images like these."
             )
-        if bool((torch.as_tensor(self.std, dtype=inpt.dtype) == 0).any()):
-            raise ValueError(f"std evaluated to zero after conversion to {inpt.dtype}, leading to division by zero.")
+        self._check_std_in(inpt.dtype)
         return self._call_kernel(F.normalize, inpt, mean=self.mean, std=self.std, inplace=self.inplace)
+
+    def _check_std_in(self, dtype: torch.dtype) -> None:
+        """Raise, as v1 Normalize does, if a std rounds to zero in ``dtype`` (checked once per std and dtype)."""
+        checked = (dtype, tuple(self.std))
+        if checked in self._std_checked:
+            return
+        if bool((torch.as_tensor(self.std, dtype=dtype) == 0).any()):
+            raise ValueError(f"std evaluated to zero after conversion to {dtype}, leading to division by zero.")
+        self._std_checked.add(checked)
 
     def __prepare_scriptable__(self) -> nn.Module:
         self._require_fitted()
