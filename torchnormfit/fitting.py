@@ -157,7 +157,10 @@ class _SampleReader(Dataset):
         try:
             sample = self.dataset[index]
         except Exception as error:
-            raise _naming_sample(error, where) from error
+            named = _naming_sample(error, where)
+            if named is error:
+                raise
+            raise named from error
         captured = self.capture.take() if self.capture is not None else None
         if captured is not None:
             return check_image(captured, where)
@@ -171,12 +174,17 @@ class _SampleReader(Dataset):
 
 
 def _naming_sample(error: Exception, where: str) -> Exception:
-    """The same kind of error, its message starting with the sample index."""
-    message = f"{where}reading the dataset failed: {error}"
+    """The same kind of error, its message starting with the sample index.
+
+    An exception class that cannot be built from one message is kept whole
+    (its own attributes may matter to the caller), with the index in a note.
+    """
     try:
-        return type(error)(message)
-    except Exception:  # an exception class that takes other arguments
-        return RuntimeError(f"{message} ({type(error).__name__})")
+        return type(error)(f"{where}reading the dataset failed: {error}")
+    except Exception:
+        if hasattr(error, "add_note"):  # Python >= 3.11
+            error.add_note(f"{where}reading the dataset failed")
+        return error
 
 
 @dataclass
