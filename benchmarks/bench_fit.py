@@ -322,12 +322,28 @@ def _reduce_in_chunks(original: Callable) -> Callable:
         if len(items) <= per:
             return original(self, items)
         parts = [original(self, items[i : i + per]) for i in range(0, len(items), per)]
-        batch, stats = parts[0], parts[0].stats
+        failed = [part for part in parts if getattr(part, "failure", None) is not None]
+        if failed:
+            return failed[0]
+        stats = _part_stats(parts[0])
         for part in parts[1:]:
-            stats = stats.merge(part.stats)
-        batch.stats, batch.num_samples = stats, len(items)
+            stats = stats.merge(_part_stats(part))
+        batch = parts[0]
+        batch.num_samples = len(items)
+        if getattr(batch, "moments", None) is not None:  # statistics sent as floats (since 918e98e)
+            batch.moments = [value.tolist() for value in stats.to_dict().values()]
+        else:
+            batch.stats = stats
         return batch
     return reduce
+
+
+def _part_stats(batch):
+    from torchnormfit.stats import ChannelStats
+
+    if getattr(batch, "moments", None) is not None:
+        return ChannelStats(*(torch.tensor(v, dtype=torch.float64) for v in batch.moments))
+    return batch.stats
 
 
 def _use_batch_stats(fn: Callable) -> None:
@@ -369,6 +385,7 @@ METHODS: dict[str, Callable] = {
     "fit[ipc]": _fit_with(None, floats_over_ipc=True),
     "fit[ipc+blocked]": _fit_with(variants.blocked, floats_over_ipc=True),
     "fit[ipc+blocked+8MB]": _fit_with(variants.blocked, floats_over_ipc=True, stack_in_chunks=True),
+    "fit[blocked+8MB]": _fit_with(variants.blocked, stack_in_chunks=True),
     "fit[1thread]": _fit_with(None, threads=1),
     "fit[blocked+1thread]": _fit_with(variants.blocked, threads=1),
     "BatchNorm2d(0.1)": _recipe_bn,
@@ -376,8 +393,8 @@ METHODS: dict[str, Callable] = {
     "stack+std_mean": _recipe_stack,
     "cache hit": None,  # special: see _measure_method
 }
-DEFAULT_METHODS = ["floor", "fit", "fit[blocked]", "fit[1thread]", "fit[blocked+1thread]", "BatchNorm2d(0.1)",
-                   "forum mean/std", "stack+std_mean", "cache hit"]
+DEFAULT_METHODS = ["floor", "fit", "fit[blocked]", "fit[blocked+8MB]", "BatchNorm2d(0.1)", "forum mean/std",
+                   "stack+std_mean", "cache hit"]
 METHOD_NOTES = {
     "floor": "plain DataLoader pass, no statistics",
     "fit": "FitNormalize(cache=None).fit, the library as checked out",
@@ -385,6 +402,7 @@ METHOD_NOTES = {
     "fit[ipc]": "the same fit, workers sending the statistics as Python floats, not tensors (prototype)",
     "fit[ipc+blocked]": "both prototypes",
     "fit[ipc+blocked+8MB]": "both, and each batch stacked and reduced ~8 MiB at a time (prototype)",
+    "fit[blocked+8MB]": "blocked, and each batch stacked and reduced ~8 MiB at a time (prototype)",
     "fit[1thread]": "the same fit with torch.set_num_threads(1) in the process that reduces",
     "fit[blocked+1thread]": "both",
     "BatchNorm2d(0.1)": "BatchNorm2d(momentum=0.1) forward loop (train mode, no_grad)",
@@ -952,8 +970,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sections", default="fit,accumulator,rss,defaults,ranks")
     p.add_argument("--workloads", default="uint8,uint8 batches,FakeData,ImageFolder")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated, from: {', '.join(METHODS)} (the ipc/8MB prototypes only matter for a library "
-                        "that reduces in the workers)")
+                   help=f"comma-separated, from: {', '.join(METHODS)} (ipc: adopted in 918e98e, a no-op since; "
+                        "8MB: only for a library that reduces in the workers; 1thread: only where the main "
+                        "process reduces)")
     p.add_argument("--defaults-method", default="fit", choices=[m for m in METHODS if m.startswith("fit")],
                    help="what the defaults section sweeps (default: the library's fit)")
     p.add_argument("--json", type=Path, help="also write every measurement here")
@@ -984,16 +1003,18 @@ def main(argv: list[str] | None = None) -> int:
             spec["root"] = str(tmp / "folder")
             _log(f"writing {spec['n']} PNG/JPEG files into {spec['root']} ...")
             spec.update(write_image_folder(Path(spec["root"]), spec["n"], spec["sizes"]))
-        if "fit" in args.sections:
-            section_fit(args, specs, tmp, results)
-        if "accumulator" in args.sections:
-            section_accumulator(args, results)
-        if "rss" in args.sections:
-            section_rss(args, results)
-        if "defaults" in args.sections:
-            section_defaults(args, specs, results)
-        if "ranks" in args.sections:
-            section_ranks(args, specs, tmp, results)
+        sections = {
+            "fit": lambda: section_fit(args, specs, tmp, results),
+            "accumulator": lambda: section_accumulator(args, results),
+            "rss": lambda: section_rss(args, results),
+            "defaults": lambda: section_defaults(args, specs, results),
+            "ranks": lambda: section_ranks(args, specs, tmp, results),
+        }
+        for name, run in sections.items():
+            if name in args.sections:
+                run()
+                if args.json:  # keep what is measured so far, in case the run is cut short
+                    args.json.write_text(json.dumps(results, indent=1, default=str))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results["load"]["end"] = [round(v, 2) for v in os.getloadavg()]
