@@ -19,7 +19,6 @@ from .stats import ChannelStats
 
 __all__ = ["Ranks", "current_ranks", "shard", "agree", "gather_merge", "on_root"]
 
-_FIELDS = ("count", "mean", "m2", "min", "max")
 T = TypeVar("T")
 
 
@@ -72,7 +71,7 @@ def _on_rank(error: BaseException, rank: int) -> BaseException:
 
 def gather_merge(ranks: Ranks, stats: ChannelStats) -> ChannelStats:
     """All ranks' statistics merged exactly (float64 Chan merge, in rank order)."""
-    local = torch.stack([getattr(stats, name) for name in _FIELDS]).to(ranks.device)
+    local = torch.stack(list(stats.to_dict().values())).to(ranks.device)  # ChannelStats field order
     gathered = [torch.empty_like(local) for _ in range(ranks.world_size)]
     dist.all_gather(gathered, local, group=ranks.group)
     merged = ChannelStats.empty(stats.num_channels)
