@@ -36,6 +36,7 @@ def _rank_main(rank, world_size, workdir, n, fail_at):
         with open(os.path.join(workdir, f"result{rank}.json"), "w") as f:
             json.dump(result, f)
     finally:
+        dist.barrier()  # every rank done with its collectives before gloo is torn down (teardown races abort)
         dist.destroy_process_group()
 
 
