@@ -10,9 +10,9 @@ from .stats import ChannelStats
 __all__ = ["BatchNormAccumulator", "batch_stats"]
 
 _EXACT_BUFFERS = ("pixel_count", "pixel_mean", "pixel_m2", "pixel_min", "pixel_max")  # float64 whatever .to() says
-_CHUNK = 1024  # pixels per partial sum of squares; bounds the float rounding of each (see _sum_of_squares)
-_GRID = 8  # a centre is first guessed from an 8x8 grid of pixels of each image...
-_SMALL = 2048  # ...unless the image is this small, where the full mean costs no more
+_BLOCK_BYTES = 4 << 20  # images are reduced ~4 MiB at a time, so each is read from memory once
+_CHUNK = 1024  # pixels per partial sum of squares; bounds the float rounding of each (see _reduce)
+_GRID = 8  # a centre is first guessed from an 8x8 grid of pixels of each image
 
 
 def batch_stats(images: Tensor, work: Tensor | None = None) -> tuple[ChannelStats, Tensor | None]:
@@ -26,16 +26,17 @@ def batch_stats(images: Tensor, work: Tensor | None = None) -> tuple[ChannelStat
         M2   = sum(d**2) - sum(d)**2 / n
 
     so there is no cancellation whatever the brightness or the offset. The
-    centre is the mean of a grid of pixels (of all pixels for small images);
-    an image whose centre lands more than one standard deviation from its mean
-    is reduced again around its mean, and a constant image is exactly constant.
-    Sums of squares are taken in chunks of ``_CHUNK`` pixels, so their rounding
-    does not grow with the image size. Per-image results are pooled in float64.
+    centre is the mean of an 8x8 grid of the image's pixels; an image whose
+    centre lands more than one standard deviation from its mean is reduced
+    again around its mean, and a constant image is exactly constant. Sums of
+    squares are taken in chunks of ``_CHUNK`` pixels, so their rounding does
+    not grow with the image size. Per-image results are pooled in float64.
     Relative error against a float64 two-pass computation: ~1e-8 for float32
     input. float16 and bfloat16 batches are reduced in float32.
 
-    ``work`` is a scratch buffer reused between calls to avoid a fresh
-    allocation per batch; the buffer to pass next time is returned.
+    The batch is walked in blocks of about 4 MiB, so each block is still in
+    the CPU cache for its sums, minimum and maximum. ``work`` is a scratch
+    buffer reused between calls; the buffer to pass next time is returned.
     """
     if images.dtype.is_complex or not images.dtype.is_floating_point:
         raise TypeError(
@@ -45,73 +46,74 @@ def batch_stats(images: Tensor, work: Tensor | None = None) -> tuple[ChannelStat
     if images.ndim < 3:
         raise ValueError(f"Expected images of shape (..., C, H, W). Got a tensor of shape {tuple(images.shape)}.")
     channels, height, width = images.shape[-3:]
-    per_image = height * width
     if images.numel() == 0:
         return ChannelStats.empty(channels, device=images.device), work
     images = images.detach()
     if images.dtype in (torch.float16, torch.bfloat16):
         images = images.float()
-    flat = images.reshape(-1, channels, per_image)
-    work, centred = _scratch(work, flat)
+    flat = images.reshape(-1, channels, height * width)
+    n = flat.shape[-1]
 
-    if per_image <= _SMALL:
-        centre = flat.mean(dim=-1)
-    else:
-        rows, cols = max(1, height // _GRID), max(1, width // _GRID)
-        centre = flat.unflatten(-1, (height, width))[..., rows // 2 :: rows, cols // 2 :: cols].mean(dim=(-2, -1))
-    mean_i, m2_i = _centred_moments(flat, centre, centred)
+    rows, cols = max(1, height // _GRID), max(1, width // _GRID)
+    centre = flat.unflatten(-1, (height, width))[..., rows // 2 :: rows, cols // 2 :: cols].mean(dim=(-2, -1))
+    mean_i, m2_i, low, high, work = _reduce(flat, centre, work)
 
-    low, high = flat.amin(dim=-1).double(), flat.amax(dim=-1).double()
     constant = low == high
-    far = ((mean_i - centre.double()).square() > m2_i / per_image) & ~constant
+    far = ((mean_i - centre.double()).square() > m2_i / n) & ~constant
     if bool(far.any()):
         # A centre more than one std from the mean: centre those images again, on their mean.
         redo = far.nonzero(as_tuple=True)
-        again = flat[redo]
-        scratch = centred.view(-1)[: again.numel()].view(again.shape)
-        mean_i[redo], m2_i[redo] = _centred_moments(again, mean_i[redo].to(flat.dtype), scratch)
+        again = flat[redo][:, None]  # (images, 1 channel, pixels)
+        mean_again, m2_again, _, _, work = _reduce(again, mean_i[redo].to(flat.dtype)[:, None], work)
+        mean_i[redo], m2_i[redo] = mean_again[:, 0], m2_again[:, 0]
     mean_i = torch.where(constant, low, mean_i.clamp(min=low, max=high))  # rounding never leaves [min, max]
     m2_i = torch.where(constant, 0.0, m2_i.clamp_min(0))
 
     mean = mean_i.mean(dim=0)
-    m2 = m2_i.sum(dim=0) + per_image * (mean_i - mean).square().sum(dim=0)
-    count = torch.full_like(mean, float(flat.shape[0] * per_image))
+    m2 = m2_i.sum(dim=0) + n * (mean_i - mean).square().sum(dim=0)
+    count = torch.full_like(mean, float(flat.shape[0] * n))
     return ChannelStats(count, mean, m2, low.amin(dim=0), high.amax(dim=0)), work
 
 
-def _centred_moments(flat: Tensor, centre: Tensor, centred: Tensor) -> tuple[Tensor, Tensor]:
-    """Float64 mean and M2 along the last dimension of ``flat``, from its deviations from ``centre``."""
-    n = flat.shape[-1]
-    torch.sub(flat, centre[..., None], out=centred)
-    dev_sum = centred.sum(dim=-1).double()
-    mean = centre.double() + dev_sum / n
-    m2 = _sum_of_squares(centred) - dev_sum.square() / n
-    return mean, m2
-
-
-def _sum_of_squares(x: Tensor) -> Tensor:
-    """Float64 sum of squares along the last dimension, via ``vector_norm`` over chunks.
+def _reduce(flat: Tensor, centre: Tensor, work: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Float64 mean, M2, min and max of each row of ``flat`` ``(N, C, n)``, from its deviations from ``centre``.
 
     ``vector_norm`` is the fastest reduction of squares (no temporary), but its
     float32 rounding grows with the length reduced (~1e-4 relative over a
-    2048x2048 image on the CPU); over chunks of ``_CHUNK`` pixels it stays ~1e-7,
-    and the chunks are added in float64.
+    2048x2048 image on the CPU); over chunks of ``_CHUNK`` pixels it stays
+    ~1e-7, and the chunks are added in float64.
     """
-    n = x.shape[-1]
-    if n <= 2 * _CHUNK:
-        return torch.linalg.vector_norm(x, dim=-1).double().square()
-    whole = n // _CHUNK * _CHUNK
-    total = torch.linalg.vector_norm(x[..., :whole].unflatten(-1, (-1, _CHUNK)), dim=-1).double().square().sum(dim=-1)
-    if whole < n:
-        total += torch.linalg.vector_norm(x[..., whole:], dim=-1).double().square()
-    return total
+    count, channels, n = flat.shape
+    per_block = min(count, max(1, _BLOCK_BYTES // (channels * n * flat.element_size())))
+    work = reuse_buffer(work, per_block * channels * n, flat)
+    chunks = n // _CHUNK if n > 2 * _CHUNK else 0
+    whole = chunks * _CHUNK
+    dev_sum, low, high = torch.empty(3, count, channels, dtype=flat.dtype, device=flat.device)
+    norms = torch.empty(count, channels, chunks + (whole < n), dtype=flat.dtype, device=flat.device)
+    for start in range(0, count, per_block):
+        stop = min(count, start + per_block)
+        block = flat[start:stop]
+        centred = work[: block.numel()].view(block.shape)
+        torch.sub(block, centre[start:stop, :, None], out=centred)
+        torch.sum(centred, dim=-1, out=dev_sum[start:stop])
+        torch.amin(block, dim=-1, out=low[start:stop])
+        torch.amax(block, dim=-1, out=high[start:stop])
+        if chunks:
+            torch.linalg.vector_norm(centred[..., :whole].unflatten(-1, (chunks, _CHUNK)), dim=-1,
+                                     out=norms[start:stop, :, :chunks])
+        if whole < n:
+            torch.linalg.vector_norm(centred[..., whole:], dim=-1, keepdim=True, out=norms[start:stop, :, chunks:])
+    dev_sum = dev_sum.double()
+    mean = centre.double() + dev_sum / n
+    m2 = norms.double().square_().sum(dim=-1) - dev_sum.square() / n
+    return mean, m2, low.double(), high.double(), work
 
 
-def _scratch(work: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor]:
-    """A 1-D buffer at least as large as ``like`` (``work`` when it fits) and a view of it shaped as ``like``."""
-    if work is None or work.dtype != like.dtype or work.device != like.device or work.numel() < like.numel():
-        work = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
-    return work, work[: like.numel()].view(like.shape)
+def reuse_buffer(work: Tensor | None, numel: int, like: Tensor) -> Tensor:
+    """``work`` if it holds ``numel`` elements of ``like``'s dtype and device, else a new 1-D buffer."""
+    if work is None or work.dtype != like.dtype or work.device != like.device or work.numel() < numel:
+        work = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return work
 
 
 class BatchNormAccumulator(nn.BatchNorm2d):
