@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 
 from datasets_for_tests import CountingDataset, FailingDataset
 from torchnormfit import FitNormalize, NotFittedError
+from torchnormfit.fitting import default_batch_size
 
 TO_FLOAT = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
 
@@ -94,6 +95,58 @@ def test_worker_processes_give_the_same_exact_result(context):
         torch.multiprocessing.set_start_method(None, force=True)
     assert_exact(norm, [dataset.image(i) for i in range(30)])
     assert multiprocessing.active_children() == []
+
+
+@pytest.mark.parametrize(("shape", "dtype", "expected"), [
+    ((3, 32, 32), torch.float32, 256),  # small images: the largest batches
+    ((3, 224, 224), torch.float32, 27),  # ~16 MiB of images
+    ((3, 224, 224), torch.float16, 55),
+    ((3, 2048, 2048), torch.float32, 16),  # large images: never fewer than 16
+    ((1, 1, 1), torch.float64, 256),
+])
+def test_default_batch_size_holds_about_16_mib_of_images(shape, dtype, expected):
+    assert default_batch_size(torch.empty(shape, dtype=dtype)) == expected
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_without_batch_size_every_sample_is_read_once(tmp_path, num_workers):
+    """The first sample, read to choose the batch size, is the first batch: no sample is read twice."""
+    log = tmp_path / "reads.txt"
+    norm = FitNormalize(cache=None)
+    dataset = CountingDataset(n=45, transform=norm, log=log)
+    fit(dataset, norm, num_workers=num_workers)
+    assert sorted(int(line) for line in log.read_text().split()) == list(range(45))
+    assert_exact(norm, [dataset.image(i) for i in range(45)])
+
+
+def test_batches_larger_than_the_stacking_budget_stay_exact():
+    """A batch of 40 images of 3x224x224 (24 MB) is stacked and reduced in pieces of at most 8 MiB."""
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(40, 3, 224, 224, generator=g) * 0.1 + torch.linspace(0, 0.9, 40)[:, None, None, None]
+    norm = fit(TensorDataset(images), batch_size=40)
+    assert_exact(norm, list(images))
+    assert norm.stats.min.tolist() == images.amin(dim=(0, 2, 3)).double().tolist()
+    assert norm.stats.max.tolist() == images.amax(dim=(0, 2, 3)).double().tolist()
+
+
+def test_the_pass_leaves_the_thread_count_alone(tmp_path):
+    """The reduction runs on one thread; the user's transforms and the caller keep their thread count."""
+    seen = []
+
+    class Threads(CountingDataset):
+        def __getitem__(self, index):
+            seen.append(torch.get_num_threads())
+            return super().__getitem__(index)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fit(Threads(n=20), batch_size=6)
+        FitNormalize(cache=None).partial_fit(torch.rand(4, 3, 8, 8))
+        assert torch.get_num_threads() == 2
+        assert seen == [2] * 20
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_fakedata_through_v2_pipeline_matches_truth():

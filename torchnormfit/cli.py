@@ -38,7 +38,6 @@ from torch.utils.data import Dataset
 from . import __version__
 from .cache import CacheEntry, CacheError, default_cache_path, delete_entry, list_entries, read_entry
 from .fingerprint import describe_dataset, describe_pipeline
-from .fitting import DEFAULT_BATCH_SIZE
 from .folder import MODES, ImageFiles, find_unreadable, to_float_pipeline, unreadable_file_message
 from .sampling import StandardErrors, sample_pixels
 from .transform import FitNormalize
@@ -151,8 +150,8 @@ def _add_fit(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
     pipeline.add_argument("--resize", type=_integer(1), metavar="N", help="Resize(N): smaller edge to N pixels")
     pipeline.add_argument("--center-crop", type=_integer(1), metavar="N", help="CenterCrop(N) after the resize")
     run = fit.add_argument_group("run")
-    run.add_argument("--batch-size", type=_integer(1), default=DEFAULT_BATCH_SIZE, metavar="N",
-                     help=f"images per batch (default {DEFAULT_BATCH_SIZE}); never changes the result")
+    run.add_argument("--batch-size", type=_integer(1), metavar="N",
+                     help="images per batch (default: about 16 MiB of images, 16 to 256); never changes the result")
     run.add_argument("--workers", type=_integer(0), metavar="N",
                      help="DataLoader worker processes (default: usable CPUs, at most 8)")
     run.add_argument("--key", help="cache entry name; an entry of that name is used as it is (default: a fingerprint "

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import pickle
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -20,15 +22,18 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from torchvision import tv_tensors
 from tqdm.auto import tqdm
 
-from .accumulator import BatchNormAccumulator, batch_stats
+from .accumulator import BatchNormAccumulator, batch_stats, reuse_buffer
 from .distributed import Ranks, agree, current_ranks, gather_merge, shard
 from .stats import ChannelStats
 
-__all__ = ["fit_stats", "tensor_stats", "find_image", "default_num_workers", "DEFAULT_BATCH_SIZE"]
+__all__ = ["fit_stats", "tensor_stats", "find_image", "default_num_workers", "default_batch_size", "DEFAULT_BATCH_SIZE"]
 
 logger = logging.getLogger("torchnormfit")
 
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_BATCH_SIZE = 64  # when the first sample is not an image tensor (and for sampling's groups)
+_BATCH_BYTES = 16 << 20  # see default_batch_size
+_MIN_BATCH_SIZE, _MAX_BATCH_SIZE = 16, 256
+_STACK_BYTES = 8 << 20  # images stacked and reduced at a time in a worker
 _LOOKS_0_255 = 1.5
 TO_FLOAT_FIX = "Add ToTensor() or v2.ToDtype(torch.float32, scale=True) before it."
 
@@ -40,6 +45,17 @@ def default_num_workers() -> int:
     except AttributeError:  # macOS, Windows
         cpus = os.cpu_count() or 1
     return min(8, cpus)
+
+
+def default_batch_size(image: Tensor) -> int:
+    """Images per batch when ``batch_size`` is not given: about 16 MiB of images like ``image``, 16 to 256.
+
+    Measured on 2 cores (benchmarks/README.md): small images want large batches
+    (a fixed cost per batch; 256 for 3x32x32), large ones smaller batches (each
+    worker holds a whole batch; 27 for 3x224x224).
+    """
+    image_bytes = max(1, image.numel() * image.element_size())
+    return min(_MAX_BATCH_SIZE, max(_MIN_BATCH_SIZE, _BATCH_BYTES // image_bytes))
 
 
 def find_image(sample: Any) -> Any:
@@ -203,13 +219,16 @@ class _Collate:
     """Groups a batch's images by shape (so sizes may differ) and reduces them to statistics.
 
     Runs in the DataLoader workers, so the statistics cost is spread over them and
-    only a few numbers per batch travel back. With ``reduce=False`` (an accelerator
-    does the reduction) it returns the stacked groups instead.
+    only a few numbers per batch travel back. Each group is stacked and reduced
+    at most ``_STACK_BYTES`` at a time, into a buffer reused from batch to batch.
+    With ``reduce=False`` (an accelerator does the reduction) it returns the
+    stacked groups instead.
     """
 
     def __init__(self, reduce: bool):
         self.reduce = reduce
         self._work: Tensor | None = None
+        self._stacked: Tensor | None = None
 
     def __call__(self, items: Sequence[tuple[int, Tensor | _Failure]]) -> _Batch:
         for index, item in items:
@@ -228,20 +247,50 @@ class _Collate:
             if image.shape[-3] != channels:
                 raise ValueError(_channel_mismatch(index, image.shape[-3], channels, first_index))
             by_shape.setdefault((*image.shape, image.dtype), []).append((index, image))
-        groups = [([i for i, _ in group], torch.stack([im for _, im in group])) for group in by_shape.values()]
         batch = _Batch(first_index, len(items), channels)
         if not self.reduce:
-            batch.groups = groups
+            batch.groups = [([i for i, _ in group], torch.stack([im for _, im in group])) for group in by_shape.values()]
             return batch
         stats = ChannelStats.empty(channels)
-        for indices, images in groups:
-            group_stats, self._work = batch_stats(images, self._work)
-            _check_finite(group_stats, indices, images)
-            stats = stats.merge(group_stats)
+        with _one_thread():
+            for group in by_shape.values():
+                image_bytes = group[0][1].numel() * group[0][1].element_size()
+                step = max(1, _STACK_BYTES // max(1, image_bytes))
+                for start in range(0, len(group), step):
+                    stats = stats.merge(self._piece_stats(group[start : start + step]))
         # Plain floats, not tensors: each tensor crossing the worker queue costs a shared-memory
         # handle, which made small-image fits 2.4x slower than the plain pass (benchmarks/).
         batch.moments = [value.tolist() for value in stats.to_dict().values()]
         return batch
+
+    def _piece_stats(self, piece: list[tuple[int, Tensor]]) -> ChannelStats:
+        """Statistics of images of one shape, stacked into the reused buffer."""
+        images = [image for _, image in piece]
+        numel = len(images) * images[0].numel()
+        self._stacked = reuse_buffer(self._stacked, numel, images[0])
+        stacked = torch.stack(images, out=self._stacked[:numel].view(len(images), *images[0].shape))
+        piece_stats, self._work = batch_stats(stacked, self._work)
+        _check_finite(piece_stats, [index for index, _ in piece], stacked)
+        return piece_stats
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Reduce with one torch thread (as DataLoader workers already do).
+
+    In the main process (``num_workers=0``) a multi-threaded kernel on small
+    blocks gains little and, beside a busy core, waits for a time slice: a
+    pass took 2.5 s with two threads and 0.13 s with one (benchmarks/).
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _channel_mismatch(index: int, got: int, expected: int, first_index: int) -> str:
@@ -342,27 +391,18 @@ def _local_pass(
     pin_memory: bool | None,
 ) -> tuple[ChannelStats | None, int]:
     """The DataLoader pass over ``indices``; ``None`` statistics if there were none."""
-    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     num_workers = default_num_workers() if num_workers is None else num_workers
     device = torch.device(device) if device is not None else torch.device("cpu")
-    on_cpu = device.type == "cpu"
-    loader = DataLoader(
-        Subset(_SampleReader(dataset, capture, image), indices),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_Collate(reduce=on_cpu),
-        pin_memory=(not on_cpu) if pin_memory is None else pin_memory,
-    )
+    probed, loader = _loader(dataset, indices, capture, image, batch_size, num_workers, device, pin_memory)
     logger.info("fitting %s: %d samples, batch_size=%d, num_workers=%d, device=%s",
-                type(dataset).__name__, len(indices), batch_size, num_workers, device)
+                type(dataset).__name__, len(indices), loader.batch_size, num_workers, device)
     accumulator: BatchNormAccumulator | None = None
     first: _Batch | None = None
     num_samples = 0
     batches = iter(loader)
     try:
         with tqdm(total=len(indices), unit="img", desc="torchnormfit", disable=not progress) as bar:
-            for batch in batches:
+            for batch in itertools.chain(probed, batches):
                 if batch.failure is not None:
                     batch.failure.reraise()
                 if first is None:
@@ -381,10 +421,44 @@ def _local_pass(
     return (None if accumulator is None else accumulator.stats.to("cpu")), num_samples
 
 
+def _loader(
+    dataset: Dataset,
+    indices: Sequence[int],
+    capture: Capture | None,
+    image: Callable[[Any], Any] | None,
+    batch_size: int | None,
+    num_workers: int,
+    device: torch.device,
+    pin_memory: bool | None,
+) -> tuple[list[_Batch], DataLoader]:
+    """The DataLoader of the pass, and the batches read before it.
+
+    Without ``batch_size``, the first sample is read here: its size sets the
+    batch size (:func:`default_batch_size`) and it is the first batch, so no
+    sample is read twice.
+    """
+    reader, collate = _SampleReader(dataset, capture, image), _Collate(reduce=device.type == "cpu")
+    probed: list[_Batch] = []
+    if batch_size is None and len(indices) > 0:
+        index, item = reader[indices[0]]
+        batch_size = default_batch_size(item) if isinstance(item, Tensor) else DEFAULT_BATCH_SIZE
+        probed, indices = [collate([(index, item)])], indices[1:]
+    loader = DataLoader(
+        Subset(reader, indices),
+        batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
+        shuffle=False,
+        num_workers=num_workers if len(indices) > 0 else 0,
+        collate_fn=collate,
+        pin_memory=(device.type != "cpu") if pin_memory is None else pin_memory,
+    )
+    return probed, loader
+
+
 def tensor_stats(images: Tensor) -> tuple[ChannelStats, int]:
     """Exact statistics of one float batch ``(..., C, H, W)`` and its number of images."""
     images = check_image(images)
-    stats, _ = batch_stats(images)
+    with _one_thread():
+        stats, _ = batch_stats(images)
     count = images.reshape(-1, *images.shape[-3:]).shape[0]
     _check_finite(stats, list(range(count)), images.reshape(count, -1))
     return stats, count

@@ -249,13 +249,13 @@ def _bad_only(items: list[tuple[int, str | None]]) -> tuple[int, list[tuple[int,
 def find_unreadable(
     dataset: ImageFiles,
     *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     num_workers: int | None = None,
     progress: bool | None = None,
 ) -> list[tuple[int, str]]:
     """Decode every file; return ``(index, message)`` for each unreadable one, sorted by index.
 
-    ``batch_size``, ``num_workers`` (default: the usable CPUs, at most 8) and
+    ``batch_size`` (default 64), ``num_workers`` (default: the usable CPUs, at most 8) and
     ``progress`` (default: on a terminal) are the DataLoader and tqdm settings of the check.
 
     Examples
@@ -264,6 +264,7 @@ def find_unreadable(
     >>> readable = ds.without(index for index, _ in find_unreadable(ds))  # doctest: +SKIP
     """
     num_workers = default_num_workers() if num_workers is None else num_workers
+    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     loader = DataLoader(_Checker(dataset), batch_size=batch_size, num_workers=num_workers, collate_fn=_bad_only)
     bad: list[tuple[int, str]] = []
     disable = None if progress is None else not progress  # None: tqdm shows it on a terminal only

@@ -244,8 +244,9 @@ class FitNormalize(v2.Normalize):
             If this transform is in the dataset's own pipeline it passes images
             through during the pass, and what reaches it is measured.
         batch_size, num_workers : int, optional
-            DataLoader settings (default 64 and the usable CPUs, at most 8).
-            They change speed, never the result.
+            DataLoader settings. They change speed, never the result. Default:
+            about 16 MiB of images per batch, judged by the first sample (16 to
+            256 images), and the usable CPUs, at most 8.
         progress : bool, optional
             tqdm progress bar; default on where stderr is a terminal.
         refit : bool
