@@ -74,6 +74,23 @@ def test_tensor_dataset_key_follows_content_cheaply():
     assert key(TensorDataset(x), norm) != key(TensorDataset(x[:50]), norm)
 
 
+def test_large_tensor_key_follows_content_at_both_ends_and_in_any_slice():
+    """A large tensor is digested from evenly spaced runs of bytes that start at its first byte and end at its last."""
+    norm = FitNormalize(cache=None)
+    x = torch.randint(0, 256, (2000, 3, 32, 32), dtype=torch.uint8)  # 6 MB: sampled, not hashed whole
+    base = key(TensorDataset(x), norm)
+    assert key(TensorDataset(x.clone()), norm) == base
+    for where in (0, -1):
+        changed = x.clone()
+        changed.view(-1)[where] ^= 1
+        assert key(TensorDataset(changed), norm) != base, where
+    for start in range(0, 2000, 200):  # any 1% of the images replaced
+        changed = x.clone()
+        changed[start : start + 20] = 255 - changed[start : start + 20]
+        assert key(TensorDataset(changed), norm) != base, start
+    assert key(TensorDataset(x.transpose(-1, -2)), norm) != base  # the same bytes in another layout
+
+
 def test_wrappers_describe_what_they_wrap():
     norm = FitNormalize(cache=None)
     base = FakeData(size=10)

@@ -22,7 +22,7 @@ __all__ = ["fingerprint", "describe_dataset", "describe_pipeline"]
 
 _TRANSFORM_ATTRS = {"transform", "target_transform", "transforms"}
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-_MAX_SAMPLED = 1 << 20
+_PIECES, _PIECE_BYTES = 4096, 256  # what a tensor's digest hashes (see _digest_array)
 _MAX_LISTED = 64
 
 
@@ -84,13 +84,18 @@ def _describe_value(value: Any) -> Any:
 
 
 def _digest_array(tensor: torch.Tensor) -> dict[str, Any]:
-    """Shape, dtype and a hash of up to 2**20 evenly spaced elements: cheap, and content-sensitive."""
-    flat = tensor.detach().reshape(-1)
-    step = max(1, flat.numel() // _MAX_SAMPLED)
-    sampled = flat[::step].contiguous().cpu()
-    if sampled.dtype == torch.bool:
-        sampled = sampled.to(torch.uint8)
-    data = sampled.view(torch.uint8).numpy().tobytes() if sampled.numel() else b""
+    """Shape, dtype and a hash of 4096 evenly spaced runs of 256 bytes: cheap (1 MiB), content-sensitive.
+
+    Contiguous runs, not single elements at a stride: a stride touches every
+    cache line of a large tensor (18 ms for 150 MB), the runs only 1 MiB.
+    """
+    raw = tensor.detach().contiguous().reshape(-1)
+    raw = raw.view(torch.uint8) if raw.numel() else raw.new_empty(0, dtype=torch.uint8)
+    if raw.numel() > _PIECES * _PIECE_BYTES:
+        stride = (raw.numel() - _PIECE_BYTES) // (_PIECES - 1)
+        runs = raw.as_strided((_PIECES - 1, _PIECE_BYTES), (stride, 1))
+        raw = torch.cat([runs.reshape(-1), raw[-_PIECE_BYTES:]])  # the last run ends at the last byte
+    data = raw.contiguous().cpu().numpy().tobytes()
     return {"shape": list(tensor.shape), "dtype": str(tensor.dtype), "sampled": _sha(data)}
 
 
