@@ -1,9 +1,8 @@
-"""Prototypes of ``torchnormfit.accumulator.batch_stats``: faster, and still exact.
+"""The library's ``batch_stats`` beside a cheaper, inexact prototype and a lower bound.
 
-Each variant has the library's signature ``batch_stats(images, work) -> (ChannelStats, work)``
-so that it can be dropped into ``torchnormfit/accumulator.py`` unchanged. Run this file to check
-every variant's exactness on adversarial data (against a float64 two-pass truth) and to time it
-against ``x.sum()`` on the same resident batch::
+Each variant has the library's signature ``batch_stats(images, work) -> (ChannelStats, work)``.
+Run this file to check every variant's exactness on adversarial data (against a float64 two-pass
+truth) and to time it against ``x.sum()`` on the same resident batch::
 
     python benchmarks/accumulator_variants.py            # both checks, 1 and 2 threads
     python benchmarks/accumulator_variants.py --quick
@@ -12,27 +11,18 @@ Why the library's version costs what it costs (one thread, in units of ``x.sum()
 accumulator needs five full passes over the batch -- ``x - centre`` into a scratch buffer, the sum
 and the sum of squares of that buffer, amin and amax -- and on this CPU each of them costs about
 one to two ``x.sum()`` (``sub`` writes, ``vector_norm`` squares; neither is memory-bound in the
-cache). ``five_passes_only`` times just those five kernels: ~10x ``x.sum()`` on a 256x3x32x32
-batch (3 MB, already in the cache, where ``x.sum()`` runs at ~80 GB/s) and ~3.4x on 64x3x224x224.
-So "<= 3x on 256x3x32x32" is out of reach for any exact accumulator built from stock PyTorch CPU
-kernels (a fused kernel would be needed; ``torch.compile`` was tried: 34 s to compile, and no
-faster); "<= 4x on 64x3x224x224" is reachable, by ``blocked``.
+cache). ``five_passes_only`` times just those five kernels, walked in the library's blocks: ~10x
+``x.sum()`` on a 256x3x32x32 batch (3 MB, already in the cache, where ``x.sum()`` runs at ~80 GB/s)
+and ~3.5x on 64x3x224x224. So "<= 3x on 256x3x32x32" is out of reach for any exact accumulator
+built from stock PyTorch CPU kernels (a fused kernel would be needed; ``torch.compile`` was tried:
+34 s to compile, and no faster; ``torch.aminmax`` is 25-50x ``x.sum()`` here, ``var_mean`` over the
+last dimension 65-127x). "<= 4x on 64x3x224x224" is reachable because the library walks the batch
+in ~4 MiB blocks: the block read for the subtraction is still in the cache for the sums, amin and
+amax, so the batch is read from memory once.
 
-``blocked`` (the recommended one) keeps the library's arithmetic exactly -- a centre from an 8x8
-grid of pixels (the mean for small images), the corrected two-pass sums of ``x - centre``, the sum
-of squares in chunks of 1024 pixels, images whose centre is more than a std from their mean
-redone, constant images exactly constant, per-image results pooled in float64 -- but walks the
-batch in blocks of ~2 MiB, writes into preallocated ``out=`` buffers, and pools in float64 once
-per batch. The block read for the subtraction is still in the cache for the sums, amin and amax,
-and the scratch buffer never leaves the cache, so the batch is read from memory once: 64x3x224x224
-goes from ~7x to ~3.5x ``x.sum()``. On a 256x3x32x32 batch it changes nothing (the batch is one
-block; the remaining cost is the five passes plus ~100 us of small float64 operations).
-
-To adopt it, keep the library's input checks (dtype, ndim), which ``blocked`` leaves out.
-
-``lean`` (the mean from float32 row sums: 4e-5 error on data with a large offset, not exact
-enough) and ``chunked`` (the row mean as centre: one pass more than ``blocked``) are earlier
-prototypes; ``blocked_no_minmax`` shows what amin/amax cost.
+``current`` is the library's (``torchnormfit.accumulator.batch_stats``). ``lean`` takes the mean
+from float32 row sums and skips the sum of the residuals: one pass fewer, but 4e-5 relative error
+on data with a large offset, not exact enough.
 """
 
 from __future__ import annotations
@@ -45,13 +35,11 @@ import time
 import torch
 from torch import Tensor
 
+from torchnormfit.accumulator import _BLOCK_BYTES
 from torchnormfit.accumulator import batch_stats as current
 from torchnormfit.stats import ChannelStats
 
-__all__ = ["current", "lean", "chunked", "VARIANTS", "check_exactness", "time_ratio"]
-
-_BLOCK_BYTES = 512 * 1024
-
+__all__ = ["current", "lean", "five_passes_only", "VARIANTS", "EXTRA", "check_exactness", "time_ratio"]
 
 def _as_float(images: Tensor) -> Tensor:
     if images.dtype in (torch.float16, torch.bfloat16):
@@ -108,145 +96,9 @@ def lean(images: Tensor, work: Tensor | None = None) -> tuple[ChannelStats, Tens
     return stats, work
 
 
-def chunked(images: Tensor, work: Tensor | None = None, *, block_bytes: int = _BLOCK_BYTES,
-            corrected: bool = True) -> tuple[ChannelStats, Tensor]:
-    """Per-row arithmetic of ``lean`` walked in blocks of ``block_bytes`` (an early prototype).
-
-    The row mean (a full pass) is the centre; ``corrected`` adds a pass summing the residuals.
-    """
-    x = _rows(_as_float(images))
-    n_img, channels, n = x.shape
-    image_bytes = channels * n * x.element_size()
-    per_block = min(n_img, max(1, block_bytes // image_bytes))
-    block_numel = per_block * channels * n
-    if work is None or work.numel() < block_numel or work.dtype != x.dtype or work.device != x.device:
-        work = torch.empty(block_numel, dtype=x.dtype, device=x.device)
-    out = torch.empty(5, n_img, channels, dtype=x.dtype, device=x.device)
-    row_sum, res_sum, res_sq, low, high = out.unbind(0)
-    shift = torch.empty(n_img, channels, 1, dtype=x.dtype, device=x.device)
-    for start in range(0, n_img, per_block):
-        stop = min(n_img, start + per_block)
-        block = x[start:stop]
-        scratch = work[: block.numel()].view(block.shape)
-        torch.sum(block, dim=-1, out=row_sum[start:stop])
-        torch.div(row_sum[start:stop, :, None], n, out=shift[start:stop])
-        torch.sub(block, shift[start:stop], out=scratch)
-        torch.amin(block, dim=-1, out=low[start:stop])
-        torch.amax(block, dim=-1, out=high[start:stop])
-        if corrected:
-            torch.sum(scratch, dim=-1, out=res_sum[start:stop])
-        torch.linalg.vector_norm(scratch, dim=-1, out=res_sq[start:stop])
-    res_sq.square_()
-    stats = _pool(n, row_sum, shift[:, :, 0], res_sum if corrected else None, res_sq, low, high)
-    return stats, work
-
-
-def chunked_plain(images: Tensor, work: Tensor | None = None) -> tuple[ChannelStats, Tensor]:
-    """``chunked`` without the residual sum (mean from the float32 row sums)."""
-    return chunked(images, work, corrected=False)
-
-
-_GRID = 8  # centre guessed from an 8x8 grid of pixels of each image (as the library does)...
-_SMALL = 2048  # ...unless the image is this small: then the centre is its mean
-_CHUNK = 1024  # pixels per partial sum of squares: vector_norm's float32 rounding grows with length
-
-
-def blocked(images: Tensor, work: Tensor | None = None, *, block_bytes: int = 2 << 20,
-            minmax: bool = True) -> tuple[ChannelStats, Tensor]:
-    """The library's arithmetic (grid centre, corrected two-pass, chunked squares, far rows redone),
-    walked in cache-sized blocks of images with preallocated outputs.
-
-    Per block: one gather for the centre, then ``x - centre`` into a block-sized scratch buffer
-    (it stays in the cache), the sum and the (chunked) sum of squares of that buffer, amin and
-    amax of the block while it is still in the cache. Per-image results go into (N, C) float32
-    buffers; pooling in float64 happens once per batch. ``minmax=False`` skips amin/amax (not
-    usable as is: the library needs min and max; it shows what they cost).
-    """
-    if images.dtype in (torch.float16, torch.bfloat16):
-        images = images.float()
-    channels, height, width = images.shape[-3:]
-    x = images.reshape(-1, channels, height * width)
-    n_img, _, n = x.shape
-    if n_img == 0 or n == 0:
-        return ChannelStats.empty(channels, device=images.device), work
-    image_bytes = channels * n * x.element_size()
-    per_block = min(n_img, max(1, block_bytes // image_bytes))
-    block_numel = per_block * channels * n
-    if work is None or work.numel() < block_numel or work.dtype != x.dtype or work.device != x.device:
-        work = torch.empty(max(block_numel, 0), dtype=x.dtype, device=x.device)
-    chunks = n // _CHUNK if n > 2 * _CHUNK else 0
-    out = torch.empty(4, n_img, channels, dtype=x.dtype, device=x.device)
-    dev_sum, low, high, centre = out.unbind(0)
-    if chunks:
-        sq_parts = torch.empty(n_img, channels, chunks + (n > chunks * _CHUNK), dtype=x.dtype, device=x.device)
-    else:
-        sq_parts = torch.empty(n_img, channels, 1, dtype=x.dtype, device=x.device)
-    if n <= _SMALL:
-        torch.mean(x, dim=-1, out=centre)
-    else:
-        rows, cols = max(1, height // _GRID), max(1, width // _GRID)
-        grid = x.unflatten(-1, (height, width))[..., rows // 2 :: rows, cols // 2 :: cols]
-        torch.mean(grid, dim=(-2, -1), out=centre)
-    for start in range(0, n_img, per_block):
-        stop = min(n_img, start + per_block)
-        block = x[start:stop]
-        scratch = work[: block.numel()].view(block.shape)
-        torch.sub(block, centre[start:stop, :, None], out=scratch)
-        torch.sum(scratch, dim=-1, out=dev_sum[start:stop])
-        if minmax:
-            torch.amin(block, dim=-1, out=low[start:stop])
-            torch.amax(block, dim=-1, out=high[start:stop])
-        if chunks:
-            whole = chunks * _CHUNK
-            torch.linalg.vector_norm(scratch[..., :whole].unflatten(-1, (chunks, _CHUNK)), dim=-1,
-                                     out=sq_parts[start:stop, :, :chunks])
-            if whole < n:
-                torch.linalg.vector_norm(scratch[..., whole:], dim=-1, keepdim=True, out=sq_parts[start:stop, :, chunks:])
-        else:
-            torch.linalg.vector_norm(scratch, dim=-1, keepdim=True, out=sq_parts[start:stop])
-    if not minmax:
-        low.fill_(0.0)
-        high.fill_(1.0)
-    # float64 pooling, once per batch
-    dev64 = dev_sum.double()
-    centre64 = centre.double()
-    mean_i = centre64 + dev64 / n
-    m2_i = sq_parts.double().square_().sum(dim=-1) - dev64.square() / n
-    low64, high64 = low.double(), high.double()
-    constant = low64 == high64
-    far = ((mean_i - centre64).square() > m2_i / n) & ~constant
-    if bool(far.any()):
-        # A centre more than one std from the image's mean: centre those images again on their mean.
-        redo = far.nonzero(as_tuple=True)
-        again = x[redo]
-        again_centre = mean_i[redo].to(x.dtype)
-        d = again - again_centre[:, None]
-        d_sum = d.sum(dim=-1).double()
-        mean_i[redo] = again_centre.double() + d_sum / n
-        if n > 2 * _CHUNK:
-            whole = n // _CHUNK * _CHUNK
-            sq = torch.linalg.vector_norm(d[:, :whole].unflatten(-1, (-1, _CHUNK)), dim=-1).double().square().sum(-1)
-            if whole < n:
-                sq += torch.linalg.vector_norm(d[:, whole:], dim=-1).double().square()
-        else:
-            sq = torch.linalg.vector_norm(d, dim=-1).double().square()
-        m2_i[redo] = sq - d_sum.square() / n
-    mean_i = torch.where(constant, low64, torch.minimum(torch.maximum(mean_i, low64), high64))
-    m2_i = torch.where(constant, 0.0, m2_i.clamp_min(0))
-    mean = mean_i.mean(dim=0)
-    m2 = m2_i.sum(dim=0) + n * (mean_i - mean).square().sum(dim=0)
-    count = torch.full_like(mean, float(n_img * n))
-    return ChannelStats(count, mean, m2, low64.amin(dim=0), high64.amax(dim=0)), work
-
-
-def blocked_no_minmax(images: Tensor, work: Tensor | None = None) -> tuple[ChannelStats, Tensor]:
-    """``blocked`` without amin/amax: what min and max cost. NOT a drop-in (min/max are wrong)."""
-    return blocked(images, work, minmax=False)
-
-
-def five_passes_only(images: Tensor, work: Tensor | None = None, *, block_bytes: int = 2 << 20) -> tuple[ChannelStats, Tensor]:
+def five_passes_only(images: Tensor, work: Tensor | None = None, *, block_bytes: int = _BLOCK_BYTES) -> tuple[ChannelStats, Tensor]:
     """A lower bound, NOT an accumulator: only the five full passes an exact one needs, blocked
-    like ``blocked`` (centre subtracted into a scratch buffer, its sum, its norm, amin, amax),
+    like the library (centre subtracted into a scratch buffer, its sum, its norm, amin, amax),
     with no centre, no pooling and no float64 work. Its statistics are meaningless."""
     channels, height, width = images.shape[-3:]
     x = images.reshape(-1, channels, height * width)
@@ -269,8 +121,8 @@ def five_passes_only(images: Tensor, work: Tensor | None = None, *, block_bytes:
     return ChannelStats(z + 1, z, z, z, z), work
 
 
-VARIANTS = {"current": current, "lean": lean, "chunked": chunked, "blocked": blocked}
-EXTRA = {"chunked_plain": chunked_plain, "blocked_no_minmax": blocked_no_minmax, "five_passes_only": five_passes_only}
+VARIANTS = {"current": current, "lean": lean}
+EXTRA = {"five_passes_only": five_passes_only}
 
 
 # --- exactness -------------------------------------------------------------------------------

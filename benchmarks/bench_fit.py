@@ -14,7 +14,7 @@ Sections (``--sections``, default all):
     round; ratios to the floor are taken per round, then the median.
 ``accumulator``
     ``batch_stats`` alone on resident batches against ``x.sum()`` (1 and 2 threads), for the
-    library's version and the prototypes in ``accumulator_variants.py``.
+    library's version, an inexact prototype and a lower bound (``accumulator_variants.py``).
 ``rss``
     Peak RSS of a fit when the dataset grows 10x.
 ``defaults``
@@ -72,7 +72,7 @@ import accumulator_variants as variants  # noqa: E402
 _THREADS = torch.get_num_threads()  # the children get the default back (see _fork)
 READS = [0]  # samples read through __getitem__ in this process (the cache hit must read none)
 
-DEFAULT_BATCH_SIZE = getattr(_fitting, "DEFAULT_BATCH_SIZE", 64)
+ITEM_IMAGES = 64  # images per item of the "uint8 batches" workload
 
 
 def default_workers() -> int:
@@ -185,18 +185,18 @@ def workload_specs(args) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in specs.items() if k in args.workloads}
 
 
-def build(spec: dict[str, Any]) -> tuple[Dataset, bool, int]:
-    """``(dataset, mixed_sizes, batch_size)`` for a workload spec."""
+def build(spec: dict[str, Any]) -> tuple[Dataset, bool, int | None]:
+    """``(dataset, mixed_sizes, batch_size)`` for a workload spec; ``None``: the library's default."""
     kind = spec["kind"]
     if kind == "uint8":
-        return UInt8Images(spec["n"]), False, DEFAULT_BATCH_SIZE
+        return UInt8Images(spec["n"]), False, None
     if kind == "uint8_batches":
-        return UInt8Batches(spec["n"], per_item=DEFAULT_BATCH_SIZE), False, 1
+        return UInt8Batches(spec["n"], per_item=ITEM_IMAGES), False, 1
     if kind == "fakedata":
         px = spec["px"]
-        return CountingFakeData(size=spec["n"], image_size=(3, px, px), transform=ToTensor()), False, DEFAULT_BATCH_SIZE
+        return CountingFakeData(size=spec["n"], image_size=(3, px, px), transform=ToTensor()), False, None
     if kind == "folder":
-        return CountingImageFolder(spec["root"], transform=ToTensor()), True, DEFAULT_BATCH_SIZE
+        return CountingImageFolder(spec["root"], transform=ToTensor()), True, None
     raise ValueError(kind)
 
 
@@ -284,127 +284,23 @@ def _recipe_stack(ds, mixed, bs, nw):
     return mean.double(), std.double()
 
 
-def _stats_from_floats(count, mean, m2, low, high):
-    from torchnormfit.stats import ChannelStats
-
-    return ChannelStats(*(torch.tensor(v, dtype=torch.float64) for v in (count, mean, m2, low, high)))
-
-
-def _stats_as_floats(self):
-    """``ChannelStats.__reduce__`` for the "ipc" prototypes: Python floats instead of five tensors.
-
-    A tensor sent from a DataLoader worker travels through its own shared-memory segment and
-    file descriptor (~0.35 ms each here); five of them per batch cost more than the statistics.
-    float64 -> Python float is exact.
-    """
-    return (_stats_from_floats, tuple(getattr(self, f).tolist() for f in ("count", "mean", "m2", "min", "max")))
+def _fit(ds, mixed, bs, nw, cache=None):
+    norm = FitNormalize(cache=cache).fit(ds, batch_size=bs, num_workers=nw, progress=False)
+    return torch.tensor(norm.mean, dtype=torch.float64), torch.tensor(norm.std, dtype=torch.float64)
 
 
-_STACK_BUDGET = 8 << 20
-
-
-class NotApplicable(RuntimeError):
-    """A prototype that does not fit the checked-out library (its internals changed)."""
-
-
-def _reduce_in_chunks(original: Callable) -> Callable:
-    """``_Collate._reduce`` that stacks and reduces at most ~8 MiB of images at a time (prototype).
-
-    For a library that reduces in the workers: it stacks each shape group whole, so 64 images of
-    3x224x224 make a fresh 38 MB tensor per batch (page faults, and larger than the L3 cache)
-    before the statistics read it again.
-    """
-    def reduce(self, items):
-        if not getattr(self, "reduce", True) or len(items) <= 1:
-            return original(self, items)
-        first = items[0][1]
-        per = max(1, _STACK_BUDGET // max(1, first.numel() * first.element_size()))
-        if len(items) <= per:
-            return original(self, items)
-        parts = [original(self, items[i : i + per]) for i in range(0, len(items), per)]
-        failed = [part for part in parts if getattr(part, "failure", None) is not None]
-        if failed:
-            return failed[0]
-        stats = _part_stats(parts[0])
-        for part in parts[1:]:
-            stats = stats.merge(_part_stats(part))
-        batch = parts[0]
-        batch.num_samples = len(items)
-        if getattr(batch, "moments", None) is not None:  # statistics sent as floats (since 918e98e)
-            batch.moments = [value.tolist() for value in stats.to_dict().values()]
-        else:
-            batch.stats = stats
-        return batch
-    return reduce
-
-
-def _part_stats(batch):
-    from torchnormfit.stats import ChannelStats
-
-    if getattr(batch, "moments", None) is not None:
-        return ChannelStats(*(torch.tensor(v, dtype=torch.float64) for v in batch.moments))
-    return batch.stats
-
-
-def _use_batch_stats(fn: Callable) -> None:
-    """Make ``fn`` the accumulator everywhere the library looks it up (this process and its forks)."""
-    import inspect
-
-    from torchnormfit import accumulator as _accumulator
-
-    if "batch_stats(" not in inspect.getsource(_fitting) + inspect.getsource(_accumulator):
-        raise NotApplicable("prototype not applicable: the library no longer calls batch_stats")
-    _fitting.batch_stats = fn
-    _accumulator.batch_stats = fn
-
-
-def _fit_with(batch_stats_fn: Callable | None = None, floats_over_ipc: bool = False, stack_in_chunks: bool = False,
-              threads: int | None = None):
-    def run(ds, mixed, bs, nw, cache=None):
-        if threads is not None:
-            torch.set_num_threads(threads)  # the reduction in this process; workers use 1 anyway
-        if stack_in_chunks:
-            if not hasattr(_fitting._Collate, "_reduce"):
-                raise NotApplicable("prototype not applicable: the workers no longer reduce (no _Collate._reduce)")
-            _fitting._Collate._reduce = _reduce_in_chunks(_fitting._Collate._reduce)
-        if floats_over_ipc:
-            from torchnormfit.stats import ChannelStats
-
-            ChannelStats.__reduce__ = _stats_as_floats  # this process and the workers it forks only
-        if batch_stats_fn is not None:
-            _use_batch_stats(batch_stats_fn)
-        norm = FitNormalize(cache=cache).fit(ds, batch_size=bs, num_workers=nw, progress=False)
-        return torch.tensor(norm.mean, dtype=torch.float64), torch.tensor(norm.std, dtype=torch.float64)
-    return run
-
-
-METHODS: dict[str, Callable] = {
+METHODS: dict[str, Callable | None] = {
     "floor": _recipe_floor,
-    "fit": _fit_with(None),
-    "fit[blocked]": _fit_with(variants.blocked),
-    "fit[ipc]": _fit_with(None, floats_over_ipc=True),
-    "fit[ipc+blocked]": _fit_with(variants.blocked, floats_over_ipc=True),
-    "fit[ipc+blocked+8MB]": _fit_with(variants.blocked, floats_over_ipc=True, stack_in_chunks=True),
-    "fit[blocked+8MB]": _fit_with(variants.blocked, stack_in_chunks=True),
-    "fit[1thread]": _fit_with(None, threads=1),
-    "fit[blocked+1thread]": _fit_with(variants.blocked, threads=1),
+    "fit": _fit,
     "BatchNorm2d(0.1)": _recipe_bn,
     "forum mean/std": _recipe_forum,
     "stack+std_mean": _recipe_stack,
     "cache hit": None,  # special: see _measure_method
 }
-DEFAULT_METHODS = ["floor", "fit", "fit[blocked]", "fit[blocked+8MB]", "BatchNorm2d(0.1)", "forum mean/std",
-                   "stack+std_mean", "cache hit"]
+DEFAULT_METHODS = list(METHODS)
 METHOD_NOTES = {
     "floor": "plain DataLoader pass, no statistics",
     "fit": "FitNormalize(cache=None).fit, the library as checked out",
-    "fit[blocked]": "the same fit with accumulator_variants.blocked patched in (prototype)",
-    "fit[ipc]": "the same fit, workers sending the statistics as Python floats, not tensors (prototype)",
-    "fit[ipc+blocked]": "both prototypes",
-    "fit[ipc+blocked+8MB]": "both, and each batch stacked and reduced ~8 MiB at a time (prototype)",
-    "fit[blocked+8MB]": "blocked, and each batch stacked and reduced ~8 MiB at a time (prototype)",
-    "fit[1thread]": "the same fit with torch.set_num_threads(1) in the process that reduces",
-    "fit[blocked+1thread]": "both",
     "BatchNorm2d(0.1)": "BatchNorm2d(momentum=0.1) forward loop (train mode, no_grad)",
     "forum mean/std": "per-batch mean and std over (0,2,3), averaged over batches (per image when sizes differ)",
     "stack+std_mean": "all images stacked in memory, then torch.std_mean",
@@ -412,10 +308,18 @@ METHOD_NOTES = {
 }
 
 
+def library_batch_size(ds: Dataset) -> int:
+    """The batch size the fit picks for ``ds`` when given none (from its first image)."""
+    sample = ds[0]
+    return _fitting.default_batch_size(sample[0] if isinstance(sample, (tuple, list)) else sample)
+
+
 def _measure_method(method: str, spec: dict[str, Any], batch_size: int | None = None,
                     num_workers: int | None = None, cache: str | None = None) -> dict[str, Any]:
     ds, mixed, bs = build(spec)
     bs = bs if batch_size is None else batch_size
+    if bs is None and method not in ("fit", "populate", "cache hit"):
+        bs = library_batch_size(ds)  # the floor and the recipes load what the fit loads
     nw = default_workers() if num_workers is None else num_workers
     _reset_peak_rss()  # the peak counts from here: not the building of the dataset
     base_rss = _rss_now_mib()
@@ -425,12 +329,12 @@ def _measure_method(method: str, spec: dict[str, Any], batch_size: int | None = 
         norm = FitNormalize(cache=cache).fit(ds, batch_size=bs, num_workers=nw, progress=False)
         mean, std = torch.tensor(norm.mean, dtype=torch.float64), torch.tensor(norm.std, dtype=torch.float64)
     elif method == "populate":
-        mean, std = _fit_with(None)(ds, mixed, bs, nw, cache=cache)
+        mean, std = _fit(ds, mixed, bs, nw, cache=cache)
     else:
         mean, std = METHODS[method](ds, mixed, bs, nw)
     seconds, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
     out = {
-        "seconds": seconds, "cpu_s": cpu, "reads_in_main": READS[0], "base_rss_mib": base_rss,
+        "seconds": seconds, "cpu_s": cpu, "reads_in_main": READS[0], "base_rss_mib": base_rss, "batch_size": bs,
         "mean": None if mean is None else mean.tolist(), "std": None if std is None else std.tolist(),
     }
     return out
@@ -580,6 +484,7 @@ def section_fit(args, specs, tmp: Path, results: dict[str, Any]) -> None:
                 workers_peak_rss_mib=max(g["workers_peak_rss_mib"] for g in good),
                 runs=len(good),
                 reads_in_main=max(g["reads_in_main"] for g in good),
+                batch_size=good[0].get("batch_size"),
             )
             if "error" not in truth:
                 row["mean_err"] = _rel_err(good[0]["mean"], truth["mean"])
@@ -618,7 +523,7 @@ def _accumulator_child(rounds: int, names: list[str]) -> dict[str, Any]:
 
 def section_accumulator(args, results: dict[str, Any]) -> None:
     _log("[accumulator] exactness and speed ...")
-    names = ["current", "blocked"] if args.quick else ["current", "lean", "blocked", "blocked_no_minmax", "five_passes_only"]
+    names = ["current"] if args.quick else ["current", "lean", "five_passes_only"]
     results["accumulator"] = _fork(_accumulator_child, 3 if args.quick else 21, names)
 
 
@@ -641,41 +546,43 @@ def section_rss(args, results: dict[str, Any]) -> None:
 # --- section: defaults sweep -----------------------------------------------------------------
 
 def section_defaults(args, specs, results: dict[str, Any]) -> None:
-    d_bs, d_nw = DEFAULT_BATCH_SIZE, default_workers()
+    """``None`` batch size = the library's choice (``default_batch_size`` of the first image)."""
+    d_nw = default_workers()
+    default = (None, d_nw)
     if args.quick:
-        configs = [(d_bs, d_nw), (d_bs, 1)]
+        configs = [default, (64, d_nw)]
         names = [n for n in specs if n in ("uint8",)] or list(specs)[:1]
         rounds = 1
     else:
-        bss = [16, 32, 64, 128, 256]
-        nws = sorted({0, 1, 2, 3, 4, d_nw})
-        configs = [(b, d_nw) for b in bss] + [(d_bs, w) for w in nws if w != d_nw]
+        configs = [default] + [(b, d_nw) for b in (16, 32, 64, 128, 256)] + [
+            (None, w) for w in sorted({0, 1, 2, 3, 4}) if w != d_nw]
         names = [n for n in specs if n != "uint8 batches"]
         rounds = max(2, args.rounds - 2)
+    label = {c: f"{'auto' if c[0] is None else c[0]}x{c[1]}" for c in configs}
     table = []
     for name in names:
         spec = dict(specs[name])
         if spec["kind"] == "fakedata" and not args.quick:
             spec["n"] = max(16, spec["n"] // 2)  # half the images: the sweep has many points
-        times: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
+        times: dict[tuple[int | None, int], list[float]] = {c: [] for c in configs}
         for r in range(rounds):
             order = configs[r % len(configs):] + configs[: r % len(configs)]
             for bs, nw in order:
-                res = _fork(_measure_method, args.defaults_method, spec, batch_size=bs, num_workers=nw)
+                res = _fork(_measure_method, "fit", spec, batch_size=bs, num_workers=nw)
                 if "seconds" in res:
                     times[(bs, nw)].append(res["seconds"])
-                _log(f"[defaults] {name} batch_size={bs} num_workers={nw}: "
+                _log(f"[defaults] {name} {label[(bs, nw)]}: "
                      + (f"{res['seconds']:.3f} s" if "seconds" in res else res["error"].strip().splitlines()[-1]))
         med = {c: statistics.median(v) for c, v in times.items() if v}
         if not med:
             continue
         best = min(med, key=med.get)
         table.append({
-            "workload": name, "n": spec["n"], "times": {f"{b}x{w}": t for (b, w), t in med.items()},
-            "best": f"batch_size={best[0]}, num_workers={best[1]}", "best_s": med[best],
-            "default_s": med.get((d_bs, d_nw)), "default_over_best": med.get((d_bs, d_nw), float("nan")) / med[best],
+            "workload": name, "n": spec["n"], "times": {label[c]: t for c, t in med.items()},
+            "best": f"batch_size={label[best].split('x')[0]}, num_workers={best[1]}", "best_s": med[best],
+            "default_s": med.get(default), "default_over_best": med.get(default, float("nan")) / med[best],
         })
-    results["defaults"] = {"table": table, "default": f"batch_size={d_bs}, num_workers={d_nw}", "method": args.defaults_method}
+    results["defaults"] = {"table": table, "default": f"batch_size=auto (about 16 MiB of images), num_workers={d_nw}"}
 
 
 # --- section: ranks --------------------------------------------------------------------------
@@ -765,7 +672,7 @@ def machine() -> dict[str, Any]:
         "cpu": cpu, "cpus": len(os.sched_getaffinity(0)), "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "python": platform.python_version(), "torch": torch.__version__,
         "torchvision": __import__("torchvision").__version__, "torchnormfit": getattr(torchnormfit, "__version__", "?"),
-        "git": rev, "torch_threads": _THREADS, "default_batch_size": DEFAULT_BATCH_SIZE,
+        "git": rev, "torch_threads": _THREADS,
         "default_num_workers": default_workers(),
     }
 
@@ -783,8 +690,11 @@ def report(results: dict[str, Any]) -> tuple[str, list[tuple[str, bool | None, s
     la = results["load"]
     lines.append(f"- load average (1/5/15 min) at start {la['start']}, at end {la['end']}; "
                  f"wall time of the run {results['wall_s'] / 60:.1f} min")
-    lines.append(f"- loader settings everywhere: batch_size={m['default_batch_size']}, num_workers={m['default_num_workers']} "
-                 "(the library defaults; 1 item per batch on 'uint8 batches')")
+    floors = [r for r in (results.get("fit") or {}).get("table", []) if r["method"] == "floor" and "batch_size" in r]
+    sizes = ", ".join(f"{r['workload']} {r['batch_size']}" for r in floors)
+    lines.append(f"- loader settings everywhere: the library defaults, num_workers={m['default_num_workers']} and the "
+                 f"batch_size it picks from the first image ({sizes or 'see the table'}; on 'uint8 batches' one item "
+                 f"holds {ITEM_IMAGES} images and batch_size=1)")
     lines.append("")
 
     fit = results.get("fit")
@@ -823,10 +733,6 @@ def report(results: dict[str, Any]) -> tuple[str, list[tuple[str, bool | None, s
             r = by.get((name, "fit"))
             if r and r.get("ratio") is not None:
                 note = f"fit {r['ratio']:.3f}x floor (cpu {r['cpu_ratio']:.2f}x)"
-                for proto in [m for (w, m) in by if w == name and m.startswith("fit[")]:
-                    rb = by.get((name, proto), {})
-                    if rb.get("ratio") is not None:
-                        note += f"; {proto} {rb['ratio']:.3f}x (cpu {rb['cpu_ratio']:.2f}x)"
                 targets.append((f"fit <= {limit}x floor on {name}", r["ratio"] <= limit, note))
         exact_limit = 1e-6
         for name in fit["specs"]:
@@ -878,21 +784,13 @@ def report(results: dict[str, Any]) -> tuple[str, list[tuple[str, bool | None, s
             for shape, t, name, ratio, ms, sms in acc["speed"]:
                 e = ex.get(name, {})
                 err, exact = f"{e.get('err', float('nan')):.1e}", "yes" if e.get("exact") else "NO"
-                if name in ("blocked_no_minmax", "five_passes_only"):
+                if name in variants.EXTRA:
                     err, exact = "n/a", "not an accumulator (lower bound)"
                 lines.append(f"| {shape} | {t} | {name} | {ratio:.2f} | {ms:.3f} | {sms:.3f} | {err} | {exact} |")
                 if name == "current":
                     limit = variants.TARGETS[shape]
                     targets.append((f"accumulator <= {limit:g}x x.sum() on {shape}, {t} thread(s)", ratio <= limit,
                                     f"{ratio:.2f}x"))
-            best = {}
-            for shape, t, name, ratio, ms, sms in acc["speed"]:
-                if name != "blocked":
-                    continue
-                best[(shape, t)] = ratio
-            if best:
-                targets.append(("(prototype) blocked accumulator, same targets", all(best[k] <= variants.TARGETS[k[0]] for k in best),
-                                ", ".join(f"{s} {t}t {r:.2f}x" for (s, t), r in best.items())))
         lines.append("")
 
     rss = results.get("rss")
@@ -970,11 +868,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sections", default="fit,accumulator,rss,defaults,ranks")
     p.add_argument("--workloads", default="uint8,uint8 batches,FakeData,ImageFolder")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated, from: {', '.join(METHODS)} (ipc: adopted in 918e98e, a no-op since; "
-                        "8MB: only for a library that reduces in the workers; 1thread: only where the main "
-                        "process reduces)")
-    p.add_argument("--defaults-method", default="fit", choices=[m for m in METHODS if m.startswith("fit")],
-                   help="what the defaults section sweeps (default: the library's fit)")
+                   help=f"comma-separated, from: {', '.join(METHODS)}")
     p.add_argument("--json", type=Path, help="also write every measurement here")
     p.add_argument("--markdown", type=Path, help="also write the report here")
     p.add_argument("--tmpdir", type=Path, help="where the image folder and cache files go (default: a new temp dir)")
