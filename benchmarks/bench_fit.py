@@ -582,7 +582,7 @@ def section_defaults(args, specs, results: dict[str, Any]) -> None:
             "best": f"batch_size={label[best].split('x')[0]}, num_workers={best[1]}", "best_s": med[best],
             "default_s": med.get(default), "default_over_best": med.get(default, float("nan")) / med[best],
         })
-    results["defaults"] = {"table": table, "default": f"batch_size=auto (about 16 MiB of images), num_workers={d_nw}"}
+    results["defaults"] = {"table": table, "default": f"batch_size=auto (64 MiB of images), num_workers={d_nw}"}
 
 
 # --- section: ranks --------------------------------------------------------------------------

@@ -98,13 +98,14 @@ def test_worker_processes_give_the_same_exact_result(context):
 
 
 @pytest.mark.parametrize(("shape", "dtype", "expected"), [
-    ((3, 32, 32), torch.float32, 256),  # small images: the largest batches
-    ((3, 224, 224), torch.float32, 27),  # ~16 MiB of images
-    ((3, 224, 224), torch.float16, 55),
-    ((3, 2048, 2048), torch.float32, 16),  # large images: never fewer than 16
+    ((3, 32, 32), torch.float32, 256),  # small images: at most 256
+    ((3, 224, 224), torch.float32, 111),  # 64 MiB of images
+    ((3, 224, 224), torch.float16, 222),
+    ((3, 1024, 1024), torch.float32, 5),
+    ((3, 4096, 4096), torch.float32, 1),  # one image is more than 64 MiB: one at a time
     ((1, 1, 1), torch.float64, 256),
 ])
-def test_default_batch_size_holds_about_16_mib_of_images(shape, dtype, expected):
+def test_default_batch_size_holds_64_mib_of_images(shape, dtype, expected):
     assert default_batch_size(torch.empty(shape, dtype=dtype)) == expected
 
 

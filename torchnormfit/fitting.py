@@ -31,8 +31,8 @@ __all__ = ["fit_stats", "tensor_stats", "find_image", "default_num_workers", "de
 logger = logging.getLogger("torchnormfit")
 
 DEFAULT_BATCH_SIZE = 64  # when the first sample is not an image tensor (and for sampling's groups)
-_BATCH_BYTES = 16 << 20  # see default_batch_size
-_MIN_BATCH_SIZE, _MAX_BATCH_SIZE = 16, 256
+_BATCH_BYTES = 64 << 20  # see default_batch_size
+_MAX_BATCH_SIZE = 256
 _STACK_BYTES = 8 << 20  # images stacked and reduced at a time in a worker
 _LOOKS_0_255 = 1.5
 TO_FLOAT_FIX = "Add ToTensor() or v2.ToDtype(torch.float32, scale=True) before it."
@@ -48,14 +48,14 @@ def default_num_workers() -> int:
 
 
 def default_batch_size(image: Tensor) -> int:
-    """Images per batch when ``batch_size`` is not given: about 16 MiB of images like ``image``, 16 to 256.
+    """Images per batch when ``batch_size`` is not given: 64 MiB of images like ``image``, 1 to 256.
 
     Measured on 2 cores (benchmarks/README.md): small images want large batches
-    (a fixed cost per batch; 256 for 3x32x32), large ones smaller batches (each
-    worker holds a whole batch; 27 for 3x224x224).
+    (a fixed cost per batch: 256 for 3x32x32), large ones fewer (each worker
+    holds a whole batch: 111 for 3x224x224, 5 for 3x1024x1024).
     """
     image_bytes = max(1, image.numel() * image.element_size())
-    return min(_MAX_BATCH_SIZE, max(_MIN_BATCH_SIZE, _BATCH_BYTES // image_bytes))
+    return min(_MAX_BATCH_SIZE, max(1, _BATCH_BYTES // image_bytes))
 
 
 def find_image(sample: Any) -> Any:
