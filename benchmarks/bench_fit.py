@@ -308,19 +308,20 @@ METHOD_NOTES = {
 }
 
 
-def library_batch_size(ds: Dataset) -> int:
-    """The batch size the fit picks for ``ds`` when given none (from its first image)."""
+def library_batch_size(ds: Dataset, num_workers: int) -> int:
+    """The batch size the fit picks for ``ds`` when given none (from its first image and length)."""
     sample = ds[0]
-    return _fitting.default_batch_size(sample[0] if isinstance(sample, (tuple, list)) else sample)
+    image = sample[0] if isinstance(sample, (tuple, list)) else sample
+    return _fitting.default_batch_size(image, len(ds) - 1, num_workers)  # the fit reads the first sample alone
 
 
 def _measure_method(method: str, spec: dict[str, Any], batch_size: int | None = None,
                     num_workers: int | None = None, cache: str | None = None) -> dict[str, Any]:
     ds, mixed, bs = build(spec)
     bs = bs if batch_size is None else batch_size
-    if bs is None and method not in ("fit", "populate", "cache hit"):
-        bs = library_batch_size(ds)  # the floor and the recipes load what the fit loads
     nw = default_workers() if num_workers is None else num_workers
+    if bs is None and method not in ("fit", "populate", "cache hit"):
+        bs = library_batch_size(ds, nw)  # the floor and the recipes load what the fit loads
     _reset_peak_rss()  # the peak counts from here: not the building of the dataset
     base_rss = _rss_now_mib()
     READS[0] = 0
@@ -582,7 +583,7 @@ def section_defaults(args, specs, results: dict[str, Any]) -> None:
             "best": f"batch_size={label[best].split('x')[0]}, num_workers={best[1]}", "best_s": med[best],
             "default_s": med.get(default), "default_over_best": med.get(default, float("nan")) / med[best],
         })
-    results["defaults"] = {"table": table, "default": f"batch_size=auto (64 MiB of images), num_workers={d_nw}"}
+    results["defaults"] = {"table": table, "default": f"batch_size=auto (64 MiB of images, >= 16 batches per worker), num_workers={d_nw}"}
 
 
 # --- section: ranks --------------------------------------------------------------------------

@@ -107,6 +107,19 @@ def test_worker_processes_give_the_same_exact_result(context):
 ])
 def test_default_batch_size_holds_64_mib_of_images(shape, dtype, expected):
     assert default_batch_size(torch.empty(shape, dtype=dtype)) == expected
+    assert default_batch_size(torch.empty(shape, dtype=dtype), num_samples=100_000, num_workers=8) == expected
+
+
+@pytest.mark.parametrize(("num_samples", "num_workers", "expected"), [
+    (1000, 2, 32),  # 16 batches per worker
+    (1001, 2, 32),  # rounded up
+    (1000, 0, 63),  # the main process counts as one worker
+    (10, 4, 1),
+    (50_000, 2, 111),  # enough samples: the size decides
+])
+def test_default_batch_size_gives_each_worker_16_batches(num_samples, num_workers, expected):
+    image = torch.empty(3, 224, 224)
+    assert default_batch_size(image, num_samples=num_samples, num_workers=num_workers) == expected
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -151,7 +151,8 @@ def _add_fit(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
     pipeline.add_argument("--center-crop", type=_integer(1), metavar="N", help="CenterCrop(N) after the resize")
     run = fit.add_argument_group("run")
     run.add_argument("--batch-size", type=_integer(1), metavar="N",
-                     help="images per batch (default: 64 MiB of images, 1 to 256); never changes the result")
+                     help="images per batch (default: 64 MiB of images, 1 to 256, at least 16 batches per worker); "
+                          "never changes the result")
     run.add_argument("--workers", type=_integer(0), metavar="N",
                      help="DataLoader worker processes (default: usable CPUs, at most 8)")
     run.add_argument("--key", help="cache entry name; an entry of that name is used as it is (default: a fingerprint "

@@ -33,6 +33,7 @@ logger = logging.getLogger("torchnormfit")
 DEFAULT_BATCH_SIZE = 64  # when the first sample is not an image tensor (and for sampling's groups)
 _BATCH_BYTES = 64 << 20  # see default_batch_size
 _MAX_BATCH_SIZE = 256
+_BATCHES_PER_WORKER = 16
 _STACK_BYTES = 8 << 20  # images stacked and reduced at a time in a worker
 _LOOKS_0_255 = 1.5
 TO_FLOAT_FIX = "Add ToTensor() or v2.ToDtype(torch.float32, scale=True) before it."
@@ -47,15 +48,19 @@ def default_num_workers() -> int:
     return min(8, cpus)
 
 
-def default_batch_size(image: Tensor) -> int:
-    """Images per batch when ``batch_size`` is not given: 64 MiB of images like ``image``, 1 to 256.
+def default_batch_size(image: Tensor, num_samples: int | None = None, num_workers: int = 0) -> int:
+    """Images per batch when ``batch_size`` is not given, from one image of the dataset.
 
-    Measured on 2 cores (benchmarks/README.md): small images want large batches
-    (a fixed cost per batch: 256 for 3x32x32), large ones fewer (each worker
-    holds a whole batch: 111 for 3x224x224, 5 for 3x1024x1024).
+    64 MiB of images like ``image``, at most 256: small images want large
+    batches (a fixed cost per batch: 256 for 3x32x32), large ones fewer (each
+    worker holds a whole batch: 111 for 3x224x224, 5 for 3x1024x1024). And
+    small enough that each worker gets 16 batches of the ``num_samples``, so
+    that no worker idles long over the last ones. Measured on 2 cores: see
+    benchmarks/README.md.
     """
-    image_bytes = max(1, image.numel() * image.element_size())
-    return min(_MAX_BATCH_SIZE, max(1, _BATCH_BYTES // image_bytes))
+    by_size = _BATCH_BYTES // max(1, image.numel() * image.element_size())
+    by_count = -(-num_samples // (_BATCHES_PER_WORKER * max(1, num_workers))) if num_samples else _MAX_BATCH_SIZE
+    return max(1, min(_MAX_BATCH_SIZE, by_size, by_count))
 
 
 def find_image(sample: Any) -> Any:
@@ -441,7 +446,7 @@ def _loader(
     probed: list[_Batch] = []
     if batch_size is None and len(indices) > 0:
         index, item = reader[indices[0]]
-        batch_size = default_batch_size(item) if isinstance(item, Tensor) else DEFAULT_BATCH_SIZE
+        batch_size = default_batch_size(item, len(indices), num_workers) if isinstance(item, Tensor) else DEFAULT_BATCH_SIZE
         probed, indices = [collate([(index, item)])], indices[1:]
     loader = DataLoader(
         Subset(reader, indices),

@@ -245,8 +245,8 @@ class FitNormalize(v2.Normalize):
             through during the pass, and what reaches it is measured.
         batch_size, num_workers : int, optional
             DataLoader settings. They change speed, never the result. Default:
-            64 MiB of images per batch, judged by the first sample (1 to 256
-            images), and the usable CPUs, at most 8.
+            64 MiB of images per batch judged by the first sample, 1 to 256
+            images, and at least 16 batches per worker; the usable CPUs, at most 8.
         progress : bool, optional
             tqdm progress bar; default on where stderr is a terminal.
         refit : bool
