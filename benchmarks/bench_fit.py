@@ -531,15 +531,22 @@ def section_accumulator(args, results: dict[str, Any]) -> None:
 # --- section: RSS growth ---------------------------------------------------------------------
 
 def section_rss(args, results: dict[str, Any]) -> None:
+    """Peak RSS of the fit at n and 10n images, with a fixed batch size and with the default.
+
+    The default batch size grows with the dataset until it holds 64 MiB of images (or 256), so
+    the default rows start where it has reached that cap for 224 px images (16 batches per worker).
+    """
     n0 = max(16, int((24 if args.quick else 300) * args.scale))
     px = 64 if args.quick else 224
-    rows = []
     n_u8 = max(256, int((500 if args.quick else 5_000) * args.scale))
-    for kind, n in (("fakedata", n0), ("fakedata", 10 * n0), ("uint8", n_u8), ("uint8", 10 * n_u8)):
+    plan = [("fakedata", n0, 64), ("fakedata", 10 * n0, 64), ("fakedata", 10 * n0, None), ("fakedata", 100 * n0, None),
+            ("uint8", n_u8, None), ("uint8", 10 * n_u8, None)]
+    rows = []
+    for kind, n, bs in plan:
         spec = {"kind": kind, "n": n, "px": px}
-        _log(f"[rss] fit on {kind} n={n} ...")
-        res = _fork(_measure_method, "fit", spec)
-        res.update(kind=kind, n=n)
+        _log(f"[rss] fit on {kind} n={n} batch_size={bs or 'auto'} ...")
+        res = _fork(_measure_method, "fit", spec, batch_size=bs)
+        res.update(kind=kind, n=n, fixed_batch_size=bs)
         rows.append(res)
     results["rss"] = rows
 
@@ -798,22 +805,26 @@ def report(results: dict[str, Any]) -> tuple[str, list[tuple[str, bool | None, s
     if rss:
         lines.append("## Peak RSS when the dataset grows 10x")
         lines.append("")
-        lines.append("| dataset | images | time s | peak RSS MiB | base RSS MiB | peak - base MiB | worker peak RSS MiB |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|")
+        lines.append("| dataset | images | batch_size | time s | peak RSS MiB | base RSS MiB | peak - base MiB | worker peak RSS MiB |")
+        lines.append("|---|---:|---|---:|---:|---:|---:|---:|")
         for row in rss:
+            bs = row.get("fixed_batch_size") or "auto"
             if "error" in row:
-                lines.append(f"| {row['kind']} | {row['n']} | failed | | | | |")
+                lines.append(f"| {row['kind']} | {row['n']} | {bs} | failed | | | | |")
                 continue
-            lines.append(f"| {row['kind']} | {row['n']:,} | {row['seconds']:.2f} | {row['peak_rss_mib']:.0f} | {row['base_rss_mib']:.0f} | "
-                         f"{row['peak_rss_mib'] - row['base_rss_mib']:.0f} | {row['workers_peak_rss_mib']:.0f} |")
+            lines.append(f"| {row['kind']} | {row['n']:,} | {bs} | {row['seconds']:.2f} | {row['peak_rss_mib']:.0f} | "
+                         f"{row['base_rss_mib']:.0f} | {row['peak_rss_mib'] - row['base_rss_mib']:.0f} | "
+                         f"{row['workers_peak_rss_mib']:.0f} |")
         lines.append("")
         ok = [r for r in rss if "error" not in r]
-        fake = [r for r in ok if r["kind"] == "fakedata"]
-        if len(fake) == 2:
-            g_main = fake[1]["peak_rss_mib"] / fake[0]["peak_rss_mib"] - 1
-            g_work = fake[1]["workers_peak_rss_mib"] / fake[0]["workers_peak_rss_mib"] - 1
-            targets.append(("peak RSS grows < 10% for 10x data (FakeData)", max(g_main, g_work) < 0.10,
-                            f"main {g_main * 100:+.1f}%, workers {g_work * 100:+.1f}%"))
+        for bs in (64, None):
+            fake = [r for r in ok if r["kind"] == "fakedata" and r.get("fixed_batch_size") == bs]
+            if len(fake) == 2:
+                g_main = fake[1]["peak_rss_mib"] / fake[0]["peak_rss_mib"] - 1
+                g_work = fake[1]["workers_peak_rss_mib"] / fake[0]["workers_peak_rss_mib"] - 1
+                targets.append((f"peak RSS grows < 10% for 10x data (FakeData {fake[0]['n']:,} -> {fake[1]['n']:,}, "
+                                f"batch_size={bs or 'auto'})", max(g_main, g_work) < 0.10,
+                                f"main {g_main * 100:+.1f}%, workers {g_work * 100:+.1f}%"))
         u8 = [r for r in ok if r["kind"] == "uint8"]
         if len(u8) == 2:
             d0 = u8[0]["peak_rss_mib"] - u8[0]["base_rss_mib"]
