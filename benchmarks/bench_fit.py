@@ -12,6 +12,8 @@ Sections (``--sections``, default all):
     Workloads x methods. Every measurement runs in a fresh process forked from this one
     (so its peak RSS is its own), rounds are interleaved and the method order rotates each
     round; ratios to the floor are taken per round, then the median.
+``hit``
+    What a cache hit costs, part by part, in fresh processes.
 ``accumulator``
     ``batch_stats`` alone on resident batches against ``x.sum()`` (1 and 2 threads), for the
     library's version, an inexact prototype and a lower bound (``accumulator_variants.py``).
@@ -400,13 +402,14 @@ def _child_main(conn, fn, args, kwargs):
         conn.close()
 
 
-def _fork(fn: Callable, *args, timeout: float = 1800, **kwargs) -> dict[str, Any]:
-    """Run ``fn`` in a fresh forked process; return its result, or ``{"error": ...}``.
+def _fork(fn: Callable, *args, timeout: float = 1800, start: str = "fork", **kwargs) -> dict[str, Any]:
+    """Run ``fn`` in a fresh process, forked (or a new interpreter: ``start="spawn"``); return its
+    result, or ``{"error": ...}``.
 
     This process never runs a multi-threaded torch kernel (its thread count is 1), so forking
     is safe; the child gets the default thread count back.
     """
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context(start)
     parent_end, child_end = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child_main, args=(child_end, fn, args, kwargs))
     proc.start()
@@ -505,6 +508,55 @@ def _mem_available_mib() -> float:
 def _stack_bytes(spec: dict[str, Any], truth: dict[str, Any]) -> float:
     pixels = truth.get("pixels", 0) if isinstance(truth, dict) else 0
     return pixels * 3 * 4 * 2.2  # the batches, the concatenation, and slack
+
+
+# --- section: what a cache hit costs -------------------------------------------------------
+
+def _populate(spec: dict[str, Any], cache: str) -> dict[str, Any]:
+    ds, _, bs = build(spec)
+    norm = FitNormalize(cache=cache).fit(ds, batch_size=bs, num_workers=default_workers(), progress=False)
+    return {"key": norm.cache_key}
+
+
+def _hit_parts(spec: dict[str, Any], cache: str, key: str) -> dict[str, Any]:
+    """In a fresh interpreter: a whole ``fit()`` that hits, then its parts again: the key, two reads."""
+    from torchnormfit.cache import read_entry
+    from torchnormfit.fingerprint import fingerprint
+
+    ds, _, bs = build(spec)
+    clock = time.perf_counter
+    t0 = clock()
+    norm = FitNormalize(cache=cache).fit(ds, batch_size=bs, num_workers=default_workers(), progress=False)
+    t1 = clock()
+    if norm.cache_key != key:
+        raise RuntimeError(f"the hit used {norm.cache_key!r}, not the entry {key!r} just written")
+    fingerprint(ds, FitNormalize(cache=None), {})  # what fit() computes first (the settings cost nothing)
+    t2 = clock()
+    read_entry(cache, key)
+    t3 = clock()
+    read_entry(cache, key)
+    t4 = clock()
+    return {"hit_ms": (t1 - t0) * 1e3, "key_ms": (t2 - t1) * 1e3, "read_ms": (t3 - t2) * 1e3,
+            "read_again_ms": (t4 - t3) * 1e3, "reads_in_main": READS[0]}
+
+
+def section_hit(args, specs, tmp: Path, results: dict[str, Any]) -> None:
+    rows = []
+    for name, spec in specs.items():
+        cache = str(tmp / f"hit-{spec['kind']}.h5")
+        # A new interpreter (spawn), as in a user's next run: in a fork of this process the first touches
+        # of shared pages cost copy-on-write faults (~10 ms more). It writes the entry too: the key
+        # names the dataset class by its module, which is __mp_main__ there.
+        populated = _fork(_populate, spec, cache, start="spawn")
+        if "error" in populated:
+            _log(populated["error"])
+            continue
+        runs = [_fork(_hit_parts, spec, cache, populated["key"], start="spawn") for _ in range(1 if args.quick else 5)]
+        good = [r for r in runs if "error" not in r]
+        _log(f"[hit] {name}: " + (f"{len(good)} runs" if good else runs[0]["error"].strip().splitlines()[-1]))
+        if good:
+            rows.append({"workload": name, **{k: statistics.median(r[k] for r in good) for k in good[0]}})
+    results["hit"] = rows
 
 
 # --- section: accumulator alone --------------------------------------------------------------
@@ -767,10 +819,37 @@ def report(results: dict[str, Any]) -> tuple[str, list[tuple[str, bool | None, s
             hit = by.get((smallest["workload"], "cache hit"))
             if hit and "seconds" in hit:
                 speedup = smallest["seconds"] / hit["seconds"]
-                targets.append((f"cache hit >= 100x faster than the fit on the smallest workload ({smallest['workload']})",
+                targets.append((f"cache hit in a fork of the benchmark >= 100x faster than the fastest fit ({smallest['workload']})",
                                 speedup >= 100 and hit["reads_in_main"] == 0,
                                 f"{smallest['seconds']:.3f} s / {hit['seconds'] * 1e3:.1f} ms = {speedup:.0f}x; "
                                 f"samples read by the hit: {hit['reads_in_main']}"))
+
+    hit = results.get("hit")
+    if hit:
+        lines.append("## What a cache hit costs")
+        lines.append("")
+        lines.append("Each in a new interpreter (`spawn`, as in a user's next run; median of 5): a whole `fit()` that "
+                     "hits, then its parts again: the cache key (fingerprint) and two validated reads of the entry "
+                     "(`cache.read_entry`). The 'cache hit' rows above are measured in forks of the benchmark, where "
+                     "the first touches of shared pages cost copy-on-write faults.")
+        lines.append("")
+        lines.append("| workload | whole hit ms | key ms | read ms | read again ms | samples read |")
+        lines.append("|---|---:|---:|---:|---:|---:|")
+        for row in hit:
+            lines.append(f"| {row['workload']} | {row['hit_ms']:.1f} | {row['key_ms']:.1f} | {row['read_ms']:.1f} | "
+                         f"{row['read_again_ms']:.1f} | {row['reads_in_main']:.0f} |")
+        lines.append("")
+        fits = [r for r in (results.get("fit") or {}).get("table", []) if r["method"] == "fit" and "seconds" in r]
+        by_hit = {row["workload"]: row for row in hit}
+        if fits:
+            fastest = min(fits, key=lambda r: r["seconds"])
+            row = by_hit.get(fastest["workload"])
+            if row:
+                speedup = fastest["seconds"] * 1e3 / row["hit_ms"]
+                targets.append((f"cache hit in a new interpreter >= 100x faster than the fastest fit ({fastest['workload']})",
+                                speedup >= 100 and row["reads_in_main"] == 0,
+                                f"{fastest['seconds']:.3f} s / {row['hit_ms']:.1f} ms = {speedup:.0f}x; samples read: "
+                                f"{row['reads_in_main']:.0f}"))
 
     acc = results.get("accumulator")
     if acc:
@@ -877,7 +956,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small sizes, one round: about a minute")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every workload size by this")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per measurement (default 5, quick 1)")
-    p.add_argument("--sections", default="fit,accumulator,rss,defaults,ranks")
+    p.add_argument("--sections", default="fit,hit,accumulator,rss,defaults,ranks")
     p.add_argument("--workloads", default="uint8,uint8 batches,FakeData,ImageFolder")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated, from: {', '.join(METHODS)}")
@@ -911,6 +990,7 @@ def main(argv: list[str] | None = None) -> int:
             spec.update(write_image_folder(Path(spec["root"]), spec["n"], spec["sizes"]))
         sections = {
             "fit": lambda: section_fit(args, specs, tmp, results),
+            "hit": lambda: section_hit(args, specs, tmp, results),
             "accumulator": lambda: section_accumulator(args, results),
             "rss": lambda: section_rss(args, results),
             "defaults": lambda: section_defaults(args, specs, results),

@@ -31,8 +31,9 @@ def quick_run(tmp_path_factory):
 
 def test_prints_every_table(quick_run):
     out, _ = quick_run
-    for heading in ("## Fit pass vs. floor and recipes", "## The accumulator alone", "## Peak RSS when the dataset grows 10x",
-                    "## Defaults: batch_size x num_workers", "## 1 vs 2 torch.distributed ranks", "## Targets (issue 4)"):
+    for heading in ("## Fit pass vs. floor and recipes", "## What a cache hit costs", "## The accumulator alone",
+                    "## Peak RSS when the dataset grows 10x", "## Defaults: batch_size x num_workers",
+                    "## 1 vs 2 torch.distributed ranks", "## Targets (issue 4)"):
         assert heading in out
     assert "| workload | method | time s | x floor |" in out
     for workload in ("uint8", "uint8 batches", "FakeData", "ImageFolder"):
@@ -59,3 +60,5 @@ def test_every_measurement_succeeded_and_the_fit_is_exact(quick_run):
     assert not [row for row in results["rss"] if "error" in row]
     assert results["ranks"].get("same_on_all_ranks") is True
     assert results["defaults"]["table"]
+    assert [row["workload"] for row in results["hit"]] == list(results["fit"]["specs"])
+    assert all(row["reads_in_main"] == 0 for row in results["hit"])
