@@ -143,6 +143,20 @@ def test_batches_larger_than_the_stacking_budget_stay_exact():
     assert norm.stats.max.tolist() == images.amax(dim=(0, 2, 3)).double().tolist()
 
 
+def test_images_that_require_grad_are_measured_as_values():
+    images = torch.rand(10, 3, 8, 8, requires_grad=True)
+
+    class Grad(Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, index):
+            return images[index] * 1.0  # part of a graph
+
+    norm = fit(Grad(), batch_size=4)
+    assert_exact(norm, list(images.detach()))
+
+
 def test_the_pass_leaves_the_thread_count_alone(tmp_path):
     """The reduction runs on one thread; the user's transforms and the caller keep their thread count."""
     seen = []

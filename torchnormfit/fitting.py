@@ -270,7 +270,7 @@ class _Collate:
 
     def _piece_stats(self, piece: list[tuple[int, Tensor]]) -> ChannelStats:
         """Statistics of images of one shape, stacked into the reused buffer."""
-        images = [image for _, image in piece]
+        images = [image.detach() for _, image in piece]  # stack(out=) refuses tensors that require grad
         numel = len(images) * images[0].numel()
         self._stacked = reuse_buffer(self._stacked, numel, images[0])
         stacked = torch.stack(images, out=self._stacked[:numel].view(len(images), *images[0].shape))
