@@ -979,12 +979,19 @@ def _try_setuid() -> None:
     os.setuid(65534)
 
 
-def test_read_only_directory_is_an_oserror_and_the_old_file_is_intact(shared_folder):
+@pytest.fixture
+def old_cache(shared_folder):
+    """``stats.h5`` holding the entry "old", alone in a folder an unprivileged user can reach."""
     _check_can_drop_privileges()
-    folder = shared_folder / "ro"
+    folder = shared_folder / "cache"
     folder.mkdir()
     path = folder / "stats.h5"
     write_entry(path, "old", make_stats(0), {})
+    return path
+
+
+def test_read_only_directory_is_an_oserror_and_the_old_file_is_intact(old_cache):
+    path, folder = old_cache, old_cache.parent
     before = path.read_bytes()
     os.chmod(folder, 0o555)
     assert _unprivileged(_expect_permission_error, str(path)) == 0
@@ -992,12 +999,8 @@ def test_read_only_directory_is_an_oserror_and_the_old_file_is_intact(shared_fol
     assert temp_files(folder) == [] and list(valid_entries(path)) == ["old"]
 
 
-def test_read_only_file_is_not_replaced(shared_folder):
-    _check_can_drop_privileges()
-    folder = shared_folder / "rw"
-    folder.mkdir()
-    path = folder / "stats.h5"
-    write_entry(path, "old", make_stats(0), {})
+def test_read_only_file_is_not_replaced(old_cache):
+    path, folder = old_cache, old_cache.parent
     before = path.read_bytes()
     if os.geteuid() == 0:
         os.chown(folder, 65534, 65534)
@@ -1026,13 +1029,9 @@ def _expect_unreadable(path: str) -> None:
     os._exit(0)
 
 
-def test_file_without_read_permission_is_not_taken_for_a_corrupt_one(shared_folder):
+def test_file_without_read_permission_is_not_taken_for_a_corrupt_one(old_cache):
     """Another user's private cache is refused, never moved aside as if it were damaged."""
-    _check_can_drop_privileges()
-    folder = shared_folder / "private"
-    folder.mkdir()
-    path = folder / "stats.h5"
-    write_entry(path, "old", make_stats(0), {})
+    path, folder = old_cache, old_cache.parent
     before = path.read_bytes()
     os.chmod(folder, 0o777)
     os.chmod(path, 0o600 if os.geteuid() == 0 else 0o200)
