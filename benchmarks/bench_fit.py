@@ -314,7 +314,7 @@ def library_batch_size(ds: Dataset, num_workers: int) -> int:
     """The batch size the fit picks for ``ds`` when given none (from its first image and length)."""
     sample = ds[0]
     image = sample[0] if isinstance(sample, (tuple, list)) else sample
-    return _fitting.default_batch_size(image, len(ds) - 1, num_workers)  # the fit reads the first sample alone
+    return _fitting.default_batch_size(image, len(ds), num_workers)
 
 
 def _measure_method(method: str, spec: dict[str, Any], batch_size: int | None = None,
