@@ -448,6 +448,8 @@ def _loader(
         index, item = reader[indices[0]]
         batch_size = default_batch_size(item, len(indices), num_workers) if isinstance(item, Tensor) else DEFAULT_BATCH_SIZE
         probed, indices = [collate([(index, item)])], indices[1:]
+        if probed[0].failure is not None:  # before any worker process is started
+            probed[0].failure.reraise()
     loader = DataLoader(
         Subset(reader, indices),
         batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
