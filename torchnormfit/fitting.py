@@ -30,7 +30,7 @@ __all__ = ["fit_stats", "tensor_stats", "find_image", "default_num_workers", "de
 
 logger = logging.getLogger("torchnormfit")
 
-DEFAULT_BATCH_SIZE = 64  # when the first sample is not an image tensor (and for sampling's groups)
+DEFAULT_BATCH_SIZE = 64  # for sampling's groups and the file check; fit() picks its own (default_batch_size)
 _BATCH_BYTES = 64 << 20  # see default_batch_size
 _MAX_BATCH_SIZE = 256
 _BATCHES_PER_WORKER = 16
@@ -446,10 +446,10 @@ def _loader(
     probed: list[_Batch] = []
     if batch_size is None and len(indices) > 0:
         index, item = reader[indices[0]]
-        batch_size = default_batch_size(item, len(indices), num_workers) if isinstance(item, Tensor) else DEFAULT_BATCH_SIZE
-        probed, indices = [collate([(index, item)])], indices[1:]
+        probed = [collate([(index, item)])]
         if probed[0].failure is not None:  # before any worker process is started
             probed[0].failure.reraise()
+        batch_size, indices = default_batch_size(item, len(indices), num_workers), indices[1:]
     loader = DataLoader(
         Subset(reader, indices),
         batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
