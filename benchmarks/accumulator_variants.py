@@ -35,65 +35,35 @@ import time
 import torch
 from torch import Tensor
 
-from torchnormfit.accumulator import _BLOCK_BYTES
+from torchnormfit.accumulator import _BLOCK_BYTES, reuse_buffer
 from torchnormfit.accumulator import batch_stats as current
 from torchnormfit.stats import ChannelStats
 
 __all__ = ["current", "lean", "five_passes_only", "VARIANTS", "EXTRA", "check_exactness", "time_ratio"]
 
-def _as_float(images: Tensor) -> Tensor:
+def lean(images: Tensor, work: Tensor | None = None) -> tuple[ChannelStats, Tensor]:
+    """Each row centred on its float32 mean, the mean taken from float32 row sums: one pass fewer
+    than the library (no sum of the residuals), and off by ~4e-5 on data with a large offset."""
     if images.dtype in (torch.float16, torch.bfloat16):
         images = images.float()
-    return images
-
-
-def _rows(images: Tensor) -> Tensor:
-    """``(..., C, H, W)`` -> contiguous ``(N, C, H*W)``."""
     c, h, w = images.shape[-3:]
-    return images.reshape(-1, c, h * w).contiguous()
-
-
-def _pool(count_row: int, row_sum: Tensor, shift: Tensor, res_sum: Tensor | None, res_sq: Tensor,
-          low: Tensor, high: Tensor) -> ChannelStats:
-    """Pool per-row (N, C) float32 results into per-channel float64 statistics.
-
-    Row ``r`` holds ``count_row`` pixels; ``shift`` is the float32 value it was centred on;
-    ``res_sum``/``res_sq`` are the sum and the sum of squares of ``x - shift`` over the row. With
-    ``res_sum`` the row mean is ``shift + res_sum / n`` (corrected two-pass); without it the row mean
-    comes from ``row_sum``.
-    """
-    n = float(count_row)
-    shift64 = shift.double()
-    if res_sum is not None:
-        offset = res_sum.double() / n
-        mean_r = shift64 + offset
-    else:
-        mean_r = row_sum.double() / n
-        offset = mean_r - shift64
-    m2_r = res_sq.double() - n * offset.square()
-    mean = mean_r.mean(dim=0)
-    m2 = m2_r.sum(dim=0) + n * (mean_r - mean).square().sum(dim=0)
-    low, high = low.amin(dim=0).double(), high.amax(dim=0).double()
-    constant = low == high
-    mean = torch.where(constant, low, mean)
-    m2 = torch.where(constant, torch.zeros_like(m2), m2.clamp_min(0))
-    count = torch.full_like(mean, n * row_sum.shape[0])
-    return ChannelStats(count, mean, m2, low, high)
-
-
-def lean(images: Tensor, work: Tensor | None = None) -> tuple[ChannelStats, Tensor]:
-    """The current arithmetic on the whole batch at once, with fewer small operations."""
-    x = _rows(_as_float(images))
+    x = images.reshape(-1, c, h * w).contiguous()
     n_img, channels, n = x.shape
-    if work is None or work.numel() < x.numel() or work.dtype != x.dtype:
-        work = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+    work = reuse_buffer(work, x.numel(), x)
     scratch = work[: x.numel()].view(x.shape)
     row_sum = x.sum(dim=-1)
     shift = row_sum / n
     torch.sub(x, shift[:, :, None], out=scratch)
-    res_sq = torch.linalg.vector_norm(scratch, dim=-1).square_()
-    stats = _pool(n, row_sum, shift, None, res_sq, x.amin(dim=-1), x.amax(dim=-1))
-    return stats, work
+    res_sq = torch.linalg.vector_norm(scratch, dim=-1).square_().double()
+    mean_r = row_sum.double() / n
+    m2_r = res_sq - n * (mean_r - shift.double()).square()  # pooled in float64, as the library does
+    mean = mean_r.mean(dim=0)
+    m2 = m2_r.sum(dim=0) + n * (mean_r - mean).square().sum(dim=0)
+    low, high = x.amin(dim=-1).amin(dim=0).double(), x.amax(dim=-1).amax(dim=0).double()
+    constant = low == high
+    mean = torch.where(constant, low, mean)
+    m2 = torch.where(constant, torch.zeros_like(m2), m2.clamp_min(0))
+    return ChannelStats(torch.full_like(mean, float(n * n_img)), mean, m2, low, high), work
 
 
 def five_passes_only(images: Tensor, work: Tensor | None = None, *, block_bytes: int = _BLOCK_BYTES) -> tuple[ChannelStats, Tensor]:
