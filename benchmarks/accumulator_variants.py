@@ -74,8 +74,7 @@ def five_passes_only(images: Tensor, work: Tensor | None = None, *, block_bytes:
     x = images.reshape(-1, channels, height * width)
     n_img, _, n = x.shape
     per_block = min(n_img, max(1, block_bytes // (channels * n * x.element_size())))
-    if work is None or work.numel() < per_block * channels * n:
-        work = torch.empty(per_block * channels * n, dtype=x.dtype)
+    work = reuse_buffer(work, per_block * channels * n, x)
     out = torch.empty(4, n_img, channels, dtype=x.dtype)
     centre = torch.full((n_img, channels, 1), 0.5, dtype=x.dtype)
     for start in range(0, n_img, per_block):
