@@ -146,8 +146,9 @@ def test_the_cache_line_says_loaded_saved_or_not_saved(tree, tmp_path, capsys):
                               "--no-progress", *extra)
         assert code == 0, err
         outcomes.append(out.splitlines()[-1].split(" (", 1)[1])
-    assert outcomes == ["fitted and saved)", "loaded from the cache; --refit fits again)", "fitted and saved)",
-                        "fitted, NOT saved)"]
+    assert outcomes == ["fitted and saved)",
+                        "loaded from the cache; --refit fits again; 3 images checked against it: match)",
+                        "fitted and saved)", "fitted, NOT saved)"]
     assert "is a directory" in err
 
 

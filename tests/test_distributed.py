@@ -72,13 +72,24 @@ def test_ranks_agree_with_a_single_process_fit_reading_each_sample_once(tmp_path
     assert len(cached) == 1 and len(list_entries(tmp_path / "stats.h5")) == 1
 
 
-def test_second_distributed_fit_is_a_cache_hit_on_every_rank(tmp_path):
-    first = run_ranks(tmp_path, 2, 9)
-    for r in range(2):
-        (tmp_path / f"reads{r}.txt").unlink()
+def fresh_run(tmp_path, world_size, n):
+    for r in range(world_size):
+        (tmp_path / f"reads{r}.txt").unlink(missing_ok=True)
     (tmp_path / "rendezvous").unlink(missing_ok=True)
-    second = run_ranks(tmp_path, 2, 9)
-    assert second == first and reads(tmp_path, 2) == []
+    return run_ranks(tmp_path, world_size, n)
+
+
+def test_second_distributed_fit_is_a_hit_verified_on_rank_0_and_changed_data_refits_everywhere(tmp_path, monkeypatch):
+    first = run_ranks(tmp_path, 2, 9)
+    second = fresh_run(tmp_path, 2, 9)
+    assert second == first
+    # rank 0 verified the hit on the images both ranks tracked during the pass; rank 1 read nothing
+    assert sorted(int(i) for i in (tmp_path / "reads0.txt").read_text().split()) == list(range(9))
+    assert not (tmp_path / "reads1.txt").exists()
+    monkeypatch.setenv("TNF_TEST_SHIFT", "0.25")  # the data change under the cache; the key cannot see it
+    third = fresh_run(tmp_path, 2, 9)
+    assert third[0] == third[1] and third[0]["mean"] == pytest.approx([m + 0.25 for m in first[0]["mean"]])
+    assert len(list_entries(tmp_path / "stats.h5")) == 1 and reads(tmp_path, 2) == sorted([*range(9), *range(9)])
 
 
 def test_an_error_on_one_rank_reaches_every_rank_without_hanging(tmp_path):

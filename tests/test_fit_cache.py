@@ -35,18 +35,20 @@ from torchnormfit import FitNormalize
 from torchvision.transforms import v2
 norm = FitNormalize(cache=sys.argv[1] if len(sys.argv) > 1 else %r)
 dataset = CountingDataset(n=30, transform=v2.Compose([norm, v2.RandomErasing()]), log=%r)
-norm.fit(dataset, num_workers=%d, progress=False)
+norm.fit(dataset, num_workers=%d, progress=False, verify=%r)
 print(json.dumps({"mean": norm.mean, "std": norm.std}))
 """
 
 
-def test_cache_written_by_one_process_is_hit_by_another_without_reading_a_sample(tmp_path):
+def test_cache_written_by_one_process_is_hit_by_another_reading_only_the_verified_samples(tmp_path):
     cache, log = tmp_path / "stats.h5", tmp_path / "reads.log"
-    first = run_python(FIT_SCRIPT % (str(cache), str(log), 2))
+    first = run_python(FIT_SCRIPT % (str(cache), str(log), 2, None))
     assert len(log.read_text().split()) == 30 and cache.exists()
-    second = run_python(FIT_SCRIPT % (str(cache), str(log), 2), NO_READS="1")
-    assert second == first  # bit-identical floats, and NO_READS would have raised on any read
-    assert len(log.read_text().split()) == 30
+    unverified = run_python(FIT_SCRIPT % (str(cache), str(log), 2, 0), NO_READS="1")
+    assert unverified == first  # bit-identical floats, and NO_READS would have raised on any read
+    verified = run_python(FIT_SCRIPT % (str(cache), str(log), 2, 8))
+    reads = log.read_text().split()
+    assert verified == first and len(reads) == 30 + 8 and len(set(reads[30:])) == 8  # 8 distinct samples read again
 
 
 def test_default_cache_file_comes_from_the_environment(tmp_path):
@@ -76,10 +78,11 @@ def test_refit_forces_a_pass_and_replaces_the_entry(tmp_path):
     cache, log = tmp_path / "stats.h5", tmp_path / "reads.log"
     norm = FitNormalize(cache=cache)
     fit(norm, CountingDataset(n=6, transform=norm, log=log))
-    fit(norm, CountingDataset(n=6, transform=norm, log=log))
-    assert len(log.read_text().split()) == 6
+    fit(norm, CountingDataset(n=6, transform=norm, log=log), verify=0)
+    assert len(log.read_text().split()) == 6 and norm.fit_record.source == "cache"
     fit(norm, CountingDataset(n=6, transform=norm, log=log), refit=True)
     assert len(log.read_text().split()) == 12 and len(list_entries(cache)) == 1
+    assert norm.fit_record.source == "pass" and norm.fit_record.written
 
 
 def test_user_key_and_from_cache(tmp_path):
@@ -168,7 +171,7 @@ def test_subset_fit_reports_standard_errors_that_cover_the_full_pass_and_caches_
     again = FitNormalize(cache=cache)
     with monkeypatch.context() as patch:
         patch.setenv("NO_READS", "1")  # any sample read would raise
-        fit(again, CountingDataset(n=300, transform=again), max_samples=90, seed=3)
+        fit(again, CountingDataset(n=300, transform=again), max_samples=90, seed=3, verify=0)
     assert again.mean == subset.mean
     torch.testing.assert_close(again.standard_errors.mean, errors.mean)
     other_seed = FitNormalize(cache=cache)

@@ -36,7 +36,7 @@ def test_jackknife_equals_the_closed_form_for_equal_groups():
 
 def test_fit_subset_of_everything_has_zero_error(tree):
     dataset = ImageFiles(tree["root"] / "cat", transform=to_float_pipeline())
-    stats, num_samples, errors = fit_subset(dataset, 100, seed=0, num_workers=0, progress=False)
+    (stats, num_samples, _, _), errors = fit_subset(dataset, 100, seed=0, num_workers=0, progress=False)
     assert num_samples == 3 and bool((errors.mean == 0).all()) and bool((errors.std == 0).all())
     pixels = sample_pixels(dataset, max_pixels=90, max_images=3)
     assert pixels.shape == (3, 90) and 0 <= float(pixels.min()) and float(pixels.max()) <= 1

@@ -138,11 +138,12 @@ def test_low_dimensional_tensor_error(shape):
         fitted()(torch.rand(shape))
 
 
-def test_channel_count_mismatch_raises_instead_of_broadcasting():
+def test_fitted_statistics_refuse_another_channel_count_where_v2_broadcasts():
     one_channel = torch.rand(1, 4, 4)
     v2.Normalize(MEAN, STD)(one_channel)  # v2 silently broadcasts to 3 channels
+    fitted_norm = FitNormalize(cache=None).partial_fit(torch.rand(2, 3, 4, 4))
     with pytest.raises(ValueError, match="statistics for 3 channels, but the input has 1"):
-        fitted()(one_channel)
+        fitted_norm(one_channel)
 
 
 def test_std_that_underflows_in_the_input_dtype_raises_like_v1():
@@ -158,7 +159,7 @@ def test_std_that_underflows_in_the_input_dtype_raises_like_v1():
 def fitted_from_stats():
     pixels = torch.rand(3, 500, dtype=torch.float64) * torch.tensor([[1.0], [0.5], [2.0]])
     norm = FitNormalize(cache=None, key="demo")
-    norm._use_stats(ChannelStats.from_pixels(pixels))
+    norm._use_stats(ChannelStats.from_pixels(pixels), num_samples=1)
     return norm
 
 

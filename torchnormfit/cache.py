@@ -39,7 +39,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,7 @@ class CacheEntry:
     key: str
     stats: ChannelStats
     attrs: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def default_cache_path() -> Path:
@@ -114,6 +115,10 @@ def check_key(key: str) -> str:
         raise ValueError(
             f"A cache key must be a non-empty string without '/' and not '.' or '..'. Got {key!r}."
         )
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"A cache key must be valid Unicode text (no lone surrogates). Got {key!r}.") from None
     return key
 
 
@@ -303,7 +308,10 @@ def _read_group_unchecked(handle: h5py.File, key: str, where: str) -> CacheEntry
         if checksum != _checksum(values):
             raise CacheError(f"{where}: the values do not match their sha256 checksum (damaged on disk?).")
     attrs = {name: _plain(value) for name, value in group.attrs.items()}
-    return CacheEntry(key=key, stats=stats, attrs=attrs)
+    arrays = {}
+    if isinstance(group.get("samples"), h5py.Group):
+        arrays = {name: np.asarray(data[()]) for name, data in group["samples"].items()}
+    return CacheEntry(key=key, stats=stats, attrs=attrs, arrays=arrays)
 
 
 def _read_vector(group: h5py.Group, name: str, where: str) -> np.ndarray:
@@ -380,7 +388,10 @@ def _plain(value: Any) -> Any:
 # --- writing -----------------------------------------------------------------------------------
 
 
-def write_entry(path: str | os.PathLike, key: str, stats: ChannelStats, attrs: Mapping[str, Any]) -> None:
+def write_entry(
+    path: str | os.PathLike, key: str, stats: ChannelStats, attrs: Mapping[str, Any],
+    arrays: Mapping[str, np.ndarray] | None = None,
+) -> None:
     """Add or replace entry ``key`` atomically, keeping every other entry.
 
     Raises
@@ -399,7 +410,7 @@ def write_entry(path: str | os.PathLike, key: str, stats: ChannelStats, attrs: M
         raise ValueError(f"The attribute names {reserved} are reserved for the cache schema; rename them.")
     _validate(stats, stats.std, f"statistics for {key!r}")
     with _locked(path) as real:
-        _rewrite(real, drop=key, add=(key, stats, attrs))
+        _rewrite(real, drop=key, add=(key, stats, attrs, dict(arrays or {})))
 
 
 def delete_entry(path: str | os.PathLike, key: str) -> bool:
@@ -461,7 +472,7 @@ def _locked(path: Path) -> Iterator[Path]:
         lock.release()
 
 
-def _rewrite(path: Path, drop: str, add: tuple[str, ChannelStats, Mapping[str, Any]] | None) -> None:
+def _rewrite(path: Path, drop: str, add: tuple[str, ChannelStats, Mapping[str, Any], dict] | None) -> None:
     """Write a new file with the old entries except ``drop`` (plus ``add``), then swap it in. Call under the lock.
 
     The new file is built in memory and written with plain ``os.write``: HDF5 itself never writes to the
@@ -538,7 +549,7 @@ def _copy_entries(old: Path, new: h5py.File, drop: str) -> list[str]:
                     skipped.append(str(error))
                     continue
                 provenance = {k: v for k, v in entry.attrs.items() if k not in _RESERVED_ATTRS}
-                _write_group(new, name, entry.stats, provenance, lenient=True)
+                _write_group(new, name, entry.stats, provenance, entry.arrays, lenient=True)
     except _NewerEntry:
         raise
     except Exception as error:  # the list of entries itself is damaged
@@ -600,14 +611,19 @@ def _remove_dead_writers_files(path: Path) -> None:
 
 
 def _write_group(
-    handle: h5py.File, key: str, stats: ChannelStats, attrs: Mapping[str, Any], lenient: bool = False
+    handle: h5py.File, key: str, stats: ChannelStats, attrs: Mapping[str, Any],
+    arrays: Mapping[str, np.ndarray] | None = None, lenient: bool = False,
 ) -> None:
     """Write one entry; ``lenient`` (carrying an old entry over) drops an attribute HDF5 cannot store."""
+    samples = arrays
     group = handle.create_group(key)
     values = {**stats.to_dict(), "std": stats.std}
     arrays = {name: np.ascontiguousarray(values[name].detach().cpu().numpy(), dtype=np.float64) for name in _STORED}
     for name in _STORED:
         group.create_dataset(name, data=arrays[name])
+    if samples:
+        for name, data in samples.items():
+            group.require_group("samples").create_dataset(name, data=data)
     for name, value in attrs.items():
         try:
             group.attrs[name] = str(value) if isinstance(value, str) else value  # str subclasses (TorchVersion)

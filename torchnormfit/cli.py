@@ -156,7 +156,10 @@ def _add_fit(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
     run.add_argument("--workers", type=_integer(0), metavar="N",
                      help="DataLoader worker processes (default: usable CPUs, at most 8)")
     run.add_argument("--key", help="cache entry name; an entry of that name is used as it is (default: a fingerprint "
-                     "of the files, pipeline and options)")
+                     "of the file list with each file's size and modification time, the pipeline and the options)")
+    run.add_argument("--verify", type=_integer(0), metavar="N",
+                     help="on a cache hit, read N of the fitted images again and refit if they no longer match "
+                          "(default 64 with a fingerprint key, 0 with --key)")
     run.add_argument("--refit", action="store_true", help="fit again even if the cache has the entry")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     run.add_argument("--skip-bad", action="store_true",
@@ -252,14 +255,15 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         _check_plot(args.plot)
     path = _cache_path(args.cache)
     norm = FitNormalize(cache=path, key=args.key)
-    before = _file_state(path)
     dataset, skipped = _fit(norm, _open_source(args), args)
-    cached, saved = _cache_outcome(path, before, norm.cache_key, args.refit)
+    record = norm.fit_record
+    cached, saved = record.source == "cache", record.written
     described = describe_dataset(dataset)
     names = _channel_names(described, describe_pipeline(dataset, norm), len(norm.mean))
     settings = {"max_samples": args.max_samples, "seed": args.seed or 0, "population": len(dataset)}
     report = {
         "key": norm.cache_key, "cache": str(path), "cached": cached, "saved": saved, "source": _summary(described),
+        "verified": _verified(record.verification), "note": record.note,
         **_numbers(norm, names, _subset(settings, norm.standard_errors)),
         "skipped": len(skipped), "skipped_files": skipped, "plot": None,
     }
@@ -300,7 +304,8 @@ def _fit(norm: FitNormalize, dataset: Dataset, args: argparse.Namespace) -> tupl
     """
     loader = {"batch_size": args.batch_size, "num_workers": args.workers,
               "progress": False if args.no_progress else None}
-    fit_options = {**loader, "refit": args.refit, "max_samples": args.max_samples, "seed": args.seed or 0}
+    fit_options = {**loader, "refit": args.refit, "verify": args.verify, "max_samples": args.max_samples,
+                   "seed": args.seed or 0}
     try:
         norm.fit(dataset, **fit_options)
         return dataset, []
@@ -327,27 +332,10 @@ def _cache_path(cache: Path | None) -> Path:
     return cache.expanduser() if cache is not None else default_cache_path()
 
 
-def _file_state(path: Path) -> tuple[int, int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
+def _verified(verification: Any) -> dict[str, Any] | None:
+    if verification is None:
         return None
-    return stat.st_ino, stat.st_mtime_ns
-
-
-def _cache_outcome(path: Path, before: tuple[int, int] | None, key: str, refit: bool) -> tuple[bool, bool]:
-    """(loaded from the cache, saved to it) for the fit just done.
-
-    FitNormalize.fit reads a hit without writing, and saves by replacing the
-    file: a changed file means saved; an unchanged one with a valid entry
-    ``key`` (and no --refit) means a hit.
-    """
-    if _file_state(path) != before:
-        return False, True
-    try:
-        return not refit and read_entry(path, key) is not None, False
-    except CacheError:  # a damaged entry, refitted and not saved
-        return False, False
+    return {"samples": verification.samples, "passed": verification.passed, "detail": verification.detail}
 
 
 def _format_fit(report: dict[str, Any]) -> str:
@@ -360,6 +348,11 @@ def _format_fit(report: dict[str, Any]) -> str:
     lines = [f"source: {report['source']}", images, f"pixels per channel: {report['pixels_per_channel']:,}"]
     state = "loaded from the cache; --refit fits again" if report["cached"] else (
         "fitted and saved" if report["saved"] else "fitted, NOT saved")
+    verified = report["verified"]
+    if verified is not None:
+        state += f"; {verified['samples']} images checked against it: {'match' if verified['passed'] else 'MISMATCH'}"
+    elif report["cached"] and report["note"]:
+        state += f"; {report['note']}"
     lines += [*_numbers_lines(report), "", f"cache: {report['cache']} key {report['key']} ({state})"]
     if report["plot"]:
         lines.append(f"plot: {report['plot']}")

@@ -1,157 +1,446 @@
-"""A deterministic cache key for (dataset, pipeline up to FitNormalize, settings).
+"""A deterministic, total cache key for (dataset, pipeline up to FitNormalize, settings).
 
-Nothing here reads a sample through ``__getitem__`` and nothing depends on the
-process (no ``hash()``, no memory addresses), so the same dataset gets the same
-key in every run, and a different length, root, content digest or preceding
-transform gets another.
+The key walks the dataset object: every attribute, public or private (``__dict__``
+and ``__slots__``), through wrappers, containers and closures, so a pipeline kept
+under any name (``self.aug``, a wrapper's ``_dataset``, a Hugging Face format
+transform) is seen. What it describes, and how:
+
+- numbers, strings, numpy scalars, enums by value; a string naming a regular file
+  also by that file's size and modification time (re-exported files change the key);
+- tensors and numpy arrays of any dtype and layout by dtype, shape and content: a
+  transform's (a ``LinearTransformation`` matrix, module weights) hashed whole up to
+  64 MiB; a dataset's (the images themselves) by a digest of 4096 evenly spaced
+  256-byte runs (first and last byte included), bounded time and memory whatever
+  their size or strides; object arrays item by item;
+- lists and tuples item by item, all items hashed; a long list in a dataset (more than
+  64 items, file lists for example) and ``Subset`` indices as a multiset, because
+  the statistics do not depend on sample order; sets and dict keys sorted;
+- functions by their code, constants, defaults, closure values and the plain values
+  of the globals they name (lambdas differ by body); ``functools.partial`` and
+  ``operator.itemgetter`` by their arguments; methods by function and instance;
+  the methods of user-defined classes by their code;
+- ``nn.Module`` transforms through their attributes, parameters and buffers included;
+  pandas objects by content (``pandas.util.hash_pandas_object``), PIL images by pixels;
+- in a pipeline (an ordered list), only what comes before the FitNormalize being
+  fitted: later transforms do not change what it measures. That FitNormalize
+  counts by its position only, never by its fitted state or cache path.
+
+Nothing here reads a sample and nothing depends on the process (no ``hash()``, no
+memory addresses). It never raises: what it cannot describe (objects without
+attributes such as open files, a walk over ~2 million values) is listed in
+:attr:`Fingerprint.gaps`, and a hit on such a key is always verified.
 """
 
 from __future__ import annotations
 
+import enum
+import functools
 import hashlib
 import json
+import operator
 import os
+import random
 import re
+import stat
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-__all__ = ["fingerprint", "describe_dataset", "describe_pipeline"]
+__all__ = ["Fingerprint", "fingerprint", "describe_dataset", "describe_pipeline"]
 
-_TRANSFORM_ATTRS = {"transform", "target_transform", "transforms"}
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-_PIECES, _PIECE_BYTES = 4096, 256  # what a tensor's digest hashes (see _digest_array)
-_MAX_LISTED = 64
+_PIECES, _PIECE_BYTES = 4096, 256  # what an array's digest reads (see _array_bytes)
+_WHOLE_BYTES = 64 << 20  # a transform's tensor up to this size is hashed whole; a dataset's is sampled
+_MULTISET_OVER = 64  # a dataset's list longer than this is hashed as a multiset
+_BUDGET = 2_000_000  # values visited before the walk gives up (a gap)
+_PRIMITIVES = (type(None), bool, int, float, complex, str, bytes)
+_LIBRARIES = ("torch", "torchvision", "numpy", "builtins", "collections", "PIL", "pandas", "datasets", "webdataset",
+              "torchnormfit", "functools", "typing", "abc", "enum", "pathlib", "h5py")
+_RANDOM_STATE = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
 
 
-def fingerprint(dataset: Dataset, norm: Any, settings: dict[str, Any]) -> str:
-    """``"<DatasetClass>-<20 hex digits>"``: the cache key of fitting ``norm`` on ``dataset``."""
-    document = {
-        "dataset": describe_dataset(dataset),
-        "pipeline": [_describe_transform(t) for t in _transforms_before(dataset, norm)],
-        "settings": settings,
-    }
-    digest = hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()
-    return f"{type(dataset).__name__}-{digest[:20]}"
+@dataclass(frozen=True)
+class Fingerprint:
+    """A cache key and what its walk found."""
+
+    key: str
+    found_norm: bool
+    """Whether the FitNormalize being fitted was found in the dataset (its pipeline is then known)."""
+    gaps: tuple[str, ...]
+    """What the key could not describe; a hit on this key is always verified."""
+
+
+def fingerprint(dataset: Any, norm: Any, settings: Mapping[str, Any]) -> Fingerprint:
+    """``"<DatasetClass>-<20 hex digits>"``: the cache key of fitting ``norm`` on ``dataset`` with ``settings``."""
+    walk = _Walk(norm)
+    digest = hashlib.sha256()
+    digest.update(walk.of(dataset, "dataset", data=True))
+    digest.update(walk.of(dict(settings), "settings"))
+    key = f"{type(dataset).__name__}-{digest.hexdigest()[:20]}"
+    return Fingerprint(key, walk.norm_hits > 0, tuple(walk.gaps))
+
+
+def describe_pipeline(dataset: Any, norm: Any) -> str:
+    """The repr of the transforms that run before ``norm`` in the dataset's pipeline ("" if it is not there)."""
+    walk = _Walk(norm)
+    walk.of(dataset, "dataset", data=True)
+    return "\n".join(_ADDRESS.sub("", repr(t)) for t in walk.before_norm or [])
 
 
 def describe_dataset(dataset: Any) -> dict[str, Any]:
-    """What identifies a dataset: class, length, root, simple settings and content digests."""
+    """A readable summary for the cache entry's provenance: class, length, root and simple settings."""
     description: dict[str, Any] = {"class": f"{type(dataset).__module__}.{type(dataset).__qualname__}"}
     try:
         description["length"] = len(dataset)
-    except TypeError:
+    except Exception:
         pass
     if isinstance(dataset, Subset):
         description["dataset"] = describe_dataset(dataset.dataset)
-        description["indices"] = _describe_value(list(dataset.indices))
         return description
     if isinstance(dataset, ConcatDataset):
         description["datasets"] = [describe_dataset(part) for part in dataset.datasets]
         return description
-    for name, value in sorted(vars(dataset).items()):
-        if name.startswith("_") or name in _TRANSFORM_ATTRS:
+    for name, value in sorted(getattr(dataset, "__dict__", {}).items()):
+        if name.startswith("_"):
             continue
         if name == "root" and isinstance(value, (str, os.PathLike)):
             description[name] = os.path.abspath(os.fspath(value))
         elif isinstance(value, Dataset):
             description[name] = describe_dataset(value)
-        else:
-            described = _describe_value(value)
-            if described is not None:
-                description[name] = described
+        elif isinstance(value, (bool, int, float, str)):
+            description[name] = value
+        elif isinstance(value, (list, tuple)) and len(value) <= 8 and all(isinstance(v, (int, float)) for v in value):
+            description[name] = list(value)
     return description
 
 
-def _describe_value(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        return _digest_array(torch.as_tensor(value))
-    if isinstance(value, (list, tuple)):
-        if len(value) <= _MAX_LISTED:
-            return [_describe_value(item) for item in value]
-        step = len(value) // _MAX_LISTED
-        sampled = [_describe_value(item) for item in value[::step]] + [_describe_value(value[-1])]
-        return {"length": len(value), "sampled": _sha(json.dumps(sampled, default=str))}
-    if isinstance(value, dict) and len(value) <= _MAX_LISTED:
-        return {str(k): _describe_value(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    return None
+def _sha(*parts: bytes) -> bytes:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return digest.digest()
 
 
-def _digest_array(tensor: torch.Tensor) -> dict[str, Any]:
-    """Shape, dtype and a hash of 4096 evenly spaced runs of 256 bytes: cheap (1 MiB), content-sensitive.
-
-    Contiguous runs, not single elements at a stride: a stride touches every
-    cache line of a large tensor (18 ms for 150 MB), the runs only 1 MiB.
-    """
-    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    if raw.numel() > _PIECES * _PIECE_BYTES:
-        stride = (raw.numel() - _PIECE_BYTES) // (_PIECES - 1)
-        runs = raw.as_strided((_PIECES - 1, _PIECE_BYTES), (stride, 1))
-        raw = torch.cat([runs.reshape(-1), raw[-_PIECE_BYTES:]])  # the last run ends at the last byte
-    data = raw.contiguous().cpu().numpy().tobytes()
-    return {"shape": list(tensor.shape), "dtype": str(tensor.dtype), "sampled": _sha(data)}
+def _text(value: str) -> bytes:
+    return value.encode("utf-8", "surrogatepass")
 
 
-def _sha(data: str | bytes) -> str:
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()[:32]
+class _Walk:
+    """One walk over an object graph: ``of(value)`` is the 32-byte digest of ``value``."""
+
+    def __init__(self, norm: Any):
+        self.norm = norm
+        self.norm_hits = 0
+        self.before_norm: list[Any] | None = None
+        self.gaps: list[str] = []
+        self._budget = _BUDGET
+        self._path: set[int] = set()  # ids of the containers being described (cycles)
+        self._done: dict[int, tuple[bytes, int]] = {}  # id -> (digest, norm hits inside), for shared objects
+
+    def of(self, value: Any, where: str, data: bool = False) -> bytes:
+        if value is self.norm and value is not None:
+            if self.norm_hits == 0:
+                self.before_norm = []
+            self.norm_hits += 1
+            return _sha(b"the FitNormalize being fitted")
+        self._budget -= 1
+        if self._budget < 0:
+            if self._budget == -1:
+                self.gaps.append(f"{where}: the walk stopped after {_BUDGET:,} values")
+            return _sha(b"truncated")
+        try:
+            return self._of(value, where, data)
+        except RecursionError:
+            self.gaps.append(f"{where}: nested too deeply")
+            return _sha(b"too deep")
+        except Exception as error:  # a value whose description failed is a gap, never a crash
+            self.gaps.append(f"{where}: {type(value).__qualname__} ({type(error).__name__}: {error})")
+            return _sha(b"undescribed", _text(type(value).__qualname__))
+
+    def _of(self, value: Any, where: str, data: bool) -> bytes:
+        kind = type(value)
+        if isinstance(value, enum.Enum):
+            return _sha(b"enum", _text(kind.__qualname__), _text(value.name))
+        if isinstance(value, _PRIMITIVES):
+            return _primitive(value)
+        if isinstance(value, np.generic):
+            return _sha(b"np scalar", _array_bytes_np(np.asarray(value)))
+        if isinstance(value, torch.Tensor):
+            whole = not data and value.numel() * value.element_size() <= _WHOLE_BYTES
+            return _sha(b"tensor", _text(str(value.dtype)), _text(str(tuple(value.shape))), _tensor_bytes(value, whole))
+        if isinstance(value, np.ndarray):
+            if value.dtype.hasobject:
+                return _sha(b"object array", _text(str(value.shape)), self._sequence(value.ravel().tolist(), where, data))
+            whole = not data and value.nbytes <= _WHOLE_BYTES
+            return _sha(b"ndarray", _text(str(value.shape)), _array_bytes_np(value, whole))
+        if isinstance(value, os.PathLike):
+            return _primitive(os.fspath(value))
+        if isinstance(value, range):
+            return _sha(b"range", _text(repr(value)))
+        if isinstance(value, type):
+            return _sha(b"class", _text(f"{value.__module__}.{value.__qualname__}"))
+        if isinstance(value, types.ModuleType):
+            return _sha(b"module", _text(value.__name__))
+        if isinstance(value, _RANDOM_STATE):
+            return _sha(b"random state", _text(kind.__qualname__))  # randomness does not identify the data
+        return self._container(value, where, data)
+
+    def _container(self, value: Any, where: str, data: bool) -> bytes:
+        """Values that hold other values: guarded against cycles, shared ones described once."""
+        ident = id(value)
+        if ident in self._path:
+            return _sha(b"cycle", _text(type(value).__qualname__))
+        if ident in self._done:
+            digest, hits = self._done[ident]
+            self.norm_hits += hits
+            return digest
+        self._path.add(ident)
+        hits = self.norm_hits
+        try:
+            digest = self._describe(value, where, data)
+        finally:
+            self._path.discard(ident)
+        if not isinstance(value, (list, tuple, dict)):  # temporaries may reuse an id; graph objects do not
+            self._done[ident] = (digest, self.norm_hits - hits)
+        return digest
+
+    def _describe(self, value: Any, where: str, data: bool) -> bytes:
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "deque":
+            return _sha(_text(type(value).__qualname__), self._sequence(value, where, data))
+        if isinstance(value, (set, frozenset)):
+            return _sha(b"set", self._multiset(value, where))
+        if isinstance(value, Mapping):
+            return _sha(b"mapping", self._mapping(value, where, data))
+        if isinstance(value, Subset):
+            return _sha(b"Subset", self.of(value.dataset, f"{where}.dataset", data=True), _indices(value.indices))
+        if isinstance(value, functools.partial):
+            parts = (value.func, value.args, value.keywords)
+            return _sha(b"partial", *(self.of(p, f"{where}.partial") for p in parts))
+        if isinstance(value, types.FunctionType):
+            return self._function(value, where)
+        if isinstance(value, types.MethodType):
+            return _sha(b"method", self.of(value.__func__, where), self.of(value.__self__, f"{where}.__self__"))
+        if isinstance(value, types.CodeType):
+            return self._code(value, where)
+        if isinstance(value, (types.BuiltinFunctionType, types.WrapperDescriptorType, types.MethodWrapperType,
+                              types.MethodDescriptorType)):
+            owner = getattr(value, "__self__", None)
+            bound = b"" if owner is None or isinstance(owner, types.ModuleType) else self.of(owner, where)
+            return _sha(b"builtin", _text(f"{getattr(value, '__module__', '')}.{value.__qualname__}"), bound)
+        if isinstance(value, (operator.itemgetter, operator.attrgetter, operator.methodcaller)):
+            return _sha(b"operator", _text(type(value).__name__), self.of(value.__reduce__()[1:], where))
+        special = _special(value)
+        if special is not None:
+            return special
+        return self._object(value, where, data)
+
+    def _sequence(self, items: Any, where: str, data: bool) -> bytes:
+        """Item by item in order, up to the one holding the FitNormalize; a dataset's long list as a multiset."""
+        if data and len(items) > _MULTISET_OVER:
+            return _sha(b"multiset", self._multiset(items, where, data))
+        fast = _fast_items(items)
+        if fast is not None:
+            self._budget -= len(items)
+            return _sha(b"items", *fast)
+        digests = []
+        for position, item in enumerate(items):
+            hits = self.norm_hits
+            digests.append(self.of(item, f"{where}[{position}]", data))
+            if self.norm_hits > hits:  # the pipeline up to the FitNormalize: what follows does not matter
+                if hits == 0:
+                    self.before_norm = list(items[:position]) + self.before_norm
+                break
+        return _sha(b"items", *digests)
+
+    def _multiset(self, items: Any, where: str, data: bool = False) -> bytes:
+        fast = _fast_items(items)
+        if fast is not None:
+            self._budget -= len(items)
+            return _sha(b"multiset", *sorted(fast))
+        return _sha(b"multiset", *sorted(self.of(item, f"{where}[*]", data) for item in items))
+
+    def _mapping(self, mapping: Mapping[Any, Any], where: str, data: bool) -> bytes:
+        pairs = [(self.of(k, f"{where} key"), self.of(v, f"{where}[{k!r}]", data)) for k, v in list(mapping.items())]
+        return _sha(*(k + v for k, v in sorted(pairs)))
+
+    def _function(self, function: types.FunctionType, where: str) -> bytes:
+        """Code, defaults, closure values and the plain values of the globals the code names."""
+        code = function.__code__
+        cells = []
+        for cell in function.__closure__ or ():
+            try:
+                cells.append(self.of(cell.cell_contents, f"{where}.<closure>"))
+            except ValueError:  # an empty cell
+                cells.append(_sha(b"empty cell"))
+        named = sorted(_global_names(code) & set(function.__globals__))
+        globals_ = [
+            _text(name) + self.of(function.__globals__[name], f"{where}.<global {name}>")
+            for name in named if _is_plain_global(function.__globals__[name])
+        ]
+        return _sha(
+            b"function", _text(function.__qualname__), self._code(code, where),
+            self.of(function.__defaults__, where), self.of(function.__kwdefaults__, where), *cells, *globals_,
+        )
+
+    def _code(self, code: types.CodeType, where: str) -> bytes:
+        consts = [self._code(c, where) if isinstance(c, types.CodeType) else self.of(c, where) for c in code.co_consts]
+        return _sha(b"code", code.co_code, _text(" ".join(code.co_names)), *consts)
+
+    def _object(self, value: Any, where: str, data: bool) -> bytes:
+        """A class instance: its class (with the code of user-defined methods) and every attribute it holds."""
+        kind = type(value)
+        state_of = getattr(kind, "_fingerprint_state", None)
+        if callable(state_of):
+            return _sha(b"object", _text(kind.__qualname__), self.of(state_of(value), where))
+        attributes = dict(getattr(value, "__dict__", None) or {})
+        for cls in kind.__mro__:
+            for name in _slot_names(cls):
+                if name not in attributes and hasattr(value, name):
+                    attributes[name] = getattr(value, name)
+        if not attributes and not hasattr(value, "__dict__") and not _slot_names(kind):
+            self.gaps.append(f"{where}: a {kind.__module__}.{kind.__qualname__} (no attributes to describe)")
+            return _sha(b"opaque", _text(f"{kind.__module__}.{kind.__qualname__}"))
+        data = isinstance(value, Dataset)  # its own lists are data (file lists); deeper ones are not
+        parts = [_text(name) + self.of(attributes[name], f"{where}.{name}", data) for name in sorted(attributes)]
+        return _sha(b"object", self._class(kind, where), *parts)
+
+    def _class(self, kind: type, where: str) -> bytes:
+        """Class name, and the code of the methods of its user-defined classes (a changed __getitem__)."""
+        parts = [_text(f"{kind.__module__}.{kind.__qualname__}")]
+        for cls in kind.__mro__:
+            if cls.__module__.split(".")[0] in _LIBRARIES:
+                continue
+            for name, member in sorted(vars(cls).items()):
+                if isinstance(member, (types.FunctionType, staticmethod, classmethod, property)):
+                    function = getattr(member, "__func__", None) or getattr(member, "fget", None) or member
+                    if isinstance(function, types.FunctionType):
+                        parts.append(_text(name) + self._code(function.__code__, f"{where}.{name}"))
+        return _sha(b"class", *parts)
 
 
-def describe_pipeline(dataset: Any, norm: Any) -> str:
-    """The repr of the transforms that run before ``norm`` in the dataset's pipeline.
-
-    If ``norm`` is not in the pipeline, the repr of the whole pipeline: it
-    makes the samples that will be measured.
-    """
-    return "\n".join(_ADDRESS.sub("", repr(t)) for t in _transforms_before(dataset, norm))
-
-
-def _transforms_before(dataset: Any, norm: Any) -> list[Any]:
-    pipeline = _find_transform(dataset)
-    if pipeline is None:
-        return []
-    before = _before(pipeline, norm)
-    return before if before is not None else [pipeline]
+def _primitive(value: Any) -> bytes:
+    if isinstance(value, str):
+        return _sha(b"str", _text(value), _file_state(value))
+    if isinstance(value, bytes):
+        return _sha(b"bytes", value)
+    return _sha(_text(type(value).__name__), _text(repr(value)))
 
 
-def _describe_transform(transform: Any) -> dict[str, Any]:
-    """repr plus public attributes: v2 reprs leave out some settings (``ToDtype`` hides its dtype)."""
-    attributes = {
-        name: _ADDRESS.sub("", str(value))
-        for name, value in sorted(getattr(transform, "__dict__", {}).items())
-        if not name.startswith("_") and name != "training"
-    }
-    return {"repr": _ADDRESS.sub("", repr(transform)), "attributes": attributes}
+def _file_state(text: str) -> bytes:
+    """A regular file's size and modification time, if ``text`` names one."""
+    if os.sep not in text or len(text) > 4096 or "\x00" in text:
+        return b""
+    try:
+        info = os.stat(text)
+    except (OSError, ValueError):
+        return b""
+    if not stat.S_ISREG(info.st_mode):
+        return b""  # a folder's time changes whenever anything in it does (a cache file written there)
+    return _text(f"file {info.st_size} {info.st_mtime_ns}")
 
 
-def _find_transform(dataset: Any) -> Any:
-    """The sample transform of a dataset, looking inside Subset-like wrappers."""
-    for name in ("transform", "transforms"):
-        value = getattr(dataset, name, None)
-        if value is not None:
-            return value
-    inner = getattr(dataset, "dataset", None)
-    return _find_transform(inner) if inner is not None else None
-
-
-def _before(pipeline: Any, norm: Any) -> list[Any] | None:
-    """Transforms applied before ``norm`` in a (nested) Compose, or None if it is not there."""
-    if pipeline is norm:
-        return []
-    children = getattr(pipeline, "transforms", None)
-    if not isinstance(children, (list, tuple)):
-        for name in ("transform",):  # StandardTransform wraps the sample transform
-            inner = getattr(pipeline, name, None)
-            if inner is not None:
-                return _before(inner, norm)
+def _fast_items(items: Any) -> list[bytes] | None:
+    """Digests of items that are plain values or tuples of them (file lists), cheaply; None otherwise."""
+    if not all(type(item) in (str, int, float, bool) or (type(item) is tuple and all(
+            type(part) in (str, int, float, bool) for part in item)) for item in items):
         return None
-    for position, child in enumerate(children):
-        inside = _before(child, norm)
-        if inside is not None:
-            return list(children[:position]) + inside
+    out = []
+    for item in items:
+        parts = item if type(item) is tuple else (item,)
+        files = b"".join(_file_state(part) for part in parts if type(part) is str)
+        out.append(_sha(_text(repr(item)), files))
+    return out
+
+
+def _indices(indices: Any) -> bytes:
+    """A subset's indices as a sorted multiset, all of them (numpy, tensor, list or range)."""
+    if isinstance(indices, torch.Tensor):
+        indices = indices.detach().cpu().numpy()
+    array = np.sort(np.asarray(indices, dtype=np.int64).ravel())
+    return _sha(b"indices", array.astype("<i8").tobytes())
+
+
+def _slot_names(cls: type) -> tuple[str, ...]:
+    slots = vars(cls).get("__slots__", ())
+    names = (slots,) if isinstance(slots, str) else tuple(slots)
+    return tuple(name for name in names if name not in ("__dict__", "__weakref__"))
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _is_plain_global(value: Any) -> bool:
+    return isinstance(value, (*_PRIMITIVES, np.generic, np.ndarray, torch.Tensor, list, tuple, dict, set, frozenset,
+                              types.FunctionType, functools.partial))
+
+
+def _special(value: Any) -> bytes | None:
+    """Libraries' objects described by their content: pandas, PIL images, Hugging Face datasets."""
+    module = type(value).__module__.split(".")[0]
+    if module == "pandas" and hasattr(value, "shape"):
+        import pandas
+
+        if isinstance(value, (pandas.DataFrame, pandas.Series, pandas.Index)):
+            hashed = pandas.util.hash_pandas_object(value, index=not isinstance(value, pandas.Index))
+            columns = json.dumps([str(c) for c in getattr(value, "columns", [])])
+            return _sha(b"pandas", _text(type(value).__name__), _text(columns), hashed.to_numpy().tobytes())
+    if module == "PIL" and hasattr(value, "tobytes") and hasattr(value, "mode"):
+        return _sha(b"PIL image", _text(f"{value.mode} {value.size}"), hashlib.sha256(value.tobytes()).digest())
+    if module == "datasets" and isinstance(getattr(value, "_fingerprint", None), str):
+        return _sha(b"hf dataset", _text(type(value).__qualname__), _text(value._fingerprint))
     return None
+
+
+def _tensor_bytes(tensor: torch.Tensor, whole: bool = False) -> bytes:
+    """The bytes a tensor's digest reads: all of a small one, 4096 evenly spaced 256-byte runs of a large one.
+
+    Runs, not single elements at a stride: a stride touches every cache line of a large tensor. A
+    non-contiguous tensor is read in its memory order when it is a permutation of a contiguous one
+    (``permute``), else through the runs' element indices, never copied whole.
+    """
+    tensor = tensor.detach()
+    if tensor.layout != torch.strided or tensor.is_quantized:
+        raise TypeError(f"{tensor.layout} tensors are not digested")
+    layout = b""
+    if not tensor.is_contiguous():
+        order = sorted(range(tensor.ndim), key=lambda d: (-tensor.stride(d), -tensor.shape[d]))
+        permuted = tensor.permute(order)
+        if permuted.is_contiguous():
+            tensor, layout = permuted, _text(f"memory order {order}")
+        elif whole or tensor.numel() * tensor.element_size() <= _PIECES * _PIECE_BYTES:
+            tensor = tensor.contiguous()
+        else:
+            run = max(1, _PIECE_BYTES // tensor.element_size())
+            starts = torch.linspace(0, tensor.numel() - run, _PIECES, dtype=torch.float64).long()
+            tensor = torch.take(tensor, (starts[:, None] + torch.arange(run)).reshape(-1).to(tensor.device))
+    raw = tensor.reshape(-1).view(torch.uint8)
+    if raw.numel() > _PIECES * _PIECE_BYTES and not whole:
+        stride = (raw.numel() - _PIECE_BYTES) // (_PIECES - 1)
+        runs = raw.as_strided((_PIECES - 1, _PIECE_BYTES), (stride, 1), raw.storage_offset())
+        raw = torch.cat([runs.reshape(-1), raw[-_PIECE_BYTES:]])  # the last run ends at the last byte
+    return layout + raw.cpu().numpy().tobytes()
+
+
+def _array_bytes_np(array: np.ndarray, whole: bool = False) -> bytes:
+    """A numpy array of any dtype, strides and byte order as little-endian bytes: all, or runs of a large one."""
+    if array.dtype == np.longdouble:
+        array = array.astype(np.float64)  # its padding bytes are not data
+    elif array.dtype == np.clongdouble:
+        array = array.astype(np.complex128)
+    if array.nbytes > _PIECES * _PIECE_BYTES and array.size > _PIECES and not whole:
+        run = max(1, _PIECE_BYTES // max(1, array.dtype.itemsize))
+        starts = np.linspace(0, array.size - run, _PIECES).astype(np.int64)
+        array = array.flat[(starts[:, None] + np.arange(run)).ravel()]
+    canonical = array.dtype.newbyteorder("<")
+    return _text(array.dtype.str) + np.ascontiguousarray(array).astype(canonical, copy=False).tobytes()

@@ -10,9 +10,9 @@ import pickle
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, NoReturn
 
 import PIL.Image
 import torch
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .accumulator import BatchNormAccumulator, batch_stats, reuse_buffer
 from .distributed import Ranks, agree, current_ranks, gather_merge, shard
 from .stats import ChannelStats
+from .verification import image_moments
 
 __all__ = ["fit_stats", "tensor_stats", "find_image", "default_num_workers", "default_batch_size", "DEFAULT_BATCH_SIZE"]
 
@@ -102,24 +103,40 @@ def check_image(image: Any, where: str = "") -> Tensor:
 
 
 class Capture:
-    """Holds the first image a FitNormalize saw while a sample was read.
+    """Where the FitNormalize being fitted hands over the image it sees in a sample.
 
-    During a fit, the FitNormalize inside the dataset's own pipeline offers
-    each image here instead of normalizing it; the reader takes it after the
-    sample is built, so transforms after FitNormalize never change what is
-    measured. A copy is kept in case a later transform works in place.
+    During a fit, the FitNormalize inside the dataset's own pipeline offers each
+    image here instead of normalizing it, and the sample stops right there
+    (:class:`_Captured` unwinds the dataset's ``__getitem__``): the transforms
+    after it cost nothing and cannot change what is measured, and a dataset
+    that memoizes its samples never keeps a pass-through one. The stop is
+    raised once per sample, so a dataset that swallows it (a bare ``except:``
+    that retries) cannot loop.
     """
 
     def __init__(self) -> None:
         self.image: Tensor | None = None
+        self.stopped = False
+        self.took = False
 
-    def offer(self, image: Tensor) -> None:
+    def offer(self, image: Tensor) -> Tensor:
         if self.image is None:
-            self.image = image.as_subclass(Tensor).clone()
+            self.image = image
+        if not self.stopped:
+            self.stopped = True
+            raise _Captured
+        return image
 
     def take(self) -> Tensor | None:
-        image, self.image = self.image, None
+        """The image offered since the last take (None if none); ``took`` says whether there was one."""
+        image, self.image, self.stopped = self.image, None, False
+        self.took = image is not None
         return image
+
+
+class _Captured(BaseException):
+    """Stops reading a sample once the FitNormalize being fitted has its image (not an ``Exception``, so a
+    dataset that catches ``Exception`` to skip bad files lets it through)."""
 
 
 class _RemoteTraceback(Exception):
@@ -165,33 +182,55 @@ class _SampleReader(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[int, Tensor | _Failure]:
+    def __getitem__(self, index: int) -> tuple[int, Tensor | _Failure, bool]:
+        """``(index, image or failure, whether FitNormalize captured the image)``."""
         try:
-            return index, self._image(index)
+            image = read_image(lambda: self.dataset[index], index, self.capture, self.image)
         except Exception as error:
-            return index, _Failure.capture(error)
+            return index, _Failure.capture(error), False
+        return index, image, self.capture is not None and self.capture.took
 
-    def _image(self, index: int) -> Tensor:
-        where = f"Sample {index}: "
-        if self.capture is not None:
-            self.capture.take()
-        try:
-            sample = self.dataset[index]
-        except Exception as error:
-            named = _naming_sample(error, where)
-            if named is error:
-                raise
-            raise named from error
-        captured = self.capture.take() if self.capture is not None else None
-        if captured is not None:
-            return check_image(captured, where)
-        found = self.image(sample) if self.image is not None else find_image(sample)
-        if found is None:
-            raise TypeError(
-                f"{where}found no image tensor in a sample of type {type(sample).__name__}. "
-                "Return a tensor, a tv_tensors.Image or a tuple/dict holding one, or pass image=... to fit()."
-            )
-        return check_image(found, where)
+
+def read_image(
+    get_sample: Callable[[], Any], index: int, capture: Capture | None, image: Callable[[Any], Any] | None
+) -> Tensor:
+    """Read one sample and return its image: the one FitNormalize captured, else found in the sample.
+
+    Errors name the sample (``Sample 7: ...``).
+    """
+    where = f"Sample {index}: "
+    if capture is not None:
+        capture.take()
+    try:
+        sample = get_sample()
+    except _Captured:
+        return check_image(capture.take(), where)
+    except Exception as error:
+        named = _naming_sample(error, where)
+        if named is error:
+            raise
+        raise named from error
+    captured = capture.take() if capture is not None else None
+    if captured is not None:
+        _warn_swallowed_stop()
+        return check_image(captured, where)
+    found = image(sample) if image is not None else find_image(sample)
+    if found is None:
+        raise TypeError(
+            f"{where}found no image tensor in a sample of type {type(sample).__name__}. "
+            "Return a tensor, a tv_tensors.Image or a tuple/dict holding one, or pass image=... to fit()."
+        )
+    return check_image(found, where)
+
+
+def _warn_swallowed_stop() -> None:
+    warnings.warn(
+        "The dataset's __getitem__ caught the signal FitNormalize raises to stop a sample once it has its image "
+        "(a bare 'except:' or 'except BaseException:'). The statistics are right, but a dataset that memoizes "
+        "samples may now hold un-normalized ones from this fit: catch Exception instead, or clear its memo.",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def _naming_sample(error: Exception, where: str) -> Exception:
@@ -218,6 +257,10 @@ class _Batch:
     moments: list[list[float]] | None = None  # the batch's ChannelStats as plain floats (see _Collate)
     groups: list[tuple[list[int], Tensor]] | None = None
     failure: _Failure | None = None
+    tracked: dict[int, tuple[list[float], list[float]]] = field(default_factory=dict)
+    """Per-image moments of the batch's tracked images (see :func:`fit_stats`)."""
+    captured: int = 0
+    """Images that the FitNormalize being fitted captured (the others were found in the sample)."""
 
 
 class _Collate:
@@ -230,19 +273,22 @@ class _Collate:
     stacked groups instead.
     """
 
-    def __init__(self, reduce: bool):
+    def __init__(self, reduce: bool, track: frozenset[int] = frozenset()):
         self.reduce = reduce
+        self.track = track
         self._work: Tensor | None = None
         self._stacked: Tensor | None = None
 
-    def __call__(self, items: Sequence[tuple[int, Tensor | _Failure]]) -> _Batch:
-        for index, item in items:
+    def __call__(self, items: Sequence[tuple[int, Tensor | _Failure, bool]]) -> _Batch:
+        for index, item, _ in items:
             if isinstance(item, _Failure):
                 return _Batch(index, 0, 0, failure=item)
         try:
-            return self._reduce(items)
+            batch = self._reduce([(index, image) for index, image, _ in items])
         except Exception as error:
             return _Batch(items[0][0], 0, 0, failure=_Failure.capture(error))
+        batch.captured = sum(captured for _, _, captured in items)
+        return batch
 
     def _reduce(self, items: Sequence[tuple[int, Tensor]]) -> _Batch:
         first_index, first = items[0]
@@ -253,6 +299,10 @@ class _Collate:
                 raise ValueError(_channel_mismatch(index, image.shape[-3], channels, first_index))
             by_shape.setdefault((*image.shape, image.dtype), []).append((index, image))
         batch = _Batch(first_index, len(items), channels)
+        batch.tracked = {
+            index: tuple(moments.tolist() for moments in image_moments(image))
+            for index, image in items if index in self.track
+        }
         if not self.reduce:
             batch.groups = [([i for i, _ in group], torch.stack([im for _, im in group])) for group in by_shape.values()]
             return batch
@@ -329,15 +379,18 @@ def fit_stats(
     indices: Sequence[int] | None = None,
     on_batch: Callable[[ChannelStats], None] | None = None,
     process_group: Any = None,
-) -> tuple[ChannelStats, int]:
-    """One pass over ``dataset``; return the exact per-channel statistics and the number of images.
+    track: Collection[int] = (),
+) -> PassResult:
+    """One pass over ``dataset``: the exact per-channel statistics and the number of images.
 
     Statistics are reduced in the DataLoader workers on the CPU, or in this
     process on ``device`` when it is an accelerator. ``indices`` restricts the
     pass to those samples (a subset); ``on_batch`` receives each batch's own
-    statistics (for standard errors across batches). Under an initialized
-    ``torch.distributed`` process group (or ``process_group``) each rank reads
-    its own shard and every rank returns the merged statistics of all of them.
+    statistics (for standard errors across batches); the images of the indices
+    in ``track`` also get their own mean and variance (to verify cache hits).
+    Under an initialized ``torch.distributed`` process group (or
+    ``process_group``) each rank reads its own shard and every rank returns the
+    merged statistics of all of them.
     """
     _check_dataset(dataset)
     ranks = current_ranks(process_group)
@@ -346,40 +399,48 @@ def fit_stats(
         indices = shard(indices, ranks)
     progress = sys.stderr.isatty() if progress is None else progress
 
-    def run_local(show_progress: bool) -> tuple[ChannelStats | None, int]:
+    def run_local(show_progress: bool) -> PassResult:
         return _local_pass(
-            dataset, indices, capture, image, on_batch, show_progress,
+            dataset, indices, capture, image, on_batch, show_progress, frozenset(track),
             batch_size=batch_size, num_workers=num_workers, device=device, pin_memory=pin_memory,
         )
 
-    if ranks is None:
-        stats, num_samples = run_local(progress)
-    else:
-        stats, num_samples = _ranked_pass(ranks, lambda: run_local(progress and ranks.rank == 0))
-    if stats is None:
+    result = run_local(progress) if ranks is None else _ranked_pass(ranks, lambda: run_local(progress and ranks.rank == 0))
+    if result.stats is None:
         raise ValueError(f"No samples to fit: the subset of {type(dataset).__name__} is empty.")
-    _warn_if_0_255(stats)
-    return stats, num_samples
+    _warn_if_0_255(result.stats)
+    return result
 
 
-def _ranked_pass(
-    ranks: Ranks, run_local: Callable[[], tuple[ChannelStats | None, int]]
-) -> tuple[ChannelStats | None, int]:
+class PassResult(NamedTuple):
+    """What a pass found: the statistics (None if it read nothing), the images read, the tracked images' moments."""
+
+    stats: ChannelStats | None
+    num_samples: int
+    tracked: dict[int, tuple[list[float], list[float]]]
+    captured: int = 0
+
+
+def _ranked_pass(ranks: Ranks, run_local: Callable[[], PassResult]) -> PassResult:
     """This rank's shard, then the exact merge with every other rank's; errors reach every rank."""
-    error, stats, num_samples = None, None, 0
+    error, local = None, PassResult(None, 0, {})
     try:
-        stats, num_samples = run_local()
+        local = run_local()
     except Exception as caught:
         error = caught
-    outcomes = agree(ranks, error, (None if stats is None else stats.num_channels, num_samples))
+    channels_here = None if local.stats is None else local.stats.num_channels
+    outcomes = agree(ranks, error, (channels_here, local._replace(stats=None)))
     channels = {c for c, _ in outcomes if c is not None}
     if len(channels) > 1:
         by_rank = {rank: c for rank, (c, _) in enumerate(outcomes)}
         raise ValueError(f"The ranks saw images with different channel counts: {by_rank}.")
     if not channels:
-        return None, 0
-    local = stats if stats is not None else ChannelStats.empty(channels.pop())
-    return gather_merge(ranks, local), sum(n for _, n in outcomes)
+        return PassResult(None, 0, {})
+    stats = local.stats if local.stats is not None else ChannelStats.empty(channels.pop())
+    parts = [part for _, part in outcomes]
+    tracked = {index: moments for part in parts for index, moments in part.tracked.items()}
+    return PassResult(gather_merge(ranks, stats), sum(p.num_samples for p in parts), tracked,
+                      sum(p.captured for p in parts))
 
 
 def _local_pass(
@@ -389,21 +450,24 @@ def _local_pass(
     image: Callable[[Any], Any] | None,
     on_batch: Callable[[ChannelStats], None] | None,
     progress: bool,
+    track: frozenset[int],
     *,
     batch_size: int | None,
     num_workers: int | None,
     device: torch.device | str | None,
     pin_memory: bool | None,
-) -> tuple[ChannelStats | None, int]:
-    """The DataLoader pass over ``indices``; ``None`` statistics if there were none."""
+) -> PassResult:
+    """The DataLoader pass over ``indices``."""
     num_workers = default_num_workers() if num_workers is None else num_workers
     device = torch.device(device) if device is not None else torch.device("cpu")
-    probed, loader = _loader(dataset, indices, capture, image, batch_size, num_workers, device, pin_memory)
+    probed, loader = _loader(dataset, indices, capture, image, track, batch_size, num_workers, device, pin_memory)
     logger.info("fitting %s: %d samples, batch_size=%d, num_workers=%d, device=%s",
                 type(dataset).__name__, len(indices), loader.batch_size, num_workers, device)
     accumulator: BatchNormAccumulator | None = None
     first: _Batch | None = None
     num_samples = 0
+    tracked: dict[int, tuple[list[float], list[float]]] = {}
+    captured = 0
     batches = iter(loader)
     try:
         with tqdm(total=len(indices), unit="img", desc="torchnormfit", disable=not progress) as bar:
@@ -418,12 +482,14 @@ def _local_pass(
                 if on_batch is not None:
                     on_batch(one_batch)
                 num_samples += batch.num_samples
+                tracked.update(batch.tracked)
+                captured += batch.captured
                 bar.update(batch.num_samples)
     finally:
         shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
-    return (None if accumulator is None else accumulator.stats.to("cpu")), num_samples
+    return PassResult(None if accumulator is None else accumulator.stats.to("cpu"), num_samples, tracked, captured)
 
 
 def _loader(
@@ -431,6 +497,7 @@ def _loader(
     indices: Sequence[int],
     capture: Capture | None,
     image: Callable[[Any], Any] | None,
+    track: frozenset[int],
     batch_size: int | None,
     num_workers: int,
     device: torch.device,
@@ -442,11 +509,11 @@ def _loader(
     batch size (:func:`default_batch_size`) and it is the first batch, so no
     sample is read twice.
     """
-    reader, collate = _SampleReader(dataset, capture, image), _Collate(reduce=device.type == "cpu")
+    reader, collate = _SampleReader(dataset, capture, image), _Collate(reduce=device.type == "cpu", track=track)
     probed: list[_Batch] = []
     if batch_size is None and len(indices) > 0:
-        index, item = reader[indices[0]]
-        probed = [collate([(index, item)])]
+        index, item, captured = reader[indices[0]]
+        probed = [collate([(index, item, captured)])]
         if probed[0].failure is not None:  # before any worker process is started
             probed[0].failure.reraise()
         batch_size, indices = default_batch_size(item, len(indices), num_workers), indices[1:]
@@ -507,3 +574,10 @@ def _warn_if_0_255(stats: ChannelStats) -> None:
             UserWarning,
             stacklevel=4,  # the user's fit() call
         )
+
+
+def read_images(
+    dataset: Dataset, indices: Sequence[int], capture: Capture | None = None, image: Callable[[Any], Any] | None = None
+) -> list[Tensor]:
+    """The images of ``dataset[i]`` for ``i`` in ``indices``, read here, one by one (to verify a cache hit)."""
+    return [read_image(lambda: dataset[index], index, capture, image) for index in indices]

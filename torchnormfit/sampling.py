@@ -19,13 +19,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .fitting import DEFAULT_BATCH_SIZE, find_image, fit_stats
+from .fitting import DEFAULT_BATCH_SIZE, PassResult, find_image, fit_stats
 from .stats import ChannelStats
 
 __all__ = [
     "MIN_GROUPS",
     "StandardErrors",
-    "SubsetFit",
     "subset_indices",
     "jackknife",
     "fit_subset",
@@ -41,14 +40,6 @@ class StandardErrors(NamedTuple):
 
     mean: Tensor
     std: Tensor
-
-
-class SubsetFit(NamedTuple):
-    """What :func:`fit_subset` returns: the statistics, the number of images, their standard errors."""
-
-    stats: ChannelStats
-    num_samples: int
-    standard_errors: StandardErrors
 
 
 def subset_indices(length: int, max_samples: int, seed: int = 0) -> list[int]:
@@ -125,8 +116,8 @@ def _group_batch_size(num_samples: int, batch_size: int | None) -> int:
 
 def fit_subset(
     dataset: Dataset, max_samples: int, seed: int = 0, *, batch_size: int | None = None, **fit_kwargs: Any
-) -> SubsetFit:
-    """Fit on a uniform random subset of ``max_samples`` images; return the stats and their standard errors.
+) -> tuple[PassResult, StandardErrors]:
+    """Fit on a uniform random subset of ``max_samples`` images; return the pass and the standard errors.
 
     The subset is :func:`subset_indices` ``(len(dataset), max_samples, seed)``,
     visited in its random order, so the batches are random groups of images.
@@ -152,8 +143,8 @@ def fit_subset(
 
     Returns
     -------
-    SubsetFit
-        ``(stats, num_samples, standard_errors)``.
+    (PassResult, StandardErrors)
+        The pass over the subset (statistics, number of images, ...) and the standard errors.
 
     Examples
     --------
@@ -161,19 +152,19 @@ def fit_subset(
     >>> from torchvision.transforms import v2
     >>> ds = FakeData(size=100, image_size=(3, 8, 8), transform=v2.Compose([v2.ToImage(),
     ...               v2.ToDtype(torch.float32, scale=True)]))
-    >>> stats, n, se = fit_subset(ds, 40, seed=0, num_workers=0, progress=False)
-    >>> n, se.mean.shape
+    >>> result, se = fit_subset(ds, 40, seed=0, num_workers=0, progress=False)
+    >>> result.num_samples, se.mean.shape
     (40, torch.Size([3]))
     """
     indices = subset_indices(len(dataset), max_samples, seed)
     groups: list[ChannelStats] = []
-    stats, num_samples = fit_stats(
+    result = fit_stats(
         dataset, indices=indices, on_batch=groups.append, batch_size=_group_batch_size(len(indices), batch_size),
         **fit_kwargs,
     )
     errors = jackknife(groups)
-    correction = math.sqrt(max(0.0, 1.0 - num_samples / len(dataset)))
-    return SubsetFit(stats, num_samples, StandardErrors(errors.mean * correction, errors.std * correction))
+    correction = math.sqrt(max(0.0, 1.0 - result.num_samples / len(dataset)))
+    return result, StandardErrors(errors.mean * correction, errors.std * correction)
 
 
 def sample_pixels(dataset: Dataset, *, max_pixels: int = 200_000, max_images: int = 32, seed: int = 0) -> Tensor:

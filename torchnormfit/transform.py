@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import datetime
-import json
-import logging
+import contextlib
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import PIL.Image
 import torch
-import torchvision
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -22,15 +19,12 @@ from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._transform import Transform
 
 from . import cache as _cache
-from .fingerprint import describe_dataset, describe_pipeline, fingerprint
-from .distributed import current_ranks, on_root
-from .fitting import TO_FLOAT_FIX, Capture, check_image, fit_stats, tensor_stats
-from .sampling import StandardErrors, fit_subset
+from . import resolve
+from .fitting import TO_FLOAT_FIX, Capture
+from .sampling import StandardErrors
 from .stats import ChannelStats
 
 __all__ = ["FitNormalize", "NotFittedError", "DEFAULT_CACHE"]
-
-logger = logging.getLogger("torchnormfit")
 
 
 class NotFittedError(ValueError):
@@ -49,22 +43,25 @@ DEFAULT_CACHE: Any = _DefaultCache()
 class FitNormalize(v2.Normalize):
     """Normalize with a per-channel mean and std fitted exactly on a dataset, cached in HDF5.
 
-    Once it has statistics (given, fitted or loaded from the cache) it behaves
-    exactly like ``v2.Normalize(mean, std)``: same output bit for bit, same
-    tv_tensors handling, usable in v1 and v2 ``Compose``. Before that it raises
-    :class:`NotFittedError`.
+    With statistics (given, fitted or loaded from the cache) it is a
+    ``v2.Normalize(mean, std, inplace)``: the same output bit for bit, the same
+    kernel dispatch for every input type, in v1 and v2 pipelines, under
+    ``torch.compile`` and ``torch.export``. Before that it raises
+    :class:`NotFittedError`. During :meth:`fit` it measures the images that
+    reach it instead of normalizing them.
 
     Parameters
     ----------
     mean, std : sequence of float, optional
-        Known statistics; leave both out and call :meth:`fit`.
+        Known statistics, as for ``v2.Normalize`` (one value is broadcast to every
+        channel); leave both out and call :meth:`fit`.
+    inplace : bool
+        Normalize in place, as in ``v2.Normalize``.
     cache : path, None or DEFAULT_CACHE
         HDF5 file that keeps fitted statistics across runs; ``None`` disables it.
     key : str, optional
         Cache entry name; by default a fingerprint of the dataset and the
         transforms before this one.
-    inplace : bool
-        Normalize in place, as in ``v2.Normalize``.
 
     Examples
     --------
@@ -73,35 +70,34 @@ class FitNormalize(v2.Normalize):
     >>> norm = FitNormalize(cache=None)
     >>> ds = FakeData(size=8, image_size=(3, 8, 8),
     ...               transform=v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), norm]))
-    >>> norm.fit(ds, num_workers=0, progress=False).mean is not None
-    True
+    >>> norm.fit(ds, num_workers=0, progress=False).fit_record.source
+    'pass'
     """
+
+    _record: resolve.FitRecord | None = None  # class defaults: objects pickled by 0.1 lack these
+    _capture: Capture | None = None
 
     def __init__(
         self,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        inplace: bool = False,
         *,
         cache: str | os.PathLike | None = DEFAULT_CACHE,
         key: str | None = None,
-        inplace: bool = False,
     ) -> None:
         Transform.__init__(self)
         if (mean is None) != (std is None):
             raise ValueError("Pass both mean and std, or neither and call .fit(dataset).")
-        self.mean: list[float] | None = None
-        self.std: list[float] | None = None
+        self.mean: list[float] | None = None if mean is None else list(mean)
+        self.std: list[float] | None = None if std is None else list(std)
         self.inplace = inplace
         self._cache = cache
         self._key = _cache.check_key(key) if key is not None else None
         self._stats: ChannelStats | None = None
-        self._capture: Capture | None = None
         self._num_samples = 0
         self._standard_errors: StandardErrors | None = None
         self._fitted_key: str | None = None
-        self._std_checked: set[tuple[torch.dtype, tuple[float, ...]]] = set()
-        if mean is not None:
-            self._set_mean_std(list(map(float, mean)), list(map(float, std)))
 
     # --- state -------------------------------------------------------------------------------
 
@@ -126,38 +122,28 @@ class FitNormalize(v2.Normalize):
         return self._key if self._key is not None else self._fitted_key
 
     @property
+    def fit_record(self) -> resolve.FitRecord | None:
+        """How the last :meth:`fit` got its statistics: cache or pass, key, verification, write."""
+        return self._record
+
+    @property
     def is_fitted(self) -> bool:
         return self.mean is not None
 
-    def _set_mean_std(self, mean: list[float], std: list[float]) -> None:
-        if len(mean) != len(std) or not mean:
-            raise ValueError(f"mean and std need one value per channel. Got {len(mean)} means and {len(std)} stds.")
-        self.mean, self.std = mean, std
-
-    def _use_stats(self, stats: ChannelStats) -> None:
+    def _use_stats(self, stats: ChannelStats, num_samples: int, errors: StandardErrors | None = None) -> None:
         """Take fitted statistics; a (near) constant channel gets std 1.0 (scikit-learn's policy), with a warning."""
         std = stats.std.clone()
         constant = _near_constant(stats)
         if bool(constant.any()):
-            channels = constant.nonzero().flatten().tolist()
             warnings.warn(
-                f"Channel(s) {channels} have (near) zero variance: their std is set to 1.0, so normalization "
-                "only subtracts their mean (the policy of scikit-learn's StandardScaler).",
+                f"Channel(s) {constant.nonzero().flatten().tolist()} have (near) zero variance: their std is set to "
+                "1.0, so normalization only subtracts their mean (the policy of scikit-learn's StandardScaler).",
                 UserWarning,
                 stacklevel=3,
             )
             std[constant] = 1.0
-        self._set_mean_std(stats.mean.tolist(), std.tolist())
-        self._stats = stats
-
-    def _use_entry(self, entry: _cache.CacheEntry) -> None:
-        self._use_stats(entry.stats)
-        self._num_samples = int(entry.attrs.get("num_samples", 0))
-        if "mean_se" in entry.attrs and "std_se" in entry.attrs:
-            self._standard_errors = StandardErrors(
-                torch.tensor(entry.attrs["mean_se"], dtype=torch.float64),
-                torch.tensor(entry.attrs["std_se"], dtype=torch.float64),
-            )
+        self.mean, self.std = stats.mean.tolist(), std.tolist()
+        self._stats, self._num_samples, self._standard_errors = stats, num_samples, errors
 
     def get_extra_state(self) -> dict[str, Any]:
         stats = None if self._stats is None else self._stats.to_dict()
@@ -167,10 +153,20 @@ class FitNormalize(v2.Normalize):
         if state.get("stats") is not None:
             self._stats = ChannelStats.from_dict(state["stats"])
         if state.get("mean") is not None:
-            self._set_mean_std(list(state["mean"]), list(state["std"]))
+            self.mean, self.std = list(state["mean"]), list(state["std"])
         if state.get("key") is not None:
             self._key = state["key"]
         self._num_samples = int(state.get("num_samples", 0))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        """A ``v2.Normalize`` checkpoint has no extra state: load it as it is, keeping these statistics."""
+        missing = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        missing_keys[missing:] = [k for k in missing_keys[missing:] if k != prefix + "_extra_state"]
+
+    def _fingerprint_state(self) -> dict[str, Any]:
+        """What a cache key sees of a FitNormalize in a pipeline: what it does to pixels, not where it caches."""
+        return {"mean": self.mean, "std": self.std, "inplace": self.inplace}
 
     def extra_repr(self) -> str:
         return f"mean={self.mean}, std={self.std}, inplace={self.inplace}"
@@ -182,41 +178,34 @@ class FitNormalize(v2.Normalize):
             raise TypeError(f"{type(self).__name__}() does not support PIL images. {TO_FLOAT_FIX}")
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if not isinstance(inpt, (tv_tensors.Image, tv_tensors.Video)) and isinstance(inpt, tv_tensors.TVTensor):
-            return inpt  # boxes, masks, keypoints pass through, as in v2.Normalize
-        if self._capture is not None:  # being fitted: measure, do not change
-            self._capture.offer(check_image(inpt))
-            return inpt
-        self._require_fitted()
-        check_image(inpt)
-        if inpt.shape[-3] != len(self.mean):
-            raise ValueError(
-                f"{type(self).__name__} has statistics for {len(self.mean)} channels, but the input has "
-                f"{inpt.shape[-3]} (shape {tuple(inpt.shape)}). Convert the images to {len(self.mean)} channels "
-                "or fit on images like these."
-            )
-        self._check_std_in(inpt.dtype)
-        return self._call_kernel(F.normalize, inpt, mean=self.mean, std=self.std, inplace=self.inplace)
-
-    def _check_std_in(self, dtype: torch.dtype) -> None:
-        """Raise, as v1 Normalize does, if a std rounds to zero in ``dtype`` (checked once per std and dtype)."""
-        checked = (dtype, tuple(self.std))
-        if checked in self._std_checked:
-            return
-        if bool((torch.as_tensor(self.std, dtype=dtype) == 0).any()):
-            raise ValueError(f"std evaluated to zero after conversion to {dtype}, leading to division by zero.")
-        self._std_checked.add(checked)
-
-    def __prepare_scriptable__(self) -> nn.Module:
-        self._require_fitted()
-        return super().__prepare_scriptable__()
-
-    def _require_fitted(self) -> None:
+        image = isinstance(inpt, (tv_tensors.Image, tv_tensors.Video)) or not isinstance(inpt, tv_tensors.TVTensor)
+        if self._capture is not None:  # being fitted: hand the image over, change nothing
+            return self._capture.offer(_checked(inpt)) if image else inpt
         if self.mean is None:
             raise NotFittedError(
                 f"This {type(self).__name__} has no statistics yet. Call .fit(dataset) first, "
                 "or pass mean=[...] and std=[...]."
             )
+        if image:
+            self._check(_checked(inpt))
+        return self._call_kernel(F.normalize, inpt, mean=self.mean, std=self.std, inplace=self.inplace)
+
+    def _check(self, image: Tensor) -> None:
+        """What v2's kernel cannot know: fitted statistics are for one channel count; a std may underflow."""
+        if self._stats is not None and image.shape[-3] != len(self.mean):
+            raise ValueError(
+                f"{type(self).__name__} has statistics for {len(self.mean)} channels, but the input has "
+                f"{image.shape[-3]} (shape {tuple(image.shape)}). Convert the images to {len(self.mean)} channels "
+                "or fit on images like these."
+            )
+        half_smallest = torch.finfo(image.dtype).smallest_normal * torch.finfo(image.dtype).eps / 2
+        if any(s != 0 and abs(s) <= half_smallest for s in self.std):  # rounds to zero in the image's dtype
+            raise ValueError(f"std evaluated to zero after conversion to {image.dtype}, leading to division by zero.")
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        if self.mean is None:
+            raise NotFittedError(f"This {type(self).__name__} has no statistics yet: fit it before scripting.")
+        return super().__prepare_scriptable__()
 
     # --- fitting -----------------------------------------------------------------------------
 
@@ -228,6 +217,7 @@ class FitNormalize(v2.Normalize):
         num_workers: int | None = None,
         progress: bool | None = None,
         refit: bool = False,
+        verify: int | None = None,
         image: Callable[[Any], Any] | None = None,
         device: torch.device | str | None = None,
         pin_memory: bool | None = None,
@@ -235,14 +225,14 @@ class FitNormalize(v2.Normalize):
         max_samples: int | None = None,
         seed: int = 0,
     ) -> FitNormalize:
-        """Fit mean and std on ``dataset`` in one exact pass, or load them from the cache.
+        """Fit mean and std on ``dataset`` in one exact pass, or take them from the cache, verified.
 
         Parameters
         ----------
         dataset : Dataset
             A map-style dataset whose samples hold a float image ``(..., C, H, W)``.
-            If this transform is in the dataset's own pipeline it passes images
-            through during the pass, and what reaches it is measured.
+            If this transform is in the dataset's own pipeline, what reaches it
+            is measured (and the rest of the sample is not built).
         batch_size, num_workers : int, optional
             DataLoader settings. They change speed, never the result. Default:
             64 MiB of images per batch judged by the first sample, 1 to 256
@@ -251,6 +241,11 @@ class FitNormalize(v2.Normalize):
             tqdm progress bar; default on where stderr is a terminal.
         refit : bool
             Do the pass even if the cache has the statistics.
+        verify : int, optional
+            On a cache hit, read this many of the images the entry was fitted on
+            again and check that they still match it; on a mismatch, warn, refit
+            and replace the entry. Default: 64 for a fingerprint key, 0 for a
+            ``key=`` given by hand; 0 never reads a sample (very slow sources).
         image : callable, optional
             ``sample -> image tensor`` when the image cannot be found in a sample
             the way v2 transforms find it.
@@ -270,31 +265,16 @@ class FitNormalize(v2.Normalize):
         Returns
         -------
         FitNormalize
-            ``self``, fitted.
+            ``self``, fitted; :attr:`fit_record` says how.
         """
-        settings = {"image": _callable_name(image), "ddof": 0, "statistic": "per-channel population mean/std"}
-        if max_samples is not None:
-            settings.update(max_samples=max_samples, seed=seed)
-        key = self._key or fingerprint(dataset, self, settings)
         self._fitted_key = None
-        path = self._cache_path()
-        ranks = current_ranks(process_group)
-        if path is not None and not refit:
-            entry = on_root(ranks, lambda: self._lookup(path, key))
-            if entry is not None:
-                logger.info("cache hit: %r in %s", key, path)
-                self._use_entry(entry)
-                self._fitted_key = key
-                return self
-        stats, num_samples, errors = self._pass(
-            dataset, batch_size=batch_size, num_workers=num_workers, progress=progress, image=image,
-            device=device, pin_memory=pin_memory, process_group=process_group, max_samples=max_samples, seed=seed,
+        record = resolve.fit_dataset(
+            dataset, self, self._capturing, cache_path=self._cache_path(), key=self._key, refit=refit, verify=verify,
+            image=image, max_samples=max_samples, seed=seed, process_group=process_group, batch_size=batch_size,
+            num_workers=num_workers, progress=progress, device=device, pin_memory=pin_memory,
         )
-        self._use_stats(stats)
-        self._num_samples, self._standard_errors, self._fitted_key = num_samples, errors, key
-        if path is not None:
-            attrs = {**_provenance(dataset, self, num_samples), **_subset_provenance(dataset, max_samples, seed, errors)}
-            on_root(ranks, lambda: self._save(path, key, stats, attrs))
+        self._use_stats(record.stats, record.num_samples, record.standard_errors)
+        self._fitted_key, self._record = record.key, record
         return self
 
     def partial_fit(self, data: Tensor | Dataset, **fit_options: Any) -> FitNormalize:
@@ -302,7 +282,8 @@ class FitNormalize(v2.Normalize):
 
         Like scikit-learn's ``partial_fit``: ``fit(a)`` then ``partial_fit(b)`` equals
         one fit over ``a`` and ``b``. A dataset takes ``fit``'s options except
-        ``refit``. Nothing is read from or written to the cache; :meth:`save` writes.
+        ``refit`` and ``verify``. Nothing is read from or written to the cache;
+        :meth:`save` writes.
 
         Examples
         --------
@@ -318,11 +299,11 @@ class FitNormalize(v2.Normalize):
                 "Start from fit(), partial_fit() or from_cache()."
             )
         if isinstance(data, Tensor):
-            stats, num_samples = tensor_stats(data)
+            stats, num_samples = resolve.tensor_pass(data)
         else:
-            stats, num_samples, _ = self._pass(data, **fit_options)
-        self._use_stats(stats if self._stats is None else self._stats.merge(stats))
-        self._num_samples += num_samples
+            stats, num_samples = resolve.pass_stats(data, self._capturing, **fit_options)
+        merged = stats if self._stats is None else self._stats.merge(stats)
+        self._use_stats(merged, self._num_samples + num_samples)
         return self
 
     def save(self, key: str | None = None) -> str:
@@ -337,23 +318,8 @@ class FitNormalize(v2.Normalize):
         path = self._cache_path()
         if key is None or path is None:
             raise ValueError("save() needs a cache file and a key: pass key= here or to FitNormalize(key=..., cache=...).")
-        attrs = _provenance(None, self, self._num_samples)
-        _cache.write_entry(path, key, self._stats, attrs)
+        resolve.save_stats(path, _cache.check_key(key), self._stats, self._num_samples)
         return key
-
-    def _pass(
-        self, dataset: Dataset, max_samples: int | None = None, seed: int = 0, **options: Any
-    ) -> tuple[ChannelStats, int, StandardErrors | None]:
-        """One pass with this transform in pass-through mode; it is left unchanged if the pass fails."""
-        self._capture = Capture()
-        try:
-            if max_samples is None:
-                return (*fit_stats(dataset, capture=self._capture, **options), None)
-            if current_ranks(options.get("process_group")) is not None:
-                raise ValueError("max_samples is not supported across a process group: fit the subset on one rank.")
-            return fit_subset(dataset, max_samples, seed, capture=self._capture, **options)
-        finally:
-            self._capture = None
 
     @classmethod
     def from_cache(cls, path: str | os.PathLike | None, key: str, *, inplace: bool = False) -> FitNormalize:
@@ -362,13 +328,23 @@ class FitNormalize(v2.Normalize):
         Raises :class:`~torchnormfit.CacheError` if the entry is missing or invalid.
         """
         path = Path(path) if path is not None else _cache.default_cache_path()
-        entry = _cache.read_entry(path, key)
-        if entry is None:
-            known = [e.key for e in _cache.list_entries(path)] if path.is_file() else []
-            raise _cache.CacheError(f"No cache entry {key!r} in {path}. Entries there: {known}.")
+        entry = resolve.load_entry(path, key)
         norm = cls(cache=path, key=key, inplace=inplace)
-        norm._use_entry(entry)
+        errors = None
+        if "mean_se" in entry.attrs and "std_se" in entry.attrs:
+            errors = StandardErrors(torch.tensor(entry.attrs["mean_se"], dtype=torch.float64),
+                                    torch.tensor(entry.attrs["std_se"], dtype=torch.float64))
+        norm._use_stats(entry.stats, int(entry.attrs.get("num_samples", 0)), errors)
         return norm
+
+    @contextlib.contextmanager
+    def _capturing(self) -> Iterator[Capture]:
+        """Capture mode for one pass: images that reach this transform are handed over, not normalized."""
+        self._capture = Capture()
+        try:
+            yield self._capture
+        finally:
+            self._capture = None
 
     def _cache_path(self) -> Path | None:
         if self._cache is None:
@@ -384,36 +360,25 @@ class FitNormalize(v2.Normalize):
             return None
         return path
 
-    def _lookup(self, path: Path, key: str) -> _cache.CacheEntry | None:
-        try:
-            return _cache.read_entry(path, key)
-        except _cache.CacheError as error:
-            warnings.warn(f"{error} Not using it; fitting again.", _cache.CacheWarning, stacklevel=3)
-            return None
-
-    def _save(self, path: Path, key: str, stats: ChannelStats, attrs: dict[str, Any]) -> None:
-        try:
-            _cache.write_entry(path, key, stats, attrs)
-        except (OSError, _cache.CacheError) as error:
-            warnings.warn(
-                f"The statistics were fitted but not saved to the cache {path}: {error}",
-                _cache.CacheWarning,
-                stacklevel=3,
-            )
-        else:
-            logger.info("cached %r in %s", key, path)
-
     # --- companions --------------------------------------------------------------------------
+
+    def _per_channel(self) -> tuple[list[float], list[float]]:
+        """Mean and std broadcast to one value per channel, as the kernel broadcasts them."""
+        if self.mean is None:
+            raise NotFittedError(f"This {type(self).__name__} has no statistics yet. Call .fit(dataset) first.")
+        mean, std = torch.broadcast_tensors(torch.tensor(self.mean, dtype=torch.float64),
+                                            torch.tensor(self.std, dtype=torch.float64))
+        return mean.tolist(), std.tolist()
 
     def to_normalize(self) -> v2.Normalize:
         """A plain ``v2.Normalize`` with the same statistics."""
-        self._require_fitted()
+        self._per_channel()
         return v2.Normalize(mean=self.mean, std=self.std, inplace=self.inplace)
 
     def inverse(self) -> v2.Normalize:
         """A ``v2.Normalize`` that undoes this one (``x * std + mean``), for looking at images."""
-        self._require_fitted()
-        return v2.Normalize(mean=[-m / s for m, s in zip(self.mean, self.std)], std=[1.0 / s for s in self.std])
+        mean, std = self._per_channel()
+        return v2.Normalize(mean=[-m / s for m, s in zip(mean, std)], std=[1.0 / s for s in std])
 
     def to_batchnorm(self) -> nn.BatchNorm2d:
         """A frozen ``BatchNorm2d(C, affine=False)`` that normalizes with these statistics.
@@ -421,12 +386,21 @@ class FitNormalize(v2.Normalize):
         It stays in eval mode even when its model is put in train mode, so it can
         serve as a network's input layer.
         """
-        self._require_fitted()
-        bn = _FrozenBatchNorm2d(len(self.mean), eps=0.0, momentum=0.0, affine=False)
+        mean, std = self._per_channel()
+        bn = _FrozenBatchNorm2d(len(mean), eps=0.0, momentum=0.0, affine=False)
         with torch.no_grad():
-            bn.running_mean.copy_(torch.tensor(self.mean))
-            bn.running_var.copy_(torch.tensor(self.std, dtype=torch.float64).square())
+            bn.running_mean.copy_(torch.tensor(mean))
+            bn.running_var.copy_(torch.tensor(std, dtype=torch.float64).square())
         return bn.eval()
+
+
+def _checked(image: Any) -> Any:
+    """Reject what Normalize rejects, with the fix (v2's kernel says the same without it)."""
+    if not image.is_floating_point():
+        raise TypeError(f"Input tensor should be a float tensor. Got {image.dtype}. {TO_FLOAT_FIX}")
+    if image.ndim < 3:
+        raise ValueError(f"Expected tensor to be a tensor image of size (..., C, H, W). Got {tuple(image.shape)}.")
+    return image
 
 
 NEAR_CONSTANT_RTOL = 1e-6
@@ -444,38 +418,3 @@ class _FrozenBatchNorm2d(nn.BatchNorm2d):
 
     def train(self, mode: bool = True) -> _FrozenBatchNorm2d:
         return super().train(False)
-
-
-def _callable_name(function: Callable[..., Any] | None) -> str | None:
-    if function is None:
-        return None
-    return f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', type(function).__qualname__)}"
-
-
-def _provenance(dataset: Dataset | None, norm: FitNormalize, num_samples: int) -> dict[str, Any]:
-    from . import __version__
-
-    return {
-        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__,
-        "torchnormfit_version": __version__,
-        "dataset": "partial_fit" if dataset is None else json.dumps(describe_dataset(dataset), sort_keys=True, default=str),
-        "pipeline": "" if dataset is None else describe_pipeline(dataset, norm),
-        "num_samples": num_samples,
-        "ddof": 0,
-    }
-
-
-def _subset_provenance(
-    dataset: Dataset, max_samples: int | None, seed: int, errors: StandardErrors | None
-) -> dict[str, Any]:
-    if max_samples is None or errors is None:
-        return {}
-    return {
-        "max_samples": max_samples,
-        "seed": seed,
-        "population": len(dataset),
-        "mean_se": errors.mean.tolist(),
-        "std_se": errors.std.tolist(),
-    }

@@ -1,0 +1,371 @@
+"""A cache hit never hands back another dataset's statistics (issue 10).
+
+Two real processes share one cache file; between them the data or the pipeline changes as users change them.
+The second run must return the new data's true statistics (by a new key, or by a hit that verification refused),
+and a third run on unchanged data must be a verified hit.
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset, StackDataset, TensorDataset
+from torchvision.datasets import FakeData, ImageFolder
+from torchvision.transforms import v2
+
+from datasets_for_tests import CountingDataset
+from torchnormfit import CacheWarning, FitNormalize, list_entries
+from torchnormfit.fingerprint import fingerprint
+
+TESTS = Path(__file__).parent
+SCENARIOS = ["numpy_subset", "pipeline_elsewhere", "wrapped_folder", "reexported_folder", "one_of_130_swapped",
+             "image_lambda", "image_itemgetter", "hf_map", "pandas_csv", "invisible_change"]
+KEY_SEES_IT = set(SCENARIOS) - {"invisible_change"}
+TO_FLOAT = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+
+
+def png(path, value, size=8, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    noise = np.random.default_rng(seed).integers(0, 20, (size, size, 3))
+    PIL.Image.fromarray(np.clip(value + noise, 0, 255).astype(np.uint8)).save(path)
+
+
+def make_work(work: Path):
+    for name, value in (("dark", 20), ("bright", 220)):
+        for i in range(6):
+            png(work / name / "c" / f"{i}.png", value, seed=i)
+    for i in range(6):
+        png(work / "reexported" / "c" / f"{i}.png", 30, seed=i)
+    for i in range(130):
+        png(work / "many" / "c" / f"{i:03d}.png", 40, seed=i)
+    for i in range(8):
+        png(work / "csv_images" / f"{i}.png", 30 + 25 * i, seed=i)
+    (work / "list_a.csv").write_text("file,label\n" + "".join(f"{i}.png,0\n" for i in range(4)))
+    (work / "list_b.csv").write_text("file,label\n" + "".join(f"{i}.png,0\n" for i in range(4, 8)))
+    import datasets
+
+    rng = np.random.default_rng(0)
+    datasets.Dataset.from_dict({"pixels": rng.random((10, 3, 4, 4)).tolist()}).save_to_disk(str(work / "hf"))
+
+
+def run(cache, work, variant, level):
+    result = subprocess.run(
+        [sys.executable, str(TESTS / "_trust_worker.py"), str(cache), str(work), variant, *SCENARIOS],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "TNF_LEVEL": level},
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    work = tmp_path_factory.mktemp("work")
+    make_work(work)
+    cache = work / "shared.h5"
+    first = run(cache, work, "a", level="1.0")
+    for i in range(6):  # re-exported under the same names
+        png(work / "reexported" / "c" / f"{i}.png", 200, seed=i)
+    png(work / "many" / "c" / "077.png", 255, seed=1)  # one file of 130 swapped
+    second = run(cache, work, "b", level="0.5")
+    third = run(cache, work, "b", level="0.5")
+    return first, second, third
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_second_process_gets_the_changed_datas_statistics(runs, name):
+    first, second, _ = runs
+    a, b = first[name], second[name]
+    assert a["source"] == "pass" and a["mean"] == pytest.approx(a["true_mean"], rel=1e-9)
+    assert b["true_mean"] != pytest.approx(a["true_mean"], rel=1e-6)  # the change is one the statistics see
+    assert b["mean"] == pytest.approx(b["true_mean"], rel=1e-9) and b["std"] == pytest.approx(b["true_std"], rel=1e-9)
+    assert b["source"] == "pass"
+    if name in KEY_SEES_IT:
+        assert b["key"] != a["key"] and b["verified"] is None
+    else:  # same key: the hit was refused by verification, with a warning that names the key
+        assert b["key"] == a["key"] and b["verified"] is False
+        assert any(a["key"] in w and "does not match the data" in w for w in b["warnings"])
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_third_process_on_unchanged_data_is_a_verified_hit(runs, name):
+    _, second, third = runs
+    assert third[name]["source"] == "cache" and third[name]["key"] == second[name]["key"]
+    assert third[name]["verified"] is True and third[name]["mean"] == second[name]["mean"]
+    assert not third[name]["warnings"]
+
+
+# --- the key, in one process -----------------------------------------------------------------------------
+
+
+def key(dataset, norm=None, **settings):
+    return fingerprint(dataset, norm, {"image": None, **settings})
+
+
+class Holder(Dataset):
+    """A dataset whose identity lives in whatever it is given."""
+
+    def __init__(self, **state):
+        self.__dict__.update(state)
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return torch.rand(3, 4, 4)
+
+
+class Slotted(Dataset):
+    __slots__ = ("level",)
+
+    def __init__(self, level):
+        self.level = level
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return torch.full((3, 4, 4), self.level)
+
+
+class Scale(nn.Module):
+    def __init__(self, factor):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(float(factor)))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def loader_a(path):
+    return PIL.Image.open(path).convert("RGB")
+
+
+def loader_b(path):
+    return PIL.Image.open(path).convert("L").convert("RGB")
+
+
+def test_key_sees_state_kept_anywhere(tmp_path):
+    big = {f"k{i}": i for i in range(100)}
+    changed_big = {**big, "k57": -1}
+    matrix = torch.eye(3 * 32 * 32)
+    changed_matrix = matrix.clone()
+    changed_matrix[1500, 1501] = 0.5  # in the middle: str() of the transform would hide it
+    png(tmp_path / "c" / "0.png", 100)
+    pairs = [
+        (Holder(table=big), Holder(table=changed_big)),
+        (Holder(levels={1, 2, 3}), Holder(levels={1, 2, 4})),
+        (StackDataset(Holder(x=1), Holder(x=2)), StackDataset(Holder(x=1), Holder(x=3))),
+        (ImageFolder(tmp_path, loader=loader_a), ImageFolder(tmp_path, loader=loader_b)),
+        (Holder(transform=Scale(2.0)), Holder(transform=Scale(3.0))),
+        (Holder(_private=1), Holder(_private=2)),
+        (Slotted(0.1), Slotted(0.2)),
+        (Holder(transform=v2.LinearTransformation(matrix, torch.zeros(3 * 32 * 32))),
+         Holder(transform=v2.LinearTransformation(changed_matrix, torch.zeros(3 * 32 * 32)))),
+        (Holder(values=np.arange(10, dtype=">f8")), Holder(values=np.arange(10, dtype=">f8") + 1)),
+    ]
+    for before, after in pairs:
+        assert key(before).key != key(after).key, type(before).__name__
+
+
+WEIRD_NUMPY = [
+    np.array(["a", "b"]),
+    np.array([{"x": 1}, None], dtype=object),
+    np.array(["2020-01-01", "2021-01-01"], dtype="datetime64[D]"),
+    np.array([1.5, 2.5], dtype=np.longdouble),
+    np.arange(10)[::-1],
+    np.arange(10, dtype=">i4"),
+    np.float64(3.0),
+    np.datetime64("2020-01-01"),
+]
+
+
+@pytest.mark.parametrize("value", WEIRD_NUMPY, ids=[repr(v)[:30] for v in WEIRD_NUMPY])
+def test_numpy_attributes_of_any_dtype_and_layout_are_keyed_without_error(value):
+    first = key(Holder(v=value))
+    assert first.key == key(Holder(v=value.copy())).key and not first.gaps
+    assert first.key != key(Holder(v=None)).key
+
+
+def test_numpy_attributes_do_not_break_a_fit_with_or_without_a_key(tmp_path):
+    for cache, given in ((None, None), (tmp_path / "c.h5", "named")):
+        norm = FitNormalize(cache=cache, key=given)
+        dataset = CountingDataset(n=6, transform=norm)
+        dataset.extra = [np.array(["x"]), np.array([1.5], dtype=np.longdouble), np.arange(4)[::-1]]
+        norm.fit(dataset, num_workers=0, progress=False)
+        assert norm.fit_record.source == "pass" and (cache is None or norm.fit_record.written)
+
+
+def test_a_dataset_that_refers_to_itself_is_keyed():
+    inner = Holder(x=1)
+    outer = Holder(inner=inner)
+    inner.parent = outer
+    assert key(outer).key == key(outer).key and not key(outer).gaps
+
+
+def test_a_key_that_is_not_valid_unicode_is_refused_before_any_pass():
+    with pytest.raises(ValueError, match="valid Unicode"):
+        FitNormalize(key="stats-\udc80")
+
+
+def test_opaque_state_is_a_gap_recorded_in_the_entry(tmp_path):
+    import threading
+
+    norm = FitNormalize(cache=tmp_path / "c.h5")
+    dataset = CountingDataset(n=5, transform=norm)
+    dataset.lock = threading.Lock()  # no attributes to describe
+    norm.fit(dataset, num_workers=0, progress=False)
+    assert norm.fit_record.key_gaps and "lock" in norm.fit_record.key_gaps[0]
+    (entry,) = list_entries(tmp_path / "c.h5")
+    assert "lock" in json.loads(entry.attrs["key_gaps"])[0]
+
+
+KEY_SCRIPT = """
+import sys, random; sys.path.insert(0, {tests!r})
+from test_trust import Holder
+from torchnormfit.fingerprint import fingerprint
+files = [f"/data/img{{i}}.png" for i in range(500)]
+random.shuffle(files)
+print(fingerprint(Holder(files=files, classes={{"cat", "dog", "bird", "fish"}}), None, {{}}).key)
+"""
+
+
+def test_key_is_stable_across_hash_seeds_and_unseeded_shuffles():
+    keys = {
+        subprocess.run([sys.executable, "-c", KEY_SCRIPT.format(tests=str(TESTS))], capture_output=True, text=True,
+                       check=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+        for seed in (1, 2, 3)
+    }
+    assert len(keys) == 1
+
+
+class UsesAGlobalPipeline(Dataset):
+    """A dataset whose pipeline is a module global, not something it holds: no key can find it."""
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, index):
+        return GLOBAL_PIPELINE(torch.rand(3, 4, 4))
+
+
+GLOBAL_PIPELINE = None
+
+
+def test_warns_when_the_fit_captured_through_a_transform_the_key_could_not_find(tmp_path, monkeypatch):
+    norm = FitNormalize(cache=tmp_path / "c.h5")
+    monkeypatch.setattr(sys.modules[__name__], "GLOBAL_PIPELINE", v2.Compose([norm]))
+    with pytest.warns(UserWarning, match="could not find it there"):
+        norm.fit(UsesAGlobalPipeline(), num_workers=0, progress=False)
+
+
+# --- memoizing datasets -----------------------------------------------------------------------------------
+
+
+class Memoizing(Dataset):
+    """The 'RAM cache' pattern: transformed samples kept after their first read."""
+
+    def __init__(self, transform, n=10):
+        self.transform, self.n, self.memo = transform, n, {}
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        if index not in self.memo:
+            self.memo[index] = self.transform(torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(index)) + 2)
+        return self.memo[index]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_no_sample_is_served_unnormalized_after_a_fit(workers):
+    norm = FitNormalize(cache=None)
+    dataset = Memoizing(v2.Compose([norm]))
+    norm.fit(dataset, num_workers=workers, progress=False)
+    served = torch.stack([dataset[i] for i in range(len(dataset))])
+    assert abs(float(served.mean())) < 1e-5 and float(served.std()) == pytest.approx(1.0, rel=0.05)
+
+
+def test_a_dataset_that_swallows_the_stop_gets_right_statistics_and_a_warning():
+    norm = FitNormalize(cache=None)
+
+    class Swallowing(Memoizing):
+        def __getitem__(self, index):
+            while True:
+                try:
+                    return super().__getitem__(index)
+                except:  # noqa: E722 -- the pattern this test is about
+                    continue
+
+    dataset = Swallowing(v2.Compose([norm]))
+    with pytest.warns(UserWarning, match="caught the signal"):
+        norm.fit(dataset, num_workers=0, progress=False)
+    truth = FitNormalize(cache=None).partial_fit(torch.stack([torch.rand(3, 4, 4, generator=torch.Generator()
+                                                                          .manual_seed(i)) + 2 for i in range(10)]))
+    assert norm.mean == pytest.approx(truth.mean, rel=1e-12)
+
+
+# --- verification -----------------------------------------------------------------------------------------
+
+
+def test_a_random_augmentation_on_a_small_dataset_stays_a_hit(tmp_path):
+    cache = tmp_path / "c.h5"
+    sources = []
+    for _ in range(8):
+        norm = FitNormalize(cache=cache)
+        pipeline = v2.Compose([*TO_FLOAT.transforms, v2.RandomResizedCrop(16, antialias=True), norm])
+        norm.fit(FakeData(size=40, image_size=(3, 24, 24), transform=pipeline), num_workers=0, progress=False)
+        sources.append(norm.fit_record.source)
+    assert sources == ["pass"] + ["cache"] * 7
+
+
+def test_hit_records_what_it_checked(tmp_path):
+    cache = tmp_path / "c.h5"
+    norm = FitNormalize(cache=cache)
+    norm.fit(CountingDataset(n=100, transform=norm), num_workers=0, progress=False)
+    assert norm.fit_record.written and norm.fit_record.cache_path == cache
+    again = FitNormalize(cache=cache)
+    again.fit(CountingDataset(n=100, transform=again), num_workers=0, progress=False, verify=40)
+    record = again.fit_record
+    assert record.source == "cache" and record.verification.samples == 40 and record.verification.passed
+    assert record.key == norm.fit_record.key and not record.written
+
+
+def test_changed_data_under_an_unchanged_key_refits_with_a_warning(tmp_path, monkeypatch):
+    cache = tmp_path / "c.h5"
+    norm = FitNormalize(cache=cache)
+    norm.fit(CountingDataset(n=60, transform=norm), num_workers=0, progress=False)
+    monkeypatch.setenv("TNF_TEST_SHIFT", "0.1")
+    again = FitNormalize(cache=cache)
+    with pytest.warns(CacheWarning, match=r"does not match the data.*channel 0: the image means are higher"):
+        again.fit(CountingDataset(n=60, transform=again), num_workers=0, progress=False)
+    assert again.fit_record.source == "pass" and again.mean == pytest.approx([m + 0.1 for m in norm.mean])
+    assert again.fit_record.written and again.fit_record.verification.passed is False
+
+
+def test_an_explicit_key_is_not_verified_unless_asked(tmp_path, monkeypatch):
+    cache = tmp_path / "c.h5"
+    norm = FitNormalize(cache=cache, key="train")
+    norm.fit(CountingDataset(n=30, transform=norm), num_workers=0, progress=False)
+    monkeypatch.setenv("TNF_TEST_SHIFT", "0.3")  # another dataset, the train statistics on purpose
+    shared = FitNormalize(cache=cache, key="train")
+    shared.fit(CountingDataset(n=30, transform=shared), num_workers=0, progress=False)
+    assert shared.mean == norm.mean and shared.fit_record.verification is None
+    asked = FitNormalize(cache=cache, key="train")
+    with pytest.warns(CacheWarning, match="does not match"):
+        asked.fit(CountingDataset(n=30, transform=asked), num_workers=0, progress=False, verify=30)
+    assert asked.mean != norm.mean
+
+
+@pytest.mark.parametrize("bad", [-1, 257, 2.5, True])
+def test_verify_must_be_a_count(bad):
+    norm = FitNormalize(cache=None)
+    with pytest.raises(ValueError, match="verify must be an int from 0"):
+        norm.fit(CountingDataset(n=3, transform=norm), verify=bad)

@@ -1,0 +1,313 @@
+"""Statistics for a dataset: a verified cache hit, or one pass and a write. The one place that decides.
+
+:func:`fit_dataset` is what ``FitNormalize.fit`` and the command line call::
+
+    key (given, or the fingerprint of dataset + pipeline + settings)
+    -> cache entry?  no -> pass -> write the entry (with a few images' own moments)
+                     yes -> verify: read ``verify`` of those images again, paired test
+                            passed -> hit;  failed -> warn, pass, replace the entry
+
+and returns a :class:`FitRecord` of what happened. Under ``torch.distributed``
+rank 0 reads the cache, verifies and writes; every rank gets its decision.
+
+Which hits are verified (``verify=None``, the default): every hit on a fingerprint
+key, with :data:`~torchnormfit.verification.DEFAULT_VERIFY` images; none on a key
+given by hand (``key=``), which names an entry that may have been fitted on other
+data on purpose (a train set's statistics used for a test set). ``verify=N``
+verifies with N images whatever the key; ``verify=0`` never reads an image. An
+entry that holds no per-image moments (written by ``partial_fit``/``save``, or by
+torchnormfit 0.1) cannot be verified: its hit is taken and the record says so.
+
+This module takes plain arguments (the transform is an opaque object to find in
+the dataset, and a context manager that puts it in capture mode); it never
+imports the transform.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import random
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ContextManager
+
+import numpy as np
+import torch
+import torchvision
+from torch.utils.data import Dataset
+
+from . import cache
+from .distributed import current_ranks, on_root
+from .fingerprint import describe_dataset, describe_pipeline, fingerprint
+from .fitting import Capture, PassResult, fit_stats, read_images, tensor_stats
+from .sampling import StandardErrors, fit_subset, subset_indices
+from .stats import ChannelStats
+from .verification import DEFAULT_VERIFY, MAX_VERIFY, TRACKED, Verification, compare, image_moments
+
+__all__ = ["FitRecord", "fit_dataset", "pass_stats", "save_stats", "load_entry"]
+
+logger = logging.getLogger("torchnormfit")
+
+Capturing = Callable[[], ContextManager[Capture]]
+"""Puts the FitNormalize being fitted in capture mode for the duration of a ``with``."""
+
+
+@dataclass(frozen=True)
+class FitRecord:
+    """How a fit got its statistics."""
+
+    source: str
+    """``"cache"`` (a hit) or ``"pass"`` (the dataset was read)."""
+    key: str | None
+    cache_path: Path | None
+    verification: Verification | None
+    """The check of the hit, or of the entry a pass replaced; None if none was made."""
+    written: bool
+    """Whether the statistics were written to the cache."""
+    note: str
+    """Why there was no hit, no verification or no write, in words ("" when all went as usual)."""
+    key_gaps: tuple[str, ...]
+    """What the key could not describe (a hit on it is verified)."""
+    stats: ChannelStats
+    num_samples: int
+    standard_errors: StandardErrors | None = None
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    entry: cache.CacheEntry | None
+    verification: Verification | None
+    note: str
+
+
+def fit_dataset(
+    dataset: Dataset,
+    norm: Any,
+    capturing: Capturing,
+    *,
+    cache_path: Path | None,
+    key: str | None,
+    refit: bool = False,
+    verify: int | None = None,
+    image: Callable[[Any], Any] | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+    process_group: Any = None,
+    **loader: Any,
+) -> FitRecord:
+    """Statistics of ``dataset`` as seen by ``norm``: a verified cache hit, or a pass (then written)."""
+    verify = _check_verify(verify, explicit_key=key is not None)
+    settings: dict[str, Any] = {"image": image, "ddof": 0, "statistic": "per-channel population mean/std"}
+    if max_samples is not None:
+        settings.update(max_samples=max_samples, seed=seed)
+    printed = fingerprint(dataset, norm, settings) if key is None else None
+    key = key if printed is None else printed.key
+    gaps = () if printed is None else printed.gaps
+    ranks = current_ranks(process_group)
+    note = "refit=True" if refit else ("no cache (cache=None)" if cache_path is None else "")
+    verification = None
+    if cache_path is not None and not refit:
+        lookup = on_root(ranks, lambda: _lookup(dataset, capturing, image, cache_path, key, verify, gaps))
+        if lookup.entry is not None:
+            logger.info("cache hit: %r in %s (%s)", key, cache_path, lookup.note or "verified")
+            return _hit_record(lookup, key, cache_path, gaps)
+        verification, note = lookup.verification, lookup.note
+    result, errors = _pass(dataset, capturing, image, max_samples, seed, process_group, loader)
+    if printed is not None and not printed.found_norm and result.captured:
+        warnings.warn(
+            f"The FitNormalize being fitted measured the images inside {type(dataset).__name__}'s pipeline, but the "
+            "cache key could not find it there, so the key may not see the transforms before it. Pass key=... "
+            "to name the entry yourself if the pipeline can change.",
+            UserWarning,
+            stacklevel=3,
+        )
+    written = False
+    if cache_path is not None:
+        attrs = {**_provenance(dataset, norm, result.num_samples, gaps), **_subset_provenance(dataset, max_samples, seed, errors)}
+        written = on_root(ranks, lambda: _save(cache_path, key, result.stats, attrs, _arrays(result.tracked)))
+        if not written:
+            note = "; ".join(filter(None, [note, "the cache could not be written"]))
+    return FitRecord("pass", key, cache_path, verification, written, note, gaps, result.stats, result.num_samples, errors)
+
+
+def pass_stats(
+    dataset: Dataset, capturing: Capturing, **options: Any
+) -> tuple[ChannelStats, int]:
+    """One pass with no cache involved (``partial_fit``): statistics and the number of images."""
+    result, _ = _pass(dataset, capturing, options.pop("image", None), options.pop("max_samples", None),
+                      options.pop("seed", 0), options.pop("process_group", None), options)
+    return result.stats, result.num_samples
+
+
+def save_stats(cache_path: Path, key: str, stats: ChannelStats, num_samples: int) -> None:
+    """Write statistics built by hand (``partial_fit``) under ``key``; such an entry cannot be verified."""
+    cache.write_entry(cache_path, key, stats, _provenance(None, None, num_samples, ()))
+
+
+def load_entry(cache_path: Path, key: str) -> cache.CacheEntry:
+    """The entry ``key``, or :class:`~torchnormfit.CacheError` naming the entries there."""
+    entry = cache.read_entry(cache_path, key)
+    if entry is None:
+        known = [e.key for e in cache.list_entries(cache_path)] if cache_path.is_file() else []
+        raise cache.CacheError(f"No cache entry {key!r} in {cache_path}. Entries there: {known}.")
+    return entry
+
+
+def tensor_pass(images: torch.Tensor) -> tuple[ChannelStats, int]:
+    """Exact statistics of one batch ``(..., C, H, W)`` (``partial_fit`` on a tensor)."""
+    return tensor_stats(images)
+
+
+# --- the hit -------------------------------------------------------------------------------------
+
+
+def _check_verify(verify: int | None, explicit_key: bool) -> int:
+    if verify is None:
+        return 0 if explicit_key else DEFAULT_VERIFY
+    if isinstance(verify, bool) or not isinstance(verify, int) or not 0 <= verify <= MAX_VERIFY:
+        raise ValueError(f"verify must be an int from 0 (no check) to {MAX_VERIFY}. Got {verify!r}.")
+    return verify
+
+
+def _lookup(
+    dataset: Dataset, capturing: Capturing, image: Any, path: Path, key: str, verify: int, gaps: Sequence[str]
+) -> _Lookup:
+    """The entry if it is there and passes verification; else why not (runs on rank 0)."""
+    try:
+        entry = cache.read_entry(path, key)
+    except cache.CacheError as error:
+        warnings.warn(f"{error} Not using it; fitting again.", cache.CacheWarning, stacklevel=5)
+        return _Lookup(None, None, f"the entry could not be used: {error}")
+    if entry is None:
+        return _Lookup(None, None, "no entry for this key")
+    samples = getattr(entry, "arrays", {}) or {}
+    if verify == 0:
+        return _Lookup(entry, None, "not verified (verify=0)" + (f"; the key has gaps: {list(gaps)}" if gaps else ""))
+    if not {"index", "mean", "var"} <= set(samples):
+        return _Lookup(entry, None, "not verified: the entry holds no per-image moments (partial_fit/save or 0.1)")
+    verification = _verify(dataset, capturing, image, entry, samples, verify)
+    if verification.passed:
+        return _Lookup(entry, verification, "")
+    warnings.warn(
+        f"The cache entry {key!r} in {path} does not match the data: {verification.samples} images read again "
+        f"differ from the ones it was fitted on ({verification.detail}). Fitting again and replacing the entry.",
+        cache.CacheWarning,
+        stacklevel=5,
+    )
+    return _Lookup(None, verification, "the entry failed verification")
+
+
+def _verify(
+    dataset: Dataset, capturing: Capturing, image: Any, entry: cache.CacheEntry, samples: dict[str, np.ndarray],
+    verify: int,
+) -> Verification:
+    """Read ``verify`` of the entry's tracked images again (a fresh random draw) and test them against it."""
+    rows = random.SystemRandom().sample(range(len(samples["index"])), min(verify, len(samples["index"])))
+    indices = [int(samples["index"][row]) for row in rows]
+    with capturing() as capture:
+        images = read_images(dataset, indices, capture, image)
+    moments = [image_moments(im) for im in images]
+    if any(m.shape != moments[0][0].shape for m, _ in moments):
+        channels = sorted({m.numel() for m, _ in moments})
+        return Verification(len(images), False, float("inf"), 0.0, f"the images have {channels} channels")
+    stats = entry.stats
+    return compare(
+        torch.from_numpy(np.asarray(samples["mean"][rows], dtype=np.float64)),
+        torch.from_numpy(np.asarray(samples["var"][rows], dtype=np.float64)),
+        torch.stack([m for m, _ in moments]), torch.stack([v for _, v in moments]), stats.mean, stats.var,
+    )
+
+
+def _hit_record(lookup: _Lookup, key: str, path: Path, gaps: tuple[str, ...]) -> FitRecord:
+    entry = lookup.entry
+    errors = None
+    if "mean_se" in entry.attrs and "std_se" in entry.attrs:
+        errors = StandardErrors(torch.tensor(entry.attrs["mean_se"], dtype=torch.float64),
+                                torch.tensor(entry.attrs["std_se"], dtype=torch.float64))
+    num_samples = int(entry.attrs.get("num_samples", 0))
+    return FitRecord("cache", key, path, lookup.verification, False, lookup.note, gaps, entry.stats, num_samples, errors)
+
+
+# --- the pass and the write ----------------------------------------------------------------------
+
+
+def _pass(
+    dataset: Dataset, capturing: Capturing, image: Any, max_samples: int | None, seed: int, process_group: Any,
+    loader: dict[str, Any],
+) -> tuple[PassResult, StandardErrors | None]:
+    """One pass with the transform in capture mode; it is left unchanged if the pass fails."""
+    with capturing() as capture:
+        if max_samples is None:
+            track = _tracked_indices(range(len(dataset)))
+            result: PassResult = fit_stats(dataset, capture=capture, image=image, process_group=process_group,
+                                           track=track, **loader)
+            errors = None
+        else:
+            if current_ranks(process_group) is not None:
+                raise ValueError("max_samples is not supported across a process group: fit the subset on one rank.")
+            track = _tracked_indices(subset_indices(len(dataset), max_samples, seed))
+            result, errors = fit_subset(dataset, max_samples, seed, capture=capture, image=image, track=track, **loader)
+    return result, errors
+
+
+def _tracked_indices(indices: Sequence[int]) -> list[int]:
+    """Up to TRACKED of ``indices``, a fixed random choice, whose images' own moments the entry keeps."""
+    if len(indices) <= TRACKED:
+        return list(indices)
+    return [indices[i] for i in subset_indices(len(indices), TRACKED, seed=0)]
+
+
+def _arrays(tracked: dict[int, tuple[list[float], list[float]]]) -> dict[str, np.ndarray]:
+    if not tracked:
+        return {}
+    order = sorted(tracked)
+    return {
+        "index": np.asarray(order, dtype=np.int64),
+        "mean": np.asarray([tracked[i][0] for i in order], dtype=np.float64),
+        "var": np.asarray([tracked[i][1] for i in order], dtype=np.float64),
+    }
+
+
+def _save(path: Path, key: str, stats: ChannelStats, attrs: dict[str, Any], arrays: dict[str, np.ndarray]) -> bool:
+    try:
+        cache.write_entry(path, key, stats, attrs, arrays=arrays)
+    except (OSError, cache.CacheError) as error:
+        warnings.warn(f"The statistics were fitted but not saved to the cache {path}: {error}", cache.CacheWarning,
+                      stacklevel=5)
+        return False
+    logger.info("cached %r in %s", key, path)
+    return True
+
+
+def _provenance(dataset: Dataset | None, norm: Any, num_samples: int, gaps: Sequence[str]) -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": str(torch.__version__),
+        "torchvision_version": str(torchvision.__version__),
+        "torchnormfit_version": __version__,
+        "dataset": "partial_fit" if dataset is None else json.dumps(describe_dataset(dataset), sort_keys=True, default=str),
+        "pipeline": "" if dataset is None else describe_pipeline(dataset, norm),
+        "num_samples": num_samples,
+        "ddof": 0,
+        "key_gaps": json.dumps(list(gaps)),
+    }
+
+
+def _subset_provenance(
+    dataset: Dataset, max_samples: int | None, seed: int, errors: StandardErrors | None
+) -> dict[str, Any]:
+    if max_samples is None or errors is None:
+        return {}
+    return {
+        "max_samples": max_samples,
+        "seed": seed,
+        "population": len(dataset),
+        "mean_se": errors.mean.tolist(),
+        "std_se": errors.std.tolist(),
+    }
