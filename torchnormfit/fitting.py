@@ -86,6 +86,11 @@ def check_image(image: Any, where: str = "") -> Tensor:
 
     ``where`` (for example ``"Sample 7: "``) starts each message.
     """
+    return validate_image(image, where).as_subclass(Tensor)
+
+
+def validate_image(image: Any, where: str = "") -> Any:
+    """:func:`check_image` without the conversion: returns ``image`` itself (no graph break under compile)."""
     if isinstance(image, PIL.Image.Image):
         raise TypeError(f"{where}FitNormalize() does not support PIL images. {TO_FLOAT_FIX}")
     if not isinstance(image, Tensor):
@@ -99,7 +104,7 @@ def check_image(image: Any, where: str = "") -> Tensor:
         raise ValueError(
             f"{where}Expected tensor to be a tensor image of size (..., C, H, W). Got {tuple(image.shape)}."
         )
-    return image.as_subclass(Tensor)
+    return image
 
 
 class Capture:

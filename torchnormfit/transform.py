@@ -20,7 +20,7 @@ from torchvision.transforms.v2._transform import Transform
 
 from . import cache as _cache
 from . import resolve
-from .fitting import TO_FLOAT_FIX, Capture
+from .fitting import TO_FLOAT_FIX, Capture, validate_image
 from .sampling import StandardErrors
 from .stats import ChannelStats
 
@@ -180,14 +180,14 @@ class FitNormalize(v2.Normalize):
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         image = isinstance(inpt, (tv_tensors.Image, tv_tensors.Video)) or not isinstance(inpt, tv_tensors.TVTensor)
         if self._capture is not None:  # being fitted: hand the image over, change nothing
-            return self._capture.offer(_checked(inpt)) if image else inpt
+            return self._capture.offer(validate_image(inpt)) if image else inpt
         if self.mean is None:
             raise NotFittedError(
                 f"This {type(self).__name__} has no statistics yet. Call .fit(dataset) first, "
                 "or pass mean=[...] and std=[...]."
             )
         if image:
-            self._check(_checked(inpt))
+            self._check(validate_image(inpt))
         return self._call_kernel(F.normalize, inpt, mean=self.mean, std=self.std, inplace=self.inplace)
 
     def _check(self, image: Tensor) -> None:
@@ -392,15 +392,6 @@ class FitNormalize(v2.Normalize):
             bn.running_mean.copy_(torch.tensor(mean))
             bn.running_var.copy_(torch.tensor(std, dtype=torch.float64).square())
         return bn.eval()
-
-
-def _checked(image: Any) -> Any:
-    """Reject what Normalize rejects, with the fix (v2's kernel says the same without it)."""
-    if not image.is_floating_point():
-        raise TypeError(f"Input tensor should be a float tensor. Got {image.dtype}. {TO_FLOAT_FIX}")
-    if image.ndim < 3:
-        raise ValueError(f"Expected tensor to be a tensor image of size (..., C, H, W). Got {tuple(image.shape)}.")
-    return image
 
 
 NEAR_CONSTANT_RTOL = 1e-6
