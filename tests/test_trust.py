@@ -27,7 +27,7 @@ from torchnormfit.fingerprint import fingerprint
 
 TESTS = Path(__file__).parent
 SCENARIOS = ["numpy_subset", "pipeline_elsewhere", "wrapped_folder", "reexported_folder", "one_of_130_swapped",
-             "image_lambda", "image_itemgetter", "hf_map", "pandas_csv", "invisible_change"]
+             "image_lambda", "image_itemgetter", "hf_map", "pandas_csv", "csv_files_reexported", "invisible_change"]
 KEY_SEES_IT = set(SCENARIOS) - {"invisible_change"}
 TO_FLOAT = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
 
@@ -50,6 +50,7 @@ def make_work(work: Path):
         png(work / "csv_images" / f"{i}.png", 30 + 25 * i, seed=i)
     (work / "list_a.csv").write_text("file,label\n" + "".join(f"{i}.png,0\n" for i in range(4)))
     (work / "list_b.csv").write_text("file,label\n" + "".join(f"{i}.png,0\n" for i in range(4, 8)))
+    (work / "list_r.csv").write_text("file,label\n" + "".join(f"{i}.png,1\n" for i in range(4)))
     import datasets
 
     rng = np.random.default_rng(0)
@@ -74,6 +75,8 @@ def runs(tmp_path_factory):
     for i in range(6):  # re-exported under the same names
         png(work / "reexported" / "c" / f"{i}.png", 200, seed=i)
     png(work / "many" / "c" / "077.png", 255, seed=1)  # one file of 130 swapped
+    for i in range(4):  # the files list_r.csv names (it does not change), re-exported
+        png(work / "csv_images" / f"{i}.png", 250, seed=i)
     second = run(cache, work, "b", level="0.5")
     third = run(cache, work, "b", level="0.5")
     return first, second, third
@@ -369,3 +372,23 @@ def test_verify_must_be_a_count(bad):
     norm = FitNormalize(cache=None)
     with pytest.raises(ValueError, match="verify must be an int from 0"):
         norm.fit(CountingDataset(n=3, transform=norm), verify=bad)
+
+
+def test_cli_refits_when_one_file_of_130_was_swapped(tmp_path, capsys):
+    from torchnormfit.cli import main
+
+    for i in range(130):
+        png(tmp_path / "photos" / "c" / f"{i:03d}.png", 40, seed=i)
+
+    def fit():
+        code = main(["fit", str(tmp_path / "photos"), "--cache", str(tmp_path / "c.h5"), "--workers", "0",
+                     "--no-progress", "--json"])
+        assert code == 0
+        return json.loads(capsys.readouterr().out)
+
+    first = fit()
+    assert fit()["cached"] is True
+    png(tmp_path / "photos" / "c" / "077.png", 255, seed=1)  # same name, same count, new pixels
+    swapped = fit()
+    assert swapped["cached"] is False and swapped["saved"] is True and swapped["key"] != first["key"]
+    assert swapped["mean"][0] > first["mean"][0] + 0.5 / 130

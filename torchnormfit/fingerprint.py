@@ -43,7 +43,7 @@ import random
 import re
 import stat
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +142,7 @@ class _Walk:
         self._budget = _BUDGET
         self._path: set[int] = set()  # ids of the containers being described (cycles)
         self._done: dict[int, tuple[bytes, int]] = {}  # id -> (digest, norm hits inside), for shared objects
+        self._roots: list[str] = []  # folders of the datasets being described: relative file names resolve there
 
     def of(self, value: Any, where: str, data: bool = False) -> bytes:
         if value is self.norm and value is not None:
@@ -168,7 +169,7 @@ class _Walk:
         if isinstance(value, enum.Enum):
             return _sha(b"enum", _text(kind.__qualname__), _text(value.name))
         if isinstance(value, _PRIMITIVES):
-            return _primitive(value)
+            return _primitive(value, self._roots)
         if isinstance(value, np.generic):
             return _sha(b"np scalar", _array_bytes_np(np.asarray(value)))
         if isinstance(value, torch.Tensor):
@@ -180,7 +181,7 @@ class _Walk:
             whole = not data and value.nbytes <= _WHOLE_BYTES
             return _sha(b"ndarray", _text(str(value.shape)), _array_bytes_np(value, whole))
         if isinstance(value, os.PathLike):
-            return _primitive(os.fspath(value))
+            return _primitive(os.fspath(value), self._roots)
         if isinstance(value, range):
             return _sha(b"range", _text(repr(value)))
         if isinstance(value, type):
@@ -235,7 +236,7 @@ class _Walk:
             return _sha(b"builtin", _text(f"{getattr(value, '__module__', '')}.{value.__qualname__}"), bound)
         if isinstance(value, (operator.itemgetter, operator.attrgetter, operator.methodcaller)):
             return _sha(b"operator", _text(type(value).__name__), self.of(value.__reduce__()[1:], where))
-        special = _special(value)
+        special = _special(value, self._roots)
         if special is not None:
             return special
         return self._object(value, where, data)
@@ -244,7 +245,7 @@ class _Walk:
         """Item by item in order, up to the one holding the FitNormalize; a dataset's long list as a multiset."""
         if data and len(items) > _MULTISET_OVER:
             return _sha(b"multiset", self._multiset(items, where, data))
-        fast = _fast_items(items)
+        fast = _fast_items(items, self._roots)
         if fast is not None:
             self._budget -= len(items)
             return _sha(b"items", *fast)
@@ -259,7 +260,7 @@ class _Walk:
         return _sha(b"items", *digests)
 
     def _multiset(self, items: Any, where: str, data: bool = False) -> bytes:
-        fast = _fast_items(items)
+        fast = _fast_items(items, self._roots)
         if fast is not None:
             self._budget -= len(items)
             return _sha(b"multiset", *sorted(fast))
@@ -307,7 +308,12 @@ class _Walk:
             self.gaps.append(f"{where}: a {kind.__module__}.{kind.__qualname__} (no attributes to describe)")
             return _sha(b"opaque", _text(f"{kind.__module__}.{kind.__qualname__}"))
         data = isinstance(value, Dataset)  # its own lists are data (file lists); deeper ones are not
-        parts = [_text(name) + self.of(attributes[name], f"{where}.{name}", data) for name in sorted(attributes)]
+        roots = _roots(attributes) if data else []
+        self._roots.extend(roots)
+        try:
+            parts = [_text(name) + self.of(attributes[name], f"{where}.{name}", data) for name in sorted(attributes)]
+        finally:
+            del self._roots[len(self._roots) - len(roots):]
         return _sha(b"object", self._class(kind, where), *parts)
 
     def _class(self, kind: type, where: str) -> bytes:
@@ -324,28 +330,32 @@ class _Walk:
         return _sha(b"class", *parts)
 
 
-def _primitive(value: Any) -> bytes:
+def _primitive(value: Any, roots: Sequence[str] = ()) -> bytes:
     if isinstance(value, str):
-        return _sha(b"str", _text(value), _file_state(value))
+        return _sha(b"str", _text(value), _file_state(value, roots))
     if isinstance(value, bytes):
         return _sha(b"bytes", value)
     return _sha(_text(type(value).__name__), _text(repr(value)))
 
 
-def _file_state(text: str) -> bytes:
-    """A regular file's size and modification time, if ``text`` names one."""
-    if os.sep not in text or len(text) > 4096 or "\x00" in text:
+def _file_state(text: str, roots: Sequence[str] = ()) -> bytes:
+    """A regular file's size and modification time, if ``text`` names one (absolute, or under a dataset's root)."""
+    if len(text) > 4096 or "\x00" in text or not (os.sep in text or "." in text):
         return b""
-    try:
-        info = os.stat(text)
-    except (OSError, ValueError):
-        return b""
-    if not stat.S_ISREG(info.st_mode):
-        return b""  # a folder's time changes whenever anything in it does (a cache file written there)
-    return _text(f"file {info.st_size} {info.st_mtime_ns}")
+    candidates = [text] if os.sep in text else []
+    if not os.path.isabs(text):
+        candidates += [os.path.join(root, text) for root in roots]
+    for candidate in candidates:
+        try:
+            info = os.stat(candidate)
+        except (OSError, ValueError):
+            continue
+        if stat.S_ISREG(info.st_mode):  # not a folder: its time changes whenever anything in it does
+            return _text(f"file {info.st_size} {info.st_mtime_ns}")
+    return b""
 
 
-def _fast_items(items: Any) -> list[bytes] | None:
+def _fast_items(items: Any, roots: Sequence[str] = ()) -> list[bytes] | None:
     """Digests of items that are plain values or tuples of them (file lists), cheaply; None otherwise."""
     if not all(type(item) in (str, int, float, bool) or (type(item) is tuple and all(
             type(part) in (str, int, float, bool) for part in item)) for item in items):
@@ -353,9 +363,20 @@ def _fast_items(items: Any) -> list[bytes] | None:
     out = []
     for item in items:
         parts = item if type(item) is tuple else (item,)
-        files = b"".join(_file_state(part) for part in parts if type(part) is str)
+        files = b"".join(_file_state(part, roots) for part in parts if type(part) is str)
         out.append(_sha(_text(repr(item)), files))
     return out
+
+
+def _roots(attributes: Mapping[str, Any]) -> list[str]:
+    """A dataset's folders (``root``, ``root_dir``, ``img_dir``, ...): where its relative file names live."""
+    found = []
+    for name, value in attributes.items():
+        if ("root" in name or name.endswith("dir")) and isinstance(value, (str, os.PathLike)):
+            folder = os.fspath(value)
+            if isinstance(folder, str) and os.path.isdir(folder):
+                found.append(folder)
+    return found
 
 
 def _indices(indices: Any) -> bytes:
@@ -385,8 +406,9 @@ def _is_plain_global(value: Any) -> bool:
                               types.FunctionType, functools.partial))
 
 
-def _special(value: Any) -> bytes | None:
-    """Libraries' objects described by their content: pandas, PIL images, Hugging Face datasets."""
+def _special(value: Any, roots: Sequence[str]) -> bytes | None:
+    """Libraries' objects described by their content: pandas (with the files its text names), PIL images,
+    Hugging Face datasets."""
     module = type(value).__module__.split(".")[0]
     if module == "pandas" and hasattr(value, "shape"):
         import pandas
@@ -394,7 +416,9 @@ def _special(value: Any) -> bytes | None:
         if isinstance(value, (pandas.DataFrame, pandas.Series, pandas.Index)):
             hashed = pandas.util.hash_pandas_object(value, index=not isinstance(value, pandas.Index))
             columns = json.dumps([str(c) for c in getattr(value, "columns", [])])
-            return _sha(b"pandas", _text(type(value).__name__), _text(columns), hashed.to_numpy().tobytes())
+            cells = value.to_numpy().ravel() if value.ndim else []
+            files = b"".join(_file_state(cell, roots) for cell in cells if isinstance(cell, str))
+            return _sha(b"pandas", _text(type(value).__name__), _text(columns), hashed.to_numpy().tobytes(), files)
     if module == "PIL" and hasattr(value, "tobytes") and hasattr(value, "mode"):
         return _sha(b"PIL image", _text(f"{value.mode} {value.size}"), hashlib.sha256(value.tobytes()).digest())
     if module == "datasets" and isinstance(getattr(value, "_fingerprint", None), str):
