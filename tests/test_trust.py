@@ -7,7 +7,6 @@ and a third run on unchanged data must be a verified hit.
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import PIL.Image
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset, StackDataset, TensorDataset
+from torch.utils.data import Dataset, StackDataset
 from torchvision.datasets import FakeData, ImageFolder
 from torchvision.transforms import v2
 

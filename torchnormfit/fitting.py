@@ -9,7 +9,6 @@ import os
 import pickle
 import sys
 import traceback
-import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NoReturn
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from torchvision import tv_tensors
 from tqdm.auto import tqdm
 
+from ._warn import warn
 from .accumulator import BatchNormAccumulator, batch_stats, reuse_buffer
 from .distributed import Ranks, agree, current_ranks, gather_merge, shard
 from .stats import ChannelStats
@@ -229,13 +229,11 @@ def read_image(
 
 
 def _warn_swallowed_stop() -> None:
-    warnings.warn(
+    warn(
         "The dataset's __getitem__ caught the signal FitNormalize raises to stop a sample once it has its image "
         "(a bare 'except:' or 'except BaseException:'). The statistics are right, but a dataset that memoizes "
         "samples may now hold un-normalized ones from this fit: catch Exception instead, or clear its memo.",
-        UserWarning,
-        stacklevel=2,
-    )
+        UserWarning)
 
 
 def _naming_sample(error: Exception, where: str) -> Exception:
@@ -573,12 +571,10 @@ def _check_dataset(dataset: Dataset) -> None:
 
 def _warn_if_0_255(stats: ChannelStats) -> None:
     if float(stats.max.max()) > _LOOKS_0_255:
-        warnings.warn(
+        warn(
             f"The pixel values reach {float(stats.max.max()):g}: the data looks scaled to 0-255, not 0-1. "
             "If that is not intended, use ToTensor() or v2.ToDtype(torch.float32, scale=True).",
-            UserWarning,
-            stacklevel=4,  # the user's fit() call
-        )
+            UserWarning)
 
 
 def read_images(

@@ -29,7 +29,6 @@ import datetime
 import json
 import logging
 import random
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch
 import torchvision
 from torch.utils.data import Dataset
 
+from ._warn import warn
 from . import cache
 from .distributed import current_ranks, on_root
 from .fingerprint import describe_dataset, describe_pipeline, fingerprint
@@ -118,13 +118,11 @@ def fit_dataset(
         verification, note = lookup.verification, lookup.note
     result, errors = _pass(dataset, capturing, image, max_samples, seed, process_group, loader)
     if printed is not None and not printed.found_norm and result.captured:
-        warnings.warn(
+        warn(
             f"The FitNormalize being fitted measured the images inside {type(dataset).__name__}'s pipeline, but the "
             "cache key could not find it there, so the key may not see the transforms before it. Pass key=... "
             "to name the entry yourself if the pipeline can change.",
-            UserWarning,
-            stacklevel=3,
-        )
+            UserWarning)
     written = False
     if cache_path is not None:
         attrs = {**_provenance(dataset, norm, result.num_samples, gaps), **_subset_provenance(dataset, max_samples, seed, errors)}
@@ -180,7 +178,7 @@ def _lookup(
     try:
         entry = cache.read_entry(path, key)
     except cache.CacheError as error:
-        warnings.warn(f"{error} Not using it; fitting again.", cache.CacheWarning, stacklevel=5)
+        warn(f"{error} Not using it; fitting again.", cache.CacheWarning)
         return _Lookup(None, None, f"the entry could not be used: {error}")
     if entry is None:
         return _Lookup(None, None, "no entry for this key")
@@ -192,12 +190,10 @@ def _lookup(
     verification = _verify(dataset, capturing, image, entry, samples, verify)
     if verification.passed:
         return _Lookup(entry, verification, "")
-    warnings.warn(
+    warn(
         f"The cache entry {key!r} in {path} does not match the data: {verification.samples} images read again "
         f"differ from the ones it was fitted on ({verification.detail}). Fitting again and replacing the entry.",
-        cache.CacheWarning,
-        stacklevel=5,
-    )
+        cache.CacheWarning)
     return _Lookup(None, verification, "the entry failed verification")
 
 
@@ -276,8 +272,7 @@ def _save(path: Path, key: str, stats: ChannelStats, attrs: dict[str, Any], arra
     try:
         cache.write_entry(path, key, stats, attrs, arrays=arrays)
     except (OSError, cache.CacheError) as error:
-        warnings.warn(f"The statistics were fitted but not saved to the cache {path}: {error}", cache.CacheWarning,
-                      stacklevel=5)
+        warn(f"The statistics were fitted but not saved to the cache {path}: {error}", cache.CacheWarning)
         return False
     logger.info("cached %r in %s", key, path)
     return True

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._transform import Transform
 
+from ._warn import warn
 from . import cache as _cache
 from . import resolve
 from .fitting import TO_FLOAT_FIX, Capture, validate_image
@@ -135,12 +135,10 @@ class FitNormalize(v2.Normalize):
         std = stats.std.clone()
         constant = _near_constant(stats)
         if bool(constant.any()):
-            warnings.warn(
+            warn(
                 f"Channel(s) {constant.nonzero().flatten().tolist()} have (near) zero variance: their std is set to "
                 "1.0, so normalization only subtracts their mean (the policy of scikit-learn's StandardScaler).",
-                UserWarning,
-                stacklevel=3,
-            )
+                UserWarning)
             std[constant] = 1.0
         self.mean, self.std = stats.mean.tolist(), std.tolist()
         self._stats, self._num_samples, self._standard_errors = stats, num_samples, errors
@@ -351,12 +349,10 @@ class FitNormalize(v2.Normalize):
             return None
         path = _cache.default_cache_path() if isinstance(self._cache, _DefaultCache) else Path(self._cache).expanduser()
         if path.is_dir():
-            warnings.warn(
+            warn(
                 f"The cache path {path} is a directory: statistics are neither read from nor saved to it. "
                 f"Give a file path such as {path / 'stats.h5'}.",
-                _cache.CacheWarning,
-                stacklevel=3,
-            )
+                _cache.CacheWarning)
             return None
         return path
 
