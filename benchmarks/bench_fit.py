@@ -66,10 +66,12 @@ from torchnormfit import FitNormalize
 from torchnormfit import fitting as _fitting
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+for _path in (HERE, HERE.parent / "tests"):  # tests/reference.py: the float64 truth the tests use too
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import accumulator_variants as variants  # noqa: E402
+from reference import truth  # noqa: E402
 
 _THREADS = torch.get_num_threads()  # the children get the default back (see _fork)
 READS = [0]  # samples read through __getitem__ in this process (the cache hit must read none)
@@ -344,7 +346,7 @@ def _measure_method(method: str, spec: dict[str, Any], batch_size: int | None = 
 
 
 def _truth(spec: dict[str, Any]) -> dict[str, Any]:
-    """Float64 two-pass statistics of exactly the tensors the pipeline yields."""
+    """Float64 two-pass statistics (tests/reference.py) of exactly the tensors the pipeline yields."""
     ds, mixed, bs = build(spec)
     loader = DataLoader(ds, batch_size=max(1, 64 // bs) if bs == 1 else 64, num_workers=default_workers(),
                         collate_fn=_list_collate)
@@ -352,30 +354,11 @@ def _truth(spec: dict[str, Any]) -> dict[str, Any]:
     def images():
         for batch in loader:
             for sample in batch:
-                im = sample[0] if isinstance(sample, (tuple, list)) else sample
-                yield from (im.reshape(-1, *im.shape[-3:]))
+                yield sample[0] if isinstance(sample, (tuple, list)) else sample
 
-    total = torch.zeros(3, dtype=torch.float64)
-    count = 0
-    low = torch.full((3,), float("inf"), dtype=torch.float64)
-    high = -low
-    for im in images():
-        d = im.double()
-        total += d.sum((1, 2))
-        count += d.shape[1] * d.shape[2]
-        low = torch.minimum(low, d.amin((1, 2)))
-        high = torch.maximum(high, d.amax((1, 2)))
-    mean = total / count
-    m2 = torch.zeros(3, dtype=torch.float64)
-    dev = torch.zeros(3, dtype=torch.float64)
-    for im in images():
-        d = im.double() - mean[:, None, None]
-        dev += d.sum((1, 2))
-        m2 += d.square().sum((1, 2))
-    m2 -= dev.square() / count  # corrected two-pass
-    mean += dev / count
-    return {"mean": mean.tolist(), "std": (m2 / count).sqrt().tolist(), "pixels": count,
-            "min": low.tolist(), "max": high.tolist()}
+    want = truth(images)
+    return {"mean": want["mean"].tolist(), "std": want["std"].tolist(), "pixels": int(want["count"][0]),
+            "min": want["min"].tolist(), "max": want["max"].tolist()}
 
 
 def _rel_err(got: list[float] | None, want: list[float]) -> float | None:

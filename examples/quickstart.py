@@ -4,9 +4,10 @@ Run it twice: the first run makes one pass over the data and writes the cache
 (by default ~/.cache/torchnormfit/stats.h5, or $TORCHNORMFIT_CACHE); the second
 run finds the statistics in the cache without reading a single image.
 
-    python examples/quickstart.py
+    python examples/quickstart.py [--images N]
 """
 
+import argparse
 import logging
 import time
 
@@ -18,11 +19,14 @@ from torchnormfit import FitNormalize
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=5000, help="number of FakeData images (default 5000)")
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     norm = FitNormalize()
     # FakeData stands in for CIFAR10(root, transform=...): 5,000 deterministic 3x32x32 images, no download.
     dataset = FakeData(
-        size=5000,
+        size=args.images,
         image_size=(3, 32, 32),
         transform=v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), norm]),
     )

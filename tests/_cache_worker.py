@@ -168,11 +168,15 @@ def _corrupt(data: bytes, rng: random.Random) -> tuple[bytes, str]:
     return bytes(data), f"{kind}@{offset}"
 
 
+def _same_values(stats, want) -> bool:
+    """Bit-for-bit the same count, mean, m2, std, min and max."""
+    return all(torch.equal(getattr(stats, f), getattr(want, f)) for f in ("count", "mean", "m2", "std", "min", "max"))
+
+
 def _fuzz_trial(path: Path, damaged: bytes, how: str, truth: dict) -> tuple[list[str], list[str]]:
     """Read, list and write one damaged copy; (outcome names, failures)."""
     outcomes: list[str] = []
     bad: list[str] = []
-    fields = ("count", "mean", "m2", "min", "max")
     # Reading: CacheError, or exactly the values that were written.
     for key in sorted(truth):
         try:
@@ -185,7 +189,7 @@ def _fuzz_trial(path: Path, damaged: bytes, how: str, truth: dict) -> tuple[list
             continue
         if entry is None:
             outcomes.append("read: entry missing")
-        elif all(torch.equal(getattr(entry.stats, f), getattr(truth[key].stats, f)) for f in fields):
+        elif _same_values(entry.stats, truth[key].stats):
             outcomes.append("read: original values")
         else:
             bad.append(f"{how}: read_entry returned different values for {key!r} without an error")
@@ -199,7 +203,7 @@ def _fuzz_trial(path: Path, damaged: bytes, how: str, truth: dict) -> tuple[list
             bad.append(f"{how}: list_entries raised {type(error).__name__}: {error}")
         else:
             for entry in listed:
-                if entry.key not in truth or not torch.equal(entry.stats.mean, truth[entry.key].stats.mean):
+                if entry.key not in truth or not _same_values(entry.stats, truth[entry.key].stats):
                     bad.append(f"{how}: list_entries returned a changed entry {entry.key!r}")
     # Writing over it.
     with warnings.catch_warnings(record=True) as caught:
@@ -228,10 +232,10 @@ def _fuzz_trial(path: Path, damaged: bytes, how: str, truth: dict) -> tuple[list
     except Exception as error:
         bad.append(f"{how}: the file written over the damage does not validate: {type(error).__name__}: {error}")
         return outcomes, bad
-    if "new" not in after:
-        bad.append(f"{how}: the new entry is missing after the write")
+    if "new" not in after or not _same_values(after["new"].stats, make_stats(12345)):
+        bad.append(f"{how}: the new entry is missing or changed after the write")
     for key, entry in after.items():
-        if key != "new" and not torch.equal(entry.stats.mean, truth[key].stats.mean):
+        if key != "new" and not _same_values(entry.stats, truth[key].stats):
             bad.append(f"{how}: carried-over entry {key!r} changed")
     outcomes.append(f"write: entries carried over: {len(after) - 1} of {len(truth)}")
     return outcomes, bad

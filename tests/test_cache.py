@@ -1284,16 +1284,30 @@ def _run_kills(tmp_path: Path, kills: int, seed: int) -> KillCampaign:
     return campaign
 
 
+WRITE_PHASES = {  # where a kill can land inside a write, as KillCampaign.check_after_kill tells them apart
+    "before the temp file (lock, reading the old entries, building the HDF5 file)",
+    "writing the temp file (a partial temp file left)",
+    "between writing the temp file and the rename (a complete temp file left)",
+    "after the rename (the new file in place)",
+}
+
+
 def test_kill_minus_9_during_writes_never_tears_the_file(tmp_path):
-    campaign = _run_kills(tmp_path, kills=24, seed=1)
-    assert sum(campaign.phases.values()) >= 24
+    kills = 24
+    campaign = _run_kills(tmp_path, kills=kills, seed=1)
+    assert sum(campaign.phases.values()) == kills, campaign.phases  # each kill told apart once
+    in_a_write = sum(campaign.phases[phase] for phase in WRITE_PHASES)
+    assert in_a_write >= kills // 2, campaign.phases  # most kills land inside a write, not between two
 
 
 @pytest.mark.slow
 def test_kill_minus_9_many_times(tmp_path):
-    campaign = _run_kills(tmp_path, kills=250, seed=2)
-    # With this many kills at random moments every phase of a write gets hit.
-    assert len(campaign.phases) >= 3, campaign.phases
+    kills = 250
+    campaign = _run_kills(tmp_path, kills=kills, seed=2)
+    assert sum(campaign.phases.values()) == kills, campaign.phases
+    # Kills at random moments land mostly before the temp file; a partial temp file is rare (2 of 250 in the run
+    # the README quotes), so the test asks for three of the four phases of a write, the README gives the counts.
+    assert len(WRITE_PHASES & set(campaign.phases)) >= 3, campaign.phases
 
 
 @pytest.mark.slow

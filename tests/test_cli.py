@@ -2,9 +2,10 @@
 
 Image folders are written with PIL (mixed sizes and formats, one corrupt file;
 the ``tree`` fixture of test_folder.py), and every printed statistic is checked
-against a float64 computation over the same decoded pixels. Checks that only
-vary an option call ``cli.main`` in this process, to keep the module fast (each
-subprocess pays for importing torch).
+against a float64 computation over the same decoded pixels. A fresh fit, a
+cache hit, a failure (exit 1) and a usage error (exit 2) run as subprocesses;
+the other checks call ``cli.main`` in this process, to keep the module fast
+(each subprocess pays for importing torch).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import h5py
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
+from reference import truth
 from test_folder import random_image, tree, write_image  # noqa: F401 (tree: a fixture)
 from torchnormfit import list_entries
 from torchnormfit.cli import main
@@ -64,14 +67,14 @@ def call(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
 
 
 def reference(paths: list[Path], mode: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """Float64 mean, population std and pixel count over the decoded pixels of ``paths``."""
-    pixels = []
+    """Float64 mean, population std and pixel count (tests/reference.py) over the pixels of ``paths`` decoded by PIL."""
+    images = []
     for path in paths:
         with PIL.Image.open(path) as image:
             array = np.asarray(image.convert(mode), dtype=np.float64) / 255.0
-        pixels.append(array.reshape(-1, 1 if array.ndim == 2 else array.shape[-1]))
-    every = np.concatenate(pixels)
-    return every.mean(axis=0), every.std(axis=0), every.shape[0]
+        images.append(torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1))
+    want = truth(images)
+    return want["mean"].numpy(), want["std"].numpy(), int(want["count"][0])
 
 
 def stats_rows(stdout: str, names: list[str]) -> dict[str, list[float]]:
@@ -152,7 +155,7 @@ def test_the_cache_line_says_loaded_saved_or_not_saved(tree, tmp_path, capsys):
     assert "is a directory" in err
 
 
-def test_flat_tree_at_any_depth_with_mode_L(tmp_path):
+def test_flat_tree_at_any_depth_with_mode_L(tmp_path, capsys):
     rng = np.random.default_rng(1)
     root = tmp_path / "flat"
     paths = [
@@ -160,9 +163,9 @@ def test_flat_tree_at_any_depth_with_mode_L(tmp_path):
         write_image(root / "a" / "b" / "c" / "deep.JPG", random_image(rng, (16, 8), 3, 0.7)),
         write_image(root / "a" / "mid.tif", random_image(rng, (5, 5), 1, 0.5)),
     ]
-    result = run("fit", root, "--mode", "L", "--cache", tmp_path / "c.h5", "--workers", 0, "--json", tmp=tmp_path)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    code, out, err = call(capsys, "fit", root, "--mode", "L", "--cache", tmp_path / "c.h5", "--workers", 0, "--json")
+    assert code == 0, err
+    report = json.loads(out)
     mean, std, count = reference(sorted(paths), "L")
     assert report["channels"] == ["L"] and "flat" in report["source"]
     np.testing.assert_allclose(report["mean"], mean, rtol=0, atol=TOLERANCE)
@@ -179,12 +182,11 @@ def test_resize_and_center_crop_shape_every_image(tree, tmp_path, capsys):
     assert all(0.0 <= v <= 1.0 for v in report["min"] + report["max"])
 
 
-def test_missing_torchvision_dataset_is_a_clear_failure(tmp_path):
-    result = run("fit", "--dataset", "CIFAR10", "--root", tmp_path / "nothing", "--cache", tmp_path / "c.h5",
-                 tmp=tmp_path)
-    assert result.returncode == 1
-    assert "CIFAR10" in result.stderr and "download=True" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_missing_torchvision_dataset_is_a_clear_failure(tmp_path, capsys):
+    code, _, err = call(capsys, "fit", "--dataset", "CIFAR10", "--root", tmp_path / "nothing", "--cache", tmp_path / "c.h5")
+    assert code == 1
+    assert "CIFAR10" in err and "download=True" in err
+    assert "Traceback" not in err
 
 
 def test_torchvision_dataset_from_local_files(tmp_path, capsys):
@@ -205,15 +207,15 @@ def test_torchvision_dataset_from_local_files(tmp_path, capsys):
     assert report["pixels_per_channel"] == pixels.size
 
 
-def test_subset_standard_error_covers_the_full_pass(tmp_path):
+def test_subset_standard_error_covers_the_full_pass(tmp_path, capsys):
     rng = np.random.default_rng(3)
     root = tmp_path / "many"
     paths = [write_image(root / f"{i:03d}.png", random_image(rng, (8, 6 + i % 5), 3, rng.uniform(0.1, 0.9)))
              for i in range(90)]
-    result = run("fit", root, "--max-samples", 40, "--seed", 7, "--cache", tmp_path / "c.h5", "--workers", 0,
-                 "--json", tmp=tmp_path)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    code, out, err = call(capsys, "fit", root, "--max-samples", 40, "--seed", 7, "--cache", tmp_path / "c.h5",
+                          "--workers", 0, "--json")
+    assert code == 0, err
+    report = json.loads(out)
     subset = report["subset"]
     assert (report["num_samples"], subset["max_samples"], subset["seed"], subset["population"]) == (40, 40, 7, 90)
     full_mean, full_std, _ = reference(paths, "RGB")
@@ -240,10 +242,10 @@ def test_ls_lists_what_the_file_holds(fitted, capsys):
     cache = fitted["cache"]
     with h5py.File(cache, "r") as handle:
         keys = sorted(handle.keys())
-    result = run("ls", cache, tmp=fitted["tmp"])
-    assert result.returncode == 0, result.stderr
+    code, out, err = call(capsys, "ls", cache)
+    assert code == 0, err
     for key in keys:
-        assert key in result.stdout
+        assert key in out
     code, out, _ = call(capsys, "ls", "--cache", cache, "--json")
     rows = json.loads(out)
     assert code == 0 and [row["key"] for row in rows] == keys == [e.key for e in list_entries(cache)]
@@ -255,9 +257,9 @@ def test_ls_lists_what_the_file_holds(fitted, capsys):
 
 def test_show_prints_the_entry_and_its_provenance(fitted, capsys):
     key, cache = fitted["json"]["key"], fitted["cache"]
-    result = run("show", key, "--cache", cache, "--json", tmp=fitted["tmp"])
-    assert result.returncode == 0, result.stderr
-    shown, stored = json.loads(result.stdout), h5_entry(cache, key)
+    code, out, err = call(capsys, "show", key, "--cache", cache, "--json")
+    assert code == 0, err
+    shown, stored = json.loads(out), h5_entry(cache, key)
     np.testing.assert_array_equal(shown["mean"], stored["mean"])
     np.testing.assert_array_equal(shown["std"], stored["std"])
     assert shown["attrs"]["created_utc"] == stored["attrs"]["created_utc"]
@@ -269,9 +271,9 @@ def test_show_prints_the_entry_and_its_provenance(fitted, capsys):
 def test_export_formats_carry_the_stored_numbers(fitted, capsys):
     key, cache = fitted["json"]["key"], fitted["cache"]
     stored = h5_entry(cache, key)
-    result = run("export", key, "--cache", cache, "--format", "hf", tmp=fitted["tmp"])
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"image_mean": stored["mean"].tolist(), "image_std": stored["std"].tolist()}
+    code, out, err = call(capsys, "export", key, "--cache", cache, "--format", "hf")
+    assert code == 0, err
+    assert json.loads(out) == {"image_mean": stored["mean"].tolist(), "image_std": stored["std"].tolist()}
     code, out, _ = call(capsys, "export", key, "--cache", cache, "--format", "json")
     assert code == 0 and json.loads(out) == {"key": key, "mean": stored["mean"].tolist(), "std": stored["std"].tolist()}
     code, out, _ = call(capsys, "export", key, "--cache", cache)
@@ -285,9 +287,9 @@ def test_rm_removes_the_entry_from_the_file(fitted, tmp_path, capsys):
     cache = tmp_path / "copy.h5"
     shutil.copy(fitted["cache"], cache)
     key = fitted["json"]["key"]
-    result = run("rm", key, "--cache", cache, tmp=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert key in result.stdout
+    code, out, err = call(capsys, "rm", key, "--cache", cache)
+    assert code == 0, err
+    assert key in out
     with h5py.File(cache, "r") as handle:
         assert key not in handle
     code, _, err = call(capsys, "rm", key, "--cache", cache)
@@ -306,10 +308,10 @@ def is_png(path: Path) -> bool:
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib (the plot extra) is not installed")
 def test_plots_are_png_files(tree, tmp_path, capsys):
     plot = tmp_path / "fit.png"
-    result = run("fit", tree["root"], "--skip-bad", "--cache", tmp_path / "c.h5", "--workers", 0,
-                 "--plot", plot, tmp=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert is_png(plot) and f"plot: {plot}" in result.stdout
+    code, out, err = call(capsys, "fit", tree["root"], "--skip-bad", "--cache", tmp_path / "c.h5", "--workers", 0,
+                          "--plot", plot)
+    assert code == 0, err
+    assert is_png(plot) and f"plot: {plot}" in out
     key = list_entries(tmp_path / "c.h5")[0].key
     code, out, err = call(capsys, "show", key, "--cache", tmp_path / "c.h5", "--plot", tmp_path / "show.png")
     assert code == 0, err

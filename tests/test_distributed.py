@@ -40,9 +40,10 @@ def _rank_main(rank, world_size, workdir, n, fail_at):
         dist.destroy_process_group()
 
 
-def run_ranks(tmp_path, world_size, n, fail_at=None):
+def run_ranks(tmp_path, world_size, n, fail_at=None, start_method="fork"):
+    """One process per rank: forks of this one (milliseconds), or fresh interpreters as torchrun starts ("spawn")."""
     mp.start_processes(_rank_main, args=(world_size, str(tmp_path), n, fail_at), nprocs=world_size,
-                       join=True, start_method="spawn")
+                       join=True, start_method=start_method)
     return [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(world_size)]
 
 
@@ -57,11 +58,12 @@ def single_process(n):
 
 
 @pytest.mark.parametrize(
-    "world_size, n",
-    [(2, 11), (3, 10), (3, 2)],  # lengths not divisible by the world size; with n=2 rank 2's shard is empty
+    "world_size, n, start_method",
+    # lengths not divisible by the world size; with n=2 rank 2's shard is empty
+    [(2, 11, "spawn"), (3, 10, "fork"), (3, 2, "fork")],
 )
-def test_ranks_agree_with_a_single_process_fit_reading_each_sample_once(tmp_path, world_size, n):
-    results = run_ranks(tmp_path, world_size, n)
+def test_ranks_agree_with_a_single_process_fit_reading_each_sample_once(tmp_path, world_size, n, start_method):
+    results = run_ranks(tmp_path, world_size, n, start_method=start_method)
     assert all(r == results[0] for r in results), "every rank ends with identical statistics"
     alone = single_process(n)
     torch.testing.assert_close(torch.tensor(results[0]["mean"]), torch.tensor(alone.mean), rtol=1e-12, atol=0)

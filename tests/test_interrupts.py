@@ -47,8 +47,10 @@ def processes_in_group(pgid):
     return found
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(("seed", "workers"), [
+    (0, 0), (1, 2),  # the default run: each number of workers once
+    pytest.param(1, 0, marks=pytest.mark.slow), pytest.param(0, 2, marks=pytest.mark.slow),
+])
 def test_ctrl_c_at_a_random_moment_writes_nothing_and_leaves_no_worker(tmp_path, workers, seed):
     cache = tmp_path / "stats.h5"
     child = subprocess.Popen(
@@ -68,22 +70,38 @@ def test_ctrl_c_at_a_random_moment_writes_nothing_and_leaves_no_worker(tmp_path,
 
 
 SAME_KEY_FIT = """
-import sys, json
+import os, sys, json, time
 sys.path.insert(0, {tests!r})
 from datasets_for_tests import CountingDataset
 from torchnormfit import FitNormalize
+
+class Together(CountingDataset):
+    \"\"\"Sample 0 (read first) waits until all {parties} processes are reading: their passes overlap.\"\"\"
+    def __getitem__(self, index):
+        if index == 0:
+            open(os.path.join({barrier!r}, str(os.getpid())), "w").close()
+            deadline = time.monotonic() + 120
+            while len(os.listdir({barrier!r})) < {parties}:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the other processes never started their pass")
+                time.sleep(0.01)
+        return super().__getitem__(index)
+
 norm = FitNormalize(cache={cache!r})
-norm.fit(CountingDataset(n=200, transform=norm), num_workers=0, progress=False)
+norm.fit(Together(n=200, transform=norm), num_workers=0, progress=False)
 print(json.dumps({{"mean": norm.mean, "std": norm.std}}))
 """
 
 
 def test_four_processes_fitting_the_same_key_agree_and_leave_one_valid_entry(tmp_path):
-    cache = tmp_path / "stats.h5"
-    code = SAME_KEY_FIT.format(tests=str(TESTS), cache=str(cache))
+    """All four are inside their pass at once (a file barrier on the first sample), then all write the key."""
+    cache, barrier = tmp_path / "stats.h5", tmp_path / "barrier"
+    barrier.mkdir()
+    code = SAME_KEY_FIT.format(tests=str(TESTS), cache=str(cache), barrier=str(barrier), parties=4)
     children = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(4)]
     results = [json.loads(child.communicate(timeout=300)[0]) for child in children]
     assert all(child.returncode == 0 for child in children)
+    assert len(os.listdir(barrier)) == 4  # each did its own pass: none found the entry in the cache
     assert all(result == results[0] for result in results)
     entries = list_entries(cache)
     assert len(entries) == 1 and entries[0].stats.mean.tolist() == results[0]["mean"]

@@ -1,7 +1,7 @@
 """ChannelStats: the exact merge (Chan, Golub & LeVeque) against float64 two-pass truths.
 
-Every expected value is computed here, independently of the library, with torch float64
-``var_mean`` over all pixels at once (two passes inside torch), never with the code under test.
+Every expected value is computed independently of the library, by the float64 two-pass reduction of
+``tests/reference.py``, never with the code under test.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from reference import truth
 from torchnormfit import ChannelStats
 
 FIELDS = ("count", "mean", "m2", "min", "max")
@@ -21,18 +22,9 @@ FIELDS = ("count", "mean", "m2", "min", "max")
 # --- independent references --------------------------------------------------------------------
 
 
-def truth(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Float64 two-pass statistics of a ``(C, P)`` tensor, straight from torch."""
-    p = pixels.to(torch.float64)
-    var, mean = torch.var_mean(p, dim=1, correction=0)
-    return {
-        "count": torch.full_like(mean, p.shape[1]),
-        "mean": mean,
-        "var": var,
-        "std": var.sqrt(),
-        "min": p.amin(dim=1),
-        "max": p.amax(dim=1),
-    }
+def pixel_truth(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The float64 two-pass truth of a ``(C, P)`` tensor (tests/reference.py)."""
+    return truth([pixels[:, None]])
 
 
 def mean_error(got: torch.Tensor, want: dict[str, torch.Tensor]) -> float:
@@ -107,7 +99,7 @@ def merge_all(parts: list[ChannelStats], channels: int) -> ChannelStats:
 def test_from_pixels_equals_torch_float64():
     x = random_pixels(0, 4, 1000, torch.float64)
     stats = ChannelStats.from_pixels(x)
-    assert_matches_truth(stats, truth(x), 1e-11)
+    assert_matches_truth(stats, pixel_truth(x), 1e-11)
     assert stats.num_channels == 4
     for name in FIELDS:
         assert getattr(stats, name).dtype == torch.float64
@@ -117,7 +109,7 @@ def test_from_pixels_accumulates_float32_input_in_float64():
     x = random_pixels(1, 3, 5000, torch.float32)
     stats = ChannelStats.from_pixels(x)
     # The truth of the float32 values, exactly as stored, computed in float64.
-    assert_matches_truth(stats, truth(x.double()), 1e-11)
+    assert_matches_truth(stats, pixel_truth(x.double()), 1e-11)
 
 
 def test_from_pixels_of_no_pixels_is_empty():
@@ -169,7 +161,7 @@ def test_merge_is_stable_far_from_zero():
     g = torch.Generator().manual_seed(3)
     x = 1e6 + torch.randn(2, 4000, dtype=torch.float64, generator=g)
     x[:, 2000:] += 0.5  # the second part a little brighter
-    want = truth(x)
+    want = pixel_truth(x)
     merged = ChannelStats.from_pixels(x[:, :2000]).merge(ChannelStats.from_pixels(x[:, 2000:]))
     assert_matches_truth(merged, want, 1e-9)
     naive_var = x.square().mean(dim=1) - x.mean(dim=1).square()
@@ -194,7 +186,7 @@ def test_random_split_random_order_merge_equals_two_pass_truth(seed, channels, n
     # from_pixels accumulates in float64 whatever the input: the merge of exact parts is exact to
     # float64 rounding for float32 input too. (batch_stats, which sums float32 batches in float32,
     # is held to 1e-6 for float32 input in test_accumulator.py.)
-    assert_matches_truth(merged, truth(x.double()), 1e-9)
+    assert_matches_truth(merged, pixel_truth(x.double()), 1e-9)
 
 
 @settings(max_examples=60, deadline=None)
@@ -353,4 +345,4 @@ def test_merge_across_devices():
     b = ChannelStats.from_pixels(x[:, 200:])
     merged = a.merge(b)
     assert merged.mean.device.type == "cuda"
-    assert_matches_truth(merged.to("cpu"), truth(x), 1e-12)
+    assert_matches_truth(merged.to("cpu"), pixel_truth(x), 1e-12)

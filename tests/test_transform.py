@@ -94,6 +94,7 @@ def test_repr_reads_like_normalize():
     assert repr(FitNormalize(cache=None)) == "FitNormalize(mean=None, std=None, inplace=False)"
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_jit_script_turns_into_v1_normalize():
     scripted = torch.jit.script(fitted())
     x = torch.rand(3, 4, 4)
@@ -196,8 +197,11 @@ def test_inverse_undoes_the_normalization():
 
 
 def test_to_normalize_is_a_plain_v2_normalize_with_the_same_output():
-    plain = fitted().to_normalize()
+    norm = fitted()
+    plain = norm.to_normalize()
     assert type(plain) is v2.Normalize and plain.mean == MEAN and plain.std == STD
+    x = torch.rand(2, 3, 5, 5)
+    assert torch.equal(plain(x), norm(x))
 
 
 def test_to_batchnorm_is_a_frozen_eval_batchnorm_with_the_stats():
