@@ -68,6 +68,32 @@ def valid_entries(path: Path) -> dict[str, cache.CacheEntry]:
         return {entry.key: entry for entry in list_entries(path)}
 
 
+def entry_file(path: Path, key: str) -> Path:
+    """Where the documented layout puts entry ``key`` of cache ``path``: ``<path>.d/<sha256 of the key>.h5``."""
+    return Path(f"{path}.d") / f"{hashlib.sha256(key.encode()).hexdigest()}.h5"
+
+
+def store_state(path: Path) -> dict[str, bytes]:
+    """The bytes of every file of cache ``path``: the single file and the entry files."""
+    files = [path, *sorted(Path(f"{path}.d").glob("*"))]
+    return {str(file): file.read_bytes() for file in files if file.exists()}
+
+
+def single_file(path: Path, seeds: dict[str, int], pad: int = 0) -> Path:
+    """A single-file cache at ``path`` (the format version 0.1 wrote, kept for sharing) with an entry per key,
+    written by write_entry into a scratch cache and gathered with plain h5py."""
+    scratch = path.parent / f"scratch-{path.name}"
+    for key, seed in seeds.items():
+        write_entry(scratch, key, make_stats(seed), entry_attrs(seed, pad=pad))
+    with raw_cache(path, version=2) as out:
+        for key in seeds:
+            with h5py.File(entry_file(scratch, key), "r") as source:
+                source.copy(source[key], out, name=key)
+    shutil.rmtree(f"{scratch}.d")
+    os.unlink(f"{scratch}.lock")
+    return path
+
+
 def temp_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.endswith(".tmp"))
 
@@ -200,18 +226,19 @@ def test_round_trip_keeps_values_bit_for_bit_and_provenance(tmp_path):
     for name, value in attrs.items():
         assert entry.attrs[name] == value and type(entry.attrs[name]) in (str, int)
     assert entry.attrs["format"] == "torchnormfit.channel_stats"
-    assert entry.attrs["schema_version"] == 1 and entry.attrs["key"] == "cifar"
+    assert entry.attrs["schema_version"] == 2 and entry.attrs["key"] == "cifar" and entry.arrays == {}
 
 
 def test_file_follows_the_documented_schema_with_plain_h5py(tmp_path):
     path = tmp_path / "stats.h5"
     stats = make_stats(7, channels=4)
     write_entry(path, "k", stats, entry_attrs(7))
-    with h5py.File(path, "r") as f:
-        assert f.attrs["format"] == "torchnormfit.cache" and f.attrs["schema_version"] == 1
+    assert not path.exists() and sorted(os.listdir(f"{path}.d")) == [entry_file(path, "k").name]
+    with h5py.File(entry_file(path, "k"), "r") as f:
+        assert f.attrs["format"] == "torchnormfit.cache" and f.attrs["schema_version"] == 2
         assert list(f) == ["k"]
         group = f["k"]
-        assert group.attrs["format"] == "torchnormfit.channel_stats" and group.attrs["schema_version"] == 1
+        assert group.attrs["format"] == "torchnormfit.channel_stats" and group.attrs["schema_version"] == 2
         assert group.attrs["key"] == "k"
         assert sorted(group) == sorted(STORED)
         values = {}
@@ -355,20 +382,21 @@ def test_mean_a_few_ulps_outside_min_max_is_rounding_not_damage(tmp_path):
 
 def test_written_file_needs_no_checksum_to_be_read_but_checks_it_when_present(store):
     """Bit rot in a value: the checksum turns a silently wrong mean into a clear error."""
-    with h5py.File(store, "r") as f:
+    damaged = entry_file(store, "e1")
+    with h5py.File(damaged, "r") as f:
         mean = f["e1/mean"][()]
         offset = f["e1/mean"].id.get_offset()
     assert offset is not None
-    data = bytearray(store.read_bytes())
+    data = bytearray(damaged.read_bytes())
     assert data[offset : offset + mean.nbytes] == mean.astype("<f8").tobytes()
     data[offset + 3] ^= 0x10  # one bit of mean[0]'s mantissa
-    store.write_bytes(bytes(data))
-    with h5py.File(store, "r") as f:
+    damaged.write_bytes(bytes(data))
+    with h5py.File(damaged, "r") as f:
         changed = f["e1/mean"][()]
     assert changed[0] != mean[0] and abs(changed[0] - mean[0]) < 1e-6 * abs(mean[0])  # plausible, wrong
     with pytest.raises(CacheError, match=r"'e1'.*sha256 checksum") as error:
         read_entry(store, "e1")
-    assert str(store) in str(error.value)
+    assert str(damaged) in str(error.value)
     assert same_stats(read_entry(store, "e0").stats, make_stats(0))
 
 
@@ -397,18 +425,18 @@ def _stats_with(**changes) -> ChannelStats:
     ids=["nan", "inf", "count0", "m2neg", "mean-outside", "empty", "no-channels"],
 )
 def test_write_refuses_invalid_statistics_and_leaves_the_file(store, stats, message):
-    before = store.read_bytes()
+    before = store_state(store)
     with pytest.raises(CacheError, match=message):
         write_entry(store, "bad", stats, {})
-    assert store.read_bytes() == before and temp_files(store.parent) == []
+    assert store_state(store) == before and temp_files(store.parent) == []
 
 
 @pytest.mark.parametrize("name", ["format", "schema_version", "key", "sha256"])
 def test_write_refuses_reserved_attribute_names(store, name):
-    before = store.read_bytes()
+    before = store_state(store)
     with pytest.raises(ValueError, match="reserved"):
         write_entry(store, "x", make_stats(1), {name: "mine"})
-    assert store.read_bytes() == before
+    assert store_state(store) == before
 
 
 class _Payload:
@@ -422,19 +450,17 @@ class _Payload:
 
 
 def test_write_never_pickles_an_attribute(store):
-    before = store.read_bytes()
+    before = store_state(store)
     with pytest.raises(TypeError):
         write_entry(store, "x", make_stats(1), {"obj": _Payload(str(store.parent / "marker"))})
-    assert store.read_bytes() == before and temp_files(store.parent) == []
+    assert store_state(store) == before and temp_files(store.parent) == []
 
 
 # --- 2. bad files: never used, each a CacheError naming the path and what failed --------------------
 
 
 def _valid_bytes(tmp_path: Path) -> bytes:
-    path = tmp_path / "valid-source.h5"
-    for i in range(5):
-        write_entry(path, f"e{i}", make_stats(i), entry_attrs(i, pad=200))
+    path = single_file(tmp_path / "valid-source.h5", {f"e{i}": i for i in range(5)}, pad=200)
     return path.read_bytes()
 
 
@@ -478,9 +504,9 @@ def _make_bad_file(kind: str, path: Path, tmp_path: Path) -> str:
             write_raw_entry(f, "k", make_stats(0))
         return "no integer schema_version"
     if kind == "newer schema_version":
-        with raw_cache(path, version=2) as f:
+        with raw_cache(path, version=3) as f:
             write_raw_entry(f, "k", make_stats(0))
-        return "schema version 2, newer than this torchnormfit reads"
+        return "schema version 3, newer than this torchnormfit reads"
     if kind == "schema_version 0":
         with raw_cache(path, version=0) as f:
             write_raw_entry(f, "k", make_stats(0))
@@ -709,17 +735,18 @@ def test_bad_entry_is_never_used_and_never_carried_over(tmp_path, kind):
     assert not (tmp_path / "marker").exists(), "something was unpickled"
 
     before = path.read_bytes()
+    write_entry(path, "new", make_stats(3), {})  # into its own entry file: the single file is not touched
+    assert path.read_bytes() == before and same_stats(read_entry(path, "new").stats, make_stats(3))
     if kind == "newer entry schema_version":  # written by a newer torchnormfit: never rewritten by this one
-        with pytest.raises(CacheError, match="schema version 3, newer than this torchnormfit writes"):
-            write_entry(path, "new", make_stats(3), {})
+        with pytest.raises(CacheError, match="newer than this torchnormfit writes"):
+            delete_entry(path, "good")
         assert path.read_bytes() == before and temp_files(tmp_path) == []
         return
     with pytest.warns(CacheWarning, match="were not carried over") as caught:
-        write_entry(path, "new", make_stats(3), {})
+        assert delete_entry(path, "good") is True  # rewrites the single file, leaving the bad entry out
     assert re.search(message, str(caught[0].message))
     after = valid_entries(path)
-    assert sorted(after) == ["good", "new"]
-    assert same_stats(after["good"].stats, make_stats(1)) and same_stats(after["new"].stats, make_stats(3))
+    assert sorted(after) == ["new"] and same_stats(after["new"].stats, make_stats(3))
     [aside] = aside_files(path)
     assert aside.read_bytes() == before, "the old file must be kept, unchanged"
     assert str(aside) in str(caught[0].message)
@@ -738,8 +765,8 @@ def test_huge_claimed_dataset_is_refused_by_its_shape_without_reading(tmp_path):
     for _ in range(20):
         with pytest.raises(CacheError, match=r"shape \(1000000000,\)"):
             read_entry(path, "huge")
-    with pytest.warns(CacheWarning):
-        write_entry(path, "new", make_stats(2), {})
+    write_entry(path, "new", make_stats(2), {})
+    assert delete_entry(path, "huge") is True
     assert time.perf_counter() - started < 5.0
     assert max_rss_bytes() - rss < 64 * 2**20
     assert sorted(valid_entries(path)) == ["good", "new"]
@@ -779,10 +806,10 @@ def test_entry_that_is_a_link_or_dataset_is_refused(tmp_path, make):
     with pytest.warns(CacheWarning, match=message):
         assert [e.key for e in list_entries(path)] == ["good"]
     before = path.read_bytes()
-    with pytest.warns(CacheWarning, match="not carried over"):  # this used to fail on every later write
-        write_entry(path, "new", make_stats(2), {})
-    assert sorted(valid_entries(path)) == ["good", "new"]
-    assert aside_files(path)[0].read_bytes() == before
+    write_entry(path, "new", make_stats(2), {})  # this used to fail on every later write
+    assert path.read_bytes() == before
+    assert delete_entry(path, key) is True  # the single file rewritten without it
+    assert sorted(valid_entries(path)) == ["good", "new"] and aside_files(path) == []
 
 
 def test_external_link_to_a_fifo_is_never_followed(tmp_path):
@@ -803,8 +830,7 @@ def test_external_link_to_a_fifo_is_never_followed(tmp_path):
             read_entry(path, "inner")
         with pytest.warns(CacheWarning):
             assert [e.key for e in list_entries(path)] == ["good"]
-        with pytest.warns(CacheWarning):
-            write_entry(path, "new", make_stats(3), {})
+        write_entry(path, "new", make_stats(3), {})
         assert delete_entry(path, "new") is True
     assert not opened, "the FIFO behind an external link was opened"
 
@@ -822,9 +848,10 @@ def _expect_damaged(path: str) -> None:
 
 
 @pytest.mark.parametrize("damage", ["object of size 0", "collection larger than the file"])
-def test_damaged_global_heap_is_refused_instead_of_hanging(store, damage):
+def test_damaged_global_heap_is_refused_instead_of_hanging(tmp_path, damage):
     """HDF5 2.0 loops forever on a global heap object of size 0 (8 zero bytes there are enough), and
     variable-length strings, every string attribute, live in global heaps. The loader walks them first."""
+    store = single_file(tmp_path / "stats.h5", {f"e{i}": i for i in range(3)})
     data = bytearray(store.read_bytes())
     at = data.find(b"GCOL")
     assert at > 0 and data[at + 4] == 1
@@ -898,7 +925,7 @@ def test_missing_directories_are_created(tmp_path):
     path = tmp_path / "a" / "b" / "c" / "stats.h5"
     write_entry(path, "k", make_stats(0), {})
     assert list(valid_entries(path)) == ["k"]
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(entry_file(path, "k").stat().st_mode) == 0o644
 
 
 def test_parent_that_is_a_file_is_an_oserror(tmp_path):
@@ -917,10 +944,15 @@ def test_writing_through_a_symlink_updates_its_target(tmp_path):
     assert sorted(valid_entries(target)) == ["new", "old"]
 
 
-def test_file_mode_is_kept_across_rewrites(store):
-    os.chmod(store, 0o640)
+def test_file_mode_is_kept_across_rewrites(tmp_path, store):
+    """Entry files take the entry folder's permissions (less execute); the single file keeps its own."""
+    os.chmod(f"{store}.d", 0o750)
     write_entry(store, "e9", make_stats(9), {})
-    assert stat.S_IMODE(store.stat().st_mode) == 0o640
+    assert stat.S_IMODE(entry_file(store, "e9").stat().st_mode) == 0o640
+    single = single_file(tmp_path / "single.h5", {"a": 1, "b": 2})
+    os.chmod(single, 0o600)
+    assert delete_entry(single, "a") is True
+    assert stat.S_IMODE(single.stat().st_mode) == 0o600
 
 
 def _as_nobody(action, *args) -> None:
@@ -943,10 +975,14 @@ def _unprivileged(action, *args) -> int:
     return fork_run(_as_nobody, action, *args)
 
 
-def _expect_permission_error(path: str) -> None:
-    """Exit 0 if writing ``path`` raises PermissionError (an OSError), 2 on another exception, 3 if it succeeds."""
+def _expect_permission_error(path: str, delete: bool = False) -> None:
+    """Exit 0 if writing ``path`` (or with ``delete``, removing its entry "old") raises PermissionError (an
+    OSError), 2 on another exception, 3 if it succeeds."""
     try:
-        write_entry(path, "new", make_stats(1), {})
+        if delete:
+            delete_entry(path, "old")
+        else:
+            write_entry(path, "new", make_stats(1), {})
     except PermissionError as error:
         sys.stderr.write(f"PermissionError as expected: {error}\n")
         os._exit(0)
@@ -981,12 +1017,13 @@ def _try_setuid() -> None:
 
 @pytest.fixture
 def old_cache(shared_folder):
-    """``stats.h5`` holding the entry "old", alone in a folder an unprivileged user can reach."""
+    """A single-file ``stats.h5`` holding the entry "old" and the lock file a writer leaves, alone in a folder
+    an unprivileged user can reach."""
     _check_can_drop_privileges()
     folder = shared_folder / "cache"
     folder.mkdir()
-    path = folder / "stats.h5"
-    write_entry(path, "old", make_stats(0), {})
+    path = single_file(folder / "stats.h5", {"old": 0})
+    Path(f"{path}.lock").touch(mode=0o644)
     return path
 
 
@@ -1000,6 +1037,7 @@ def test_read_only_directory_is_an_oserror_and_the_old_file_is_intact(old_cache)
 
 
 def test_read_only_file_is_not_replaced(old_cache):
+    """A save never rewrites the single file; removing one of its entries must, and is refused."""
     path, folder = old_cache, old_cache.parent
     before = path.read_bytes()
     if os.geteuid() == 0:
@@ -1008,7 +1046,7 @@ def test_read_only_file_is_not_replaced(old_cache):
         os.chown(f"{path}.lock", 65534, 65534)
     os.chmod(folder, 0o777)
     os.chmod(path, 0o444)
-    assert _unprivileged(_expect_permission_error, str(path)) == 0
+    assert _unprivileged(_expect_permission_error, str(path), True) == 0
     assert path.read_bytes() == before and temp_files(folder) == []
 
 
@@ -1230,7 +1268,7 @@ class KillCampaign:
             self.phases["writing the temp file (a partial temp file left)" if not complete
                         else "between writing the temp file and the rename (a complete temp file left)"] += 1
 
-        entries = valid_entries(self.path) if self.path.exists() else {}
+        entries = valid_entries(self.path)  # [adapted: the entries live in stats.h5.d/, not in stats.h5]
         state = {key: entry.attrs["seed"] for key, entry in entries.items()}
         for key, entry in entries.items():
             assert same_stats(entry.stats, make_stats(entry.attrs["seed"])), f"torn entry {key}"
@@ -1375,7 +1413,7 @@ def test_temp_files_of_dead_writers_are_harmless_and_cleared(store):
     """What a killed writer leaves (its temp file, even a complete one) is never read and is cleared."""
     folder = store.parent
     (folder / ".stats.h5.tnf-abcd1234.tmp").write_bytes(b"partial hdf5 ...")
-    shutil.copy(store, folder / ".stats.h5.tnf-efgh5678.tmp")
+    shutil.copy(entry_file(store, "e0"), folder / ".stats.h5.tnf-efgh5678.tmp")
     other = folder / ".stats.h5.x.tnf-abcd1234.tmp"  # another cache file's temp: not ours to remove
     other.write_bytes(b"x")
     assert sorted(valid_entries(store)) == ["e0", "e1", "e2"]
@@ -1388,7 +1426,7 @@ def test_temp_files_of_dead_writers_are_harmless_and_cleared(store):
 
 
 def test_file_size_limit_during_the_write_keeps_the_old_file(tmp_path):
-    """RLIMIT_FSIZE in a fresh interpreter: the rewrite fails with EFBIG, from the first byte to the last.
+    """RLIMIT_FSIZE in a fresh interpreter: the entry file's write fails with EFBIG, from the first byte to the last.
 
     (HDF5 2.0 itself crashes the process with SIGSEGV when one of its writes fails this way; the cache
     builds the file in memory and writes it with os.write so that it gets a clean OSError instead.)
@@ -1396,10 +1434,12 @@ def test_file_size_limit_during_the_write_keeps_the_old_file(tmp_path):
     path = tmp_path / "stats.h5"
     for i in range(4):
         write_entry(path, f"e{i}", make_stats(i), entry_attrs(i, pad=2000))
-    before = path.read_bytes()
-    digest = hashlib.sha256(before).hexdigest()
-    size = len(before)
-    limits = [0, 512, 4096, size // 2, size, size + 1000]  # the new file is about size + 4000 bytes
+    before = store_state(path)
+    digest = _cache_worker.store_digest(path)
+    scratch = tmp_path / "scratch" / "stats.h5"
+    write_entry(scratch, "new", make_stats(9), entry_attrs(9, pad=4000))
+    size = entry_file(scratch, "new").stat().st_size  # what the write below needs
+    limits = [0, 512, 4096, size // 2, size - 1]
     result = run_worker("fsize", path=str(path), key="new", seed=9, limits=limits, pad=4000)
     for outcome in result["outcomes"]:
         assert outcome.get("is_oserror"), outcome
@@ -1407,7 +1447,7 @@ def test_file_size_limit_during_the_write_keeps_the_old_file(tmp_path):
         assert "previous file is unchanged" in outcome["message"], outcome
         assert outcome["sha256"] == digest, outcome
         assert outcome["temp_files"] == [] and outcome["aside"] == [], outcome
-    assert path.read_bytes() == before
+    assert store_state(path) == before
     assert sorted(valid_entries(path)) == ["e0", "e1", "e2", "e3"]
     write_entry(path, "new", make_stats(9), {})  # and without the cap the same write goes through
     assert sorted(valid_entries(path)) == ["e0", "e1", "e2", "e3", "new"]
@@ -1416,14 +1456,20 @@ def test_file_size_limit_during_the_write_keeps_the_old_file(tmp_path):
 # --- fuzzing: random damage -------------------------------------------------------------------------
 
 
-def _fuzz(tmp_path: Path, trials: int, seed: int, fresh: bool) -> dict:
-    """Damage a 6-entry cache ``trials`` times at random (tests/_cache_worker.py mode_fuzz)."""
+def _fuzz(tmp_path: Path, trials: int, seed: int, fresh: bool, layout: str) -> dict:
+    """Damage a 6-entry cache ``trials`` times at random (tests/_cache_worker.py mode_fuzz): its single file
+    (``layout="single"``) or one of its entry files (``"entry"``)."""
     valid = tmp_path / "valid.h5"
-    for i in range(6):
-        write_entry(valid, f"e{i}", make_stats(i), entry_attrs(i, pad=100))
+    seeds = {f"e{i}": i for i in range(6)}
+    if layout == "single":
+        single_file(valid, seeds, pad=100)
+    else:
+        for key, entry_seed in seeds.items():
+            write_entry(valid, key, make_stats(entry_seed), entry_attrs(entry_seed, pad=100))
     work = tmp_path / "work"
     work.mkdir()
-    options = {"valid": str(valid), "work": str(work), "trials": trials, "seed": seed, "trial_timeout": 20}
+    options = {"valid": str(valid), "work": str(work), "trials": trials, "seed": seed, "trial_timeout": 20,
+               "layout": layout}
     budget = 120 + 3 * trials
     if fresh:
         result = run_worker("fuzz", timeout=budget, **options)
@@ -1440,17 +1486,19 @@ def _fuzz(tmp_path: Path, trials: int, seed: int, fresh: bool) -> dict:
         result = json.loads(out.read_text())
     assert result["bad"] == [], "\n".join(result["bad"][:20])
     figures = {k: result[k] for k in ("slowest_trial_s", "trials_over_1s", "peak_rss_mb_of_a_trial")}
-    print(f"\n[reliability] {trials} randomly damaged copies of a 6-entry cache (random bytes, bit flips, zeroed "
+    print(f"\n[reliability] {trials} randomly damaged copies of a 6-entry cache's {layout} file (random bytes, bit flips, zeroed "
           f"runs, truncation), no crash, hang, stray exception or wrong value: {figures} "
           f"{json.dumps(result['counts'], indent=1)}")
     return result
 
 
-def test_random_damage_is_refused_or_harmless(tmp_path):
+@pytest.mark.parametrize("layout", ["single", "entry"])
+def test_random_damage_is_refused_or_harmless(tmp_path, layout):
     """Damage a valid file at random: never a crash, a hang, an unexpected exception or silently wrong values."""
-    _fuzz(tmp_path, trials=40, seed=0, fresh=False)
+    _fuzz(tmp_path, trials=30, seed=0, fresh=False, layout=layout)
 
 
 @pytest.mark.slow
-def test_random_damage_many_times(tmp_path):
-    _fuzz(tmp_path, trials=600, seed=1, fresh=True)
+@pytest.mark.parametrize("layout", ["single", "entry"])
+def test_random_damage_many_times(tmp_path, layout):
+    _fuzz(tmp_path, trials=300, seed=1, fresh=True, layout=layout)
