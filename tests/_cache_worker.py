@@ -32,6 +32,7 @@ import traceback
 import warnings
 from pathlib import Path
 
+import h5py
 import torch
 
 from torchnormfit import ChannelStats
@@ -56,6 +57,28 @@ def entry_attrs(seed: int, pad: int = 0, **extra) -> dict:
         "seed": seed,
         **extra,
     }
+
+
+def entry_file(path: Path, key: str) -> Path:
+    """Where the documented layout puts entry ``key`` of cache ``path``: ``<path>.d/<sha256 of the key>.h5``."""
+    return Path(f"{path}.d") / f"{hashlib.sha256(key.encode()).hexdigest()}.h5"
+
+
+def single_file(path: Path, seeds: dict[str, int], pad: int = 0, **extra) -> Path:
+    """A single-file cache at ``path`` (the format torchnormfit 0.1 wrote, kept for sharing) with an entry per
+    key, written by write_entry into a scratch cache and gathered with plain h5py."""
+    scratch = path.parent / f"scratch-{path.name}"
+    for key, seed in seeds.items():
+        cache.write_entry(scratch, key, make_stats(seed), entry_attrs(seed, pad=pad, **extra))
+    with h5py.File(path, "w") as out:
+        out.attrs["format"] = cache.FILE_FORMAT
+        out.attrs["schema_version"] = cache.SCHEMA_VERSION
+        for key in seeds:
+            with h5py.File(entry_file(scratch, key), "r") as source:
+                source.copy(source[key], out, name=key)
+    shutil.rmtree(f"{scratch}.d")
+    os.unlink(f"{scratch}.lock")
+    return path
 
 
 def store_digest(path: Path) -> str:
@@ -279,10 +302,7 @@ def mode_fuzz(o: dict) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         truth = {entry.key: entry.stats for entry in cache.list_entries(valid)}
-    if o["layout"] == "single":
-        target = valid
-    else:
-        target = cache.entry_folder(valid) / (hashlib.sha256(sorted(truth)[0].encode()).hexdigest() + ".h5")
+    target = valid if o["layout"] == "single" else entry_file(valid, sorted(truth)[0])
     original = target.read_bytes()
     rng = random.Random(o["seed"])
     work = Path(o["work"])

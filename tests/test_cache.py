@@ -44,7 +44,7 @@ from torchnormfit.cache import check_key, default_cache_path, delete_entry, list
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _cache_worker  # noqa: E402
-from _cache_worker import entry_attrs, make_stats  # noqa: E402
+from _cache_worker import entry_attrs, entry_file, make_stats, single_file  # noqa: E402
 
 WORKER = Path(__file__).with_name("_cache_worker.py")
 REPO = Path(torchnormfit.__file__).resolve().parents[1]
@@ -68,30 +68,10 @@ def valid_entries(path: Path) -> dict[str, cache.CacheEntry]:
         return {entry.key: entry for entry in list_entries(path)}
 
 
-def entry_file(path: Path, key: str) -> Path:
-    """Where the documented layout puts entry ``key`` of cache ``path``: ``<path>.d/<sha256 of the key>.h5``."""
-    return Path(f"{path}.d") / f"{hashlib.sha256(key.encode()).hexdigest()}.h5"
-
-
 def store_state(path: Path) -> dict[str, bytes]:
     """The bytes of every file of cache ``path``: the single file and the entry files."""
     files = [path, *sorted(Path(f"{path}.d").glob("*"))]
     return {str(file): file.read_bytes() for file in files if file.exists()}
-
-
-def single_file(path: Path, seeds: dict[str, int], pad: int = 0) -> Path:
-    """A single-file cache at ``path`` (the format version 0.1 wrote, kept for sharing) with an entry per key,
-    written by write_entry into a scratch cache and gathered with plain h5py."""
-    scratch = path.parent / f"scratch-{path.name}"
-    for key, seed in seeds.items():
-        write_entry(scratch, key, make_stats(seed), entry_attrs(seed, pad=pad))
-    with raw_cache(path, version=2) as out:
-        for key in seeds:
-            with h5py.File(entry_file(scratch, key), "r") as source:
-                source.copy(source[key], out, name=key)
-    shutil.rmtree(f"{scratch}.d")
-    os.unlink(f"{scratch}.lock")
-    return path
 
 
 def temp_files(folder: Path) -> list[Path]:

@@ -364,7 +364,8 @@ class FitNormalize(v2.Normalize):
         path = Path(path) if path is not None else _cache.default_cache_path()
         entry = _cache.read_entry(path, key)
         if entry is None:
-            known = [e.key for e in _cache.list_entries(path)] if path.is_file() else []
+            there = path.is_file() or _cache.entry_folder(path).is_dir()
+            known = [e.key for e in _cache.list_entries(path)] if there else []
             raise _cache.CacheError(f"No cache entry {key!r} in {path}. Entries there: {known}.")
         norm = cls(cache=path, key=key, inplace=inplace)
         norm._use_entry(entry)
