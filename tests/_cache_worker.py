@@ -64,12 +64,13 @@ def entry_file(path: Path, key: str) -> Path:
     return Path(f"{path}.d") / f"{hashlib.sha256(key.encode()).hexdigest()}.h5"
 
 
-def single_file(path: Path, seeds: dict[str, int], pad: int = 0, **extra) -> Path:
+def single_file(path: Path, seeds: dict[str, int], pad: int = 0, arrays: dict | None = None, **extra) -> Path:
     """A single-file cache at ``path`` (the format torchnormfit 0.1 wrote, kept for sharing) with an entry per
-    key, written by write_entry into a scratch cache and gathered with plain h5py."""
+    key (with ``arrays[key]`` if given), written by write_entry into a scratch cache and gathered with h5py."""
     scratch = path.parent / f"scratch-{path.name}"
     for key, seed in seeds.items():
-        cache.write_entry(scratch, key, make_stats(seed), entry_attrs(seed, pad=pad, **extra))
+        attrs = entry_attrs(seed, pad=pad, **extra)
+        cache.write_entry(scratch, key, make_stats(seed), attrs, arrays=(arrays or {}).get(key))
     with h5py.File(path, "w") as out:
         out.attrs["format"] = cache.FILE_FORMAT
         out.attrs["schema_version"] = cache.SCHEMA_VERSION

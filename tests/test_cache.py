@@ -1482,3 +1482,265 @@ def test_random_damage_is_refused_or_harmless(tmp_path, layout):
 @pytest.mark.parametrize("layout", ["single", "entry"])
 def test_random_damage_many_times(tmp_path, layout):
     _fuzz(tmp_path, trials=300, seed=1, fresh=True, layout=layout)
+
+
+# --- 5. schema 2: per-sample arrays ---------------------------------------------------------------
+
+
+def sample_arrays(k: int = 5, channels: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
+    """The arrays a verified hit stores: sample indices, their per-channel means and variances, pixel counts."""
+    rng = np.random.default_rng(seed)
+    return {
+        "index": rng.permutation(10 * k)[:k].astype(np.int64),
+        "mean": rng.random((k, channels), dtype=np.float32),
+        "var": rng.random((k, channels), dtype=np.float32),
+        "pixels": np.full(k, 1024, np.int64),
+    }
+
+
+def same_arrays(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> bool:
+    return sorted(got) == sorted(want) and all(
+        got[n].dtype == want[n].dtype and np.array_equal(got[n], want[n]) for n in want
+    )
+
+
+def test_arrays_round_trip_and_their_checksum_is_the_documented_one(tmp_path):
+    path = tmp_path / "stats.h5"
+    arrays = sample_arrays(k=1024) | {"weights": np.linspace(0, 1, 7)}
+    write_entry(path, "k", make_stats(1), entry_attrs(1), arrays=arrays)
+    entry = read_entry(path, "k")
+    assert same_arrays(entry.arrays, arrays) and same_stats(entry.stats, make_stats(1))
+    with h5py.File(entry_file(path, "k"), "r") as f:  # recomputed from the docstring, with plain h5py
+        group = f["k"]
+        assert group.attrs["schema_version"] == 2 and sorted(group["samples"]) == sorted(arrays)
+        digest = hashlib.sha256(b"".join(group[n][()].astype("<f8").tobytes() for n in STORED))
+        for name in sorted(group["samples"]):
+            data = group["samples"][name][()]
+            little = data.dtype.newbyteorder("<")
+            digest.update(f"{name} {little.str} {'x'.join(map(str, data.shape))}\n".encode("ascii"))
+            digest.update(data.astype(little).tobytes())
+        assert group.attrs["sha256"] == digest.hexdigest()
+    assert cache.CacheEntry("k", make_stats(1), {}).arrays == {}
+
+
+def test_entry_without_arrays_keeps_the_version_1_checksum(tmp_path):
+    """A version-1 entry (written by hand, checksum over the six vectors only) reads, with no arrays."""
+    path = tmp_path / "stats.h5"
+    stats = make_stats(4)
+    with raw_cache(path, version=1) as f:
+        group = write_raw_entry(f, "v1", stats)
+        group.attrs["sha256"] = hashlib.sha256(b"".join(group[n][()].astype("<f8").tobytes() for n in STORED)).hexdigest()
+    entry = read_entry(path, "v1")
+    assert same_stats(entry.stats, stats) and entry.arrays == {} and entry.attrs["schema_version"] == 1
+
+
+def test_damaged_array_is_refused_by_the_checksum(tmp_path):
+    path = tmp_path / "stats.h5"
+    arrays = sample_arrays()
+    write_entry(path, "k", make_stats(1), entry_attrs(1), arrays=arrays)
+    file = entry_file(path, "k")
+    with h5py.File(file, "r") as f:
+        offset = f["k/samples/mean"].id.get_offset()
+    data = bytearray(file.read_bytes())
+    assert data[offset : offset + 4] == arrays["mean"][0, :1].tobytes()
+    data[offset + 1] ^= 0x04  # one mantissa bit of mean[0, 0]: still a plausible float32
+    file.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=r"'k'.*sha256 checksum"):
+        read_entry(path, "k")
+    with pytest.warns(CacheWarning, match="sha256 checksum.*moved to"):  # the damaged file is kept aside
+        write_entry(path, "k", make_stats(1), entry_attrs(1), arrays={"index": arrays["index"]})
+    with h5py.File(entry_file(path, "k"), "r+") as f:  # the same bytes, read as another dtype
+        del f["k/samples/index"]
+        f["k/samples"].create_dataset("index", data=arrays["index"].view(np.float64))
+    with pytest.raises(CacheError, match="sha256 checksum"):
+        read_entry(path, "k")
+
+
+def _array_change(change):
+    def apply(group):
+        samples = group.require_group("samples")
+        change(samples)
+    return apply
+
+
+def _external_array(samples):
+    raw = Path(samples.file.filename).parent / "raw.bin"
+    raw.write_bytes(np.zeros(4, "<i8").tobytes())
+    samples.create_dataset("index", shape=(4,), dtype="<i8", external=[(str(raw), 0, h5py.h5f.UNLIMITED)])
+
+
+BAD_ARRAYS = {
+    "int32": (_array_change(lambda s: s.create_dataset("index", data=np.arange(3, dtype=np.int32))),
+              r"'samples/index' has dtype int32"),
+    "3-D": (_array_change(lambda s: s.create_dataset("mean", data=np.zeros((2, 2, 2), np.float32))),
+            r"'samples/mean' has shape \(2, 2, 2\)"),
+    "claims 2**30 elements": (_array_change(lambda s: s.create_dataset("mean", shape=(2**15, 2**15), chunks=(64, 64),
+                                                                       dtype="f4")), r"has shape \(32768, 32768\)"),
+    "upper-case name": (_array_change(lambda s: s.create_dataset("Index", data=np.arange(3))), "lowercase identifier"),
+    "external storage": (_array_change(_external_array), "keeps its data outside the file"),
+    "soft link": (_array_change(lambda s: s.__setitem__("mean", h5py.SoftLink("/good/mean"))), "is a SoftLink"),
+    "samples is a dataset": (lambda g: g.create_dataset("samples", data=np.zeros(3)), "'samples' is a Dataset"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_ARRAYS))
+def test_bad_array_is_refused_on_read(tmp_path, kind):
+    change, message = BAD_ARRAYS[kind]
+    path = tmp_path / "stats.h5"
+    with raw_cache(path, version=2) as f:
+        write_raw_entry(f, "good", make_stats(1))
+        change(write_raw_entry(f, "bad", make_stats(2)))
+    rss = max_rss_bytes()
+    with pytest.raises(CacheError, match=message):
+        read_entry(path, "bad")
+    assert max_rss_bytes() - rss < 256 * 2**20, "a claimed size was allocated"
+    with pytest.warns(CacheWarning, match=message):
+        assert [e.key for e in list_entries(path)] == ["good"]
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"Index": np.arange(3)}, "lowercase identifiers"),
+        ({"1st": np.arange(3)}, "lowercase identifiers"),
+        ({"index": np.arange(3, dtype=np.int32)}, "has dtype int32"),
+        ({"mask": np.ones(3, bool)}, "has dtype bool"),
+        ({"mean": np.zeros((2, 2, 2), np.float32)}, r"has shape \(2, 2, 2\)"),
+        ({"one": np.float32(1.0)}, r"has shape \(\)"),
+    ],
+)
+def test_write_refuses_arrays_it_cannot_store(store, arrays, message):
+    before = store_state(store)
+    with pytest.raises(ValueError, match=message):
+        write_entry(store, "x", make_stats(1), {}, arrays=arrays)
+    assert store_state(store) == before
+
+
+def test_arrays_are_kept_when_other_entries_are_written_or_removed(tmp_path):
+    path = single_file(tmp_path / "stats.h5", {"s": 1, "t": 2}, arrays={"s": sample_arrays(seed=1)})
+    write_entry(path, "a", make_stats(3), {}, arrays=sample_arrays(seed=3))
+    for i in range(3):
+        write_entry(path, f"b{i}", make_stats(4 + i), {})
+    write_entry(path, "b0", make_stats(9), {}, arrays=sample_arrays(seed=9))  # replaced, now with arrays
+    assert delete_entry(path, "t") is True  # the single file is rewritten: "s" is carried over
+    entries = valid_entries(path)
+    assert sorted(entries) == ["a", "b0", "b1", "b2", "s"]
+    assert same_arrays(entries["s"].arrays, sample_arrays(seed=1))
+    assert same_arrays(entries["a"].arrays, sample_arrays(seed=3))
+    assert same_arrays(entries["b0"].arrays, sample_arrays(seed=9)) and entries["b1"].arrays == {}
+
+
+# --- 6. the entry folder beside a single file ---------------------------------------------------------
+
+
+def test_single_file_of_version_1_is_read_kept_and_shadowed(tmp_path):
+    """A cache written by torchnormfit 0.1 (one file, schema 1) stays a hit and is never rewritten by a save."""
+    path = tmp_path / "stats.h5"
+    with raw_cache(path, version=1) as f:
+        write_raw_entry(f, "old1", make_stats(1), seed=1)
+        write_raw_entry(f, "old2", make_stats(2), seed=2)
+    before = path.read_bytes()
+    assert same_stats(read_entry(path, "old1").stats, make_stats(1))
+    write_entry(path, "new", make_stats(3), entry_attrs(3))
+    write_entry(path, "old1", make_stats(4), entry_attrs(4))  # the same key again: the entry file wins
+    assert path.read_bytes() == before
+    assert same_stats(read_entry(path, "old1").stats, make_stats(4))
+    assert {k: e.attrs["seed"] for k, e in valid_entries(path).items()} == {"new": 3, "old1": 4, "old2": 2}
+    assert delete_entry(path, "old1") is True  # gone from both places
+    assert read_entry(path, "old1") is None and sorted(valid_entries(path)) == ["new", "old2"]
+    with h5py.File(path, "r") as f:
+        assert list(f) == ["old2"]
+
+
+def test_a_save_touches_no_other_entry(store):
+    """Every other entry file keeps its inode and bytes: a save costs the same whatever the cache holds."""
+    def files():
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in Path(f"{store}.d").iterdir()}
+
+    before = files()
+    write_entry(store, "e9", make_stats(9), {})
+    write_entry(store, "e1", make_stats(11), {})
+    after = files()
+    unchanged = {entry_file(store, "e0").name, entry_file(store, "e2").name}
+    assert {name: after[name] for name in unchanged} == {name: before[name] for name in unchanged}
+    assert len(after) == 4 and after[entry_file(store, "e1").name] != before[entry_file(store, "e1").name]
+
+
+def test_entry_file_that_holds_another_key_is_refused(store):
+    shutil.copy(entry_file(store, "e0"), entry_file(store, "e1"))
+    with pytest.raises(CacheError, match=r"holds \['e0'\], not the one entry its name stands for"):
+        read_entry(store, "e1")
+    with pytest.warns(CacheWarning, match="not the one entry"):
+        assert sorted(e.key for e in list_entries(store)) == ["e0", "e2"]
+    with pytest.warns(CacheWarning, match="moved to"):  # replacing it keeps the odd file aside
+        write_entry(store, "e1", make_stats(1), entry_attrs(1))
+    assert sorted(valid_entries(store)) == ["e0", "e1", "e2"]
+
+
+def test_entry_file_of_a_newer_version_is_never_replaced(store):
+    with h5py.File(entry_file(store, "e1"), "r+") as f:
+        f["e1"].attrs["schema_version"] = 3
+    before = store_state(store)
+    with pytest.raises(CacheError, match="newer than this torchnormfit.*left as it is"):
+        write_entry(store, "e1", make_stats(5), {})
+    assert store_state(store) == before
+
+
+def test_prune_by_age_and_count(tmp_path):
+    path = tmp_path / "stats.h5"
+    now = time.time()
+    for seed, days in enumerate([1, 10, 40, 400]):
+        created = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now - days * 86400))
+        write_entry(path, f"d{days}", make_stats(seed), entry_attrs(seed, created_utc=created))
+    write_entry(path, "no-date", make_stats(9), {})  # no created_utc: its file's time counts
+    os.utime(entry_file(path, "no-date"), (now - 20 * 86400, now - 20 * 86400))
+    with pytest.raises(ValueError, match="older_than .* or keep_last"):
+        cache.prune_entries(path)
+    assert sorted(cache.prune_entries(path, older_than=30 * 86400, now=now)) == ["d40", "d400"]
+    assert cache.prune_entries(path, keep_last=2, now=now) == ["no-date"]
+    assert cache.prune_entries(path, older_than=0, keep_last=1, now=now) == ["d10"]
+    assert sorted(valid_entries(path)) == ["d1"]
+    assert cache.prune_entries(tmp_path / "none.h5", keep_last=0) == []
+
+
+# --- 7. a large foreign file is refused after reading a few KB -----------------------------------------
+
+
+def _refuse_foreign(path: str, out: str) -> None:
+    """In a forked child: every call refuses the foreign file; write how much the peak RSS grew meanwhile."""
+    scratch = Path(out).with_name("warm-up.h5")  # lazy imports and torch's first allocations, before measuring
+    write_entry(scratch, "k", make_stats(0), {})
+    list_entries(scratch)
+    start = max_rss_bytes()
+    began = time.perf_counter()
+    for call in (lambda: read_entry(path, "k"), lambda: list_entries(path),
+                 lambda: write_entry(path, "k", make_stats(0), {})):
+        try:
+            call()
+        except CacheError as error:
+            assert "not a torchnormfit cache (format attribute 'anndata'" in str(error), error
+        else:
+            raise AssertionError("the foreign file was used")
+    Path(out).write_text(json.dumps({"growth": max_rss_bytes() - start, "s": time.perf_counter() - began}))
+
+
+def test_large_foreign_file_is_refused_without_reading_it(tmp_path):
+    """A 192 MiB HDF5 file of another format, its root attributes written last (their global heap at the end):
+    refused by read, list and write with the peak RSS growing by under 16 MiB (the whole-file check grew it by
+    the file's size)."""
+    path = tmp_path / "data.h5"
+    with h5py.File(path, "w") as f:
+        data = f.create_dataset("X", shape=(192 * 2**20,), dtype="u1")
+        block = np.arange(16 * 2**20, dtype=np.uint64).view(np.uint8)[: 16 * 2**20]
+        for start in range(0, data.shape[0], block.size):
+            data[start : start + block.size] = block
+        f.attrs["format"] = "anndata"
+        f.attrs["encoding-version"] = "0.1.0"
+    assert path.stat().st_size > 192 * 2**20
+    out = tmp_path / "result.json"
+    assert fork_run(_refuse_foreign, str(path), str(out)) == 0
+    result = json.loads(out.read_text())
+    assert result["growth"] < 16 * 2**20, result
+    assert not Path(f"{path}.d").exists()
+    print(f"\n[reliability] a 192 MiB foreign HDF5 file refused by read, list and write: peak RSS +"
+          f"{result['growth'] / 2**20:.1f} MiB, {result['s'] * 1000:.0f} ms")
