@@ -1466,8 +1466,8 @@ def _fuzz(tmp_path: Path, trials: int, seed: int, fresh: bool, layout: str) -> d
         result = json.loads(out.read_text())
     assert result["bad"] == [], "\n".join(result["bad"][:20])
     figures = {k: result[k] for k in ("slowest_trial_s", "trials_over_1s", "peak_rss_mb_of_a_trial")}
-    print(f"\n[reliability] {trials} randomly damaged copies of a 6-entry cache's {layout} file (random bytes, bit flips, zeroed "
-          f"runs, truncation), no crash, hang, stray exception or wrong value: {figures} "
+    print(f"\n[reliability] {trials} randomly damaged copies of a 6-entry cache's {layout} file (random bytes, bit "
+          f"flips, zeroed runs, truncation), no crash, hang, stray exception or wrong value: {figures} "
           f"{json.dumps(result['counts'], indent=1)}")
     return result
 
@@ -1529,7 +1529,8 @@ def test_entry_without_arrays_keeps_the_version_1_checksum(tmp_path):
     stats = make_stats(4)
     with raw_cache(path, version=1) as f:
         group = write_raw_entry(f, "v1", stats)
-        group.attrs["sha256"] = hashlib.sha256(b"".join(group[n][()].astype("<f8").tobytes() for n in STORED)).hexdigest()
+        vectors = b"".join(group[n][()].astype("<f8").tobytes() for n in STORED)
+        group.attrs["sha256"] = hashlib.sha256(vectors).hexdigest()
     entry = read_entry(path, "v1")
     assert same_stats(entry.stats, stats) and entry.arrays == {} and entry.attrs["schema_version"] == 1
 

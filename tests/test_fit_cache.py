@@ -154,7 +154,8 @@ def test_cache_path_that_is_a_directory_warns_once_and_fits(tmp_path):
 def test_no_cache_writes_nothing(tmp_path):
     norm = FitNormalize(cache=None)
     fit(norm, CountingDataset(n=5, transform=norm))
-    assert not Path(os.environ["TORCHNORMFIT_CACHE"]).exists() and not Path(f"{os.environ['TORCHNORMFIT_CACHE']}.d").exists()
+    default = Path(os.environ["TORCHNORMFIT_CACHE"])
+    assert not default.exists() and not Path(f"{default}.d").exists()
 
 
 def test_subset_fit_reports_standard_errors_that_cover_the_full_pass_and_caches_them(tmp_path, monkeypatch):

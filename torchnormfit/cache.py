@@ -460,7 +460,8 @@ def _stored(group: h5py.Group, name: str, where: str, kind: type, what: str) -> 
         raise CacheError(f"{label} a {type(link).__name__}, not {what}.")
     item = group[name]
     if not isinstance(item, kind):
-        raise CacheError(f"{label} {'not a dataset' if kind is h5py.Dataset else f'a {type(item).__name__}, not a group'}.")
+        found = "not a dataset" if kind is h5py.Dataset else f"a {type(item).__name__}, not a group"
+        raise CacheError(f"{label} {found}.")
     if kind is h5py.Dataset and (item.is_virtual or item.external):
         raise CacheError(f"{where}: {name!r} keeps its data outside the file (virtual or external storage).")
     return item
@@ -491,7 +492,7 @@ def _read_arrays(group: h5py.Group, where: str) -> dict[str, np.ndarray]:
             raise CacheError(f"{where}: {label!r} is not named by a lowercase identifier ([a-z][a-z0-9_]*).")
         dataset = _stored(samples, name, where, h5py.Dataset, "a dataset stored in the group")
         if dataset.dtype.fields is not None or dataset.dtype.name not in _ARRAY_DTYPES:
-            raise CacheError(f"{where}: {label!r} has dtype {dataset.dtype}, expected one of {', '.join(_ARRAY_DTYPES)}.")
+            raise CacheError(f"{where}: {label!r} has dtype {dataset.dtype}, expected {', '.join(_ARRAY_DTYPES)}.")
         if dataset.ndim not in (1, 2) or dataset.size > _MAX_ARRAY_ELEMENTS:
             raise CacheError(f"{where}: {label!r} has shape {dataset.shape}, expected 1-D or 2-D with at most "
                              f"{_MAX_ARRAY_ELEMENTS} elements.")
