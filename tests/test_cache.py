@@ -1133,6 +1133,34 @@ def test_four_processes_write_the_same_key(tmp_path):
     assert failures == 0 and temp_files(tmp_path) == []
 
 
+def _write_and_remove(path: str, rounds: int) -> None:
+    for i in range(rounds):
+        write_entry(path, f"k{i % 3}", make_stats(i), entry_attrs(i))
+        delete_entry(path, f"k{(i + 1) % 3}")
+        read_entry(path, f"k{(i + 2) % 3}")
+
+
+def test_readers_never_fail_while_entries_are_removed(tmp_path):
+    """Removing an entry unlinks its file: a reader that saw it a moment before reads it as missing."""
+    path = tmp_path / "stats.h5"
+    write_entry(path, "before", make_stats(5), entry_attrs(5))
+    stop, reads, failures = FORK.Event(), FORK.Value("i", 0), FORK.Value("i", 0)
+    readers = [FORK.Process(target=_reader_loop, args=(str(path), stop, reads, failures)) for _ in range(2)]
+    for process in readers:
+        process.start()
+    writers = [FORK.Process(target=_write_and_remove, args=(str(path), 40)) for _ in range(2)]
+    for process in writers:
+        process.start()
+    for process in writers:
+        process.join(300)
+    stop.set()
+    for process in readers:
+        process.join(60)
+    assert [p.exitcode for p in writers + readers] == [0] * 4
+    assert failures.value == 0 and reads.value > 0
+    assert "before" in valid_entries(path) and temp_files(tmp_path) == []
+
+
 def test_threads_of_one_process_serialize_too(tmp_path):
     path = tmp_path / "stats.h5"
     errors = []

@@ -196,6 +196,8 @@ def _check_cache_file(path: Path) -> None:
     """Refuse a cache path that is not a regular file (a directory, a FIFO, a device) before opening it."""
     _check_not_directory(path)
     if not path.is_file():
+        if not os.path.lexists(path):  # removed since it was seen (an entry file a writer removed)
+            raise FileNotFoundError(errno.ENOENT, "No such cache file", str(path))
         raise CacheError(f"The cache path {path} is not a regular file; give the path of an HDF5 file.")
     if not os.access(path, os.R_OK):  # not a damaged file: never to be moved aside as one
         raise _NoPermission(f"The cache file {path} is not readable (permission denied); fix its permissions or "
@@ -356,7 +358,8 @@ def read_entry(path: str | os.PathLike, key: str) -> CacheEntry | None:
     _check_not_directory(real)
     file = _entry_file(real, key)
     if os.path.lexists(file):
-        return _read_entry_file(file, key)
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile: as if it had not been there
+            return _read_entry_file(file, key)
     if not os.path.lexists(real):
         return None
     with _open_cache(real) as handle:
@@ -394,6 +397,8 @@ def _scan(real: Path) -> dict[str, tuple[CacheEntry, Path]]:
     for file in _entry_files(real):
         try:
             entry = _read_entry_file(file)
+        except FileNotFoundError:  # removed since the folder was listed
+            continue
         except CacheError as error:
             warnings.warn(str(error), CacheWarning, stacklevel=3)
             continue
