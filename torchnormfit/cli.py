@@ -619,7 +619,7 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     keys = list(dict.fromkeys(args.keys))
     for key in keys:  # all present, or nothing is removed
         _read(path, key)
-    removed = delete_entries(path, keys)
+    removed = delete_entries(path, keys) if keys else []
     if args.older_than is not None or args.keep_last is not None:
         removed += prune_entries(path, older_than=args.older_than, keep_last=args.keep_last)
     if args.json:
