@@ -24,6 +24,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -31,6 +32,7 @@ import traceback
 import warnings
 from pathlib import Path
 
+import h5py
 import torch
 
 from torchnormfit import ChannelStats
@@ -55,6 +57,38 @@ def entry_attrs(seed: int, pad: int = 0, **extra) -> dict:
         "seed": seed,
         **extra,
     }
+
+
+def entry_file(path: Path, key: str) -> Path:
+    """Where the documented layout puts entry ``key`` of cache ``path``: ``<path>.d/<sha256 of the key>.h5``."""
+    return Path(f"{path}.d") / f"{hashlib.sha256(key.encode()).hexdigest()}.h5"
+
+
+def single_file(path: Path, seeds: dict[str, int], pad: int = 0, arrays: dict | None = None, **extra) -> Path:
+    """A single-file cache at ``path`` (the format torchnormfit 0.1 wrote, kept for sharing) with an entry per
+    key (with ``arrays[key]`` if given), written by write_entry into a scratch cache and gathered with h5py."""
+    scratch = path.parent / f"scratch-{path.name}"
+    for key, seed in seeds.items():
+        attrs = entry_attrs(seed, pad=pad, **extra)
+        cache.write_entry(scratch, key, make_stats(seed), attrs, arrays=(arrays or {}).get(key))
+    with h5py.File(path, "w") as out:
+        out.attrs["format"] = cache.FILE_FORMAT
+        out.attrs["schema_version"] = cache.SCHEMA_VERSION
+        for key in seeds:
+            with h5py.File(entry_file(scratch, key), "r") as source:
+                source.copy(source[key], out, name=key)
+    shutil.rmtree(f"{scratch}.d")
+    os.unlink(f"{scratch}.lock")
+    return path
+
+
+def store_digest(path: Path) -> str:
+    """SHA-256 over the names and bytes of every file of cache ``path`` (the single file, the entry files)."""
+    digest = hashlib.sha256()
+    for file in [Path(path), *sorted(Path(f"{path}.d").glob("*"))]:
+        if file.exists():
+            digest.update(f"{file.name}\n".encode() + file.read_bytes())
+    return digest.hexdigest()
 
 
 def _log(fd: int, text: str) -> None:
@@ -98,7 +132,7 @@ def mode_fsize(o: dict) -> None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         outcome |= {
             "limit": limit,
-            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "sha256": store_digest(path),
             "temp_files": sorted(p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")),
             "aside": sorted(p.name for p in path.parent.glob(f"{path.name}.corrupt-*")),
         }
@@ -168,16 +202,12 @@ def _corrupt(data: bytes, rng: random.Random) -> tuple[bytes, str]:
     return bytes(data), f"{kind}@{offset}"
 
 
-def _same_values(stats, want) -> bool:
-    """Bit-for-bit the same count, mean, m2, std, min and max."""
-    return all(torch.equal(getattr(stats, f), getattr(want, f)) for f in ("count", "mean", "m2", "std", "min", "max"))
+def _same(a: ChannelStats, b: ChannelStats) -> bool:
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("count", "mean", "m2", "std", "min", "max"))
 
 
-def _fuzz_trial(path: Path, damaged: bytes, how: str, truth: dict) -> tuple[list[str], list[str]]:
-    """Read, list and write one damaged copy; (outcome names, failures)."""
-    outcomes: list[str] = []
-    bad: list[str] = []
-    # Reading: CacheError, or exactly the values that were written.
+def _fuzz_reads(path: Path, how: str, truth: dict, outcomes: list[str], bad: list[str]) -> None:
+    """Reading each key: a CacheError, or exactly the values written. Listing: the same for what it lists."""
     for key in sorted(truth):
         try:
             entry = cache.read_entry(path, key)
@@ -189,7 +219,7 @@ def _fuzz_trial(path: Path, damaged: bytes, how: str, truth: dict) -> tuple[list
             continue
         if entry is None:
             outcomes.append("read: entry missing")
-        elif _same_values(entry.stats, truth[key].stats):
+        elif _same(entry.stats, truth[key]):
             outcomes.append("read: original values")
         else:
             bad.append(f"{how}: read_entry returned different values for {key!r} without an error")
@@ -199,57 +229,82 @@ def _fuzz_trial(path: Path, damaged: bytes, how: str, truth: dict) -> tuple[list
             listed = cache.list_entries(path)
         except cache.CacheError:
             outcomes.append("list: refused (CacheError)")
+            return
         except Exception as error:
             bad.append(f"{how}: list_entries raised {type(error).__name__}: {error}")
-        else:
-            for entry in listed:
-                if entry.key not in truth or not _same_values(entry.stats, truth[entry.key].stats):
-                    bad.append(f"{how}: list_entries returned a changed entry {entry.key!r}")
-    # Writing over it.
+            return
+    for entry in listed:
+        if entry.key not in truth or not _same(entry.stats, truth[entry.key]):
+            bad.append(f"{how}: list_entries returned a changed entry {entry.key!r}")
+
+
+def _fuzz_write(path: Path, damaged_file: Path, damaged: bytes, key: str, how: str) -> tuple[list[str], list[str]]:
+    """Write ``key`` over the damage: it lands and reads back, the damaged file untouched or kept aside with a
+    CacheWarning; or a CacheError that changed nothing (the damage looks like a foreign or newer file)."""
+    outcomes: list[str] = []
+    bad: list[str] = []
+    stats = make_stats(12345)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            cache.write_entry(path, "new", make_stats(12345), entry_attrs(12345))
+            cache.write_entry(path, key, stats, entry_attrs(12345))
         except cache.CacheError:
-            outcomes.append("write: refused, file left as it was (CacheError)")
-            if path.read_bytes() != damaged:
+            outcomes.append(f"write {key}: refused, file left as it was (CacheError)")
+            if damaged_file.read_bytes() != damaged:
                 bad.append(f"{how}: write_entry refused but changed the file")
             return outcomes, bad
         except Exception as error:
             bad.append(f"{how}: write_entry raised {type(error).__name__}: {error}")
             return outcomes, bad
-    kept_aside = [p for p in path.parent.iterdir() if ".corrupt-" in p.name]
+    aside = [p for p in damaged_file.parent.iterdir() if p.name.startswith(f"{damaged_file.name}.corrupt-")]
     if any(issubclass(w.category, cache.CacheWarning) for w in caught):
-        outcomes.append("write: succeeded, damaged file kept aside with a CacheWarning")
-        if not any(p.read_bytes() == damaged for p in kept_aside):
+        outcomes.append(f"write {key}: succeeded, damaged file kept aside with a CacheWarning")
+        if not any(p.read_bytes() == damaged for p in aside):
             bad.append(f"{how}: warned but the damaged file was not kept aside")
+    elif damaged_file.exists() and damaged_file.read_bytes() != damaged:
+        outcomes.append(f"write {key}: succeeded, replacing an entry that read as valid")
     else:
-        outcomes.append("write: succeeded, no damage seen")
+        outcomes.append(f"write {key}: succeeded, damaged file untouched")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            after = {entry.key: entry for entry in cache.list_entries(path)}
+            warnings.simplefilter("ignore")
+            entry = cache.read_entry(path, key)
     except Exception as error:
-        bad.append(f"{how}: the file written over the damage does not validate: {type(error).__name__}: {error}")
+        bad.append(f"{how}: the entry written over the damage does not read: {type(error).__name__}: {error}")
         return outcomes, bad
-    if "new" not in after or not _same_values(after["new"].stats, make_stats(12345)):
-        bad.append(f"{how}: the new entry is missing or changed after the write")
-    for key, entry in after.items():
-        if key != "new" and not _same_values(entry.stats, truth[key].stats):
-            bad.append(f"{how}: carried-over entry {key!r} changed")
-    outcomes.append(f"write: entries carried over: {len(after) - 1} of {len(truth)}")
+    if entry is None or not _same(entry.stats, stats):
+        bad.append(f"{how}: the entry {key!r} written over the damage reads back different")
+    return outcomes, bad
+
+
+def _fuzz_trial(path: Path, damaged_file: Path, damaged: bytes, how: str, truth: dict) -> tuple[list[str], list[str]]:
+    """Read, list and write over one damaged file of a cache; (outcome names, failures)."""
+    outcomes: list[str] = []
+    bad: list[str] = []
+    _fuzz_reads(path, how, truth, outcomes, bad)
+    written = ["new"] if damaged_file == path else ["new", sorted(truth)[0]]  # a damaged entry file: replaced too
+    for key in written:
+        more, worse = _fuzz_write(path, damaged_file, damaged, key, how)
+        outcomes += more
+        bad += worse
+    if not any(outcome.endswith("(CacheError)") and outcome.startswith("write") for outcome in outcomes):
+        _fuzz_reads(path, how, truth | dict.fromkeys(written, make_stats(12345)), outcomes, bad)
     return outcomes, bad
 
 
 def mode_fuzz(o: dict) -> None:
-    """Damage a valid cache file ``trials`` times. Whatever the damage: reading raises CacheError or returns the
-    exact original values; writing succeeds (a damaged file moved or copied aside, with a CacheWarning) or refuses
-    a file that no longer looks like a cache (CacheError); nothing else ever happens: no other exception, no
-    crash, no hang (each trial runs in a forked child with a deadline of ``trial_timeout`` seconds)."""
-    original = Path(o["valid"]).read_bytes()
+    """Damage a file of a valid cache ``trials`` times: its single file (``layout="single"``) or one of its entry
+    files (``"entry"``, the first key's). Whatever the damage: reading raises CacheError or returns the exact
+    original values; writing succeeds (the entry reads back; a damaged file untouched, or moved aside with a
+    CacheWarning) or refuses a file that no longer looks like a cache (CacheError); nothing else ever happens:
+    no other exception, no crash, no hang (each trial runs in a forked child with a deadline of
+    ``trial_timeout`` seconds)."""
+    valid = Path(o["valid"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        truth = {entry.key: entry for entry in cache.list_entries(o["valid"])}
+        truth = {entry.key: entry.stats for entry in cache.list_entries(valid)}
+    target = valid if o["layout"] == "single" else entry_file(valid, sorted(truth)[0])
+    original = target.read_bytes()
     rng = random.Random(o["seed"])
     work = Path(o["work"])
     deadline_s = o.get("trial_timeout", 30.0)
@@ -260,9 +315,14 @@ def mode_fuzz(o: dict) -> None:
     for trial in range(o["trials"]):
         folder = work / f"t{trial}"
         folder.mkdir()
-        path = folder / "stats.h5"
+        path = folder / valid.name
+        if valid.exists():
+            shutil.copy(valid, path)
+        if cache.entry_folder(valid).exists():
+            shutil.copytree(cache.entry_folder(valid), cache.entry_folder(path))
+        damaged_file = path if target == valid else cache.entry_folder(path) / target.name
         damaged, how = _corrupt(original, rng)
-        path.write_bytes(damaged)
+        damaged_file.write_bytes(damaged)
         (folder / "damaged.bin").write_bytes(damaged)  # kept for a post-mortem
         if not o.get("out"):  # a fresh interpreter's progress, for a post-mortem
             print(f"trial {trial} {how}", file=sys.stderr, flush=True)
@@ -272,7 +332,7 @@ def mode_fuzz(o: dict) -> None:
         if pid == 0:  # the child: one trial, its report in a file
             code = 0
             try:
-                outcomes, failures = _fuzz_trial(path, damaged, how, truth)
+                outcomes, failures = _fuzz_trial(path, damaged_file, damaged, how, truth)
                 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                 report.write_text(json.dumps({"outcomes": outcomes, "bad": failures, "rss_mb": rss}))
             except BaseException:

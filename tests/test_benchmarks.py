@@ -82,3 +82,18 @@ def test_every_workload_at_quick_sizes(tmp_path):
     out, results = quick_run(tmp_path, ALL_WORKLOADS, scale=0.2)
     check_tables(out, ALL_WORKLOADS)
     check_results(results, ALL_WORKLOADS)
+def test_cache_benchmark_runs_and_the_foreign_file_is_read_only_as_far_as_needed(tmp_path):
+    """``benchmarks/bench_cache.py --quick``: every table, and the foreign file refused after a few KB."""
+    out_json = tmp_path / "cache.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.with_name("bench_cache.py")), "--quick", "--rounds", "3", "--json", str(out_json),
+         "--tmpdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+    assert proc.returncode == 0, f"bench_cache.py --quick failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    for heading in ("## Save and hit vs entries", "## Rewriting a single file", "## A foreign HDF5 file refused"):
+        assert heading in proc.stdout
+    results = json.loads(out_json.read_text())
+    assert [row["entries"] for row in results["entries"]] == [1, 10, 100]
+    assert [row["bytes"] > 2**26 for row in results["foreign"]] == [False, True]
+    assert all(row["refused"] and row["bytes_read"] < 2**20 for row in results["foreign"])

@@ -44,7 +44,7 @@ from torchnormfit.cache import check_key, default_cache_path, delete_entry, list
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _cache_worker  # noqa: E402
-from _cache_worker import entry_attrs, make_stats  # noqa: E402
+from _cache_worker import entry_attrs, entry_file, make_stats, single_file  # noqa: E402
 
 WORKER = Path(__file__).with_name("_cache_worker.py")
 REPO = Path(torchnormfit.__file__).resolve().parents[1]
@@ -66,6 +66,12 @@ def valid_entries(path: Path) -> dict[str, cache.CacheEntry]:
     with warnings.catch_warnings():
         warnings.simplefilter("error", CacheWarning)
         return {entry.key: entry for entry in list_entries(path)}
+
+
+def store_state(path: Path) -> dict[str, bytes]:
+    """The bytes of every file of cache ``path``: the single file and the entry files."""
+    files = [path, *sorted(Path(f"{path}.d").glob("*"))]
+    return {str(file): file.read_bytes() for file in files if file.exists()}
 
 
 def temp_files(folder: Path) -> list[Path]:
@@ -200,18 +206,19 @@ def test_round_trip_keeps_values_bit_for_bit_and_provenance(tmp_path):
     for name, value in attrs.items():
         assert entry.attrs[name] == value and type(entry.attrs[name]) in (str, int)
     assert entry.attrs["format"] == "torchnormfit.channel_stats"
-    assert entry.attrs["schema_version"] == 1 and entry.attrs["key"] == "cifar"
+    assert entry.attrs["schema_version"] == 2 and entry.attrs["key"] == "cifar" and entry.arrays == {}
 
 
 def test_file_follows_the_documented_schema_with_plain_h5py(tmp_path):
     path = tmp_path / "stats.h5"
     stats = make_stats(7, channels=4)
     write_entry(path, "k", stats, entry_attrs(7))
-    with h5py.File(path, "r") as f:
-        assert f.attrs["format"] == "torchnormfit.cache" and f.attrs["schema_version"] == 1
+    assert not path.exists() and sorted(os.listdir(f"{path}.d")) == [entry_file(path, "k").name]
+    with h5py.File(entry_file(path, "k"), "r") as f:
+        assert f.attrs["format"] == "torchnormfit.cache" and f.attrs["schema_version"] == 2
         assert list(f) == ["k"]
         group = f["k"]
-        assert group.attrs["format"] == "torchnormfit.channel_stats" and group.attrs["schema_version"] == 1
+        assert group.attrs["format"] == "torchnormfit.channel_stats" and group.attrs["schema_version"] == 2
         assert group.attrs["key"] == "k"
         assert sorted(group) == sorted(STORED)
         values = {}
@@ -355,20 +362,21 @@ def test_mean_a_few_ulps_outside_min_max_is_rounding_not_damage(tmp_path):
 
 def test_written_file_needs_no_checksum_to_be_read_but_checks_it_when_present(store):
     """Bit rot in a value: the checksum turns a silently wrong mean into a clear error."""
-    with h5py.File(store, "r") as f:
+    damaged = entry_file(store, "e1")
+    with h5py.File(damaged, "r") as f:
         mean = f["e1/mean"][()]
         offset = f["e1/mean"].id.get_offset()
     assert offset is not None
-    data = bytearray(store.read_bytes())
+    data = bytearray(damaged.read_bytes())
     assert data[offset : offset + mean.nbytes] == mean.astype("<f8").tobytes()
     data[offset + 3] ^= 0x10  # one bit of mean[0]'s mantissa
-    store.write_bytes(bytes(data))
-    with h5py.File(store, "r") as f:
+    damaged.write_bytes(bytes(data))
+    with h5py.File(damaged, "r") as f:
         changed = f["e1/mean"][()]
     assert changed[0] != mean[0] and abs(changed[0] - mean[0]) < 1e-6 * abs(mean[0])  # plausible, wrong
     with pytest.raises(CacheError, match=r"'e1'.*sha256 checksum") as error:
         read_entry(store, "e1")
-    assert str(store) in str(error.value)
+    assert str(damaged) in str(error.value)
     assert same_stats(read_entry(store, "e0").stats, make_stats(0))
 
 
@@ -397,18 +405,18 @@ def _stats_with(**changes) -> ChannelStats:
     ids=["nan", "inf", "count0", "m2neg", "mean-outside", "empty", "no-channels"],
 )
 def test_write_refuses_invalid_statistics_and_leaves_the_file(store, stats, message):
-    before = store.read_bytes()
+    before = store_state(store)
     with pytest.raises(CacheError, match=message):
         write_entry(store, "bad", stats, {})
-    assert store.read_bytes() == before and temp_files(store.parent) == []
+    assert store_state(store) == before and temp_files(store.parent) == []
 
 
 @pytest.mark.parametrize("name", ["format", "schema_version", "key", "sha256"])
 def test_write_refuses_reserved_attribute_names(store, name):
-    before = store.read_bytes()
+    before = store_state(store)
     with pytest.raises(ValueError, match="reserved"):
         write_entry(store, "x", make_stats(1), {name: "mine"})
-    assert store.read_bytes() == before
+    assert store_state(store) == before
 
 
 class _Payload:
@@ -422,19 +430,17 @@ class _Payload:
 
 
 def test_write_never_pickles_an_attribute(store):
-    before = store.read_bytes()
+    before = store_state(store)
     with pytest.raises(TypeError):
         write_entry(store, "x", make_stats(1), {"obj": _Payload(str(store.parent / "marker"))})
-    assert store.read_bytes() == before and temp_files(store.parent) == []
+    assert store_state(store) == before and temp_files(store.parent) == []
 
 
 # --- 2. bad files: never used, each a CacheError naming the path and what failed --------------------
 
 
 def _valid_bytes(tmp_path: Path) -> bytes:
-    path = tmp_path / "valid-source.h5"
-    for i in range(5):
-        write_entry(path, f"e{i}", make_stats(i), entry_attrs(i, pad=200))
+    path = single_file(tmp_path / "valid-source.h5", {f"e{i}": i for i in range(5)}, pad=200)
     return path.read_bytes()
 
 
@@ -478,9 +484,9 @@ def _make_bad_file(kind: str, path: Path, tmp_path: Path) -> str:
             write_raw_entry(f, "k", make_stats(0))
         return "no integer schema_version"
     if kind == "newer schema_version":
-        with raw_cache(path, version=2) as f:
+        with raw_cache(path, version=3) as f:
             write_raw_entry(f, "k", make_stats(0))
-        return "schema version 2, newer than this torchnormfit reads"
+        return "schema version 3, newer than this torchnormfit reads"
     if kind == "schema_version 0":
         with raw_cache(path, version=0) as f:
             write_raw_entry(f, "k", make_stats(0))
@@ -709,17 +715,18 @@ def test_bad_entry_is_never_used_and_never_carried_over(tmp_path, kind):
     assert not (tmp_path / "marker").exists(), "something was unpickled"
 
     before = path.read_bytes()
+    write_entry(path, "new", make_stats(3), {})  # into its own entry file: the single file is not touched
+    assert path.read_bytes() == before and same_stats(read_entry(path, "new").stats, make_stats(3))
     if kind == "newer entry schema_version":  # written by a newer torchnormfit: never rewritten by this one
-        with pytest.raises(CacheError, match="schema version 3, newer than this torchnormfit writes"):
-            write_entry(path, "new", make_stats(3), {})
+        with pytest.raises(CacheError, match="newer than this torchnormfit writes"):
+            delete_entry(path, "good")
         assert path.read_bytes() == before and temp_files(tmp_path) == []
         return
     with pytest.warns(CacheWarning, match="were not carried over") as caught:
-        write_entry(path, "new", make_stats(3), {})
+        assert delete_entry(path, "good") is True  # rewrites the single file, leaving the bad entry out
     assert re.search(message, str(caught[0].message))
     after = valid_entries(path)
-    assert sorted(after) == ["good", "new"]
-    assert same_stats(after["good"].stats, make_stats(1)) and same_stats(after["new"].stats, make_stats(3))
+    assert sorted(after) == ["new"] and same_stats(after["new"].stats, make_stats(3))
     [aside] = aside_files(path)
     assert aside.read_bytes() == before, "the old file must be kept, unchanged"
     assert str(aside) in str(caught[0].message)
@@ -738,8 +745,8 @@ def test_huge_claimed_dataset_is_refused_by_its_shape_without_reading(tmp_path):
     for _ in range(20):
         with pytest.raises(CacheError, match=r"shape \(1000000000,\)"):
             read_entry(path, "huge")
-    with pytest.warns(CacheWarning):
-        write_entry(path, "new", make_stats(2), {})
+    write_entry(path, "new", make_stats(2), {})
+    assert delete_entry(path, "huge") is True
     assert time.perf_counter() - started < 5.0
     assert max_rss_bytes() - rss < 64 * 2**20
     assert sorted(valid_entries(path)) == ["good", "new"]
@@ -779,10 +786,10 @@ def test_entry_that_is_a_link_or_dataset_is_refused(tmp_path, make):
     with pytest.warns(CacheWarning, match=message):
         assert [e.key for e in list_entries(path)] == ["good"]
     before = path.read_bytes()
-    with pytest.warns(CacheWarning, match="not carried over"):  # this used to fail on every later write
-        write_entry(path, "new", make_stats(2), {})
-    assert sorted(valid_entries(path)) == ["good", "new"]
-    assert aside_files(path)[0].read_bytes() == before
+    write_entry(path, "new", make_stats(2), {})  # this used to fail on every later write
+    assert path.read_bytes() == before
+    assert delete_entry(path, key) is True  # the single file rewritten without it
+    assert sorted(valid_entries(path)) == ["good", "new"] and aside_files(path) == []
 
 
 def test_external_link_to_a_fifo_is_never_followed(tmp_path):
@@ -803,8 +810,7 @@ def test_external_link_to_a_fifo_is_never_followed(tmp_path):
             read_entry(path, "inner")
         with pytest.warns(CacheWarning):
             assert [e.key for e in list_entries(path)] == ["good"]
-        with pytest.warns(CacheWarning):
-            write_entry(path, "new", make_stats(3), {})
+        write_entry(path, "new", make_stats(3), {})
         assert delete_entry(path, "new") is True
     assert not opened, "the FIFO behind an external link was opened"
 
@@ -822,9 +828,10 @@ def _expect_damaged(path: str) -> None:
 
 
 @pytest.mark.parametrize("damage", ["object of size 0", "collection larger than the file"])
-def test_damaged_global_heap_is_refused_instead_of_hanging(store, damage):
+def test_damaged_global_heap_is_refused_instead_of_hanging(tmp_path, damage):
     """HDF5 2.0 loops forever on a global heap object of size 0 (8 zero bytes there are enough), and
     variable-length strings, every string attribute, live in global heaps. The loader walks them first."""
+    store = single_file(tmp_path / "stats.h5", {f"e{i}": i for i in range(3)})
     data = bytearray(store.read_bytes())
     at = data.find(b"GCOL")
     assert at > 0 and data[at + 4] == 1
@@ -898,7 +905,7 @@ def test_missing_directories_are_created(tmp_path):
     path = tmp_path / "a" / "b" / "c" / "stats.h5"
     write_entry(path, "k", make_stats(0), {})
     assert list(valid_entries(path)) == ["k"]
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(entry_file(path, "k").stat().st_mode) == 0o644
 
 
 def test_parent_that_is_a_file_is_an_oserror(tmp_path):
@@ -917,10 +924,15 @@ def test_writing_through_a_symlink_updates_its_target(tmp_path):
     assert sorted(valid_entries(target)) == ["new", "old"]
 
 
-def test_file_mode_is_kept_across_rewrites(store):
-    os.chmod(store, 0o640)
+def test_file_mode_is_kept_across_rewrites(tmp_path, store):
+    """Entry files take the entry folder's permissions (less execute); the single file keeps its own."""
+    os.chmod(f"{store}.d", 0o750)
     write_entry(store, "e9", make_stats(9), {})
-    assert stat.S_IMODE(store.stat().st_mode) == 0o640
+    assert stat.S_IMODE(entry_file(store, "e9").stat().st_mode) == 0o640
+    single = single_file(tmp_path / "single.h5", {"a": 1, "b": 2})
+    os.chmod(single, 0o600)
+    assert delete_entry(single, "a") is True
+    assert stat.S_IMODE(single.stat().st_mode) == 0o600
 
 
 def _as_nobody(action, *args) -> None:
@@ -943,10 +955,14 @@ def _unprivileged(action, *args) -> int:
     return fork_run(_as_nobody, action, *args)
 
 
-def _expect_permission_error(path: str) -> None:
-    """Exit 0 if writing ``path`` raises PermissionError (an OSError), 2 on another exception, 3 if it succeeds."""
+def _expect_permission_error(path: str, delete: bool = False) -> None:
+    """Exit 0 if writing ``path`` (or with ``delete``, removing its entry "old") raises PermissionError (an
+    OSError), 2 on another exception, 3 if it succeeds."""
     try:
-        write_entry(path, "new", make_stats(1), {})
+        if delete:
+            delete_entry(path, "old")
+        else:
+            write_entry(path, "new", make_stats(1), {})
     except PermissionError as error:
         sys.stderr.write(f"PermissionError as expected: {error}\n")
         os._exit(0)
@@ -981,12 +997,13 @@ def _try_setuid() -> None:
 
 @pytest.fixture
 def old_cache(shared_folder):
-    """``stats.h5`` holding the entry "old", alone in a folder an unprivileged user can reach."""
+    """A single-file ``stats.h5`` holding the entry "old" and the lock file a writer leaves, alone in a folder
+    an unprivileged user can reach."""
     _check_can_drop_privileges()
     folder = shared_folder / "cache"
     folder.mkdir()
-    path = folder / "stats.h5"
-    write_entry(path, "old", make_stats(0), {})
+    path = single_file(folder / "stats.h5", {"old": 0})
+    Path(f"{path}.lock").touch(mode=0o644)
     return path
 
 
@@ -1000,6 +1017,7 @@ def test_read_only_directory_is_an_oserror_and_the_old_file_is_intact(old_cache)
 
 
 def test_read_only_file_is_not_replaced(old_cache):
+    """A save never rewrites the single file; removing one of its entries must, and is refused."""
     path, folder = old_cache, old_cache.parent
     before = path.read_bytes()
     if os.geteuid() == 0:
@@ -1008,7 +1026,7 @@ def test_read_only_file_is_not_replaced(old_cache):
         os.chown(f"{path}.lock", 65534, 65534)
     os.chmod(folder, 0o777)
     os.chmod(path, 0o444)
-    assert _unprivileged(_expect_permission_error, str(path)) == 0
+    assert _unprivileged(_expect_permission_error, str(path), True) == 0
     assert path.read_bytes() == before and temp_files(folder) == []
 
 
@@ -1113,6 +1131,34 @@ def test_four_processes_write_the_same_key(tmp_path):
     assert list(entries) == ["shared"]
     assert same_stats(entries["shared"].stats, make_stats(77)) and entries["shared"].attrs["writer"] in range(4)
     assert failures == 0 and temp_files(tmp_path) == []
+
+
+def _write_and_remove(path: str, rounds: int) -> None:
+    for i in range(rounds):
+        write_entry(path, f"k{i % 3}", make_stats(i), entry_attrs(i))
+        delete_entry(path, f"k{(i + 1) % 3}")
+        read_entry(path, f"k{(i + 2) % 3}")
+
+
+def test_readers_never_fail_while_entries_are_removed(tmp_path):
+    """Removing an entry unlinks its file: a reader that saw it a moment before reads it as missing."""
+    path = tmp_path / "stats.h5"
+    write_entry(path, "before", make_stats(5), entry_attrs(5))
+    stop, reads, failures = FORK.Event(), FORK.Value("i", 0), FORK.Value("i", 0)
+    readers = [FORK.Process(target=_reader_loop, args=(str(path), stop, reads, failures)) for _ in range(2)]
+    for process in readers:
+        process.start()
+    writers = [FORK.Process(target=_write_and_remove, args=(str(path), 40)) for _ in range(2)]
+    for process in writers:
+        process.start()
+    for process in writers:
+        process.join(300)
+    stop.set()
+    for process in readers:
+        process.join(60)
+    assert [p.exitcode for p in writers + readers] == [0] * 4
+    assert failures.value == 0 and reads.value > 0
+    assert "before" in valid_entries(path) and temp_files(tmp_path) == []
 
 
 def test_threads_of_one_process_serialize_too(tmp_path):
@@ -1230,7 +1276,7 @@ class KillCampaign:
             self.phases["writing the temp file (a partial temp file left)" if not complete
                         else "between writing the temp file and the rename (a complete temp file left)"] += 1
 
-        entries = valid_entries(self.path) if self.path.exists() else {}
+        entries = valid_entries(self.path)  # [adapted: the entries live in stats.h5.d/, not in stats.h5]
         state = {key: entry.attrs["seed"] for key, entry in entries.items()}
         for key, entry in entries.items():
             assert same_stats(entry.stats, make_stats(entry.attrs["seed"])), f"torn entry {key}"
@@ -1389,7 +1435,7 @@ def test_temp_files_of_dead_writers_are_harmless_and_cleared(store):
     """What a killed writer leaves (its temp file, even a complete one) is never read and is cleared."""
     folder = store.parent
     (folder / ".stats.h5.tnf-abcd1234.tmp").write_bytes(b"partial hdf5 ...")
-    shutil.copy(store, folder / ".stats.h5.tnf-efgh5678.tmp")
+    shutil.copy(entry_file(store, "e0"), folder / ".stats.h5.tnf-efgh5678.tmp")
     other = folder / ".stats.h5.x.tnf-abcd1234.tmp"  # another cache file's temp: not ours to remove
     other.write_bytes(b"x")
     assert sorted(valid_entries(store)) == ["e0", "e1", "e2"]
@@ -1402,7 +1448,7 @@ def test_temp_files_of_dead_writers_are_harmless_and_cleared(store):
 
 
 def test_file_size_limit_during_the_write_keeps_the_old_file(tmp_path):
-    """RLIMIT_FSIZE in a fresh interpreter: the rewrite fails with EFBIG, from the first byte to the last.
+    """RLIMIT_FSIZE in a fresh interpreter: the entry file's write fails with EFBIG, from the first byte to the last.
 
     (HDF5 2.0 itself crashes the process with SIGSEGV when one of its writes fails this way; the cache
     builds the file in memory and writes it with os.write so that it gets a clean OSError instead.)
@@ -1410,10 +1456,12 @@ def test_file_size_limit_during_the_write_keeps_the_old_file(tmp_path):
     path = tmp_path / "stats.h5"
     for i in range(4):
         write_entry(path, f"e{i}", make_stats(i), entry_attrs(i, pad=2000))
-    before = path.read_bytes()
-    digest = hashlib.sha256(before).hexdigest()
-    size = len(before)
-    limits = [0, 512, 4096, size // 2, size, size + 1000]  # the new file is about size + 4000 bytes
+    before = store_state(path)
+    digest = _cache_worker.store_digest(path)
+    scratch = tmp_path / "scratch" / "stats.h5"
+    write_entry(scratch, "new", make_stats(9), entry_attrs(9, pad=4000))
+    size = entry_file(scratch, "new").stat().st_size  # what the write below needs
+    limits = [0, 512, 4096, size // 2, size - 1]
     result = run_worker("fsize", path=str(path), key="new", seed=9, limits=limits, pad=4000)
     for outcome in result["outcomes"]:
         assert outcome.get("is_oserror"), outcome
@@ -1421,7 +1469,7 @@ def test_file_size_limit_during_the_write_keeps_the_old_file(tmp_path):
         assert "previous file is unchanged" in outcome["message"], outcome
         assert outcome["sha256"] == digest, outcome
         assert outcome["temp_files"] == [] and outcome["aside"] == [], outcome
-    assert path.read_bytes() == before
+    assert store_state(path) == before
     assert sorted(valid_entries(path)) == ["e0", "e1", "e2", "e3"]
     write_entry(path, "new", make_stats(9), {})  # and without the cap the same write goes through
     assert sorted(valid_entries(path)) == ["e0", "e1", "e2", "e3", "new"]
@@ -1430,14 +1478,20 @@ def test_file_size_limit_during_the_write_keeps_the_old_file(tmp_path):
 # --- fuzzing: random damage -------------------------------------------------------------------------
 
 
-def _fuzz(tmp_path: Path, trials: int, seed: int, fresh: bool) -> dict:
-    """Damage a 6-entry cache ``trials`` times at random (tests/_cache_worker.py mode_fuzz)."""
+def _fuzz(tmp_path: Path, trials: int, seed: int, fresh: bool, layout: str) -> dict:
+    """Damage a 6-entry cache ``trials`` times at random (tests/_cache_worker.py mode_fuzz): its single file
+    (``layout="single"``) or one of its entry files (``"entry"``)."""
     valid = tmp_path / "valid.h5"
-    for i in range(6):
-        write_entry(valid, f"e{i}", make_stats(i), entry_attrs(i, pad=100))
+    seeds = {f"e{i}": i for i in range(6)}
+    if layout == "single":
+        single_file(valid, seeds, pad=100)
+    else:
+        for key, entry_seed in seeds.items():
+            write_entry(valid, key, make_stats(entry_seed), entry_attrs(entry_seed, pad=100))
     work = tmp_path / "work"
     work.mkdir()
-    options = {"valid": str(valid), "work": str(work), "trials": trials, "seed": seed, "trial_timeout": 20}
+    options = {"valid": str(valid), "work": str(work), "trials": trials, "seed": seed, "trial_timeout": 20,
+               "layout": layout}
     budget = 120 + 3 * trials
     if fresh:
         result = run_worker("fuzz", timeout=budget, **options)
@@ -1454,17 +1508,282 @@ def _fuzz(tmp_path: Path, trials: int, seed: int, fresh: bool) -> dict:
         result = json.loads(out.read_text())
     assert result["bad"] == [], "\n".join(result["bad"][:20])
     figures = {k: result[k] for k in ("slowest_trial_s", "trials_over_1s", "peak_rss_mb_of_a_trial")}
-    print(f"\n[reliability] {trials} randomly damaged copies of a 6-entry cache (random bytes, bit flips, zeroed "
-          f"runs, truncation), no crash, hang, stray exception or wrong value: {figures} "
+    print(f"\n[reliability] {trials} randomly damaged copies of a 6-entry cache's {layout} file (random bytes, bit "
+          f"flips, zeroed runs, truncation), no crash, hang, stray exception or wrong value: {figures} "
           f"{json.dumps(result['counts'], indent=1)}")
     return result
 
 
-def test_random_damage_is_refused_or_harmless(tmp_path):
+@pytest.mark.parametrize("layout", ["single", "entry"])
+def test_random_damage_is_refused_or_harmless(tmp_path, layout):
     """Damage a valid file at random: never a crash, a hang, an unexpected exception or silently wrong values."""
-    _fuzz(tmp_path, trials=40, seed=0, fresh=False)
+    _fuzz(tmp_path, trials=30, seed=0, fresh=False, layout=layout)
 
 
 @pytest.mark.slow
-def test_random_damage_many_times(tmp_path):
-    _fuzz(tmp_path, trials=600, seed=1, fresh=True)
+@pytest.mark.parametrize("layout", ["single", "entry"])
+def test_random_damage_many_times(tmp_path, layout):
+    _fuzz(tmp_path, trials=300, seed=1, fresh=True, layout=layout)
+
+
+# --- 5. schema 2: per-sample arrays ---------------------------------------------------------------
+
+
+def sample_arrays(k: int = 5, channels: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
+    """The arrays a verified hit stores: sample indices, their per-channel means and variances, pixel counts."""
+    rng = np.random.default_rng(seed)
+    return {
+        "index": rng.permutation(10 * k)[:k].astype(np.int64),
+        "mean": rng.random((k, channels), dtype=np.float32),
+        "var": rng.random((k, channels), dtype=np.float32),
+        "pixels": np.full(k, 1024, np.int64),
+    }
+
+
+def same_arrays(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> bool:
+    return sorted(got) == sorted(want) and all(
+        got[n].dtype == want[n].dtype and np.array_equal(got[n], want[n]) for n in want
+    )
+
+
+def test_arrays_round_trip_and_their_checksum_is_the_documented_one(tmp_path):
+    path = tmp_path / "stats.h5"
+    arrays = sample_arrays(k=1024) | {"weights": np.linspace(0, 1, 7)}
+    write_entry(path, "k", make_stats(1), entry_attrs(1), arrays=arrays)
+    entry = read_entry(path, "k")
+    assert same_arrays(entry.arrays, arrays) and same_stats(entry.stats, make_stats(1))
+    with h5py.File(entry_file(path, "k"), "r") as f:  # recomputed from the docstring, with plain h5py
+        group = f["k"]
+        assert group.attrs["schema_version"] == 2 and sorted(group["samples"]) == sorted(arrays)
+        digest = hashlib.sha256(b"".join(group[n][()].astype("<f8").tobytes() for n in STORED))
+        for name in sorted(group["samples"]):
+            data = group["samples"][name][()]
+            little = data.dtype.newbyteorder("<")
+            digest.update(f"{name} {little.str} {'x'.join(map(str, data.shape))}\n".encode("ascii"))
+            digest.update(data.astype(little).tobytes())
+        assert group.attrs["sha256"] == digest.hexdigest()
+    assert cache.CacheEntry("k", make_stats(1), {}).arrays == {}
+
+
+def test_entry_without_arrays_keeps_the_version_1_checksum(tmp_path):
+    """A version-1 entry (written by hand, checksum over the six vectors only) reads, with no arrays."""
+    path = tmp_path / "stats.h5"
+    stats = make_stats(4)
+    with raw_cache(path, version=1) as f:
+        group = write_raw_entry(f, "v1", stats)
+        vectors = b"".join(group[n][()].astype("<f8").tobytes() for n in STORED)
+        group.attrs["sha256"] = hashlib.sha256(vectors).hexdigest()
+    entry = read_entry(path, "v1")
+    assert same_stats(entry.stats, stats) and entry.arrays == {} and entry.attrs["schema_version"] == 1
+
+
+def test_damaged_array_is_refused_by_the_checksum(tmp_path):
+    path = tmp_path / "stats.h5"
+    arrays = sample_arrays()
+    write_entry(path, "k", make_stats(1), entry_attrs(1), arrays=arrays)
+    file = entry_file(path, "k")
+    with h5py.File(file, "r") as f:
+        offset = f["k/samples/mean"].id.get_offset()
+    data = bytearray(file.read_bytes())
+    assert data[offset : offset + 4] == arrays["mean"][0, :1].tobytes()
+    data[offset + 1] ^= 0x04  # one mantissa bit of mean[0, 0]: still a plausible float32
+    file.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=r"'k'.*sha256 checksum"):
+        read_entry(path, "k")
+    with pytest.warns(CacheWarning, match="sha256 checksum.*moved to"):  # the damaged file is kept aside
+        write_entry(path, "k", make_stats(1), entry_attrs(1), arrays={"index": arrays["index"]})
+    with h5py.File(entry_file(path, "k"), "r+") as f:  # the same bytes, read as another dtype
+        del f["k/samples/index"]
+        f["k/samples"].create_dataset("index", data=arrays["index"].view(np.float64))
+    with pytest.raises(CacheError, match="sha256 checksum"):
+        read_entry(path, "k")
+
+
+def _array_change(change):
+    def apply(group):
+        samples = group.require_group("samples")
+        change(samples)
+    return apply
+
+
+def _external_array(samples):
+    raw = Path(samples.file.filename).parent / "raw.bin"
+    raw.write_bytes(np.zeros(4, "<i8").tobytes())
+    samples.create_dataset("index", shape=(4,), dtype="<i8", external=[(str(raw), 0, h5py.h5f.UNLIMITED)])
+
+
+BAD_ARRAYS = {
+    "int32": (_array_change(lambda s: s.create_dataset("index", data=np.arange(3, dtype=np.int32))),
+              r"'samples/index' has dtype int32"),
+    "3-D": (_array_change(lambda s: s.create_dataset("mean", data=np.zeros((2, 2, 2), np.float32))),
+            r"'samples/mean' has shape \(2, 2, 2\)"),
+    "claims 2**30 elements": (_array_change(lambda s: s.create_dataset("mean", shape=(2**15, 2**15), chunks=(64, 64),
+                                                                       dtype="f4")), r"has shape \(32768, 32768\)"),
+    "upper-case name": (_array_change(lambda s: s.create_dataset("Index", data=np.arange(3))), "lowercase identifier"),
+    "external storage": (_array_change(_external_array), "keeps its data outside the file"),
+    "soft link": (_array_change(lambda s: s.__setitem__("mean", h5py.SoftLink("/good/mean"))), "is a SoftLink"),
+    "samples is a dataset": (lambda g: g.create_dataset("samples", data=np.zeros(3)), "'samples' is a Dataset"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_ARRAYS))
+def test_bad_array_is_refused_on_read(tmp_path, kind):
+    change, message = BAD_ARRAYS[kind]
+    path = tmp_path / "stats.h5"
+    with raw_cache(path, version=2) as f:
+        write_raw_entry(f, "good", make_stats(1))
+        change(write_raw_entry(f, "bad", make_stats(2)))
+    rss = max_rss_bytes()
+    with pytest.raises(CacheError, match=message):
+        read_entry(path, "bad")
+    assert max_rss_bytes() - rss < 256 * 2**20, "a claimed size was allocated"
+    with pytest.warns(CacheWarning, match=message):
+        assert [e.key for e in list_entries(path)] == ["good"]
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"Index": np.arange(3)}, "lowercase identifiers"),
+        ({"1st": np.arange(3)}, "lowercase identifiers"),
+        ({"index": np.arange(3, dtype=np.int32)}, "has dtype int32"),
+        ({"mask": np.ones(3, bool)}, "has dtype bool"),
+        ({"mean": np.zeros((2, 2, 2), np.float32)}, r"has shape \(2, 2, 2\)"),
+        ({"one": np.float32(1.0)}, r"has shape \(\)"),
+    ],
+)
+def test_write_refuses_arrays_it_cannot_store(store, arrays, message):
+    before = store_state(store)
+    with pytest.raises(ValueError, match=message):
+        write_entry(store, "x", make_stats(1), {}, arrays=arrays)
+    assert store_state(store) == before
+
+
+def test_arrays_are_kept_when_other_entries_are_written_or_removed(tmp_path):
+    path = single_file(tmp_path / "stats.h5", {"s": 1, "t": 2}, arrays={"s": sample_arrays(seed=1)})
+    write_entry(path, "a", make_stats(3), {}, arrays=sample_arrays(seed=3))
+    for i in range(3):
+        write_entry(path, f"b{i}", make_stats(4 + i), {})
+    write_entry(path, "b0", make_stats(9), {}, arrays=sample_arrays(seed=9))  # replaced, now with arrays
+    assert delete_entry(path, "t") is True  # the single file is rewritten: "s" is carried over
+    entries = valid_entries(path)
+    assert sorted(entries) == ["a", "b0", "b1", "b2", "s"]
+    assert same_arrays(entries["s"].arrays, sample_arrays(seed=1))
+    assert same_arrays(entries["a"].arrays, sample_arrays(seed=3))
+    assert same_arrays(entries["b0"].arrays, sample_arrays(seed=9)) and entries["b1"].arrays == {}
+
+
+# --- 6. the entry folder beside a single file ---------------------------------------------------------
+
+
+def test_single_file_of_version_1_is_read_kept_and_shadowed(tmp_path):
+    """A cache written by torchnormfit 0.1 (one file, schema 1) stays a hit and is never rewritten by a save."""
+    path = tmp_path / "stats.h5"
+    with raw_cache(path, version=1) as f:
+        write_raw_entry(f, "old1", make_stats(1), seed=1)
+        write_raw_entry(f, "old2", make_stats(2), seed=2)
+    before = path.read_bytes()
+    assert same_stats(read_entry(path, "old1").stats, make_stats(1))
+    write_entry(path, "new", make_stats(3), entry_attrs(3))
+    write_entry(path, "old1", make_stats(4), entry_attrs(4))  # the same key again: the entry file wins
+    assert path.read_bytes() == before
+    assert same_stats(read_entry(path, "old1").stats, make_stats(4))
+    assert {k: e.attrs["seed"] for k, e in valid_entries(path).items()} == {"new": 3, "old1": 4, "old2": 2}
+    assert delete_entry(path, "old1") is True  # gone from both places
+    assert read_entry(path, "old1") is None and sorted(valid_entries(path)) == ["new", "old2"]
+    with h5py.File(path, "r") as f:
+        assert list(f) == ["old2"]
+
+
+def test_a_save_touches_no_other_entry(store):
+    """Every other entry file keeps its inode and bytes: a save costs the same whatever the cache holds."""
+    def files():
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in Path(f"{store}.d").iterdir()}
+
+    before = files()
+    write_entry(store, "e9", make_stats(9), {})
+    write_entry(store, "e1", make_stats(11), {})
+    after = files()
+    unchanged = {entry_file(store, "e0").name, entry_file(store, "e2").name}
+    assert {name: after[name] for name in unchanged} == {name: before[name] for name in unchanged}
+    assert len(after) == 4 and after[entry_file(store, "e1").name] != before[entry_file(store, "e1").name]
+
+
+def test_entry_file_that_holds_another_key_is_refused(store):
+    shutil.copy(entry_file(store, "e0"), entry_file(store, "e1"))
+    with pytest.raises(CacheError, match=r"holds \['e0'\], not the one entry its name stands for"):
+        read_entry(store, "e1")
+    with pytest.warns(CacheWarning, match="not the one entry"):
+        assert sorted(e.key for e in list_entries(store)) == ["e0", "e2"]
+    with pytest.warns(CacheWarning, match="moved to"):  # replacing it keeps the odd file aside
+        write_entry(store, "e1", make_stats(1), entry_attrs(1))
+    assert sorted(valid_entries(store)) == ["e0", "e1", "e2"]
+
+
+def test_entry_file_of_a_newer_version_is_never_replaced(store):
+    with h5py.File(entry_file(store, "e1"), "r+") as f:
+        f["e1"].attrs["schema_version"] = 3
+    before = store_state(store)
+    with pytest.raises(CacheError, match="newer than this torchnormfit.*left as it is"):
+        write_entry(store, "e1", make_stats(5), {})
+    assert store_state(store) == before
+
+
+def test_prune_by_age_and_count(tmp_path):
+    path = tmp_path / "stats.h5"
+    now = time.time()
+    for seed, days in enumerate([1, 10, 40, 400]):
+        created = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now - days * 86400))
+        write_entry(path, f"d{days}", make_stats(seed), entry_attrs(seed, created_utc=created))
+    write_entry(path, "no-date", make_stats(9), {})  # no created_utc: its file's time counts
+    os.utime(entry_file(path, "no-date"), (now - 20 * 86400, now - 20 * 86400))
+    with pytest.raises(ValueError, match="older_than .* or keep_last"):
+        cache.prune_entries(path)
+    assert sorted(cache.prune_entries(path, older_than=30 * 86400, now=now)) == ["d40", "d400"]
+    assert cache.prune_entries(path, keep_last=2, now=now) == ["no-date"]
+    assert cache.prune_entries(path, older_than=0, keep_last=1, now=now) == ["d10"]
+    assert sorted(valid_entries(path)) == ["d1"]
+    assert cache.prune_entries(tmp_path / "none.h5", keep_last=0) == []
+
+
+# --- 7. a large foreign file is refused after reading a few KB -----------------------------------------
+
+
+def _refuse_foreign(path: str, out: str) -> None:
+    """In a forked child: every call refuses the foreign file; write how much the peak RSS grew meanwhile."""
+    scratch = Path(out).with_name("warm-up.h5")  # lazy imports and torch's first allocations, before measuring
+    write_entry(scratch, "k", make_stats(0), {})
+    list_entries(scratch)
+    start = max_rss_bytes()
+    began = time.perf_counter()
+    for call in (lambda: read_entry(path, "k"), lambda: list_entries(path),
+                 lambda: write_entry(path, "k", make_stats(0), {})):
+        try:
+            call()
+        except CacheError as error:
+            assert "not a torchnormfit cache (format attribute 'anndata'" in str(error), error
+        else:
+            raise AssertionError("the foreign file was used")
+    Path(out).write_text(json.dumps({"growth": max_rss_bytes() - start, "s": time.perf_counter() - began}))
+
+
+def test_large_foreign_file_is_refused_without_reading_it(tmp_path):
+    """A 192 MiB HDF5 file of another format, its root attributes written last (their global heap at the end):
+    refused by read, list and write with the peak RSS growing by under 16 MiB (the whole-file check grew it by
+    the file's size)."""
+    path = tmp_path / "data.h5"
+    with h5py.File(path, "w") as f:
+        data = f.create_dataset("X", shape=(192 * 2**20,), dtype="u1")
+        block = np.arange(16 * 2**20, dtype=np.uint64).view(np.uint8)[: 16 * 2**20]
+        for start in range(0, data.shape[0], block.size):
+            data[start : start + block.size] = block
+        f.attrs["format"] = "anndata"
+        f.attrs["encoding-version"] = "0.1.0"
+    assert path.stat().st_size > 192 * 2**20
+    out = tmp_path / "result.json"
+    assert fork_run(_refuse_foreign, str(path), str(out)) == 0
+    result = json.loads(out.read_text())
+    assert result["growth"] < 16 * 2**20, result
+    assert not Path(f"{path}.d").exists()
+    print(f"\n[reliability] a 192 MiB foreign HDF5 file refused by read, list and write: peak RSS +"
+          f"{result['growth'] / 2**20:.1f} MiB, {result['s'] * 1000:.0f} ms")

@@ -10,12 +10,15 @@ the other checks call ``cli.main`` in this process, to keep the module fast
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import struct
 import subprocess
 import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import h5py
@@ -25,8 +28,10 @@ import pytest
 import torch
 
 from reference import truth
+from _cache_worker import entry_attrs, make_stats, single_file
 from test_folder import random_image, tree, write_image  # noqa: F401 (tree: a fixture)
 from torchnormfit import list_entries
+from torchnormfit.cache import write_entry
 from torchnormfit.cli import main
 from torchnormfit.sampling import subset_indices
 
@@ -232,16 +237,24 @@ def test_subset_standard_error_covers_the_full_pass(tmp_path, capsys):
 # --- ls, show, export, rm ----------------------------------------------------------------------
 
 
+def entry_file(cache: Path, key: str) -> Path:
+    """The documented place of entry ``key``: ``<cache>.d/<sha256 of the key>.h5``."""
+    return Path(f"{cache}.d") / f"{hashlib.sha256(key.encode()).hexdigest()}.h5"
+
+
 def h5_entry(cache: Path, key: str) -> dict:
-    with h5py.File(cache, "r") as handle:
+    with h5py.File(entry_file(cache, key), "r") as handle:
         group = handle[key]
         return {name: group[name][()] for name in ("mean", "std", "count")} | {"attrs": dict(group.attrs)}
 
 
 def test_ls_lists_what_the_file_holds(fitted, capsys):
     cache = fitted["cache"]
-    with h5py.File(cache, "r") as handle:
-        keys = sorted(handle.keys())
+    keys = []
+    for file in Path(f"{cache}.d").iterdir():
+        with h5py.File(file, "r") as handle:
+            keys += list(handle.keys())
+    keys.sort()
     code, out, err = call(capsys, "ls", cache)
     assert code == 0, err
     for key in keys:
@@ -285,17 +298,55 @@ def test_export_formats_carry_the_stored_numbers(fitted, capsys):
 
 def test_rm_removes_the_entry_from_the_file(fitted, tmp_path, capsys):
     cache = tmp_path / "copy.h5"
-    shutil.copy(fitted["cache"], cache)
+    shutil.copytree(f"{fitted['cache']}.d", f"{cache}.d")
     key = fitted["json"]["key"]
+    assert entry_file(cache, key).exists()
     code, out, err = call(capsys, "rm", key, "--cache", cache)
     assert code == 0, err
     assert key in out
-    with h5py.File(cache, "r") as handle:
-        assert key not in handle
+    assert not entry_file(cache, key).exists()
     code, _, err = call(capsys, "rm", key, "--cache", cache)
     assert code == 1 and key in err
     code, _, err = call(capsys, "show", key, "--cache", cache)
     assert code == 1 and "No entry" in err
+
+
+def _write_aged(cache: Path, ages_days: dict[str, float], now: float) -> None:
+    """Entries ``key`` created ``days`` before ``now`` (their created_utc), each in its own entry file."""
+    for seed, (key, days) in enumerate(ages_days.items()):
+        created = datetime.fromtimestamp(now - days * 86400, timezone.utc).isoformat()
+        write_entry(cache, key, make_stats(seed), entry_attrs(seed, created_utc=created))
+
+
+def test_rm_many_keys_is_one_operation_and_all_or_nothing(tmp_path):
+    """Keys in entry files and in a single file (rewritten once, without them) go together, or none goes."""
+    cache = single_file(tmp_path / "stats.h5", {"s1": 1, "s2": 2, "s3": 3})
+    _write_aged(cache, {"a": 1, "b": 1}, time.time())
+    result = run("rm", "a", "s1", "nope", "--cache", cache, tmp=tmp_path)
+    assert result.returncode == 1 and "nope" in result.stderr
+    assert [e.key for e in list_entries(cache)] == ["a", "b", "s1", "s2", "s3"]
+    result = run("rm", "a", "s1", "s2", "--cache", cache, "--json", tmp=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["removed"] == ["a", "s1", "s2"]
+    assert [e.key for e in list_entries(cache)] == ["b", "s3"]
+    with h5py.File(cache, "r") as handle:  # the single file keeps only what was not removed
+        assert list(handle) == ["s3"]
+
+
+def test_rm_prunes_by_age_and_by_count(tmp_path):
+    now = time.time()
+    cache = single_file(tmp_path / "stats.h5", {"single-100d": 7},
+                        created_utc=datetime.fromtimestamp(now - 100 * 86400, timezone.utc).isoformat())
+    _write_aged(cache, {"d1": 1, "d10": 10, "d40": 40, "d400": 400}, now)
+    result = run("rm", "--older-than", "30d", "--cache", cache, "--json", tmp=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(json.loads(result.stdout)["removed"]) == ["d40", "d400", "single-100d"]
+    assert [e.key for e in list_entries(cache)] == ["d1", "d10"]
+    result = run("rm", "--keep-last", "1", "--cache", cache, tmp=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == f"removed d10 from {cache}"
+    result = run("rm", "--older-than", "2w", "--keep-last", "0", "--cache", cache, tmp=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == f"nothing to remove in {cache}"
+    assert [e.key for e in list_entries(cache)] == ["d1"]
 
 
 # --- plots -------------------------------------------------------------------------------------
@@ -343,6 +394,9 @@ def test_usage_errors_exit_2(tree, tmp_path, capsys):
         ("fit", tree["root"], "--batch-size", "0"),
         ("fit", tree["root"], "--seed", "3"),
         ("export", "key", "--format", "yaml"),
+        ("rm",),
+        ("rm", "--older-than", "3x"),
+        ("rm", "--keep-last", "-1"),
         ("frobnicate",),
         (),
     ]:
@@ -353,7 +407,7 @@ def test_usage_errors_exit_2(tree, tmp_path, capsys):
 
 def test_missing_cache_and_folder_are_failures(tmp_path, capsys):
     code, _, err = call(capsys, "show", "k", "--cache", tmp_path / "none.h5")
-    assert code == 1 and "no cache file" in err
+    assert code == 1 and "There is no cache at" in err
     code, out, _ = call(capsys, "ls", tmp_path / "none.h5")
     assert code == 0 and "no entries" in out
     code, _, err = call(capsys, "fit", tmp_path / "nowhere", "--cache", tmp_path / "c.h5")

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
+from _cache_worker import entry_file
 from datasets_for_tests import CountingDataset
 from torchnormfit import CacheError, CacheWarning, FitNormalize, list_entries
 
@@ -30,6 +31,7 @@ def run_python(code, **env):
 
 
 FIT_SCRIPT = """
+from _cache_worker import entry_file
 from datasets_for_tests import CountingDataset
 from torchnormfit import FitNormalize
 from torchvision.transforms import v2
@@ -43,7 +45,7 @@ print(json.dumps({"mean": norm.mean, "std": norm.std}))
 def test_cache_written_by_one_process_is_hit_by_another_reading_only_the_verified_samples(tmp_path):
     cache, log = tmp_path / "stats.h5", tmp_path / "reads.log"
     first = run_python(FIT_SCRIPT % (str(cache), str(log), 2, None))
-    assert len(log.read_text().split()) == 30 and cache.exists()
+    assert len(log.read_text().split()) == 30 and len(list_entries(cache)) == 1
     unverified = run_python(FIT_SCRIPT % (str(cache), str(log), 2, 0), NO_READS="1")
     assert unverified == first  # bit-identical floats, and NO_READS would have raised on any read
     verified = run_python(FIT_SCRIPT % (str(cache), str(log), 2, 8))
@@ -102,9 +104,9 @@ def test_provenance_is_stored_and_readable_with_plain_h5py(tmp_path):
     cache = tmp_path / "stats.h5"
     norm = FitNormalize(cache=cache, key="prov")
     fit(norm, CountingDataset(n=9, transform=v2.Compose([v2.Resize(4), norm])))
-    with h5py.File(cache, "r") as f:
+    with h5py.File(entry_file(cache, "prov"), "r") as f:
         group = f["prov"]
-        assert f.attrs["format"] == "torchnormfit.cache" and group.attrs["schema_version"] == 1
+        assert f.attrs["format"] == "torchnormfit.cache" and group.attrs["schema_version"] == 2
         assert group.attrs["num_samples"] == 9 and group.attrs["ddof"] == 0
         assert "Resize" in group.attrs["pipeline"] and "CountingDataset" in group.attrs["dataset"]
         for name in ("torch_version", "torchvision_version", "torchnormfit_version", "created_utc"):
@@ -128,7 +130,7 @@ def test_invalid_entry_is_never_used(tmp_path):
     cache = tmp_path / "stats.h5"
     norm = fit(FitNormalize(cache=cache, key="k"), CountingDataset(n=5))
     good = list(norm.mean)
-    with h5py.File(cache, "r+") as f:
+    with h5py.File(entry_file(cache, "k"), "r+") as f:
         f["k/mean"][0] = float("nan")
     again = FitNormalize(cache=cache, key="k")
     with pytest.warns(CacheWarning, match="mean is not finite"):
@@ -155,7 +157,8 @@ def test_cache_path_that_is_a_directory_warns_once_and_fits(tmp_path):
 def test_no_cache_writes_nothing(tmp_path):
     norm = FitNormalize(cache=None)
     fit(norm, CountingDataset(n=5, transform=norm))
-    assert not Path(os.environ["TORCHNORMFIT_CACHE"]).exists()
+    default = Path(os.environ["TORCHNORMFIT_CACHE"])
+    assert not default.exists() and not Path(f"{default}.d").exists()
 
 
 def test_subset_fit_reports_standard_errors_that_cover_the_full_pass_and_caches_them(tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ def test_ctrl_c_at_a_random_moment_writes_nothing_and_leaves_no_worker(tmp_path,
     os.killpg(child.pid, signal.SIGINT)  # what a terminal sends to the foreground job on Ctrl-C
     _, stderr = child.communicate(timeout=60)
     assert child.returncode != 0 and "KeyboardInterrupt" in stderr
-    assert not cache.exists()
+    assert not cache.exists() and not cache.with_name("stats.h5.d").exists()
     deadline = time.monotonic() + 10
     while processes_in_group(child.pid) and time.monotonic() < deadline:
         time.sleep(0.1)

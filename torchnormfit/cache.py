@@ -1,29 +1,47 @@
-"""The HDF5 statistics cache: a documented schema, validated reads, atomic locked writes.
+"""The HDF5 statistics cache: a documented schema, validated reads, atomic writes that touch one entry.
 
-Layout (schema version 1; README "Cache file format")::
+A cache is named by a file path ``P`` (default ``~/.cache/torchnormfit/stats.h5``) and lives in two places:
 
-    /                      attrs: format="torchnormfit.cache", schema_version=1
-    /<key>/                attrs: format="torchnormfit.channel_stats", schema_version=1, key,
-                                  created_utc, torch_version, torchvision_version,
-                                  torchnormfit_version, dataset, pipeline, num_samples, ddof
+- ``P.d/``, the entry folder: one small HDF5 file per entry, named ``<sha256 of the key, UTF-8, hex>.h5``.
+  Every save writes there, and only its own entry's file.
+- ``P`` itself, if it exists: one HDF5 file of many entries, the single-file format (what torchnormfit
+  0.1 wrote, and the way to hand a cache to someone as one file). It is read and never rewritten by a
+  save; removing an entry it holds rewrites it without that entry.
+
+A key in ``P.d/`` wins over the same key in ``P``. Why one file per entry: a save must not cost more as
+the cache grows. Rewriting one file on each save costs every entry (a 1,000-entry file: 754x a save into
+a 1-entry cache, ``benchmarks/bench_cache.py``); changing an HDF5 file in place is not atomic (and HDF5
+2.0 crashes the process when a write fails halfway); a log compacted now and then makes some saves pay
+for all. A small file built in memory, written next to ``P`` and renamed onto its name keeps the
+all-or-nothing guarantee, per entry, at a cost that does not depend on the other entries (1.02-1.13x at
+100 to 10,000 entries); a hit opens one small file (1.00-1.09x).
+
+Every file, ``P`` and each entry file (which holds exactly one entry), has this layout, schema version 2::
+
+    /                        attrs: format="torchnormfit.cache", schema_version=2
+    /<key>/                  attrs: format="torchnormfit.channel_stats", schema_version=2, key, sha256,
+                                    created_utc, torch_version, torchvision_version, torchnormfit_version,
+                                    dataset, pipeline, num_samples, ddof
     /<key>/count|mean|m2|std|min|max   float64, shape (C,)
+    /<key>/samples/<name>    optional per-sample arrays: float32, float64 or int64, 1-D or 2-D, at most
+                             2**24 elements; <name> a lowercase identifier ([a-z][a-z0-9_]*, <= 64 chars)
 
-Entries written by this version also carry ``sha256``: the hex SHA-256 of the
-six datasets' values as little-endian float64 bytes, concatenated in the order
-count, mean, m2, std, min, max. It is checked when present, so values damaged
-on disk are refused instead of used.
+Version 1 (no ``samples``) is read as it is, with no arrays. ``sha256`` is the hex SHA-256 of the six
+vectors as little-endian float64 bytes in the order count, mean, m2, std, min, max, followed, for each
+array in sorted name order, by the ASCII line ``<name> <dtype> <shape>\\n`` (dtype ``<f4``, ``<f8`` or
+``<i8``; shape the dimensions joined by ``x``, as ``1024x3``) and the array's little-endian bytes in C
+order. Without arrays it is version 1's checksum. It is checked when present, so values damaged on disk
+are refused instead of used.
 
-Writers never modify the file in place: under a lock (``<file>.lock``, an
-flock the OS releases when its holder dies) they read every valid entry of the
-old file, build the new file in memory with the other entries and theirs, write
-it to a temporary file in the same folder, fsync it and ``os.replace`` it over
-the old one. A crash at any moment leaves the old file or the new one, never a
-torn one; the temporary file of a writer that died is removed by the next
-writer. Entries that fail validation are not carried over, and the old file is
-then kept (``<file>.corrupt-<time>-<pid>``); a corrupt file is moved aside, never
-deleted; a foreign or newer file is never written. Readers take no lock.
-Nothing is pickled in or out. ``$TORCHNORMFIT_CACHE_LOCK_TIMEOUT`` (seconds,
-default 60) bounds the wait for the lock.
+Writers hold ``P.lock`` (an flock the OS releases when its holder dies; ``$TORCHNORMFIT_CACHE_LOCK_TIMEOUT``
+seconds, default 60, bound the wait). A save writes its entry file to a temporary file next to ``P``,
+fsyncs it and ``os.replace``-s it onto its name: a crash leaves the old entry or the new one, never a torn
+one, and under the lock every temporary file is a dead writer's, removed by the next writer. A corrupt
+file is moved aside (``<file>.corrupt-<time>-<pid>``), never deleted; a foreign or newer file is never
+written. Readers take no lock. HDF5 reads every file through a file object that walks each global heap
+collection before HDF5 parses it (HDF5 2.0 loops forever on a damaged one) and refuses one over 64 MiB,
+so a file is read only as far as needed: a foreign 1.5 GiB file is refused after 9 KB. Nothing is
+pickled in or out.
 """
 
 from __future__ import annotations
@@ -35,11 +53,13 @@ import io
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -55,21 +75,32 @@ __all__ = [
     "CacheError",
     "CacheWarning",
     "default_cache_path",
+    "entry_folder",
     "read_entry",
     "write_entry",
     "list_entries",
     "delete_entry",
+    "delete_entries",
+    "prune_entries",
     "check_key",
 ]
 
 FILE_FORMAT = "torchnormfit.cache"
 ENTRY_FORMAT = "torchnormfit.channel_stats"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LOCK_TIMEOUT_S = 60.0
 _STORED = ("count", "mean", "m2", "std", "min", "max")
 _MAX_CHANNELS = 65536
 _RESERVED_ATTRS = ("format", "schema_version", "key", "sha256")
 _TMP_TAG = "tnf-"
+_FOLDER_SUFFIX = ".d"
+_ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.h5")
+_SAMPLES = "samples"
+_ARRAY_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_ARRAY_DTYPES = ("float32", "float64", "int64")
+_MAX_ARRAYS = 64
+_MAX_ARRAY_ELEMENTS = 2**24
+_MAX_HEAP_BYTES = 64 * 2**20
 
 
 class CacheError(ValueError):
@@ -81,7 +112,11 @@ class _UnreadableCache(CacheError):
 
 
 class _NewerEntry(CacheError):
-    """An entry written by a newer torchnormfit: the file must not be rewritten by this one."""
+    """A file or entry written by a newer torchnormfit: never rewritten or replaced by this one."""
+
+
+class _NoPermission(CacheError):
+    """The file exists but this process may not read it: not damage, never moved aside."""
 
 
 class CacheWarning(UserWarning):
@@ -90,12 +125,12 @@ class CacheWarning(UserWarning):
 
 @dataclass(frozen=True)
 class CacheEntry:
-    """One validated cache entry: its key, statistics and provenance attributes."""
+    """One validated cache entry: its key, statistics, provenance attributes and per-sample arrays."""
 
     key: str
     stats: ChannelStats
     attrs: dict[str, Any]
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict, compare=False)
 
 
 def default_cache_path() -> Path:
@@ -122,86 +157,162 @@ def check_key(key: str) -> str:
     return key
 
 
+def entry_folder(path: str | os.PathLike) -> Path:
+    """The folder holding the entry files of cache ``path``: ``<path>.d`` beside the file a link names.
+
+    Examples
+    --------
+    >>> entry_folder("/tmp/stats.h5")
+    PosixPath('/tmp/stats.h5.d')
+    """
+    real = _resolve(Path(path))
+    return real.with_name(real.name + _FOLDER_SUFFIX)
+
+
+def _resolve(path: Path) -> Path:
+    """A link is followed to the file it names, so its folder and lock are the target's."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _entry_name(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest() + ".h5"
+
+
+def _entry_file(real: Path, key: str) -> Path:
+    return entry_folder(real) / _entry_name(key)
+
+
+def _entry_files(real: Path) -> list[Path]:
+    folder = entry_folder(real)
+    if not folder.is_dir():
+        return []
+    return sorted(folder / item.name for item in os.scandir(folder) if _ENTRY_NAME.fullmatch(item.name))
+
+
+def _check_not_directory(real: Path) -> None:
+    if real.is_dir():
+        raise CacheError(f"The cache path {real} is a directory; give a file path such as {real / 'stats.h5'}.")
+
+
 # --- reading -----------------------------------------------------------------------------------
 
 
 def _check_cache_file(path: Path) -> None:
     """Refuse a cache path that is not a regular file (a directory, a FIFO, a device) before opening it."""
-    if path.is_dir():
-        raise CacheError(f"The cache path {path} is a directory; give a file path such as {path / 'stats.h5'}.")
+    _check_not_directory(path)
     if not path.is_file():
+        if not os.path.lexists(path):  # removed since it was seen (an entry file a writer removed)
+            raise FileNotFoundError(errno.ENOENT, "No such cache file", str(path))
         raise CacheError(f"The cache path {path} is not a regular file; give the path of an HDF5 file.")
     if not os.access(path, os.R_OK):  # not a damaged file: never to be moved aside as one
-        raise CacheError(f"The cache file {path} is not readable (permission denied); fix its permissions or "
-                         "use another cache path.")
+        raise _NoPermission(f"The cache file {path} is not readable (permission denied); fix its permissions or "
+                            "use another cache path.")
 
 
-def _check_global_heaps(path: Path) -> None:
-    """Refuse a file whose global heaps HDF5 could not walk to their end.
+class _CheckedReader:
+    """The file object HDF5 reads a cache file through (h5py's ``fileobj`` driver hands each read to it).
 
-    Variable-length strings (every string attribute h5py writes) live in global heap
-    collections, and HDF5 2.0 loops forever on a damaged one (an object of size 0 never
-    advances its parser). Walk each collection the way HDF5 does, with the HDF5 file format
-    specification's layout, before HDF5 does: "GCOL", version 1, 3 reserved bytes, the
-    collection size; then objects of index (2 bytes), reference count (2), reserved (4), size,
-    data padded to 8 bytes, index 0 being the free space that ends the collection.
+    Variable-length strings (every string attribute h5py writes) live in global heap collections, and
+    HDF5 2.0 loops forever on a damaged one (an object of size 0 never advances its parser). HDF5 reads
+    a collection starting at its address, so each read that starts with a collection header is walked
+    here first, with the HDF5 file format specification's layout: "GCOL", version 1, 3 reserved bytes,
+    the collection size; then objects of index (2 bytes), reference count (2), reserved (4), size, data
+    padded to 8 bytes, index 0 being the free space that ends the collection. Only what HDF5 asks for
+    is read, so time and memory do not grow with the file.
     """
-    with open(path, "rb") as file:
-        data = file.read()
-    lengths = None
-    for base in (0, 512, 1024, 2048, 4096):  # the superblock may follow a user block
-        if data[base : base + 8] == b"\x89HDF\r\n\x1a\n" and len(data) > base + 14:
-            lengths = data[base + 14] if data[base + 8] in (0, 1) else data[base + 10]
-            break
-    if lengths not in (2, 4, 8):
-        return  # not HDF5 or unusual: HDF5 itself refuses it, or it has nothing we know to walk
-    header = 8 + lengths
-    at = data.find(b"GCOL")
-    while at >= 0:
-        if data[at + 4 : at + 5] == b"\x01":  # a collection header (anything else HDF5 rejects by version)
-            size = int.from_bytes(data[at + 8 : at + 8 + lengths], "little")
-            end = at + size
-            if size < header or end > len(data):
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        self._size = os.fstat(self._file.fileno()).st_size
+        self._lengths = self._size_of_lengths()
+
+    def _size_of_lengths(self) -> int:
+        head = os.pread(self._file.fileno(), 4096 + 16, 0)
+        for base in (0, 512, 1024, 2048, 4096):  # the superblock may follow a user block
+            if head[base : base + 8] == b"\x89HDF\r\n\x1a\n" and len(head) > base + 14:
+                lengths = head[base + 14] if head[base + 8] in (0, 1) else head[base + 10]
+                return lengths if lengths in (2, 4, 8) else 8
+        return 8  # HDF5 refuses the file itself
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        at = self._file.tell()
+        data = self._file.read(size)
+        if data[:5] == b"GCOL\x01":  # a collection header (anything else HDF5 rejects by version)
+            self._check_heap(at, data)
+        return data
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _check_heap(self, at: int, data: bytes) -> None:
+        lengths = self._lengths
+        header = 8 + lengths
+        size = int.from_bytes(data[8 : 8 + lengths], "little")
+        if size < header or at + size > self._size:
+            raise _UnreadableCache(
+                f"{self.path} is damaged or truncated: the global heap at byte {at} claims {size} bytes, "
+                f"the file has {self._size}."
+            )
+        if size > _MAX_HEAP_BYTES:
+            raise _UnreadableCache(
+                f"{self.path} is damaged or not a cache: its global heap at byte {at} has {size} bytes; a "
+                f"torchnormfit cache never needs more than {_MAX_HEAP_BYTES}."
+            )
+        if len(data) < size:
+            return  # HDF5 reads the first 4 KiB, then the whole collection, which is walked then
+        position = header
+        while position + header <= size:  # a smaller rest is free space
+            index = int.from_bytes(data[position : position + 2], "little")
+            object_size = int.from_bytes(data[position + 8 : position + header], "little")
+            step = header + -(-object_size // 8) * 8 if index else object_size
+            if step <= 0 or position + step > size:
                 raise _UnreadableCache(
-                    f"{path} is damaged or truncated: the global heap at byte {at} claims {size} bytes, "
-                    f"the file has {len(data)}."
+                    f"{self.path} is damaged: the global heap at byte {at} has an object of size {object_size} "
+                    f"at byte {at + position} that {'does not fit' if step > 0 else 'HDF5 would loop on'}."
                 )
-            position = at + header
-            while position + header <= end:  # a smaller rest is free space
-                index = int.from_bytes(data[position : position + 2], "little")
-                object_size = int.from_bytes(data[position + 8 : position + header], "little")
-                step = header + -(-object_size // 8) * 8 if index else object_size
-                if step <= 0 or position + step > end:
-                    raise _UnreadableCache(
-                        f"{path} is damaged: the global heap at byte {at} has an object of size {object_size} "
-                        f"at byte {position} that {'does not fit' if step > 0 else 'HDF5 would loop on'}."
-                    )
-                position += step
-        at = data.find(b"GCOL", at + 4)
+            position += step
 
 
 @contextlib.contextmanager
 def _open_cache(path: Path) -> Iterator[h5py.File]:
     """Open an existing cache file read-only and check that it is ours and not newer."""
     _check_cache_file(path)
-    _check_global_heaps(path)
+    reader = _CheckedReader(path)
     try:
-        handle = h5py.File(path, "r", locking=False)
-    except Exception as error:  # h5py raises OSError, but a damaged superblock can surface as anything
-        raise _UnreadableCache(f"{path} is not a readable HDF5 file (corrupt or truncated?): {error}") from error
-    with handle:
         try:
-            fmt = _attr_str(handle.attrs, "format")
-            version = handle.attrs.get("schema_version")
-        except Exception as error:
-            raise _UnreadableCache(f"{path} is damaged: its root attributes cannot be read ({error}).") from error
-        if fmt != FILE_FORMAT:
-            raise CacheError(
-                f"{path} is an HDF5 file but not a torchnormfit cache (format attribute {fmt!r}, "
-                f"expected {FILE_FORMAT!r}). Choose another cache path."
-            )
-        _check_version(version, f"{path}")
-        yield handle
+            handle = h5py.File(reader, "r")
+        except CacheError:
+            raise
+        except Exception as error:  # h5py raises OSError, but a damaged superblock can surface as anything
+            raise _UnreadableCache(f"{path} is not a readable HDF5 file (corrupt or truncated?): {error}") from error
+        with handle:
+            _check_root(handle, path)
+            yield handle
+    finally:
+        reader.close()
+
+
+def _check_root(handle: h5py.File, path: Path) -> None:
+    try:
+        fmt = _attr_str(handle.attrs, "format")
+        version = handle.attrs.get("schema_version")
+    except CacheError:
+        raise
+    except Exception as error:
+        raise _UnreadableCache(f"{path} is damaged: its root attributes cannot be read ({error}).") from error
+    if fmt != FILE_FORMAT:
+        raise CacheError(
+            f"{path} is an HDF5 file but not a torchnormfit cache (format attribute {fmt!r}, "
+            f"expected {FILE_FORMAT!r}). Choose another cache path."
+        )
+    _check_version(version, f"{path}")
 
 
 def _attr_str(attrs: Mapping[str, Any], name: str) -> str | None:
@@ -217,7 +328,7 @@ def _check_version(version: Any, where: str) -> None:
     if isinstance(version, (bool, np.bool_)) or not isinstance(version, (int, np.integer)):
         raise CacheError(f"{where} has no integer schema_version attribute (got {version!r}).")
     if int(version) > SCHEMA_VERSION:
-        raise CacheError(
+        raise _NewerEntry(
             f"{where} uses schema version {int(version)}, newer than this torchnormfit reads "
             f"({SCHEMA_VERSION}). Upgrade torchnormfit or use another cache path."
         )
@@ -229,12 +340,16 @@ def _link(group: h5py.Group, name: str, where: str) -> h5py.HardLink | h5py.Soft
     """The link ``name`` in ``group`` without following it (an external link may name any file, even a FIFO)."""
     try:
         return group.get(name, getlink=True)
+    except CacheError:
+        raise
     except Exception as error:
         raise CacheError(f"{where} cannot be looked up (damaged file?): {error}") from error
 
 
 def read_entry(path: str | os.PathLike, key: str) -> CacheEntry | None:
-    """The validated entry ``key`` of the cache file, or None if the file or key does not exist.
+    """The validated entry ``key`` of the cache ``path``, or None if the cache or the key does not exist.
+
+    The entry file in ``<path>.d/`` is read if there is one, else the single file ``path``.
 
     Raises
     ------
@@ -243,36 +358,74 @@ def read_entry(path: str | os.PathLike, key: str) -> CacheEntry | None:
     ValueError
         ``key`` cannot name an entry (see :func:`check_key`).
     """
-    path = Path(path)
     check_key(key)
-    if not os.path.lexists(path):
+    real = _resolve(Path(path))
+    _check_not_directory(real)
+    file = _entry_file(real, key)
+    if os.path.lexists(file):
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile: as if it had not been there
+            return _read_entry_file(file, key)
+    if not os.path.lexists(real):
         return None
-    with _open_cache(path) as handle:
-        if _link(handle, key, f"cache entry {key!r} in {path}") is None:
+    with _open_cache(real) as handle:
+        if _link(handle, key, f"cache entry {key!r} in {real}") is None:
             return None
-        return _read_group(handle, key, path)
+        return _read_group(handle, key, real)
 
 
 def list_entries(path: str | os.PathLike | None = None) -> list[CacheEntry]:
-    """Every valid entry of a cache file (default: :func:`default_cache_path`), sorted by key.
+    """Every valid entry of a cache (default: :func:`default_cache_path`), sorted by key.
 
     Invalid entries are skipped with a :class:`CacheWarning`.
     """
-    path = Path(path) if path is not None else default_cache_path()
-    if not os.path.lexists(path):
-        return []
-    entries = []
-    with _open_cache(path) as handle:
-        try:
-            keys = sorted(handle.keys())
-        except Exception as error:
-            raise _UnreadableCache(f"{path} is damaged: its entries cannot be listed ({error}).") from error
-        for key in keys:
+    real = _resolve(Path(path) if path is not None else default_cache_path())
+    _check_not_directory(real)
+    return [entry for _, (entry, _) in sorted(_scan(real).items())]
+
+
+def _scan(real: Path) -> dict[str, tuple[CacheEntry, Path]]:
+    """Every valid entry with the file it is in: the single file's, then the entry files' over them."""
+    found: dict[str, tuple[CacheEntry, Path]] = {}
+    if os.path.lexists(real):
+        with _open_cache(real) as handle:
             try:
-                entries.append(_read_group(handle, key, path))
-            except CacheError as error:
-                warnings.warn(str(error), CacheWarning, stacklevel=2)
-    return entries
+                keys = sorted(handle.keys())
+            except CacheError:
+                raise
+            except Exception as error:
+                raise _UnreadableCache(f"{real} is damaged: its entries cannot be listed ({error}).") from error
+            for key in keys:
+                try:
+                    found[key] = (_read_group(handle, key, real), real)
+                except CacheError as error:
+                    warnings.warn(str(error), CacheWarning, stacklevel=3)
+    for file in _entry_files(real):
+        try:
+            entry = _read_entry_file(file)
+        except FileNotFoundError:  # removed since the folder was listed
+            continue
+        except CacheError as error:
+            warnings.warn(str(error), CacheWarning, stacklevel=3)
+            continue
+        found[entry.key] = (entry, file)
+    return found
+
+
+def _read_entry_file(file: Path, key: str | None = None) -> CacheEntry:
+    """The one entry of an entry file, which must be the key its name is made from (and ``key`` if given)."""
+    with _open_cache(file) as handle:
+        try:
+            names = list(handle.keys())
+        except CacheError:
+            raise
+        except Exception as error:
+            raise _UnreadableCache(f"{file} is damaged: its entries cannot be listed ({error}).") from error
+        if len(names) != 1 or _entry_name(names[0]) != file.name or key not in (None, names[0]):
+            raise CacheError(
+                f"The entry file {file} holds {names[:5]}, not the one entry its name stands for "
+                f"(the SHA-256 of the key){f' ({key!r})' if key is not None else ''}. Remove the file."
+            )
+        return _read_group(handle, names[0], file)
 
 
 def _read_group(handle: h5py.File, key: str, path: Path) -> CacheEntry:
@@ -286,12 +439,7 @@ def _read_group(handle: h5py.File, key: str, path: Path) -> CacheEntry:
 
 
 def _read_group_unchecked(handle: h5py.File, key: str, where: str) -> CacheEntry:
-    link = _link(handle, key, where)
-    if not isinstance(link, h5py.HardLink):
-        raise CacheError(f"{where} is a {type(link).__name__}, not a group stored in the file.")
-    group = handle[key]
-    if not isinstance(group, h5py.Group):
-        raise CacheError(f"{where} is a {type(group).__name__}, not a group.")
+    group = _stored(handle, key, where, h5py.Group, "a group stored in the file")
     if _attr_str(group.attrs, "format") != ENTRY_FORMAT:
         raise CacheError(f"{where} has format {_attr_str(group.attrs, 'format')!r}, expected {ENTRY_FORMAT!r}.")
     _check_version(group.attrs.get("schema_version"), where)
@@ -301,43 +449,77 @@ def _read_group_unchecked(handle: h5py.File, key: str, where: str) -> CacheEntry
         raise CacheError(f"{where} has datasets of different lengths: { {n: v.shape for n, v in values.items()} }.")
     stats = ChannelStats(*(torch.from_numpy(values[name]) for name in ("count", "mean", "m2", "min", "max")))
     _validate(stats, torch.from_numpy(values["std"]), where)
+    arrays = _read_arrays(group, where)
     checksum = group.attrs.get("sha256")  # last: it catches damage that still looks like valid statistics
     if checksum is not None:
         if isinstance(checksum, bytes):
             checksum = checksum.decode("ascii", "replace")
-        if checksum != _checksum(values):
+        if checksum != _checksum(values, arrays):
             raise CacheError(f"{where}: the values do not match their sha256 checksum (damaged on disk?).")
     attrs = {name: _plain(value) for name, value in group.attrs.items()}
-    arrays = {}
-    if isinstance(group.get("samples"), h5py.Group):
-        arrays = {name: np.asarray(data[()]) for name, data in group["samples"].items()}
     return CacheEntry(key=key, stats=stats, attrs=attrs, arrays=arrays)
+
+
+def _stored(group: h5py.Group, name: str, where: str, kind: type, what: str) -> Any:
+    """The object ``name`` of ``group``, which must be a hard link to a ``kind`` (a link is never followed)."""
+    link = _link(group, name, where)
+    label = f"{where} is" if group.name == "/" else f"{where}: {name!r} is"
+    if link is None:
+        raise CacheError(f"{where} has no {'dataset' if kind is h5py.Dataset else 'group'} {name!r}.")
+    if not isinstance(link, h5py.HardLink):
+        raise CacheError(f"{label} a {type(link).__name__}, not {what}.")
+    item = group[name]
+    if not isinstance(item, kind):
+        found = "not a dataset" if kind is h5py.Dataset else f"a {type(item).__name__}, not a group"
+        raise CacheError(f"{label} {found}.")
+    if kind is h5py.Dataset and (item.is_virtual or item.external):
+        raise CacheError(f"{where}: {name!r} keeps its data outside the file (virtual or external storage).")
+    return item
 
 
 def _read_vector(group: h5py.Group, name: str, where: str) -> np.ndarray:
     """One (C,) float64 dataset, checked by its metadata before a byte of data is read."""
-    link = _link(group, name, where)
-    if link is None:
-        raise CacheError(f"{where} has no dataset {name!r}.")
-    if not isinstance(link, h5py.HardLink):
-        raise CacheError(f"{where}: {name!r} is a {type(link).__name__}, not a dataset stored in the group.")
-    dataset = group[name]
-    if not isinstance(dataset, h5py.Dataset):
-        raise CacheError(f"{where}: {name!r} is not a dataset.")
+    dataset = _stored(group, name, where, h5py.Dataset, "a dataset stored in the group")
     dtype = dataset.dtype
     if dtype.kind != "f" or dtype.itemsize != 8 or dtype.fields is not None:
         raise CacheError(f"{where}: {name!r} has dtype {dtype}, expected float64.")
     if dataset.ndim != 1 or not 1 <= dataset.shape[0] <= _MAX_CHANNELS:
         raise CacheError(f"{where}: {name!r} has shape {dataset.shape}, expected (C,) with 1 <= C <= {_MAX_CHANNELS}.")
-    if dataset.is_virtual or dataset.external:
-        raise CacheError(f"{where}: {name!r} keeps its data outside the file (virtual or external storage).")
     return np.ascontiguousarray(dataset[()], dtype=np.float64)
 
 
-def _checksum(values: Mapping[str, np.ndarray]) -> str:
+def _read_arrays(group: h5py.Group, where: str) -> dict[str, np.ndarray]:
+    """The per-sample arrays under ``samples/`` (schema 2), each checked by its metadata before it is read."""
+    if _link(group, _SAMPLES, where) is None:
+        return {}
+    samples = _stored(group, _SAMPLES, where, h5py.Group, "a group stored in the entry")
+    if len(samples) > _MAX_ARRAYS:
+        raise CacheError(f"{where}: '{_SAMPLES}' holds {len(samples)} arrays, at most {_MAX_ARRAYS} are allowed.")
+    arrays = {}
+    for name in sorted(samples.keys()):
+        label = f"{_SAMPLES}/{name}"
+        if not _ARRAY_NAME.fullmatch(name):
+            raise CacheError(f"{where}: {label!r} is not named by a lowercase identifier ([a-z][a-z0-9_]*).")
+        dataset = _stored(samples, name, where, h5py.Dataset, "a dataset stored in the group")
+        if dataset.dtype.fields is not None or dataset.dtype.name not in _ARRAY_DTYPES:
+            raise CacheError(f"{where}: {label!r} has dtype {dataset.dtype}, expected {', '.join(_ARRAY_DTYPES)}.")
+        if dataset.ndim not in (1, 2) or dataset.size > _MAX_ARRAY_ELEMENTS:
+            raise CacheError(f"{where}: {label!r} has shape {dataset.shape}, expected 1-D or 2-D with at most "
+                             f"{_MAX_ARRAY_ELEMENTS} elements.")
+        arrays[name] = np.ascontiguousarray(dataset[()], dtype=dataset.dtype.newbyteorder("="))
+    return arrays
+
+
+def _checksum(values: Mapping[str, np.ndarray], arrays: Mapping[str, np.ndarray]) -> str:
+    """The documented sha256 of an entry: the six vectors, then each array with a line naming it."""
     digest = hashlib.sha256()
     for name in _STORED:
         digest.update(np.ascontiguousarray(values[name], dtype="<f8").tobytes())
+    for name in sorted(arrays):
+        array = arrays[name]
+        little = array.dtype.newbyteorder("<")
+        digest.update(f"{name} {little.str} {'x'.join(map(str, array.shape))}\n".encode("ascii"))
+        digest.update(np.ascontiguousarray(array, dtype=little).tobytes())
     return digest.hexdigest()
 
 
@@ -389,44 +571,218 @@ def _plain(value: Any) -> Any:
 
 
 def write_entry(
-    path: str | os.PathLike, key: str, stats: ChannelStats, attrs: Mapping[str, Any],
+    path: str | os.PathLike,
+    key: str,
+    stats: ChannelStats,
+    attrs: Mapping[str, Any],
     arrays: Mapping[str, np.ndarray] | None = None,
 ) -> None:
-    """Add or replace entry ``key`` atomically, keeping every other entry.
+    """Add or replace entry ``key`` atomically in its own file under ``<path>.d/``; no other entry is touched.
+
+    ``arrays`` (optional) are per-sample arrays stored with the entry: names are lowercase identifiers,
+    values float32, float64 or int64 arrays of 1 or 2 dimensions (at most 2**24 elements each).
 
     Raises
     ------
     OSError
-        The file could not be written (permissions, a read-only file, disk full, ...); the old file is intact.
+        The entry could not be written (permissions, disk full, ...); the previous state is intact.
     CacheError
-        The existing file is foreign or newer and is left as it is, or ``stats`` fail validation.
+        The single file ``path`` or the key's entry file is foreign or newer (left as it is), or ``stats``
+        fail validation.
     ValueError
-        ``key`` cannot name an entry, or ``attrs`` uses a reserved name.
+        ``key`` cannot name an entry, ``attrs`` uses a reserved name, or ``arrays`` is not storable.
+
+    Examples
+    --------
+    >>> write_entry("/tmp/stats.h5", "demo", stats, {"dataset": "demo"},  # doctest: +SKIP
+    ...             arrays={"index": np.arange(4)})
     """
-    path = Path(path)
     check_key(key)
     reserved = sorted(set(attrs) & set(_RESERVED_ATTRS))
     if reserved:
         raise ValueError(f"The attribute names {reserved} are reserved for the cache schema; rename them.")
     _validate(stats, stats.std, f"statistics for {key!r}")
-    with _locked(path) as real:
-        _rewrite(real, drop=key, add=(key, stats, attrs, dict(arrays or {})))
+    data = _entry_file_bytes(key, stats, attrs, _check_arrays(key, arrays))  # built before taking the lock
+    with _locked(Path(path)) as real:
+        _remove_dead_writers_files(real)
+        _check_single_file(real)
+        target = _entry_file(real, key)
+        created = not target.parent.is_dir()
+        target.parent.mkdir(exist_ok=True)
+        if os.path.lexists(target):
+            _check_replaced(target, key)
+        _atomic_write(real, target, data, stat.S_IMODE(target.parent.stat().st_mode) & 0o666)
+        if created:
+            _fsync_dir(real.parent)
+
+
+def _check_arrays(key: str, arrays: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """The arrays as little-endian C-contiguous numpy arrays, or a ValueError saying what cannot be stored."""
+    if not arrays:
+        return {}
+    if len(arrays) > _MAX_ARRAYS:
+        raise ValueError(f"An entry stores at most {_MAX_ARRAYS} arrays; {key!r} was given {len(arrays)}.")
+    checked = {}
+    for name, value in arrays.items():
+        if not isinstance(name, str) or not _ARRAY_NAME.fullmatch(name):
+            raise ValueError(f"Array names must be lowercase identifiers ([a-z][a-z0-9_]*, at most 64 characters). "
+                             f"Got {name!r} for entry {key!r}.")
+        array = np.asarray(value)
+        if array.dtype.name not in _ARRAY_DTYPES:
+            raise ValueError(f"Array {name!r} of entry {key!r} has dtype {array.dtype}; the cache stores "
+                             f"{', '.join(_ARRAY_DTYPES)}: convert it (for example .astype(np.float32)).")
+        if array.ndim not in (1, 2) or array.size > _MAX_ARRAY_ELEMENTS:
+            raise ValueError(f"Array {name!r} of entry {key!r} has shape {array.shape}; the cache stores 1-D or 2-D "
+                             f"arrays of at most {_MAX_ARRAY_ELEMENTS} elements.")
+        checked[name] = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return checked
+
+
+def _entry_file_bytes(
+    key: str, stats: ChannelStats, attrs: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+) -> bytes:
+    """An entry file, built in memory: HDF5 itself never writes to the disk, because HDF5 2.0 crashes the
+    process (SIGSEGV) when a write fails halfway (disk full, EFBIG); plain ``os.write`` fails cleanly."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as new:
+        _write_root(new)
+        _write_group(new, key, stats, attrs, arrays)
+    return buffer.getvalue()
+
+
+def _write_root(handle: h5py.File) -> None:
+    handle.attrs["format"] = FILE_FORMAT
+    handle.attrs["schema_version"] = SCHEMA_VERSION
+
+
+def _check_single_file(real: Path) -> None:
+    """A foreign or newer single file refuses the write; a corrupt one is moved aside, never deleted."""
+    if not os.path.lexists(real):
+        return
+    try:
+        with _open_cache(real):
+            pass
+    except _UnreadableCache as error:
+        aside = _keep_aside(real, copy=False)
+        warnings.warn(f"{error} It was moved to {aside}; the cache goes on in {entry_folder(real)}.",
+                      CacheWarning, stacklevel=4)
+
+
+def _check_replaced(target: Path, key: str) -> None:
+    """The entry file about to be replaced: a newer or unreadable one stays; a damaged one is moved aside."""
+    try:
+        _read_entry_file(target, key)
+    except (_NewerEntry, _NoPermission) as error:
+        raise type(error)(f"{error} The entry file is left as it is and {key!r} was not saved.") from error
+    except CacheError as error:
+        aside = _keep_aside(target, copy=False)
+        warnings.warn(f"{error} It was moved to {aside}; the new entry replaces it.", CacheWarning, stacklevel=4)
+
+
+def _atomic_write(real: Path, target: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to a temporary file next to ``real``, fsync it and move it onto ``target``."""
+    fd, tmp_name = tempfile.mkstemp(dir=real.parent, prefix=f".{real.name}.{_TMP_TAG}", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(error, OSError):
+            raise OSError(
+                error.errno,
+                f"Could not write the cache {real} ({target.name}); the previous file is unchanged: {error}",
+            ) from error
+        raise
 
 
 def delete_entry(path: str | os.PathLike, key: str) -> bool:
     """Remove entry ``key``; True if it was there."""
-    path = Path(path)
-    check_key(key)
-    if not os.path.lexists(path):
-        return False
-    with _locked(path) as real:
-        if not real.exists():
-            return False
+    return bool(delete_entries(path, [key]))
+
+
+def delete_entries(path: str | os.PathLike, keys: Iterable[str]) -> list[str]:
+    """Remove the entries ``keys`` in one operation (one lock, the single file rewritten at most once).
+
+    Returns the keys that were there, in the order given.
+    """
+    keys = list(dict.fromkeys(check_key(key) for key in keys))
+    real = _resolve(Path(path))
+    _check_not_directory(real)
+    if not os.path.lexists(real) and not entry_folder(real).is_dir():
+        return []
+    with _locked(real) as real:
+        _remove_dead_writers_files(real)
+        return _delete_locked(real, keys)
+
+
+def prune_entries(
+    path: str | os.PathLike,
+    *,
+    older_than: float | None = None,
+    keep_last: int | None = None,
+    now: float | None = None,
+) -> list[str]:
+    """Remove every entry that no rule keeps: ``older_than`` keeps those created less than that many seconds
+    before ``now`` (default: the current time), ``keep_last`` keeps the newest N. Returns the keys removed.
+
+    An entry's time is its ``created_utc`` attribute (ISO 8601), else the time its file was written.
+    Entries that fail validation are left alone (listed with a :class:`CacheWarning`).
+
+    Examples
+    --------
+    >>> prune_entries("/tmp/stats.h5", older_than=30 * 86400, keep_last=10)  # doctest: +SKIP
+    ['ImageFiles-0f3c...']
+    """
+    if older_than is None and keep_last is None:
+        raise ValueError("prune_entries needs older_than (seconds) or keep_last (a count), or both.")
+    if (older_than is not None and not older_than >= 0) or (keep_last is not None and keep_last < 0):
+        raise ValueError(f"older_than and keep_last must not be negative. Got {older_than!r} and {keep_last!r}.")
+    real = _resolve(Path(path))
+    _check_not_directory(real)
+    if not os.path.lexists(real) and not entry_folder(real).is_dir():
+        return []
+    with _locked(real) as real:
+        _remove_dead_writers_files(real)
+        newest_first = sorted(((_created(entry, file), key) for key, (entry, file) in _scan(real).items()),
+                              reverse=True)
+        now = time.time() if now is None else now
+        kept = {key for _, key in newest_first[: keep_last or 0]}
+        if older_than is not None:
+            kept |= {key for created, key in newest_first if now - created <= older_than}
+        return _delete_locked(real, [key for _, key in newest_first if key not in kept])
+
+
+def _created(entry: CacheEntry, file: Path) -> float:
+    """The entry's ``created_utc`` as a POSIX time, else its file's modification time."""
+    text = entry.attrs.get("created_utc")
+    if isinstance(text, str):
+        with contextlib.suppress(ValueError):
+            moment = datetime.fromisoformat(text)
+            return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+    return file.stat().st_mtime
+
+
+def _delete_locked(real: Path, keys: list[str]) -> list[str]:
+    """Remove ``keys`` from the single file (one rewrite) and the entry folder. Call under the lock."""
+    in_file: set[str] = set()
+    if os.path.lexists(real):
         with _open_cache(real) as handle:
-            present = _link(handle, key, f"cache entry {key!r} in {real}") is not None
-        if present:
-            _rewrite(real, drop=key, add=None)
-        return present
+            in_file = {key for key in keys if _link(handle, key, f"cache entry {key!r} in {real}") is not None}
+    if in_file:
+        _rewrite(real, drop=in_file)
+    in_folder = {key for key in keys if os.path.lexists(_entry_file(real, key))}
+    for key in in_folder:
+        os.unlink(_entry_file(real, key))
+    if in_folder:
+        _fsync_dir(entry_folder(real))
+    return [key for key in keys if key in in_file or key in in_folder]
 
 
 def _lock_timeout() -> float:
@@ -444,10 +800,8 @@ def _lock_timeout() -> float:
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[Path]:
     """Hold ``<file>.lock`` (flock: the OS releases it when its holder dies); yields the file's real path."""
-    if path.is_symlink():  # write through a link to the file it names, not over the link
-        path = Path(os.path.realpath(path))
-    if path.is_dir():
-        raise CacheError(f"The cache path {path} is a directory; give a file path such as {path / 'stats.h5'}.")
+    path = _resolve(path)  # write through a link to the file it names, not over the link
+    _check_not_directory(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     timeout = _lock_timeout()
     lock = filelock.FileLock(f"{path}.lock", timeout=timeout)
@@ -472,15 +826,9 @@ def _locked(path: Path) -> Iterator[Path]:
         lock.release()
 
 
-def _rewrite(path: Path, drop: str, add: tuple[str, ChannelStats, Mapping[str, Any], dict] | None) -> None:
-    """Write a new file with the old entries except ``drop`` (plus ``add``), then swap it in. Call under the lock.
-
-    The new file is built in memory and written with plain ``os.write``: HDF5 itself never writes to the
-    disk, because HDF5 2.0 crashes the process (SIGSEGV) when a write fails halfway (disk full, EFBIG).
-    """
-    _remove_dead_writers_files(path)
-    old = _usable_old_file(path)
-    if old is not None and not os.access(path, os.W_OK):
+def _rewrite(path: Path, drop: set[str]) -> None:
+    """Write the single file anew without the entries ``drop``, then swap it in. Call under the lock."""
+    if not os.access(path, os.W_OK):
         raise PermissionError(
             errno.EACCES,
             f"The cache file {path} is read-only; it was left as it is. Make it writable or use another cache path.",
@@ -488,41 +836,20 @@ def _rewrite(path: Path, drop: str, add: tuple[str, ChannelStats, Mapping[str, A
         )
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as new:
-        new.attrs["format"] = FILE_FORMAT
-        new.attrs["schema_version"] = SCHEMA_VERSION
-        skipped = _copy_entries(old, new, drop) if old is not None else []
-        if add is not None:
-            _write_group(new, *add)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_TMP_TAG}", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(buffer.getbuffer())
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, path.stat().st_mode & 0o777 if old is not None else 0o644)
-        if skipped:
-            aside = _keep_aside(path, copy=True)
-            warnings.warn(
-                f"Entries of {path} that cannot be used were not carried over ({'; '.join(skipped)}). The old "
-                f"file is kept, unchanged, at {aside}; every valid entry is in the new file.",
-                CacheWarning,
-                stacklevel=3,
-            )
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as error:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(error, OSError):
-            raise OSError(
-                error.errno,
-                f"Could not write the cache {path}; the previous file is unchanged: {error}",
-            ) from error
-        raise
+        _write_root(new)
+        skipped = _copy_entries(path, new, drop)
+    if skipped:
+        aside = _keep_aside(path, copy=True)
+        warnings.warn(
+            f"Entries of {path} that cannot be used were not carried over ({'; '.join(skipped)}). The old "
+            f"file is kept, unchanged, at {aside}; every valid entry is in the new file.",
+            CacheWarning,
+            stacklevel=4,
+        )
+    _atomic_write(path, path, buffer.getvalue(), stat.S_IMODE(path.stat().st_mode))
 
 
-def _copy_entries(old: Path, new: h5py.File, drop: str) -> list[str]:
+def _copy_entries(old: Path, new: h5py.File, drop: set[str]) -> list[str]:
     """Carry every valid entry of ``old`` except ``drop`` over into ``new``; the entries left behind, described.
 
     Entries are read through the validating reader and written afresh, never copied object by object:
@@ -532,20 +859,18 @@ def _copy_entries(old: Path, new: h5py.File, drop: str) -> list[str]:
     skipped = []
     try:
         with _open_cache(old) as source:
-            names = sorted(source.keys())
-            for name in names:
-                if name == drop:
+            for name in sorted(source.keys()):
+                if name in drop:
                     continue
                 try:
                     entry = _read_group(source, name, old)
+                except _NewerEntry as error:
+                    raise _NewerEntry(
+                        f"{old} holds entry {name!r} of a schema version newer than this torchnormfit writes "
+                        f"({SCHEMA_VERSION}); the file is left as it is. Upgrade torchnormfit or use another "
+                        "cache path."
+                    ) from error
                 except CacheError as error:
-                    version = _entry_version(source, name)
-                    if version is not None and version > SCHEMA_VERSION:
-                        raise _NewerEntry(
-                            f"{old} holds entry {name!r} of schema version {version}, newer than this torchnormfit "
-                            f"writes ({SCHEMA_VERSION}); the file is left as it is. Upgrade torchnormfit or use "
-                            "another cache path."
-                        ) from error
                     skipped.append(str(error))
                     continue
                 provenance = {k: v for k, v in entry.attrs.items() if k not in _RESERVED_ATTRS}
@@ -555,30 +880,6 @@ def _copy_entries(old: Path, new: h5py.File, drop: str) -> list[str]:
     except Exception as error:  # the list of entries itself is damaged
         skipped.append(f"the entries of {old} cannot be listed ({type(error).__name__}: {error})")
     return skipped
-
-
-def _entry_version(source: h5py.File, name: str) -> int | None:
-    try:
-        if isinstance(source.get(name, getlink=True), h5py.HardLink):
-            version = source[name].attrs.get("schema_version")
-            if isinstance(version, (int, np.integer)) and not isinstance(version, (bool, np.bool_)):
-                return int(version)
-    except Exception:
-        pass
-    return None
-
-
-def _usable_old_file(path: Path) -> Path | None:
-    """The current file if its entries can be carried over; a corrupt one is moved aside, never deleted."""
-    if not os.path.lexists(path):
-        return None
-    try:
-        with _open_cache(path):
-            return path
-    except _UnreadableCache as error:
-        aside = _keep_aside(path, copy=False)
-        warnings.warn(f"{error} It was moved to {aside} and a new cache file is started.", CacheWarning, stacklevel=4)
-        return None
 
 
 def _keep_aside(path: Path, copy: bool) -> Path:
@@ -611,19 +912,23 @@ def _remove_dead_writers_files(path: Path) -> None:
 
 
 def _write_group(
-    handle: h5py.File, key: str, stats: ChannelStats, attrs: Mapping[str, Any],
-    arrays: Mapping[str, np.ndarray] | None = None, lenient: bool = False,
+    handle: h5py.File,
+    key: str,
+    stats: ChannelStats,
+    attrs: Mapping[str, Any],
+    arrays: Mapping[str, np.ndarray],
+    lenient: bool = False,
 ) -> None:
     """Write one entry; ``lenient`` (carrying an old entry over) drops an attribute HDF5 cannot store."""
-    samples = arrays
     group = handle.create_group(key)
     values = {**stats.to_dict(), "std": stats.std}
-    arrays = {name: np.ascontiguousarray(values[name].detach().cpu().numpy(), dtype=np.float64) for name in _STORED}
+    vectors = {name: np.ascontiguousarray(values[name].detach().cpu().numpy(), dtype=np.float64) for name in _STORED}
     for name in _STORED:
-        group.create_dataset(name, data=arrays[name])
-    if samples:
-        for name, data in samples.items():
-            group.require_group("samples").create_dataset(name, data=data)
+        group.create_dataset(name, data=vectors[name])
+    if arrays:
+        samples = group.create_group(_SAMPLES)
+        for name, array in arrays.items():
+            samples.create_dataset(name, data=array)
     for name, value in attrs.items():
         try:
             group.attrs[name] = str(value) if isinstance(value, str) else value  # str subclasses (TorchVersion)
@@ -633,7 +938,7 @@ def _write_group(
     group.attrs["format"] = ENTRY_FORMAT
     group.attrs["schema_version"] = SCHEMA_VERSION
     group.attrs["key"] = key
-    group.attrs["sha256"] = _checksum(arrays)
+    group.attrs["sha256"] = _checksum(vectors, arrays)
 
 
 def _fsync(path: Path) -> None:

@@ -6,7 +6,7 @@
     torchnormfit ls [CACHE]
     torchnormfit show KEY
     torchnormfit export KEY --format normalize|json|hf
-    torchnormfit rm KEY [KEY ...]
+    torchnormfit rm [KEY ...] [--older-than DURATION] [--keep-last N]
 
 Results go to stdout (``--json`` for machine-readable output), messages to
 stderr. Exit codes: 0 success, 1 the job failed, 2 usage error (argparse's
@@ -36,7 +36,16 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from . import __version__
-from .cache import CacheEntry, CacheError, default_cache_path, delete_entry, list_entries, read_entry
+from .cache import (
+    CacheEntry,
+    CacheError,
+    default_cache_path,
+    delete_entries,
+    entry_folder,
+    list_entries,
+    prune_entries,
+    read_entry,
+)
 from .fingerprint import describe_dataset, describe_pipeline
 from .folder import MODES, ImageFiles, find_unreadable, to_float_pipeline, unreadable_file_message
 from .sampling import StandardErrors, sample_pixels
@@ -71,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "fit":
         _check_fit_usage(args)
+    if args.command == "rm" and not args.keys and args.older_than is None and args.keep_last is None:
+        args.usage_error("give the KEY(s) to remove, or prune with --older-than DURATION and/or --keep-last N")
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
@@ -127,6 +138,17 @@ def _integer(minimum: int | None = None) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text: str) -> float:
+    """An argparse ``type``: a duration such as 90s, 15m, 12h, 30d or 2w, in seconds."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a number and a unit (s, m, h, d or w), such as 30d; got {text!r}")
+    return float(match[1]) * _UNITS_S[match[2]]
 
 
 def _add_fit(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -187,9 +209,16 @@ def _add_inspect(commands: Any, parents: list[argparse.ArgumentParser], cache: a
                         help="a transforms.Normalize line, a JSON object, or the image_mean/image_std fields "
                         "of a Hugging Face image processor config (default: normalize)")
     export.set_defaults(run=_cmd_export)
-    rm = commands.add_parser("rm", parents=parents, help="remove entries from the cache")
-    rm.add_argument("keys", nargs="+", metavar="KEY")
-    rm.set_defaults(run=_cmd_rm)
+    rm = commands.add_parser(
+        "rm", parents=parents, help="remove entries from the cache, by key or by age",
+        description="Remove the KEYs (all of them, or none if one is missing), then prune: every entry that "
+        "--older-than or --keep-last does not keep is removed. An entry's age is its created_utc.",
+    )
+    rm.add_argument("keys", nargs="*", metavar="KEY")
+    rm.add_argument("--older-than", type=_duration, metavar="DURATION",
+                    help="remove entries created longer ago than this: a number and s, m, h, d or w (e.g. 30d)")
+    rm.add_argument("--keep-last", type=_integer(0), metavar="N", help="keep only the N newest entries")
+    rm.set_defaults(run=_cmd_rm, usage_error=rm.error)
 
 
 def _check_fit_usage(args: argparse.Namespace) -> None:
@@ -464,7 +493,8 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
-        print(f"no entries in {path}" + ("" if path.exists() else " (the file does not exist)"))
+        there = path.exists() or entry_folder(path).exists()
+        print(f"no entries in {path}" + ("" if there else " (the cache does not exist)"))
     else:
         print(_format_ls(path, rows))
     return EXIT_OK
@@ -495,8 +525,8 @@ def _format_ls(path: Path, rows: list[dict[str, Any]]) -> str:
 
 def _read(path: Path, key: str) -> CacheEntry:
     """The cache entry ``key``, or a CliError that lists the keys there are."""
-    if not path.exists():
-        raise CliError(f"There is no cache file at {path}. Run '{PROG} fit' first, or pass --cache FILE.")
+    if not path.exists() and not entry_folder(path).exists():
+        raise CliError(f"There is no cache at {path}. Run '{PROG} fit' first, or pass --cache FILE.")
     entry = read_entry(path, key)
     if entry is None:
         known = [e.key for e in list_entries(path)]
@@ -579,15 +609,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_rm(args: argparse.Namespace) -> int:
     path = _cache_path(args.cache)
-    removed = list(dict.fromkeys(args.keys))
-    for key in removed:  # all present, or nothing is removed
+    keys = list(dict.fromkeys(args.keys))
+    for key in keys:  # all present, or nothing is removed
         _read(path, key)
-    for key in removed:
-        delete_entry(path, key)
+    removed = delete_entries(path, keys) if keys else []
+    if args.older_than is not None or args.keep_last is not None:
+        removed += prune_entries(path, older_than=args.older_than, keep_last=args.keep_last)
     if args.json:
         print(json.dumps({"cache": str(path), "removed": removed}))
     else:
-        print("\n".join(f"removed {key} from {path}" for key in removed))
+        print("\n".join(f"removed {key} from {path}" for key in removed) or f"nothing to remove in {path}")
     return EXIT_OK
 
 

@@ -150,7 +150,8 @@ def load_entry(cache_path: Path, key: str) -> cache.CacheEntry:
     """The entry ``key``, or :class:`~torchnormfit.CacheError` naming the entries there."""
     entry = cache.read_entry(cache_path, key)
     if entry is None:
-        known = [e.key for e in cache.list_entries(cache_path)] if cache_path.is_file() else []
+        there = cache_path.is_file() or cache.entry_folder(cache_path).is_dir()
+        known = [e.key for e in cache.list_entries(cache_path)] if there else []
         raise cache.CacheError(f"No cache entry {key!r} in {cache_path}. Entries there: {known}.")
     return entry
 
