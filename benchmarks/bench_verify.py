@@ -3,8 +3,8 @@
 
 ::
 
-    python benchmarks/bench_verify.py                 # the full run (~15-20 min on 2 busy cores)
-    python benchmarks/bench_verify.py --quick         # small sizes, a few hundred hits (~10 s); a smoke check
+    python benchmarks/bench_verify.py                 # the full run (26 min on 2 cores shared with other jobs)
+    python benchmarks/bench_verify.py --quick         # small sizes, a few hundred hits (~1 min there); a smoke check
     python benchmarks/bench_verify.py --sections sim  # only the simulated hits (``sim``, ``e2e``)
 
 ``sim``: false alarms and detection, with the library's own test.
@@ -285,7 +285,7 @@ def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
             for mode in modes[r % 3:] + modes[: r % 3]:
                 row[mode] = _spawn(root, Path(tmp) / f"miss{r}.h5" if mode == "pass" else cache, mode)
             rounds.append(row)
-    median = lambda values: statistics.median(values)  # noqa: E731
+    median = statistics.median
     return {
         "images": args.e2e_images, "size": args.e2e_size, "rounds": rounds,
         "median_seconds": {m: median([row[m]["seconds"] for row in rounds]) for m in modes},
