@@ -1,9 +1,11 @@
-"""Smoke test of the benchmark: ``benchmarks/bench_fit.py --quick`` runs end to end and prints its tables.
+"""Smoke tests of the benchmarks: ``bench_fit.py --quick`` and ``bench_verify.py --quick`` run and print their tables.
 
 No timing is asserted (the machine may be busy); only that every section ran and produced exactly its
-rows, that the fit's statistics were exact against the float64 truth (tests/reference.py), and that the
-cache hit read no sample. The default run covers two workloads (in-memory uint8 and an image folder) at
-the smallest sizes; the slow run all four at the sizes of ``--quick --scale 0.2``.
+rows, that the fit's statistics were exact against the float64 truth (tests/reference.py), that the
+cache hit gave the fitted numbers, and (``bench_verify.py``, the simulated hits only) that unchanged data
+with a deterministic pipeline never failed verification and a shift of half a std failed every hit. The
+default run covers two workloads (in-memory uint8 and an image folder) at the smallest sizes; the slow
+run all four at the sizes of ``--quick --scale 0.2``.
 """
 
 import json
@@ -82,6 +84,8 @@ def test_every_workload_at_quick_sizes(tmp_path):
     out, results = quick_run(tmp_path, ALL_WORKLOADS, scale=0.2)
     check_tables(out, ALL_WORKLOADS)
     check_results(results, ALL_WORKLOADS)
+
+
 def test_cache_benchmark_runs_and_the_foreign_file_is_read_only_as_far_as_needed(tmp_path):
     """``benchmarks/bench_cache.py --quick``: every table, and the foreign file refused after a few KB."""
     out_json = tmp_path / "cache.json"
@@ -97,3 +101,45 @@ def test_cache_benchmark_runs_and_the_foreign_file_is_read_only_as_far_as_needed
     assert [row["entries"] for row in results["entries"]] == [1, 10, 100]
     assert [row["bytes"] > 2**26 for row in results["foreign"]] == [False, True]
     assert all(row["refused"] and row["bytes_read"] < 2**20 for row in results["foreign"])
+
+
+VERIFY_BENCH = BENCH.parent / "bench_verify.py"
+
+
+@pytest.fixture(scope="module")
+def verify_run(tmp_path_factory):
+    out_json = tmp_path_factory.mktemp("bench_verify") / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(VERIFY_BENCH), "--quick", "--sections", "sim", "--json", str(out_json)],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+    assert proc.returncode == 0, f"bench_verify.py --quick failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout, json.loads(out_json.read_text())
+
+
+def test_verify_bench_prints_its_tables(verify_run):
+    out, results = verify_run
+    for heading in ("## False alarms on unchanged data", "## Detection: fraction of", "## Issue 10's requirements"):
+        assert heading in out
+    kinds = {(kind["data"], kind["pipeline"]) for kind in results["sim"]}
+    assert {("photos", "deterministic"), ("photos", "RandomResizedCrop"), ("10% textured, 90% flat", "RandomResizedCrop"),
+            ("1% textured, 99% flat", "RandomResizedCrop"), ("class-sorted", "RandomResizedCrop")} <= kinds
+    for kind in results["sim"]:
+        assert set(kind["false_alarms"]) == set(kind["detection"]) == {"64", "16"}
+        for counts in kind["false_alarms"].values():
+            assert counts["hits"] == 200 and 0 <= counts["failed"] <= counts["hits"]
+            assert counts["failed"] == counts["failed_by_t"] + counts["failed_by_sign_rule_only"]
+            assert counts["upper95"] > counts["failed"] / counts["hits"]
+    photos = next(kind for kind in results["sim"] if kind["pipeline"] == "deterministic")
+    assert photos["false_alarms"]["64"]["upper95"] == pytest.approx(1 - 0.05 ** (1 / 200))  # 0 in 200: ~3/200
+
+
+def test_verify_bench_unchanged_deterministic_data_never_fails_and_a_half_std_shift_always_does(verify_run):
+    _, results = verify_run
+    deterministic = [kind for kind in results["sim"] if kind["pipeline"] == "deterministic"]
+    assert deterministic
+    for kind in deterministic:
+        assert all(counts["failed"] == 0 for counts in kind["false_alarms"].values()), kind
+        assert all(rates["shift 0.5 std"] == 1.0 and rates["std x1.25"] == 1.0 for rates in kind["detection"].values())
+    for kind in results["sim"]:
+        assert kind["detection"]["64"]["shift 0.5 std"] == 1.0, kind
