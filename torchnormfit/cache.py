@@ -200,9 +200,11 @@ def _check_not_directory(real: Path) -> None:
 def _check_cache_file(path: Path) -> None:
     """Refuse a cache path that is not a regular file (a directory, a FIFO, a device) before opening it."""
     _check_not_directory(path)
-    if not path.is_file():
-        if not os.path.lexists(path):  # removed since it was seen (an entry file a writer removed)
-            raise FileNotFoundError(errno.ENOENT, "No such cache file", str(path))
+    try:
+        mode = os.stat(path).st_mode  # one look: a writer may remove and re-add an entry file meanwhile
+    except FileNotFoundError:  # removed since it was seen (an entry file a writer removed)
+        raise FileNotFoundError(errno.ENOENT, "No such cache file", str(path)) from None
+    if not stat.S_ISREG(mode):
         raise CacheError(f"The cache path {path} is not a regular file; give the path of an HDF5 file.")
     if not os.access(path, os.R_OK):  # not a damaged file: never to be moved aside as one
         raise _NoPermission(f"The cache file {path} is not readable (permission denied); fix its permissions or "

@@ -142,6 +142,7 @@ class _Walk:
         self._budget = _BUDGET
         self._path: set[int] = set()  # ids of the containers being described (cycles)
         self._done: dict[int, tuple[bytes, int]] = {}  # id -> (digest, norm hits inside), for shared objects
+        self._alive: list[Any] = []
         self._roots: list[str] = []  # folders of the datasets being described: relative file names resolve there
 
     def of(self, value: Any, where: str, data: bool = False) -> bytes:
@@ -207,8 +208,8 @@ class _Walk:
             digest = self._describe(value, where, data)
         finally:
             self._path.discard(ident)
-        if not isinstance(value, (list, tuple, dict)):  # temporaries may reuse an id; graph objects do not
-            self._done[ident] = (digest, self.norm_hits - hits)
+        self._done[ident] = (digest, self.norm_hits - hits)
+        self._alive.append(value)  # a temporary's id must not be reused while the walk remembers it
         return digest
 
     def _describe(self, value: Any, where: str, data: bool) -> bytes:

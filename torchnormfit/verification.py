@@ -21,12 +21,14 @@ images vary. The threshold puts the bound for all ``2 C`` tests together at
 gives ``|T|`` near ``sqrt(n)`` and fails.
 
 ``|T| <= sqrt(n)``, so below ``t^2`` images (29 for 3 channels) ``T`` can never
-fail. A second rule covers few images: the check also fails when all of at least
-:data:`MIN_UNANIMOUS` non-zero differences of a channel have one sign, which
-unchanged data does with probability ``2^(1 - m)`` per test (``m`` non-zero
-differences): under ``2 C 2^(1 - m)`` in all, 1e-5 from 22 images on, up to 4.7%
-at 8 (a refit then costs fewer than 22 reads). ``benchmarks/bench_verify.py``
-measures both rates on realistic data.
+fail. A second rule covers few images: the check also fails when all the non-zero
+differences of a channel, at least :func:`unanimous_at` of them (21 for 3 channels,
+or all of fewer images, never fewer than 8), have one sign, which unchanged data
+does with probability ``2^(1 - m)`` per test: under 1e-5 in all from 21 non-zero
+differences on; up to ``2 C 2^(1 - n)`` when only ``n < 21`` images are read (a refit
+then costs fewer than 21 reads). The spread is compared on a log scale (its
+differences are then about as symmetric and far less heavy-tailed).
+``benchmarks/bench_verify.py`` measures both rates on realistic data.
 """
 
 from __future__ import annotations
@@ -87,6 +89,16 @@ def min_samples(channels: int) -> int:
     return math.floor(threshold(channels) ** 2) + 1
 
 
+def unanimous_at(samples: int, channels: int) -> int:
+    """Non-zero differences needed before one sign for all of them fails a channel.
+
+    ``2 C 2^(1 - m) <= FALSE_ALARM_BOUND`` (21 for 3 channels), or all ``samples`` when
+    fewer are read, but never fewer than :data:`MIN_UNANIMOUS`.
+    """
+    bound = math.ceil(1 + math.log2(2 * channels / FALSE_ALARM_BOUND))
+    return max(MIN_UNANIMOUS, min(samples, bound))
+
+
 def compare(
     stored_mean: Tensor, stored_var: Tensor, new_mean: Tensor, new_var: Tensor, pooled_mean: Tensor, pooled_var: Tensor
 ) -> Verification:
@@ -96,36 +108,42 @@ def compare(
     if new_mean.shape != stored_mean.shape:
         detail = f"the images have {new_mean.shape[-1]} channels, the entry {channels}"
         return Verification(samples, False, math.inf, limit, detail)
-    pooled_std = pooled_var.sqrt()
+    floor = 1e-12 * pooled_var + torch.finfo(torch.float64).tiny  # a flat image at the mean has spread 0
     tests = {
-        "mean": (new_mean - stored_mean, pooled_std, pooled_std),
-        "spread": (_spread(new_mean, new_var, pooled_mean) - _spread(stored_mean, stored_var, pooled_mean),
-                   pooled_var, pooled_var),
+        "mean": (new_mean - stored_mean, _TIE_RTOL * pooled_var.sqrt() + 1e-12 * pooled_mean.abs()),
+        "spread": (_log_spread(new_mean, new_var, pooled_mean, floor)
+                   - _log_spread(stored_mean, stored_var, pooled_mean, floor), _TIE_RTOL),
     }
+    needed = unanimous_at(samples, channels)
     score, failures = 0.0, []
-    for name, (diff, scale, unit) in tests.items():
-        diff = torch.where(diff.abs() <= _TIE_RTOL * scale + 1e-12 * pooled_mean.abs(), 0.0, diff)
+    for name, (diff, tie) in tests.items():
+        diff = torch.where(diff.abs() <= tie, 0.0, diff)
         norm = diff.square().sum(dim=0).sqrt()
         t = torch.where(norm > 0, diff.sum(dim=0) / norm, 0.0)
         score = max(score, float(t.abs().max()))
         nonzero, positive = (diff != 0).sum(dim=0), (diff > 0).sum(dim=0)
-        unanimous = (nonzero >= MIN_UNANIMOUS) & ((positive == 0) | (positive == nonzero))
+        unanimous = (nonzero >= needed) & ((positive == 0) | (positive == nonzero))
         for channel in ((t.abs() > limit) | unanimous).nonzero().flatten().tolist():
-            failures.append(_describe(name, channel, diff[:, channel], unit[channel], float(t[channel]), limit))
+            failures.append(_describe(name, channel, diff[:, channel], pooled_var[channel].sqrt(), float(t[channel]),
+                                      limit))
     return Verification(samples, not failures, score, limit, "; ".join(failures))
 
 
-def _spread(mean: Tensor, var: Tensor, pooled_mean: Tensor) -> Tensor:
-    return var + (mean - pooled_mean).square()
+def _log_spread(mean: Tensor, var: Tensor, pooled_mean: Tensor, floor: Tensor) -> Tensor:
+    """log of the image's mean squared deviation from the pooled mean (its average is the pooled variance)."""
+    return (var + (mean - pooled_mean).square() + floor).log()
 
 
-def _describe(name: str, channel: int, diff: Tensor, unit: Tensor, t: float, limit: float) -> str:
-    higher = int((diff > 0).sum())
-    what = "image means" if name == "mean" else "spreads about the mean"
-    unit_name = "std" if name == "mean" else "variance"
-    shift = float(diff.mean() / unit) if float(unit) > 0 else math.inf
+def _describe(name: str, channel: int, diff: Tensor, std: Tensor, t: float, limit: float) -> str:
+    direction = "higher" if t > 0 else "lower"
+    count = int((diff > 0).sum()) if t > 0 else int((diff < 0).sum())
+    if name == "mean":
+        size = f"by {float(diff.mean() / std) if float(std) > 0 else math.inf:+.3g} of the channel's std on average"
+        what = "image means"
+    else:
+        size = f"by a factor {math.exp(float(diff.mean())):.3g} on average"
+        what = "spreads about the mean (std squared)"
     return (
-        f"channel {channel}: the {what} are {'higher' if t > 0 else 'lower'} than stored in "
-        f"{higher if t > 0 else int((diff < 0).sum())} of {diff.numel()} images, by {shift:+.3g} of the channel's "
-        f"{unit_name} on average (test statistic {t:+.2f}, limit {limit:.2f})"
+        f"channel {channel}: the {what} are {direction} than stored in {count} of {diff.numel()} images, {size} "
+        f"(test statistic {t:+.2f}, limit {limit:.2f})"
     )
