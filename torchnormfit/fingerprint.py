@@ -44,6 +44,11 @@ def describe_dataset(dataset: Any) -> dict[str, Any]:
         description["length"] = len(dataset)
     except TypeError:
         pass
+    from .streams import describe_source  # WebDataset and Hugging Face datasets (streams imports fitting)
+
+    source = describe_source(dataset)
+    if source is not None:
+        return {**description, "source": source}
     if isinstance(dataset, Subset):
         description["dataset"] = describe_dataset(dataset.dataset)
         description["indices"] = _describe_value(list(dataset.indices))

@@ -10,7 +10,7 @@ import pickle
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -172,26 +172,41 @@ class _SampleReader(Dataset):
             return index, _Failure.capture(error)
 
     def _image(self, index: int) -> Tensor:
-        where = f"Sample {index}: "
-        if self.capture is not None:
-            self.capture.take()
-        try:
-            sample = self.dataset[index]
-        except Exception as error:
-            named = _naming_sample(error, where)
-            if named is error:
-                raise
-            raise named from error
-        captured = self.capture.take() if self.capture is not None else None
-        if captured is not None:
-            return check_image(captured, where)
-        found = self.image(sample) if self.image is not None else find_image(sample)
-        if found is None:
-            raise TypeError(
-                f"{where}found no image tensor in a sample of type {type(sample).__name__}. "
-                "Return a tensor, a tv_tensors.Image or a tuple/dict holding one, or pass image=... to fit()."
-            )
-        return check_image(found, where)
+        return read_image(lambda: self.dataset[index], f"Sample {index}: ", self.capture, self.image)
+
+
+def read_image(
+    read: Callable[[], Any], where: str, capture: Capture | None, image: Callable[[Any], Any] | None
+) -> Tensor:
+    """Read one sample with ``read()`` and return its image tensor, checked.
+
+    The image a FitNormalize in the pipeline captured, else the one found in
+    the sample (``image(sample)`` or :func:`find_image`). Every error names
+    the sample with ``where`` (``"Sample 7: "``). The map-style and the
+    stream readers both read through here; a stream's ``StopIteration``
+    passes through unchanged.
+    """
+    if capture is not None:
+        capture.take()
+    try:
+        sample = read()
+    except StopIteration:
+        raise
+    except Exception as error:
+        named = _naming_sample(error, where)
+        if named is error:
+            raise
+        raise named from error
+    captured = capture.take() if capture is not None else None
+    if captured is not None:
+        return check_image(captured, where)
+    found = image(sample) if image is not None else find_image(sample)
+    if found is None:
+        raise TypeError(
+            f"{where}found no image tensor in a sample of type {type(sample).__name__}. "
+            "Return a tensor, a tv_tensors.Image or a tuple/dict holding one, or pass image=... to fit()."
+        )
+    return check_image(found, where)
 
 
 def _naming_sample(error: Exception, where: str) -> Exception:
@@ -329,6 +344,7 @@ def fit_stats(
     indices: Sequence[int] | None = None,
     on_batch: Callable[[ChannelStats], None] | None = None,
     process_group: Any = None,
+    max_samples: int | None = None,
 ) -> tuple[ChannelStats, int]:
     """One pass over ``dataset``; return the exact per-channel statistics and the number of images.
 
@@ -338,26 +354,41 @@ def fit_stats(
     statistics (for standard errors across batches). Under an initialized
     ``torch.distributed`` process group (or ``process_group``) each rank reads
     its own shard and every rank returns the merged statistics of all of them.
-    """
-    _check_dataset(dataset)
-    ranks = current_ranks(process_group)
-    indices = range(len(dataset)) if indices is None else indices
-    if ranks is not None:
-        indices = shard(indices, ranks)
-    progress = sys.stderr.isatty() if progress is None else progress
 
-    def run_local(show_progress: bool) -> tuple[ChannelStats | None, int]:
-        return _local_pass(
-            dataset, indices, capture, image, on_batch, show_progress,
-            batch_size=batch_size, num_workers=num_workers, device=device, pin_memory=pin_memory,
-        )
+    An ``IterableDataset`` (a stream) is read by :mod:`torchnormfit.streams`:
+    each worker and rank reads the part its stream gives it, and
+    ``max_samples`` takes the first ``max_samples`` of the stream.
+    """
+    ranks = current_ranks(process_group)
+    progress = sys.stderr.isatty() if progress is None else progress
+    loader = {"batch_size": batch_size, "num_workers": num_workers, "device": device, "pin_memory": pin_memory}
+    if isinstance(dataset, IterableDataset):
+        from .streams import stream_pass
+
+        if indices is not None:
+            raise TypeError(f"A stream ({type(dataset).__name__}) has no indices to choose a subset by; "
+                            "pass max_samples=N to fit its first N samples.")
+
+        def run_local(show_progress: bool) -> tuple[ChannelStats | None, int]:
+            return stream_pass(dataset, capture, image, on_batch, show_progress, max_samples=max_samples, **loader)
+    else:
+        _check_dataset(dataset)
+        if max_samples is not None:
+            raise TypeError("max_samples= of fit_stats() is for streams; for a map-style dataset pass indices=.")
+        indices = range(len(dataset)) if indices is None else indices
+        if ranks is not None:
+            indices = shard(indices, ranks)
+
+        def run_local(show_progress: bool) -> tuple[ChannelStats | None, int]:
+            return _local_pass(dataset, indices, capture, image, on_batch, show_progress, **loader)
 
     if ranks is None:
         stats, num_samples = run_local(progress)
     else:
         stats, num_samples = _ranked_pass(ranks, lambda: run_local(progress and ranks.rank == 0))
     if stats is None:
-        raise ValueError(f"No samples to fit: the subset of {type(dataset).__name__} is empty.")
+        what = "the stream" if isinstance(dataset, IterableDataset) else "the subset of"
+        raise ValueError(f"No samples to fit: {what} {type(dataset).__name__} is empty.")
     _warn_if_0_255(stats)
     return stats, num_samples
 
@@ -401,29 +432,47 @@ def _local_pass(
     probed, loader = _loader(dataset, indices, capture, image, batch_size, num_workers, device, pin_memory)
     logger.info("fitting %s: %d samples, batch_size=%d, num_workers=%d, device=%s",
                 type(dataset).__name__, len(indices), loader.batch_size, num_workers, device)
-    accumulator: BatchNormAccumulator | None = None
-    first: _Batch | None = None
-    num_samples = 0
+    bar = tqdm(total=len(indices), unit="img", desc="torchnormfit", disable=not progress)
+    with bar, running(loader) as batches:
+        accumulator, num_samples = reduce_batches(itertools.chain(probed, batches), device, on_batch, bar)
+    return (None if accumulator is None else accumulator.stats.to("cpu")), num_samples
+
+
+@contextlib.contextmanager
+def running(loader: DataLoader) -> Iterator[Iterator[Any]]:
+    """The loader's batches; its worker processes are shut down at once when the pass ends or fails."""
     batches = iter(loader)
     try:
-        with tqdm(total=len(indices), unit="img", desc="torchnormfit", disable=not progress) as bar:
-            for batch in itertools.chain(probed, batches):
-                if batch.failure is not None:
-                    batch.failure.reraise()
-                if first is None:
-                    first, accumulator = batch, BatchNormAccumulator(batch.channels, device=device)
-                elif batch.channels != first.channels:
-                    raise ValueError(_channel_mismatch(batch.first_index, batch.channels, first.channels, first.first_index))
-                one_batch = _accumulate(accumulator, batch, device)
-                if on_batch is not None:
-                    on_batch(one_batch)
-                num_samples += batch.num_samples
-                bar.update(batch.num_samples)
+        yield batches
     finally:
         shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
-    return (None if accumulator is None else accumulator.stats.to("cpu")), num_samples
+
+
+def reduce_batches(
+    batches: Iterable[_Batch],
+    device: torch.device,
+    on_batch: Callable[[ChannelStats], None] | None,
+    bar: Any,
+) -> tuple[BatchNormAccumulator | None, int]:
+    """Merge each batch into one accumulator (None if there was none); a failure is raised as it was."""
+    accumulator: BatchNormAccumulator | None = None
+    first: _Batch | None = None
+    num_samples = 0
+    for batch in batches:
+        if batch.failure is not None:
+            batch.failure.reraise()
+        if first is None:
+            first, accumulator = batch, BatchNormAccumulator(batch.channels, device=device)
+        elif batch.channels != first.channels:
+            raise ValueError(_channel_mismatch(batch.first_index, batch.channels, first.channels, first.first_index))
+        one_batch = _accumulate(accumulator, batch, device)
+        if on_batch is not None:
+            on_batch(one_batch)
+        num_samples += batch.num_samples
+        bar.update(batch.num_samples)
+    return accumulator, num_samples
 
 
 def _loader(

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from .fitting import DEFAULT_BATCH_SIZE, find_image, fit_stats
 from .stats import ChannelStats
@@ -44,11 +44,14 @@ class StandardErrors(NamedTuple):
 
 
 class SubsetFit(NamedTuple):
-    """What :func:`fit_subset` returns: the statistics, the number of images, their standard errors."""
+    """What :func:`fit_subset` returns: the statistics, the number of images, their standard errors.
+
+    A stream's subset (its first ``max_samples``) has no standard errors: ``None``.
+    """
 
     stats: ChannelStats
     num_samples: int
-    standard_errors: StandardErrors
+    standard_errors: StandardErrors | None
 
 
 def subset_indices(length: int, max_samples: int, seed: int = 0) -> list[int]:
@@ -138,7 +141,9 @@ def fit_subset(
     Parameters
     ----------
     dataset : Dataset
-        A map-style dataset whose samples hold a float image.
+        A map-style dataset whose samples hold a float image. A stream
+        (``IterableDataset``) is fitted on its first ``max_samples`` instead
+        (not random; ``seed`` unused; ``standard_errors`` is None).
     max_samples : int
         Size of the subset; all images if the dataset is smaller.
     seed : int
@@ -165,6 +170,9 @@ def fit_subset(
     >>> n, se.mean.shape
     (40, torch.Size([3]))
     """
+    if isinstance(dataset, IterableDataset):  # a stream: its first max_samples, no standard errors
+        stats, num_samples = fit_stats(dataset, max_samples=max_samples, batch_size=batch_size, **fit_kwargs)
+        return SubsetFit(stats, num_samples, None)
     indices = subset_indices(len(dataset), max_samples, seed)
     groups: list[ChannelStats] = []
     stats, num_samples = fit_stats(
