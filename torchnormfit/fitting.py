@@ -369,7 +369,7 @@ def fit_stats(
             raise TypeError(f"A stream ({type(dataset).__name__}) has no indices to choose a subset by; "
                             "pass max_samples=N to fit its first N samples.")
 
-        def run_local(show_progress: bool) -> tuple[ChannelStats | None, int]:
+        def run_local(show_progress: bool) -> tuple[ChannelStats | None, int, str | None]:
             return stream_pass(dataset, capture, image, on_batch, show_progress, max_samples=max_samples, **loader)
     else:
         _check_dataset(dataset)
@@ -379,11 +379,11 @@ def fit_stats(
         if ranks is not None:
             indices = shard(indices, ranks)
 
-        def run_local(show_progress: bool) -> tuple[ChannelStats | None, int]:
-            return _local_pass(dataset, indices, capture, image, on_batch, show_progress, **loader)
+        def run_local(show_progress: bool) -> tuple[ChannelStats | None, int, str | None]:
+            return (*_local_pass(dataset, indices, capture, image, on_batch, show_progress, **loader), None)
 
     if ranks is None:
-        stats, num_samples = run_local(progress)
+        stats, num_samples, _ = run_local(progress)
     else:
         stats, num_samples = _ranked_pass(ranks, lambda: run_local(progress and ranks.rank == 0))
     if stats is None:
@@ -394,23 +394,31 @@ def fit_stats(
 
 
 def _ranked_pass(
-    ranks: Ranks, run_local: Callable[[], tuple[ChannelStats | None, int]]
+    ranks: Ranks, run_local: Callable[[], tuple[ChannelStats | None, int, str | None]]
 ) -> tuple[ChannelStats | None, int]:
-    """This rank's shard, then the exact merge with every other rank's; errors reach every rank."""
-    error, stats, num_samples = None, None, 0
+    """This rank's shard, then the exact merge with every other rank's; errors reach every rank.
+
+    ``run_local`` returns the statistics, the number of images and, for a
+    stream, a digest of its first batch: ranks that start alike did not split it.
+    """
+    error, stats, num_samples, first = None, None, 0, None
     try:
-        stats, num_samples = run_local()
+        stats, num_samples, first = run_local()
     except Exception as caught:
         error = caught
-    outcomes = agree(ranks, error, (None if stats is None else stats.num_channels, num_samples))
-    channels = {c for c, _ in outcomes if c is not None}
+    outcomes = agree(ranks, error, (None if stats is None else stats.num_channels, num_samples, first))
+    channels = {c for c, _, _ in outcomes if c is not None}
     if len(channels) > 1:
-        by_rank = {rank: c for rank, (c, _) in enumerate(outcomes)}
+        by_rank = {rank: c for rank, (c, _, _) in enumerate(outcomes)}
         raise ValueError(f"The ranks saw images with different channel counts: {by_rank}.")
+    if any(f is not None for _, _, f in outcomes):
+        from .streams import check_split_across_ranks
+
+        check_split_across_ranks([f for _, _, f in outcomes])
     if not channels:
         return None, 0
     local = stats if stats is not None else ChannelStats.empty(channels.pop())
-    return gather_merge(ranks, local), sum(n for _, n in outcomes)
+    return gather_merge(ranks, local), sum(n for _, n, _ in outcomes)
 
 
 def _local_pass(

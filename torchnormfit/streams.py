@@ -67,9 +67,11 @@ def stream_pass(
     device: torch.device | str | None,
     pin_memory: bool | None,
     max_samples: int | None,
-) -> tuple[ChannelStats | None, int]:
-    """One DataLoader pass over this process's part of a stream; ``None`` statistics if it was empty.
+) -> tuple[ChannelStats | None, int, str | None]:
+    """One DataLoader pass over this process's part of a stream.
 
+    Returns the statistics (``None`` if the part was empty), the number of
+    images and a digest of the first batch (for :func:`check_split_across_ranks`).
     The workers batch and reduce their own samples; the first batch of each
     worker is compared with the others' to refuse a stream that is not split
     across workers. ``max_samples`` reads the first ``max_samples`` of the
@@ -89,9 +91,10 @@ def stream_pass(
     logger.info("fitting the stream %s: %s samples, batch_size=%s, num_workers=%d, device=%s",
                 type(dataset).__name__, "?" if length is None else length, batch_size or "auto", num_workers, device)
     bar = tqdm(total=length, unit="img", desc="torchnormfit", disable=not progress)
+    firsts: dict[str, int | None] = {}
     with bar, running(loader) as batches:
-        accumulator, num_samples = reduce_batches(_split_checked(batches, num_workers), device, on_batch, bar)
-    return (None if accumulator is None else accumulator.stats.to("cpu")), num_samples
+        accumulator, num_samples = reduce_batches(_split_checked(batches, num_workers, firsts), device, on_batch, bar)
+    return (None if accumulator is None else accumulator.stats.to("cpu")), num_samples, next(iter(firsts), None)
 
 
 def _length(dataset: IterableDataset, max_samples: int | None) -> int | None:
@@ -174,7 +177,7 @@ class _StreamCollate:
     def __call__(self, tagged: tuple[int | None, list[tuple[int, Any]]]) -> tuple[int | None, str | None, _Batch]:
         worker, items = tagged
         batch = self.collate(items)
-        first = worker is not None and items[0][0] == 0 and batch.failure is None
+        first = items[0][0] == 0 and batch.failure is None
         return worker, _digest([image for _, image in items]) if first else None, batch
 
 
@@ -186,27 +189,39 @@ def _digest(images: list[Tensor]) -> str:
     return hasher.hexdigest()
 
 
-def _split_checked(tagged: Iterable[tuple[int | None, str | None, _Batch]], num_workers: int) -> Iterator[_Batch]:
-    """The batches, refusing a stream whose workers start with identical batches (it is not split)."""
-    first_of: dict[str, int] = {}
+def _split_checked(
+    tagged: Iterable[tuple[int | None, str | None, _Batch]], num_workers: int, firsts: dict[str, int | None]
+) -> Iterator[_Batch]:
+    """The batches, refusing a stream whose workers start with identical batches (it is not split).
+
+    ``firsts`` maps the digest of each worker's first batch to the worker, in the order received.
+    """
     for worker, digest, batch in tagged:
-        if digest is not None:
-            other = first_of.setdefault(digest, worker)
-            if other != worker:
-                raise ValueError(_not_split(other, worker, batch.num_samples, num_workers))
+        if digest is not None and firsts.setdefault(digest, worker) != worker:
+            raise ValueError(
+                f"DataLoader workers {firsts[digest]} and {worker} both started the stream with the same "
+                f"{batch.num_samples} sample(s): it is not split across workers, so each of the {num_workers} "
+                "workers would read every sample. Make each worker yield its own part: in your own IterableDataset, "
+                "use torch.utils.data.get_worker_info() in __iter__ (for example itertools.islice(samples, info.id, "
+                "None, info.num_workers)); in a webdataset.DataPipeline, add wds.split_by_worker after the shard "
+                "list; for Hugging Face, to_iterable_dataset(num_shards=N) with N >= num_workers. "
+                "Or pass num_workers=0."
+            )
         yield batch
 
 
-def _not_split(first: int, second: int, count: int, num_workers: int) -> str:
-    return (
-        f"DataLoader workers {first} and {second} both started the stream with the same {count} sample(s): "
-        f"it is not split across workers, so each of the {num_workers} workers would read every sample and the "
-        "statistics would count them all several times. Make each worker yield its own part: in your own "
-        "IterableDataset, use torch.utils.data.get_worker_info() in __iter__ (for example "
-        "itertools.islice(samples, info.id, None, info.num_workers)); in a webdataset.DataPipeline, add "
-        "wds.split_by_worker after the shard list; for Hugging Face, to_iterable_dataset(num_shards=N) with N >= "
-        "num_workers. Or pass num_workers=0."
-    )
+def check_split_across_ranks(firsts: list[str | None]) -> None:
+    """Raise if two torch.distributed ranks started their streams alike (``firsts``: first-batch digests by rank)."""
+    seen: dict[str, int] = {}
+    for rank, digest in enumerate(firsts):
+        if digest is not None and seen.setdefault(digest, rank) != rank:
+            raise ValueError(
+                f"Ranks {seen[digest]} and {rank} both started the stream with the same samples: it is not split "
+                "across ranks, so every rank would read every sample. Give each rank its own part: "
+                "wds.WebDataset(urls, nodesplitter=wds.split_by_node), "
+                "datasets.distributed.split_dataset_by_node(dataset, rank, world_size), "
+                "or torch.distributed.get_rank() in your own __iter__."
+            )
 
 
 def first_images(
