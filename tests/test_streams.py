@@ -7,8 +7,10 @@ key=, the command line on shards.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ import torch.multiprocessing as mp
 import streams_for_tests as st
 from torchnormfit import FitNormalize
 from torchnormfit.cli import main
+from torchnormfit.fitting import Capture
 from torchnormfit.fingerprint import describe_dataset, fingerprint
 from torchnormfit.streams import describe_source, first_images
 
@@ -127,12 +130,46 @@ def test_progress_bar_has_a_total_only_when_the_stream_has_a_length(capsys):
 
 def test_first_images_reads_the_first_n_captured_or_found(shards):
     norm = FitNormalize(cache=None)
-    norm._capture = capture = __import__("torchnormfit.fitting", fromlist=["Capture"]).Capture()
+    norm._capture = capture = Capture()  # as during a fit: the FitNormalize hands its input over
     captured = first_images(st.webdataset(shards, norm), 3, capture=capture)
     found = first_images(st.webdataset(shards), 3)
     for images in (captured, found):
         assert len(images) == 3 and all(torch.equal(x, st.image(i)) for i, x in enumerate(images))
     assert len(first_images(st.Stream(range(2)), 5)) == 2
+
+
+SLOW_STREAM = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import streams_for_tests as st
+from torchnormfit import FitNormalize
+
+def slow(x):
+    time.sleep(0.01)
+    return x
+
+norm = FitNormalize(cache={cache!r})
+print("started", flush=True)
+norm.fit(st.Stream(range(5000), transform=slow), num_workers=2, batch_size=8, progress=False)
+"""
+
+
+def test_ctrl_c_during_a_stream_fit_writes_nothing_and_leaves_no_worker(tmp_path):
+    from test_interrupts import processes_in_group
+
+    cache = tmp_path / "stats.h5"
+    child = subprocess.Popen([sys.executable, "-c", SLOW_STREAM.format(tests=TESTS, cache=str(cache))],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert child.stdout.readline().strip() == "started"
+    time.sleep(2.0)
+    os.killpg(child.pid, signal.SIGINT)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode != 0 and "KeyboardInterrupt" in stderr
+    assert not cache.exists()
+    deadline = time.monotonic() + 10
+    while processes_in_group(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_in_group(child.pid) == []
 
 
 # --- keys ----------------------------------------------------------------------------------------
