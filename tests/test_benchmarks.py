@@ -62,3 +62,17 @@ def test_every_measurement_succeeded_and_the_fit_is_exact(quick_run):
     assert results["defaults"]["table"]
     assert [row["workload"] for row in results["hit"]] == list(results["fit"]["specs"])
     assert all(row["reads_in_main"] == 0 for row in results["hit"])
+
+
+def test_stream_benchmark_quick_run_compares_the_fit_with_a_plain_pass(tmp_path):
+    pytest.importorskip("webdataset")
+    out_json = tmp_path / "streams.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "bench_streams.py"), "--quick", "--json", str(out_json)],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out_json.read_text())
+    assert [row["workload"].split()[0] for row in rows] == ["JPEG", "float32"]
+    assert all(row["samples"] >= 16 and row["ratio"] > 0 for row in rows)
+    assert "| fit / plain (median of rounds) |" in proc.stdout

@@ -69,7 +69,7 @@ def find_image(sample: Any) -> Any:
     The first ``tv_tensors.Image`` or ``Video``; else a PIL image (to be
     rejected); else the first plain tensor. ``None`` if there is none.
     """
-    flat, _ = tree_flatten(sample)
+    flat = _leaves(sample)
     for kind in ((tv_tensors.Image, tv_tensors.Video), PIL.Image.Image):
         for leaf in flat:
             if isinstance(leaf, kind):
@@ -78,6 +78,15 @@ def find_image(sample: Any) -> Any:
         if isinstance(leaf, Tensor) and not isinstance(leaf, tv_tensors.TVTensor):
             return leaf
     return None
+
+
+def _leaves(sample: Any) -> Sequence[Any]:
+    """``tree_flatten(sample)``'s leaves; a tensor or a flat tuple or list without the call (35 us a sample)."""
+    if isinstance(sample, Tensor):
+        return [sample]
+    if type(sample) in (tuple, list) and not any(isinstance(item, (tuple, list, dict)) for item in sample):
+        return sample
+    return tree_flatten(sample)[0]
 
 
 def check_image(image: Any, where: str = "") -> Tensor:
@@ -544,9 +553,10 @@ def _accumulate(accumulator: BatchNormAccumulator, batch: _Batch, device: torch.
 
 
 def _check_dataset(dataset: Dataset) -> None:
-    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
+    if not hasattr(dataset, "__getitem__"):
         raise TypeError(
-            f"fit() needs a map-style dataset (with __len__ and __getitem__). Got {type(dataset).__name__}."
+            f"fit() needs a map-style dataset (with __len__ and __getitem__) or a torch.utils.data.IterableDataset. "
+            f"Got {type(dataset).__name__}."
         )
     try:
         length = len(dataset)

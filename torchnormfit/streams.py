@@ -141,7 +141,16 @@ class _StreamReader(IterableDataset):
     so no sample is read twice. A failure ends the worker's batches.
     """
 
-    def __init__(self, dataset, capture, image, batch_size, max_samples, length, num_workers):
+    def __init__(
+        self,
+        dataset: IterableDataset,
+        capture: Capture | None,
+        image: Callable[[Any], Any] | None,
+        batch_size: int | None,
+        max_samples: int | None,
+        length: int | None,
+        num_workers: int,
+    ):
         self.dataset, self.capture, self.image = dataset, capture, image
         self.batch_size, self.max_samples, self.length, self.num_workers = batch_size, max_samples, length, num_workers
 
@@ -185,7 +194,7 @@ def _digest(images: list[Tensor]) -> str:
     hasher = hashlib.sha256()
     for image in images:
         hasher.update(f"{tuple(image.shape)} {image.dtype}".encode())
-        hasher.update(image.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        hasher.update(image.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return hasher.hexdigest()
 
 
@@ -365,9 +374,8 @@ def _is_shuffle(value: Any) -> bool:
 def _describe_function(function: types.FunctionType, depth: int) -> Any:
     """A library function by its name; your own by its code, closure and the globals it reads."""
     name = _qualname(function)
-    module = sys.modules.get(function.__module__)
-    path = os.path.realpath(getattr(module, "__file__", None) or "")
-    if path.startswith(_LIBRARY_PATHS):
+    path = getattr(sys.modules.get(function.__module__), "__file__", None)
+    if path and os.path.realpath(path).startswith(_LIBRARY_PATHS):
         return name
     code = function.__code__
     globals_used = {
