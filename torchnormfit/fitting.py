@@ -408,7 +408,7 @@ def _ranked_pass(
     """This rank's shard, then the exact merge with every other rank's; errors reach every rank.
 
     ``run_local`` returns the statistics, the number of images and, for a
-    stream, a digest of its first batch: ranks that start alike did not split it.
+    stream, a digest of its first images: ranks that start alike did not split it.
     """
     error, stats, num_samples, first = None, None, 0, None
     try:

@@ -46,6 +46,7 @@ logger = logging.getLogger("torchnormfit")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _MAX_DEPTH = 8
 _MAX_ITEMS = 256
+_DIGESTED = 4  # first images of a worker compared with the other workers' (hashing a whole batch cost 2% of a pass)
 _LIBRARY_PATHS = tuple(
     os.path.realpath(path) + os.sep
     for path in {sysconfig.get_paths()[name] for name in ("stdlib", "platstdlib", "purelib", "platlib")}
@@ -71,9 +72,9 @@ def stream_pass(
     """One DataLoader pass over this process's part of a stream.
 
     Returns the statistics (``None`` if the part was empty), the number of
-    images and a digest of the first batch (for :func:`check_split_across_ranks`).
-    The workers batch and reduce their own samples; the first batch of each
-    worker is compared with the others' to refuse a stream that is not split
+    images and a digest of the first images (for :func:`check_split_across_ranks`).
+    The workers batch and reduce their own samples; the first images of each
+    worker are compared with the others' to refuse a stream that is not split
     across workers. ``max_samples`` reads the first ``max_samples`` of the
     stream in this process (no workers), so they are the same whatever
     ``num_workers``.
@@ -178,7 +179,7 @@ class _StreamReader(IterableDataset):
 
 
 class _StreamCollate:
-    """:class:`~torchnormfit.fitting._Collate` on a worker's batch, with a digest of the worker's first batch."""
+    """:class:`~torchnormfit.fitting._Collate` on a worker's batch, with a digest of the worker's first images."""
 
     def __init__(self, reduce: bool):
         self.collate = _Collate(reduce)
@@ -187,7 +188,7 @@ class _StreamCollate:
         worker, items = tagged
         batch = self.collate(items)
         first = items[0][0] == 0 and batch.failure is None
-        return worker, _digest([image for _, image in items]) if first else None, batch
+        return worker, _digest([image for _, image in items[:_DIGESTED]]) if first else None, batch
 
 
 def _digest(images: list[Tensor]) -> str:
@@ -201,15 +202,15 @@ def _digest(images: list[Tensor]) -> str:
 def _split_checked(
     tagged: Iterable[tuple[int | None, str | None, _Batch]], num_workers: int, firsts: dict[str, int | None]
 ) -> Iterator[_Batch]:
-    """The batches, refusing a stream whose workers start with identical batches (it is not split).
+    """The batches, refusing a stream whose workers start with the same images (it is not split).
 
-    ``firsts`` maps the digest of each worker's first batch to the worker, in the order received.
+    ``firsts`` maps the digest of each worker's first images to the worker, in the order received.
     """
     for worker, digest, batch in tagged:
         if digest is not None and firsts.setdefault(digest, worker) != worker:
             raise ValueError(
                 f"DataLoader workers {firsts[digest]} and {worker} both started the stream with the same "
-                f"{batch.num_samples} sample(s): it is not split across workers, so each of the {num_workers} "
+                f"{min(batch.num_samples, _DIGESTED)} sample(s): it is not split across workers, so each of the {num_workers} "
                 "workers would read every sample. Make each worker yield its own part: in your own IterableDataset, "
                 "use torch.utils.data.get_worker_info() in __iter__ (for example itertools.islice(samples, info.id, "
                 "None, info.num_workers)); in a webdataset.DataPipeline, add wds.split_by_worker after the shard "
