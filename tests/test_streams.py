@@ -319,3 +319,9 @@ def test_cli_fits_shard_patterns_like_the_same_images_in_a_folder(tmp_path, caps
     assert again["cached"] and again["key"] == shards["key"] != folder["key"]
     assert main(["fit", str(tmp_path / "shards" / "train-{000000..000003}.tar"), *options]) == 1
     assert "2 of the 4 shards" in capsys.readouterr().err
+    assert main(["fit", pattern, "--max-samples", "3", *options]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["num_samples"] == 3 and first["first_of_stream"] and first["subset"] is None
+    with pytest.raises(SystemExit):
+        main(["fit", pattern, "--max-samples", "3", "--seed", "1"])
+    assert "--max-samples N fits the first N samples" in capsys.readouterr().err
