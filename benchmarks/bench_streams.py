@@ -42,7 +42,7 @@ from torchnormfit.streams import first_images  # noqa: E402
 
 
 def write_shards(folder: Path, kind: str, n: int, size: int, shards: int) -> str:
-    """``n`` images as JPEG (quality 90, smooth noise) or float32 npy entries over ``shards`` tars; the brace pattern."""
+    """``n`` images, JPEG (quality 90, smooth noise) or float32 npy, over ``shards`` tars; the brace pattern."""
     rng = np.random.default_rng(0)
     per_shard = -(-n // shards)
     for s in range(shards):
@@ -89,7 +89,8 @@ def _cpu_seconds() -> float:
 
 def run_workload(name: str, dataset: Any, rounds: int, workers: int) -> dict[str, Any]:
     batch_size = default_batch_size(first_images(dataset, 1)[0], None, workers)
-    methods = {"plain pass": lambda: plain_pass(dataset, batch_size, workers), "fit": lambda: fit_pass(dataset, workers)}
+    methods = {"plain pass": lambda: plain_pass(dataset, batch_size, workers),
+               "fit": lambda: fit_pass(dataset, workers)}
     times: dict[str, list[dict[str, float]]] = {method: [] for method in methods}
     for r in range(rounds):
         for method in (list(methods) if r % 2 == 0 else list(methods)[::-1]):
@@ -121,12 +122,13 @@ def main() -> None:
             pattern = write_shards(Path(tmp), kind, max(16, int(n * scale)), size, shards=8)
             rows.append(run_workload(name, stream(pattern, kind), rounds, args.workers))
     load = os.getloadavg()
-    print(f"rounds {rounds}, num_workers {args.workers}, load average at the end {load[0]:.2f}, torch {torch.__version__}")
+    print(f"rounds {rounds}, num_workers {args.workers}, load average at the end {load[0]:.2f}, "
+          f"torch {torch.__version__}")
     print("| workload | samples | batch_size | plain pass s | fit s | fit / plain (median of rounds) | cpu ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['workload']} | {row['samples']} | {row['batch_size']} | {row['plain_s']:.2f} | {row['fit_s']:.2f} "
-              f"| {row['ratio']:.3f} | {row['cpu_ratio']:.3f} |")
+        print(f"| {row['workload']} | {row['samples']} | {row['batch_size']} | {row['plain_s']:.2f} "
+              f"| {row['fit_s']:.2f} | {row['ratio']:.3f} | {row['cpu_ratio']:.3f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -99,7 +99,7 @@ def test_a_worker_with_an_empty_part_is_fine(shards):
     assert_exact(fit(lambda norm: st.webdataset(shards[:1], norm), 2), range(6))
 
 
-@pytest.mark.parametrize("make", [lambda urls: st.unsplit_webdataset(urls), lambda urls: st.Stream(range(N), split=False)])
+@pytest.mark.parametrize("make", [st.unsplit_webdataset, lambda urls: st.Stream(range(N), split=False)])
 def test_a_stream_not_split_across_workers_is_refused(shards, make):
     with pytest.raises(ValueError, match="workers 0 and 1 both started the stream with the same .* not split") as info:
         FitNormalize(cache=None).fit(make(shards), num_workers=2, progress=False)

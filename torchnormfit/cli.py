@@ -1,4 +1,4 @@
-"""The ``torchnormfit`` command line: fit an image folder, WebDataset shards or a torchvision dataset; inspect the cache.
+"""The ``torchnormfit`` command line: fit an image folder, WebDataset shards or a torchvision dataset; see the cache.
 
 ::
 
@@ -313,7 +313,10 @@ def _is_shards(source: str) -> bool:
 
 
 def _open_shards(args: argparse.Namespace) -> Dataset:
-    """The shards as a WebDataset: the first image entry of each sample, decoded to float in [0, 1]."""
+    """The shards as a WebDataset: the first image entry of each sample, decoded to float in [0, 1].
+
+    Also caps ``--workers`` at the number of shards: a worker without a shard would only idle.
+    """
     try:
         import webdataset as wds
     except ImportError:

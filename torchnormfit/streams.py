@@ -210,12 +210,12 @@ def _split_checked(
         if digest is not None and firsts.setdefault(digest, worker) != worker:
             raise ValueError(
                 f"DataLoader workers {firsts[digest]} and {worker} both started the stream with the same "
-                f"{min(batch.num_samples, _DIGESTED)} sample(s): it is not split across workers, so each of the {num_workers} "
-                "workers would read every sample. Make each worker yield its own part: in your own IterableDataset, "
-                "use torch.utils.data.get_worker_info() in __iter__ (for example itertools.islice(samples, info.id, "
-                "None, info.num_workers)); in a webdataset.DataPipeline, add wds.split_by_worker after the shard "
-                "list; for Hugging Face, to_iterable_dataset(num_shards=N) with N >= num_workers. "
-                "Or pass num_workers=0."
+                f"{min(batch.num_samples, _DIGESTED)} sample(s): it is not split across workers, so each of the "
+                f"{num_workers} workers would read every sample. Make each worker yield its own part: in your "
+                "own IterableDataset, use torch.utils.data.get_worker_info() in __iter__ (for example "
+                "itertools.islice(samples, info.id, None, info.num_workers)); in a webdataset.DataPipeline, add "
+                "wds.split_by_worker after the shard list; for Hugging Face, to_iterable_dataset(num_shards=N) "
+                "with N >= num_workers. Or pass num_workers=0."
             )
         yield batch
 
