@@ -143,3 +143,15 @@ def test_verify_bench_unchanged_deterministic_data_never_fails_and_a_half_std_sh
         assert all(rates["shift 0.5 std"] == 1.0 and rates["std x1.25"] == 1.0 for rates in kind["detection"].values())
     for kind in results["sim"]:
         assert kind["detection"]["64"]["shift 0.5 std"] == 1.0, kind
+def test_stream_benchmark_quick_run_compares_the_fit_with_a_plain_pass(tmp_path):
+    pytest.importorskip("webdataset")
+    out_json = tmp_path / "streams.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "bench_streams.py"), "--quick", "--json", str(out_json)],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out_json.read_text())
+    assert [row["workload"].split()[0] for row in rows] == ["JPEG", "float32"]
+    assert all(row["samples"] >= 16 and row["ratio"] > 0 for row in rows)
+    assert "| fit / plain (median of rounds) |" in proc.stdout

@@ -38,7 +38,8 @@ def test_jackknife_equals_the_closed_form_for_equal_groups():
 
 def test_fit_subset_of_everything_has_zero_error(tree):
     dataset = ImageFiles(tree["root"] / "cat", transform=to_float_pipeline())
-    (stats, num_samples, _, _), errors = fit_subset(dataset, 100, seed=0, num_workers=0, progress=False)
+    result, errors = fit_subset(dataset, 100, seed=0, num_workers=0, progress=False)
+    num_samples = result.num_samples
     assert num_samples == 3 and bool((errors.mean == 0).all()) and bool((errors.std == 0).all())
     pixels = sample_pixels(dataset, max_pixels=90, max_images=3)
     assert pixels.shape == (3, 90) and 0 <= float(pixels.min()) and float(pixels.max()) <= 1
@@ -66,7 +67,7 @@ def coverage(images: torch.Tensor, seeds: int) -> tuple[float, float]:
     dataset = TensorDataset(images)
     within = torch.zeros(2)
     for seed in range(seeds):
-        stats, _, se = fit_subset(dataset, 90, seed=seed, num_workers=0, progress=False)
+        (stats, *_), se = fit_subset(dataset, 90, seed=seed, num_workers=0, progress=False)
         within[0] += ((stats.mean - want["mean"]).abs() <= 2 * se.mean).sum()
         within[1] += ((stats.std - want["std"]).abs() <= 2 * se.std).sum()
     return tuple((within / (seeds * images.shape[1])).tolist())

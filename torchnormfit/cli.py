@@ -1,8 +1,8 @@
-"""The ``torchnormfit`` command line: fit an image folder or a torchvision dataset, inspect the cache.
+"""The ``torchnormfit`` command line: fit an image folder, WebDataset shards or a torchvision dataset; see the cache.
 
 ::
 
-    torchnormfit fit SOURCE | --dataset NAME --root DIR [--split SPLIT]   [options]
+    torchnormfit fit SOURCE | SHARDS | --dataset NAME --root DIR [--split SPLIT]   [options]
     torchnormfit ls [CACHE]
     torchnormfit show KEY
     torchnormfit export KEY --format normalize|json|hf
@@ -33,7 +33,7 @@ from typing import Any
 import PIL.ImageMode
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from . import __version__
 from .cache import (
@@ -47,6 +47,7 @@ from .cache import (
     read_entry,
 )
 from .fingerprint import describe_dataset, describe_pipeline
+from .fitting import default_num_workers
 from .folder import MODES, ImageFiles, find_unreadable, to_float_pipeline, unreadable_file_message
 from .sampling import StandardErrors, sample_pixels
 from .transform import FitNormalize
@@ -60,6 +61,7 @@ _COLORS = {"R": "tab:red", "G": "tab:green", "B": "tab:blue", "L": "0.3"}
 _HIDDEN_ATTRS = {"format", "schema_version", "key"}
 _CONVERT_MODE = re.compile(r"ConvertMode\(mode='(\w+)'\)")  # folder.ConvertMode's repr in a cached pipeline
 _SHOWN_CHARS = 300
+_IMAGE_ENTRIES = "jpg;jpeg;png;webp;bmp;tif;tiff;ppm;pgm"  # the image entries of a WebDataset sample, first found
 
 
 class CliError(Exception):
@@ -160,7 +162,9 @@ def _add_fit(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
     fit.set_defaults(run=_cmd_fit, usage_error=fit.error)
     source = fit.add_argument_group("source (one of)")
     source.add_argument("source", nargs="?", metavar="SOURCE",
-                        help="image folder: ImageFolder layout or images at any depth (JPEG, PNG, WebP, BMP, TIFF)")
+                        help="image folder: ImageFolder layout or images at any depth (JPEG, PNG, WebP, BMP, TIFF); "
+                        "or WebDataset shards, e.g. 'shards/train-{000000..000099}.tar' (the first image entry of "
+                        "each sample is fitted)")
     source.add_argument("--dataset", metavar="NAME",
                         help="a torchvision dataset class, e.g. CIFAR10 (never downloaded)")
     source.add_argument("--root", metavar="DIR", help="the torchvision dataset's root folder")
@@ -230,6 +234,10 @@ def _check_fit_usage(args: argparse.Namespace) -> None:
         fail("--root and --split go with --dataset")
     if args.dataset is not None and args.skip_bad:
         fail("--skip-bad applies to image folders (SOURCE), not to --dataset")
+    if args.source is not None and _is_shards(args.source) and (args.skip_bad or args.plot is not None):
+        fail("--skip-bad and --plot apply to image folders and --dataset, not to WebDataset shards")
+    if args.source is not None and _is_shards(args.source) and args.seed is not None:
+        fail("--seed does not apply to WebDataset shards: --max-samples N fits the first N samples of the stream")
     if args.seed is not None and args.max_samples is None:
         fail("--seed chooses the --max-samples subset; give --max-samples N too")
     if args.dataset is not None:
@@ -287,13 +295,17 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     dataset, skipped = _fit(norm, _open_source(args), args)
     record = norm.fit_record
     cached, saved = record.source == "cache", record.written
+    stream = isinstance(dataset, IterableDataset)
     described = describe_dataset(dataset)
-    names = _channel_names(described, describe_pipeline(dataset, norm), len(norm.mean))
-    settings = {"max_samples": args.max_samples, "seed": args.seed or 0, "population": len(dataset)}
+    names = _channel_names({"mode": args.mode or "RGB"} if stream else described, describe_pipeline(dataset, norm),
+                           len(norm.mean))
+    settings = {"max_samples": args.max_samples, "seed": args.seed or 0, "population": None if stream else len(dataset)}
     report = {
-        "key": norm.cache_key, "cache": str(path), "cached": cached, "saved": saved, "source": _summary(described),
+        "key": norm.cache_key, "cache": str(path), "cached": cached, "saved": saved,
+        "source": f"WebDataset shards {args.source}" if stream else _summary(described),
         "verified": _verified(record.verification), "note": record.note,
         **_numbers(norm, names, _subset(settings, norm.standard_errors)),
+        "first_of_stream": stream and args.max_samples is not None,
         "skipped": len(skipped), "skipped_files": skipped, "plot": None,
     }
     if args.plot is not None:
@@ -305,7 +317,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _open_source(args: argparse.Namespace) -> Dataset:
-    """The dataset to fit: the image folder, or the torchvision dataset, with the pipeline of the options."""
+    """The dataset to fit: the image folder, the shards or the torchvision dataset, with the options' pipeline."""
+    if args.source is not None and _is_shards(args.source):
+        return _open_shards(args)
     if args.source is not None:
         pipeline = to_float_pipeline(resize=args.resize, center_crop=args.center_crop)
         try:
@@ -324,6 +338,31 @@ def _open_source(args: argparse.Namespace) -> Dataset:
             f"torchvision.datasets.{cls.__name__}({kwargs.get('root', '...')!r}, download=True), "
             "or point --root at the folder that already holds them."
         ) from None
+
+
+def _is_shards(source: str) -> bool:
+    """A WebDataset shard or shard pattern: a name ending in .tar or .tgz (braces allowed)."""
+    return re.search(r"\.(tar|tgz|tar\.gz)$", source) is not None
+
+
+def _open_shards(args: argparse.Namespace) -> Dataset:
+    """The shards as a WebDataset: the first image entry of each sample, decoded to float in [0, 1].
+
+    Also caps ``--workers`` at the number of shards: a worker without a shard would only idle.
+    """
+    try:
+        import webdataset as wds
+    except ImportError:
+        raise CliError("Fitting WebDataset shards needs the webdataset package: pip install webdataset.") from None
+    urls = wds.shardlists.expand_urls(args.source)
+    missing = [url for url in urls if "://" not in url and ":" not in url.split("/")[0] and not os.path.isfile(url)]
+    if missing:
+        raise CliError(f"{len(missing)} of the {len(urls)} shards of {args.source!r} do not exist, "
+                       f"for example {missing[0]}. Check the path and the {{first..last}} range.")
+    args.workers = min(len(urls), args.workers if args.workers is not None else default_num_workers())
+    pipeline = to_float_pipeline(args.mode or "RGB", args.resize, args.center_crop)
+    return (wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil")
+            .to_tuple(_IMAGE_ENTRIES).map_tuple(pipeline))
 
 
 def _fit(norm: FitNormalize, dataset: Dataset, args: argparse.Namespace) -> tuple[Dataset, list[str]]:
@@ -372,6 +411,8 @@ def _format_fit(report: dict[str, Any]) -> str:
     subset = report["subset"]
     if subset:
         images += f", a uniform random subset of {subset['population']:,} (--max-samples, seed {subset['seed']})"
+    if report["first_of_stream"]:
+        images += ", the first of the stream (--max-samples; no standard errors)"
     if report["skipped"]:
         images += f"; {report['skipped']} unreadable file(s) skipped"
     lines = [f"source: {report['source']}", images, f"pixels per channel: {report['pixels_per_channel']:,}"]

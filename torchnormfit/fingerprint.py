@@ -82,7 +82,7 @@ def fingerprint(dataset: Any, norm: Any, settings: Mapping[str, Any]) -> Fingerp
     digest.update(walk.of(dataset, "dataset", data=True))
     digest.update(walk.of(dict(settings), "settings"))
     key = f"{type(dataset).__name__}-{digest.hexdigest()[:20]}"
-    return Fingerprint(key, walk.norm_hits > 0, tuple(walk.gaps))
+    return Fingerprint(key, walk.norm_hits > 0 or walk.source_described, tuple(walk.gaps))
 
 
 def describe_pipeline(dataset: Any, norm: Any) -> str:
@@ -99,6 +99,11 @@ def describe_dataset(dataset: Any) -> dict[str, Any]:
         description["length"] = len(dataset)
     except Exception:
         pass
+    from .streams import describe_source  # WebDataset and Hugging Face datasets (streams imports fitting)
+
+    source = describe_source(dataset)
+    if source is not None:
+        return {**description, "source": source}
     if isinstance(dataset, Subset):
         description["dataset"] = describe_dataset(dataset.dataset)
         return description
@@ -137,6 +142,7 @@ class _Walk:
     def __init__(self, norm: Any):
         self.norm = norm
         self.norm_hits = 0
+        self.source_described = False  # a WebDataset or Hugging Face pipeline, FitNormalize included (streams.py)
         self.before_norm: list[Any] | None = None
         self.gaps: list[str] = []
         self._budget = _BUDGET
@@ -237,6 +243,10 @@ class _Walk:
             return _sha(b"builtin", _text(f"{getattr(value, '__module__', '')}.{value.__qualname__}"), bound)
         if isinstance(value, (operator.itemgetter, operator.attrgetter, operator.methodcaller)):
             return _sha(b"operator", _text(type(value).__name__), self.of(value.__reduce__()[1:], where))
+        source = _source(value)
+        if source is not None:
+            self.source_described = True
+            return source
         special = _special(value, self._roots)
         if special is not None:
             return special
@@ -407,9 +417,18 @@ def _is_plain_global(value: Any) -> bool:
                               types.FunctionType, functools.partial))
 
 
+def _source(value: Any) -> bytes | None:
+    """A WebDataset pipeline or a Hugging Face dataset, pipeline included (:func:`~torchnormfit.streams.describe_source`)."""
+    if type(value).__module__.split(".")[0] not in ("webdataset", "datasets"):
+        return None
+    from .streams import describe_source  # lazily: never imports the library itself
+
+    source = describe_source(value)
+    return None if source is None else _sha(b"source", _text(json.dumps(source, sort_keys=True, default=str)))
+
+
 def _special(value: Any, roots: Sequence[str]) -> bytes | None:
-    """Libraries' objects described by their content: pandas (with the files its text names), PIL images,
-    Hugging Face datasets."""
+    """Libraries' objects described by their content: pandas (with the files its text names), PIL images."""
     module = type(value).__module__.split(".")[0]
     if module == "pandas" and hasattr(value, "shape"):
         import pandas
@@ -422,8 +441,6 @@ def _special(value: Any, roots: Sequence[str]) -> bytes | None:
             return _sha(b"pandas", _text(type(value).__name__), _text(columns), hashed.to_numpy().tobytes(), files)
     if module == "PIL" and hasattr(value, "tobytes") and hasattr(value, "mode"):
         return _sha(b"PIL image", _text(f"{value.mode} {value.size}"), hashlib.sha256(value.tobytes()).digest())
-    if module == "datasets" and isinstance(getattr(value, "_fingerprint", None), str):
-        return _sha(b"hf dataset", _text(type(value).__qualname__), _text(value._fingerprint))
     return None
 
 

@@ -9,7 +9,7 @@ import os
 import pickle
 import sys
 import traceback
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NoReturn
 
@@ -70,7 +70,7 @@ def find_image(sample: Any) -> Any:
     The first ``tv_tensors.Image`` or ``Video``; else a PIL image (to be
     rejected); else the first plain tensor. ``None`` if there is none.
     """
-    flat, _ = tree_flatten(sample)
+    flat = _leaves(sample)
     for kind in ((tv_tensors.Image, tv_tensors.Video), PIL.Image.Image):
         for leaf in flat:
             if isinstance(leaf, kind):
@@ -79,6 +79,15 @@ def find_image(sample: Any) -> Any:
         if isinstance(leaf, Tensor) and not isinstance(leaf, tv_tensors.TVTensor):
             return leaf
     return None
+
+
+def _leaves(sample: Any) -> Sequence[Any]:
+    """``tree_flatten(sample)``'s leaves; a tensor or a flat tuple or list without the call (35 us a sample)."""
+    if isinstance(sample, Tensor):
+        return [sample]
+    if type(sample) in (tuple, list) and not any(isinstance(item, (tuple, list, dict)) for item in sample):
+        return sample
+    return tree_flatten(sample)[0]
 
 
 def check_image(image: Any, where: str = "") -> Tensor:
@@ -117,17 +126,22 @@ class Capture:
     that memoizes its samples never keeps a pass-through one. The stop is
     raised once per sample, so a dataset that swallows it (a bare ``except:``
     that retries) cannot loop.
+
+    A stream's sample cannot be stopped (the exception would end its
+    generator): with ``stop=False`` the image is copied, in case a later
+    transform works in place, and passed on unchanged.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stop: bool = True) -> None:
+        self.stop = stop
         self.image: Tensor | None = None
         self.stopped = False
         self.took = False
 
     def offer(self, image: Tensor) -> Tensor:
         if self.image is None:
-            self.image = image
-        if not self.stopped:
+            self.image = image if self.stop else image.clone()
+        if self.stop and not self.stopped:
             self.stopped = True
             raise _Captured
         return image
@@ -190,26 +204,31 @@ class _SampleReader(Dataset):
     def __getitem__(self, index: int) -> tuple[int, Tensor | _Failure, bool]:
         """``(index, image or failure, whether FitNormalize captured the image)``."""
         try:
-            image = read_image(lambda: self.dataset[index], index, self.capture, self.image)
+            image = read_image(lambda: self.dataset[index], f"Sample {index}: ", self.capture, self.image)
         except Exception as error:
             return index, _Failure.capture(error), False
         return index, image, self.capture is not None and self.capture.took
 
 
 def read_image(
-    get_sample: Callable[[], Any], index: int, capture: Capture | None, image: Callable[[Any], Any] | None
+    read: Callable[[], Any], where: str, capture: Capture | None, image: Callable[[Any], Any] | None
 ) -> Tensor:
-    """Read one sample and return its image: the one FitNormalize captured, else found in the sample.
+    """Read one sample with ``read()`` and return its image tensor, checked.
 
-    Errors name the sample (``Sample 7: ...``).
+    The image a FitNormalize in the pipeline captured, else the one found in
+    the sample (``image(sample)`` or :func:`find_image`). Every error names
+    the sample with ``where`` (``"Sample 7: "``). The map-style and the
+    stream readers both read through here; a stream's ``StopIteration``
+    passes through unchanged.
     """
-    where = f"Sample {index}: "
     if capture is not None:
         capture.take()
     try:
-        sample = get_sample()
-    except _Captured:
+        sample = read()
+    except _Captured:  # FitNormalize has the image: the rest of the sample is not built
         return check_image(capture.take(), where)
+    except StopIteration:
+        raise
     except Exception as error:
         named = _naming_sample(error, where)
         if named is error:
@@ -217,7 +236,8 @@ def read_image(
         raise named from error
     captured = capture.take() if capture is not None else None
     if captured is not None:
-        _warn_swallowed_stop()
+        if capture.stop:
+            _warn_swallowed_stop()
         return check_image(captured, where)
     found = image(sample) if image is not None else find_image(sample)
     if found is None:
@@ -382,6 +402,7 @@ def fit_stats(
     indices: Sequence[int] | None = None,
     on_batch: Callable[[ChannelStats], None] | None = None,
     process_group: Any = None,
+    max_samples: int | None = None,
     track: Collection[int] = (),
 ) -> PassResult:
     """One pass over ``dataset``: the exact per-channel statistics and the number of images.
@@ -394,38 +415,58 @@ def fit_stats(
     Under an initialized ``torch.distributed`` process group (or
     ``process_group``) each rank reads its own shard and every rank returns the
     merged statistics of all of them.
-    """
-    _check_dataset(dataset)
-    ranks = current_ranks(process_group)
-    indices = range(len(dataset)) if indices is None else indices
-    if ranks is not None:
-        indices = shard(indices, ranks)
-    progress = sys.stderr.isatty() if progress is None else progress
 
-    def run_local(show_progress: bool) -> PassResult:
-        return _local_pass(
-            dataset, indices, capture, image, on_batch, show_progress, frozenset(track),
-            batch_size=batch_size, num_workers=num_workers, device=device, pin_memory=pin_memory,
-        )
+    An ``IterableDataset`` (a stream) is read by :mod:`torchnormfit.streams`:
+    each worker and rank reads the part its stream gives it, and
+    ``max_samples`` takes the first ``max_samples`` of the stream.
+    """
+    ranks = current_ranks(process_group)
+    progress = sys.stderr.isatty() if progress is None else progress
+    loader = {"batch_size": batch_size, "num_workers": num_workers, "device": device, "pin_memory": pin_memory}
+    if isinstance(dataset, IterableDataset):
+        from .streams import stream_pass
+
+        if indices is not None:
+            raise TypeError(f"A stream ({type(dataset).__name__}) has no indices to choose a subset by; "
+                            "pass max_samples=N to fit its first N samples.")
+
+        def run_local(show_progress: bool) -> PassResult:
+            return stream_pass(dataset, capture, image, on_batch, show_progress, max_samples=max_samples, **loader)
+    else:
+        _check_dataset(dataset)
+        if max_samples is not None:
+            raise TypeError("max_samples= of fit_stats() is for streams; for a map-style dataset pass indices=.")
+        indices = range(len(dataset)) if indices is None else indices
+        if ranks is not None:
+            indices = shard(indices, ranks)
+
+        def run_local(show_progress: bool) -> PassResult:
+            return _local_pass(dataset, indices, capture, image, on_batch, show_progress, frozenset(track), **loader)
 
     result = run_local(progress) if ranks is None else _ranked_pass(ranks, lambda: run_local(progress and ranks.rank == 0))
     if result.stats is None:
-        raise ValueError(f"No samples to fit: the subset of {type(dataset).__name__} is empty.")
+        what = "the stream" if isinstance(dataset, IterableDataset) else "the subset of"
+        raise ValueError(f"No samples to fit: {what} {type(dataset).__name__} is empty.")
     _warn_if_0_255(result.stats)
     return result
 
 
 class PassResult(NamedTuple):
-    """What a pass found: the statistics (None if it read nothing), the images read, the tracked images' moments."""
+    """What a pass found: the statistics (None if it read nothing), the images read, the tracked images' moments,
+    how many images FitNormalize captured, and for a stream a digest of its first images (see streams.py)."""
 
     stats: ChannelStats | None
     num_samples: int
     tracked: dict[int, tuple[list[float], list[float]]]
     captured: int = 0
+    first: str | None = None
 
 
 def _ranked_pass(ranks: Ranks, run_local: Callable[[], PassResult]) -> PassResult:
-    """This rank's shard, then the exact merge with every other rank's; errors reach every rank."""
+    """This rank's shard, then the exact merge with every other rank's; errors reach every rank.
+
+    For a stream, ranks whose streams start alike did not split it: refused.
+    """
     error, local = None, PassResult(None, 0, {})
     try:
         local = run_local()
@@ -437,6 +478,10 @@ def _ranked_pass(ranks: Ranks, run_local: Callable[[], PassResult]) -> PassResul
     if len(channels) > 1:
         by_rank = {rank: c for rank, (c, _) in enumerate(outcomes)}
         raise ValueError(f"The ranks saw images with different channel counts: {by_rank}.")
+    if any(part.first is not None for _, part in outcomes):
+        from .streams import check_split_across_ranks
+
+        check_split_across_ranks([part.first for _, part in outcomes])
     if not channels:
         return PassResult(None, 0, {})
     stats = local.stats if local.stats is not None else ChannelStats.empty(channels.pop())
@@ -466,32 +511,48 @@ def _local_pass(
     probed, loader = _loader(dataset, indices, capture, image, track, batch_size, num_workers, device, pin_memory)
     logger.info("fitting %s: %d samples, batch_size=%d, num_workers=%d, device=%s",
                 type(dataset).__name__, len(indices), loader.batch_size, num_workers, device)
-    accumulator: BatchNormAccumulator | None = None
-    first: _Batch | None = None
-    num_samples = 0
-    tracked: dict[int, tuple[list[float], list[float]]] = {}
-    captured = 0
+    bar = tqdm(total=len(indices), unit="img", desc="torchnormfit", disable=not progress)
+    with bar, running(loader) as batches:
+        return reduce_batches(itertools.chain(probed, batches), device, on_batch, bar)
+
+
+@contextlib.contextmanager
+def running(loader: DataLoader) -> Iterator[Iterator[Any]]:
+    """The loader's batches; its worker processes are shut down at once when the pass ends or fails."""
     batches = iter(loader)
     try:
-        with tqdm(total=len(indices), unit="img", desc="torchnormfit", disable=not progress) as bar:
-            for batch in itertools.chain(probed, batches):
-                if batch.failure is not None:
-                    batch.failure.reraise()
-                if first is None:
-                    first, accumulator = batch, BatchNormAccumulator(batch.channels, device=device)
-                elif batch.channels != first.channels:
-                    raise ValueError(_channel_mismatch(batch.first_index, batch.channels, first.channels, first.first_index))
-                one_batch = _accumulate(accumulator, batch, device)
-                if on_batch is not None:
-                    on_batch(one_batch)
-                num_samples += batch.num_samples
-                tracked.update(batch.tracked)
-                captured += batch.captured
-                bar.update(batch.num_samples)
+        yield batches
     finally:
         shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+
+
+def reduce_batches(
+    batches: Iterable[_Batch],
+    device: torch.device,
+    on_batch: Callable[[ChannelStats], None] | None,
+    bar: Any,
+) -> PassResult:
+    """Merge each batch into one accumulator; a failure is raised as it was."""
+    accumulator: BatchNormAccumulator | None = None
+    first: _Batch | None = None
+    num_samples, captured = 0, 0
+    tracked: dict[int, tuple[list[float], list[float]]] = {}
+    for batch in batches:
+        if batch.failure is not None:
+            batch.failure.reraise()
+        if first is None:
+            first, accumulator = batch, BatchNormAccumulator(batch.channels, device=device)
+        elif batch.channels != first.channels:
+            raise ValueError(_channel_mismatch(batch.first_index, batch.channels, first.channels, first.first_index))
+        one_batch = _accumulate(accumulator, batch, device)
+        if on_batch is not None:
+            on_batch(one_batch)
+        num_samples += batch.num_samples
+        captured += batch.captured
+        tracked.update(batch.tracked)
+        bar.update(batch.num_samples)
     return PassResult(None if accumulator is None else accumulator.stats.to("cpu"), num_samples, tracked, captured)
 
 
@@ -557,9 +618,10 @@ def _accumulate(accumulator: BatchNormAccumulator, batch: _Batch, device: torch.
 
 
 def _check_dataset(dataset: Dataset) -> None:
-    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
+    if not hasattr(dataset, "__getitem__"):
         raise TypeError(
-            f"fit() needs a map-style dataset (with __len__ and __getitem__). Got {type(dataset).__name__}."
+            f"fit() needs a map-style dataset (with __len__ and __getitem__) or a torch.utils.data.IterableDataset. "
+            f"Got {type(dataset).__name__}."
         )
     try:
         length = len(dataset)

@@ -37,7 +37,7 @@ from typing import Any, ContextManager
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from ._warn import warn
 from . import cache
@@ -46,6 +46,7 @@ from .fingerprint import describe_dataset, describe_pipeline, fingerprint
 from .fitting import Capture, PassResult, fit_stats, read_images, tensor_stats
 from .sampling import StandardErrors, fit_subset, subset_indices
 from .stats import ChannelStats
+from .streams import first_images
 from .verification import DEFAULT_VERIFY, MAX_VERIFY, TRACKED, Verification, compare, image_moments
 
 __all__ = ["FitRecord", "fit_dataset", "pass_stats", "save_stats", "load_entry"]
@@ -116,7 +117,8 @@ def fit_dataset(
             logger.info("cache hit: %r in %s (%s)", key, cache_path, lookup.note or "verified")
             return _hit_record(lookup, key, cache_path, gaps)
         verification, note = lookup.verification, lookup.note
-    result, errors = _pass(dataset, capturing, image, max_samples, seed, process_group, loader)
+    result, errors = _pass(dataset, capturing, image, max_samples, seed, process_group, loader,
+                           track=cache_path is not None)
     if printed is not None and not printed.found_norm and result.captured:
         warn(
             f"The FitNormalize being fitted measured the images inside {type(dataset).__name__}'s pipeline, but the "
@@ -203,10 +205,13 @@ def _verify(
     verify: int,
 ) -> Verification:
     """Read ``verify`` of the entry's tracked images again (a fresh random draw) and test them against it."""
-    rows = random.SystemRandom().sample(range(len(samples["index"])), min(verify, len(samples["index"])))
-    indices = [int(samples["index"][row]) for row in rows]
     with capturing() as capture:
-        images = read_images(dataset, indices, capture, image)
+        if isinstance(dataset, IterableDataset):  # the stream's first images, in order
+            images = first_images(dataset, min(verify, len(samples["index"])), capture, image)
+            rows = list(range(len(images)))
+        else:
+            rows = random.SystemRandom().sample(range(len(samples["index"])), min(verify, len(samples["index"])))
+            images = read_images(dataset, [int(samples["index"][row]) for row in rows], capture, image)
     moments = [image_moments(im) for im in images]
     if any(m.shape != moments[0][0].shape for m, _ in moments):
         channels = sorted({m.numel() for m, _ in moments})
@@ -234,21 +239,48 @@ def _hit_record(lookup: _Lookup, key: str, path: Path, gaps: tuple[str, ...]) ->
 
 def _pass(
     dataset: Dataset, capturing: Capturing, image: Any, max_samples: int | None, seed: int, process_group: Any,
-    loader: dict[str, Any],
+    loader: dict[str, Any], track: bool = False,
 ) -> tuple[PassResult, StandardErrors | None]:
-    """One pass with the transform in capture mode; it is left unchanged if the pass fails."""
+    """One pass with the transform in capture mode; it is left unchanged if the pass fails.
+
+    With ``track``, some images' own moments are kept for the entry (see :func:`_tracked_indices`).
+    """
     with capturing() as capture:
-        if max_samples is None:
-            track = _tracked_indices(range(len(dataset)))
+        if isinstance(dataset, IterableDataset):
+            result, errors = _stream_pass(dataset, capture, image, max_samples, process_group, loader, track)
+        elif max_samples is None:
+            track = _tracked_indices(range(len(dataset))) if track else []
             result: PassResult = fit_stats(dataset, capture=capture, image=image, process_group=process_group,
                                            track=track, **loader)
             errors = None
         else:
             if current_ranks(process_group) is not None:
                 raise ValueError("max_samples is not supported across a process group: fit the subset on one rank.")
-            track = _tracked_indices(subset_indices(len(dataset), max_samples, seed))
+            track = _tracked_indices(subset_indices(len(dataset), max_samples, seed)) if track else []
             result, errors = fit_subset(dataset, max_samples, seed, capture=capture, image=image, track=track, **loader)
     return result, errors
+
+
+def _stream_pass(
+    dataset: IterableDataset, capture: Capture, image: Any, max_samples: int | None, process_group: Any,
+    loader: dict[str, Any], track: bool,
+) -> tuple[PassResult, None]:
+    """A stream's pass; the moments tracked are those of its first images, which a hit reads again.
+
+    They are read here first (DEFAULT_VERIFY more reads, or none under torch.distributed, where each rank's
+    stream is only its own part and rank 0's first images are not the stream's).
+    """
+    tracked: dict[int, tuple[list[float], list[float]]] = {}
+    if track and current_ranks(process_group) is None:
+        first = first_images(dataset, DEFAULT_VERIFY if max_samples is None else min(DEFAULT_VERIFY, max_samples),
+                             capture, image)
+        tracked = {i: tuple(m.tolist() for m in image_moments(im)) for i, im in enumerate(first)}
+    if max_samples is None:
+        result = fit_stats(dataset, capture=capture, image=image, process_group=process_group, **loader)
+    else:
+        result, _ = fit_subset(dataset, max_samples, capture=capture, image=image, process_group=process_group,
+                               **loader)
+    return result._replace(tracked=tracked), None
 
 
 def _tracked_indices(indices: Sequence[int]) -> list[int]:

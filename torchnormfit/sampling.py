@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from .fitting import DEFAULT_BATCH_SIZE, PassResult, find_image, fit_stats
 from .stats import ChannelStats
@@ -116,7 +116,7 @@ def _group_batch_size(num_samples: int, batch_size: int | None) -> int:
 
 def fit_subset(
     dataset: Dataset, max_samples: int, seed: int = 0, *, batch_size: int | None = None, **fit_kwargs: Any
-) -> tuple[PassResult, StandardErrors]:
+) -> tuple[PassResult, StandardErrors | None]:
     """Fit on a uniform random subset of ``max_samples`` images; return the pass and the standard errors.
 
     The subset is :func:`subset_indices` ``(len(dataset), max_samples, seed)``,
@@ -129,7 +129,9 @@ def fit_subset(
     Parameters
     ----------
     dataset : Dataset
-        A map-style dataset whose samples hold a float image.
+        A map-style dataset whose samples hold a float image. A stream
+        (``IterableDataset``) is fitted on its first ``max_samples`` instead
+        (not random; ``seed`` unused; no standard errors: None).
     max_samples : int
         Size of the subset; all images if the dataset is smaller.
     seed : int
@@ -156,6 +158,8 @@ def fit_subset(
     >>> result.num_samples, se.mean.shape
     (40, torch.Size([3]))
     """
+    if isinstance(dataset, IterableDataset):  # a stream: its first max_samples, no standard errors
+        return fit_stats(dataset, max_samples=max_samples, batch_size=batch_size, **fit_kwargs), None
     indices = subset_indices(len(dataset), max_samples, seed)
     groups: list[ChannelStats] = []
     result = fit_stats(

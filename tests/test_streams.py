@@ -1,0 +1,336 @@
+"""Fitting on streams: real WebDataset tar shards and real Hugging Face datasets built in tmp_path.
+
+Exact statistics with and without workers, every sample once (also across 2
+gloo ranks), unsplit streams refused, cache hits in a second process without
+key=, the command line on shards.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import streams_for_tests as st
+from torchnormfit import FitNormalize
+from torchnormfit.cli import main
+from torchnormfit.fitting import Capture
+from torchnormfit.fingerprint import describe_dataset, fingerprint
+from torchnormfit.streams import describe_source, first_images
+
+pytest.importorskip("webdataset")
+pytest.importorskip("datasets")
+
+TESTS = str(Path(__file__).parent)
+N, SHARDS = 24, 4
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    return st.write_shards(tmp_path_factory.mktemp("shards"), N, SHARDS)
+
+
+class Images(torch.utils.data.Dataset):
+    """The same images as a map-style dataset: the reference pass."""
+
+    def __init__(self, indices):
+        self.indices = list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        return st.image(self.indices[index])
+
+
+def assert_exact(norm: FitNormalize, indices) -> None:
+    """Every pixel counted once; the map-style pass's statistics within 1e-12; the float64 truth within 5e-8.
+
+    5e-8, not 1e-9: the accumulator reduces each float32 image in float32
+    (batch_stats: ~1e-8; up to 1.6e-9 on the mean and 1.4e-8 on the variance
+    of these tiny images), for map-style data too.
+    """
+    mean, var, pixels = st.truth(indices)
+    assert norm.stats.count.tolist() == [float(pixels)] * 3
+    assert norm.num_samples == len(list(indices))
+    torch.testing.assert_close(norm.stats.mean, mean, rtol=5e-8, atol=0)
+    torch.testing.assert_close(norm.stats.var, var, rtol=5e-8, atol=0)
+    reference = FitNormalize(cache=None).fit(Images(indices), num_workers=0, progress=False).stats
+    for field, value in reference.to_dict().items():
+        torch.testing.assert_close(getattr(norm.stats, field), value, rtol=1e-12, atol=0, msg=field)
+
+
+def fit(dataset_of, workers, **options) -> FitNormalize:
+    norm = FitNormalize(cache=None)
+    return norm.fit(dataset_of(norm), num_workers=workers, progress=False, **options)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_webdataset_is_exact_with_the_fitnormalize_in_map_tuple(shards, workers):
+    assert_exact(fit(lambda norm: st.webdataset(shards, norm), workers), range(N))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_huggingface_map_style_with_set_transform_is_exact(workers):
+    assert_exact(fit(lambda norm: st.hf_dataset(N, norm), workers), range(N))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_huggingface_iterable_is_exact_with_the_fitnormalize_in_map(workers):
+    assert_exact(fit(lambda norm: st.hf_iterable(N, shards=4, norm=norm), workers), range(N))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_own_iterable_dataset_split_with_get_worker_info_is_exact(workers):
+    assert_exact(fit(lambda norm: st.Stream(range(N), transform=norm), workers, batch_size=5), range(N))
+
+
+def test_a_worker_with_an_empty_part_is_fine(shards):
+    # 1 shard for 2 workers: worker 1 gets none
+    assert_exact(fit(lambda norm: st.webdataset(shards[:1], norm), 2), range(6))
+
+
+@pytest.mark.parametrize("make", [st.unsplit_webdataset, lambda urls: st.Stream(range(N), split=False)])
+def test_a_stream_not_split_across_workers_is_refused(shards, make):
+    with pytest.raises(ValueError, match="workers 0 and 1 both started the stream with the same .* not split") as info:
+        FitNormalize(cache=None).fit(make(shards), num_workers=2, progress=False)
+    assert "get_worker_info()" in str(info.value) and "split_by_worker" in str(info.value)
+
+
+def test_max_samples_is_the_first_n_of_the_stream_without_standard_errors(shards):
+    norm = fit(lambda norm: st.webdataset(shards, norm), 2, max_samples=7)
+    assert_exact(norm, range(7))
+    assert norm.standard_errors is None
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_bad_sample_is_named(workers):
+    stream = st.Stream(range(N), fail_at=5)
+    with pytest.raises(OSError, match="broken sample 5") as info:
+        FitNormalize(cache=None).fit(stream, num_workers=workers, progress=False, batch_size=4)
+    where = "Sample 5: " if workers == 0 else "Sample 2 of DataLoader worker 1's part of the stream: "
+    assert str(info.value).startswith(where)
+
+
+def test_progress_bar_has_a_total_only_when_the_stream_has_a_length(capsys):
+    FitNormalize(cache=None).fit(st.Stream(range(N)), num_workers=0, progress=True)
+    assert f"{N}/{N}" not in capsys.readouterr().err
+    FitNormalize(cache=None).fit(st.SizedStream(range(N)), num_workers=0, progress=True)
+    assert f"{N}/{N}" in capsys.readouterr().err
+
+
+def test_first_images_reads_the_first_n_captured_or_found(shards):
+    norm = FitNormalize(cache=None)
+    norm._capture = capture = Capture()  # as during a fit: the FitNormalize hands its input over
+    captured = first_images(st.webdataset(shards, norm), 3, capture=capture)
+    found = first_images(st.webdataset(shards), 3)
+    for images in (captured, found):
+        assert len(images) == 3 and all(torch.equal(x, st.image(i)) for i, x in enumerate(images))
+    assert len(first_images(st.Stream(range(2)), 5)) == 2
+
+
+SLOW_STREAM = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import streams_for_tests as st
+from torchnormfit import FitNormalize
+
+def slow(x):
+    time.sleep(0.01)
+    return x
+
+norm = FitNormalize(cache={cache!r})
+print("started", flush=True)
+norm.fit(st.Stream(range(5000), transform=slow), num_workers=2, batch_size=8, progress=False)
+"""
+
+
+def test_ctrl_c_during_a_stream_fit_writes_nothing_and_leaves_no_worker(tmp_path):
+    from test_interrupts import processes_in_group
+
+    cache = tmp_path / "stats.h5"
+    child = subprocess.Popen([sys.executable, "-c", SLOW_STREAM.format(tests=TESTS, cache=str(cache))],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert child.stdout.readline().strip() == "started"
+    time.sleep(2.0)
+    os.killpg(child.pid, signal.SIGINT)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode != 0 and "KeyboardInterrupt" in stderr
+    assert not cache.exists()
+    deadline = time.monotonic() + 10
+    while processes_in_group(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_in_group(child.pid) == []
+
+
+# --- keys ----------------------------------------------------------------------------------------
+
+
+def key(dataset, norm) -> str:
+    return fingerprint(dataset, norm, {})
+
+
+def test_webdataset_key_sees_shards_files_and_stages(shards, tmp_path):
+    norm = FitNormalize(cache=None)
+    base = key(st.webdataset(shards, norm), norm)
+    assert key(st.webdataset(shards, norm), norm) == base
+    assert key(st.webdataset(shards[:3], norm), norm) != base
+    assert key(st.webdataset(shards, norm).map(lambda s: s), norm) != base
+    assert key(st.webdataset(shards, norm, shardshuffle=10), norm) != base
+    copied = st.write_shards(tmp_path / "copy", N, SHARDS)
+    before = key(st.webdataset(copied, norm), norm)
+    with open(copied[0], "ab") as f:
+        f.write(b"\0" * 512)  # a changed shard: its size and mtime
+    assert key(st.webdataset(copied, norm), norm) != before
+    urls = describe_source(st.webdataset(shards))["webdataset"][0]["urls"]
+    assert [u["file"] for u in urls] == [os.path.abspath(p) for p in shards]
+
+
+def test_huggingface_key_ignores_the_fitnormalize_state_and_sees_the_data(tmp_path):
+    norm = FitNormalize(cache=None)
+    base = key(st.hf_dataset(N, norm), norm)
+    fitted = FitNormalize([0.5] * 3, [0.2] * 3, cache=tmp_path / "other.h5")
+    assert key(st.hf_dataset(N, fitted), fitted) == base
+    assert key(st.hf_dataset(N - 1, norm), norm) != base
+    plain = st.hf_table(N)
+    assert describe_source(plain)["huggingface"]["fingerprint"] == plain._fingerprint
+
+
+def test_huggingface_iterable_key_is_derived_from_its_shards_and_map_function():
+    norm = FitNormalize(cache=None)
+    base = key(st.hf_iterable(N, 4, norm), norm)
+    assert key(st.hf_iterable(N, 4, norm), norm) == base
+    assert key(st.hf_iterable(N - 1, 4, norm), norm) != base
+    assert key(st.hf_iterable(N, 4, norm).map(lambda e: e), norm) != base
+    assert "huggingface_iterable" in describe_dataset(st.hf_iterable(N, 4))["source"]
+
+
+HIT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import streams_for_tests as st
+from torchnormfit import FitNormalize
+norm = FitNormalize(cache={cache!r})
+dataset = st.webdataset({shards!r}, norm) if {kind!r} == "webdataset" else st.hf_dataset({n}, norm)
+norm.fit(dataset, num_workers=0, progress=False, verify=int(sys.argv[1]) if len(sys.argv) > 1 else None)
+record = norm.fit_record
+checked = None if record.verification is None else [record.verification.samples, record.verification.passed]
+print(json.dumps({{"key": norm.cache_key, "mean": norm.mean, "std": norm.std, "source": record.source,
+                  "checked": checked}}))
+"""
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "huggingface"])
+def test_a_second_process_hits_the_cache_without_key(shards, tmp_path, kind):
+    script = HIT.format(tests=TESTS, cache=str(tmp_path / "stats.h5"), shards=shards, kind=kind, n=N)
+
+    def run(*verify, **env):
+        done = subprocess.run([sys.executable, "-c", script, *verify], capture_output=True, text=True,
+                              env={**os.environ, **env}, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    first = run()
+    assert first["source"] == "pass"
+    unverified = run("0", NO_READS="1")  # no sample read: the statistics came from the cache
+    verified = run()  # the first images of the stream (or the tracked samples) read again and checked
+    assert unverified["source"] == verified["source"] == "cache" and verified["checked"][1] is True
+    assert unverified["checked"] is None and verified["checked"][0] == min(N, 64)
+    for hit in (unverified, verified):
+        assert (hit["key"], hit["mean"], hit["std"]) == (first["key"], first["mean"], first["std"])
+
+
+# --- torch.distributed ---------------------------------------------------------------------------
+
+
+def _rank_main(rank, world_size, workdir, shards):
+    """One torchrun-like rank: RANK/WORLD_SIZE set, DataLoader workers forked; results to result{rank}.json."""
+    sys.path.insert(0, TESTS)
+    import webdataset as wds
+    from datasets.distributed import split_dataset_by_node
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
+    mp.set_start_method("fork", force=True)  # as in a process torchrun starts (spawn's children inherit spawn)
+    dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world_size)
+    try:
+        streams = {
+            "webdataset": (lambda norm: st.webdataset(shards, norm, nodesplitter=wds.split_by_node), 2),
+            "huggingface": (lambda norm: split_dataset_by_node(st.hf_iterable(N, 4, norm), rank, world_size), 2),
+            "empty_on_rank_1": (lambda norm: st.Stream(range(N) if rank == 0 else [], transform=norm), 0),
+            "not_split": (lambda norm: st.hf_iterable(N, 4, norm), 0),
+        }
+        results = {}
+        for name, (make, workers) in streams.items():
+            norm = FitNormalize(cache=None)
+            try:
+                norm.fit(make(norm), num_workers=workers, progress=False)
+            except ValueError as error:
+                results[name] = str(error)
+                continue
+            results[name] = {"stats": {k: v.tolist() for k, v in norm.stats.to_dict().items()},
+                             "num_samples": norm.num_samples}
+        with open(os.path.join(workdir, f"result{rank}.json"), "w") as f:
+            json.dump(results, f)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_one_process_each_sample_once(shards, tmp_path):
+    mp.start_processes(_rank_main, args=(2, str(tmp_path), shards), nprocs=2, join=True, start_method="spawn")
+    results = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(2)]
+    assert results[0] == results[1], "every rank ends with identical statistics"
+    unsplit = results[0].pop("not_split")
+    assert unsplit.startswith("Ranks 0 and 1 both started the stream with the same samples: it is not split")
+    assert "split_dataset_by_node" in unsplit
+    alone = fit(lambda norm: st.Stream(range(N), transform=norm), 0)
+    for name, result in results[0].items():
+        assert result["num_samples"] == N, name
+        for field, values in result["stats"].items():
+            torch.testing.assert_close(torch.tensor(values, dtype=torch.float64), getattr(alone.stats, field),
+                                       rtol=1e-12, atol=0, msg=f"{name}: {field}")
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def test_cli_fits_shard_patterns_like_the_same_images_in_a_folder(tmp_path, capsys):
+    import webdataset as wds
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "folder").mkdir()
+    rng = np.random.default_rng(0)
+    for s in range(2):
+        with wds.TarWriter(str(tmp_path / "shards" / f"train-{s:06d}.tar")) as sink:
+            for i in range(5):
+                picture = PIL.Image.fromarray(rng.integers(0, 256, size=(6 + i, 7, 3), dtype=np.uint8))
+                sink.write({"__key__": f"{s}-{i}", "png": picture, "cls": i})
+                picture.save(tmp_path / "folder" / f"{s}-{i}.png")
+    pattern = str(tmp_path / "shards" / "train-{000000..000001}.tar")
+    options = ["--cache", str(tmp_path / "stats.h5"), "--json", "--no-progress", "--workers", "2"]
+    reports = []
+    for source in (pattern, str(tmp_path / "folder"), pattern):
+        assert main(["fit", source, *options]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    shards, folder, again = reports
+    assert shards["num_samples"] == 10 and shards["channels"] == ["R", "G", "B"] and not shards["cached"]
+    for field in ("mean", "std", "min", "max", "pixels_per_channel"):
+        torch.testing.assert_close(torch.tensor(shards[field]), torch.tensor(folder[field]), rtol=1e-12, atol=0)
+    assert again["cached"] and again["key"] == shards["key"] != folder["key"]
+    assert main(["fit", str(tmp_path / "shards" / "train-{000000..000003}.tar"), *options]) == 1
+    assert "2 of the 4 shards" in capsys.readouterr().err
+    assert main(["fit", pattern, "--max-samples", "3", *options]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["num_samples"] == 3 and first["first_of_stream"] and first["subset"] is None
+    with pytest.raises(SystemExit):
+        main(["fit", pattern, "--max-samples", "3", "--seed", "1"])
+    assert "--max-samples N fits the first N samples" in capsys.readouterr().err
