@@ -128,7 +128,7 @@ def test_verify_bench_prints_its_tables(verify_run):
         assert set(kind["false_alarms"]) == set(kind["detection"]) == {"64", "16"}
         for counts in kind["false_alarms"].values():
             assert counts["hits"] == 200 and 0 <= counts["failed"] <= counts["hits"]
-            assert counts["failed"] == counts["failed_by_t"] + counts["failed_by_sign_rule_only"]
+            assert counts["failed"] == counts["failed_by_t"] + counts["failed_by_sign_only"]
             assert counts["upper95"] > counts["failed"] / counts["hits"]
     photos = next(kind for kind in results["sim"] if kind["pipeline"] == "deterministic")
     assert photos["false_alarms"]["64"]["upper95"] == pytest.approx(1 - 0.05 ** (1 / 200))  # 0 in 200: ~3/200
