@@ -70,6 +70,8 @@ def section_main_process(n: int, size: int, rounds: int) -> dict:
 
     methods = {"floor": floor, "floor + batch_stats": floor_stats, "fit": fit}
     times: dict[str, list[float]] = {name: [] for name in methods}
+    for method in methods.values():  # warm-up: file cache, lazy imports
+        method()
     for r in range(rounds):
         order = list(methods)[r % 3:] + list(methods)[: r % 3]
         for name in order:

@@ -390,13 +390,7 @@ def _scan(real: Path) -> dict[str, tuple[CacheEntry, Path]]:
     found: dict[str, tuple[CacheEntry, Path]] = {}
     if os.path.lexists(real):
         with _open_cache(real) as handle:
-            try:
-                keys = sorted(handle.keys())
-            except CacheError:
-                raise
-            except Exception as error:
-                raise _UnreadableCache(f"{real} is damaged: its entries cannot be listed ({error}).") from error
-            for key in keys:
+            for key in _keys(handle, real):
                 try:
                     found[key] = (_read_group(handle, key, real), real)
                 except CacheError as error:
@@ -413,15 +407,20 @@ def _scan(real: Path) -> dict[str, tuple[CacheEntry, Path]]:
     return found
 
 
+def _keys(handle: h5py.File, path: Path) -> list[str]:
+    """The entry names of an open cache file, sorted; a damaged list of names is an unreadable file."""
+    try:
+        return sorted(handle.keys())
+    except CacheError:
+        raise
+    except Exception as error:
+        raise _UnreadableCache(f"{path} is damaged: its entries cannot be listed ({error}).") from error
+
+
 def _read_entry_file(file: Path, key: str | None = None) -> CacheEntry:
     """The one entry of an entry file, which must be the key its name is made from (and ``key`` if given)."""
     with _open_cache(file) as handle:
-        try:
-            names = list(handle.keys())
-        except CacheError:
-            raise
-        except Exception as error:
-            raise _UnreadableCache(f"{file} is damaged: its entries cannot be listed ({error}).") from error
+        names = _keys(handle, file)
         if len(names) != 1 or _entry_name(names[0]) != file.name or key not in (None, names[0]):
             raise CacheError(
                 f"The entry file {file} holds {names[:5]}, not the one entry its name stands for "

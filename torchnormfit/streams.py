@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from .fitting import Capture, _Batch, _Collate, _Failure, default_batch_size, default_num_workers, read_image
+from .fingerprint import _global_names
 from .fitting import PassResult, reduce_batches, running
 from .stats import ChannelStats
 
@@ -382,7 +383,7 @@ def _describe_function(function: types.FunctionType, depth: int) -> Any:
         return name
     code = function.__code__
     globals_used = {
-        n: function.__globals__[n] for n in sorted(_names(code))
+        n: function.__globals__[n] for n in sorted(_global_names(code))
         if n in function.__globals__ and not isinstance(function.__globals__[n], types.ModuleType)
     }
     cells = [cell.cell_contents for cell in function.__closure__ or () if _filled(cell)]
@@ -401,14 +402,6 @@ def _filled(cell: Any) -> bool:
     except ValueError:  # an empty cell
         return False
     return True
-
-
-def _names(code: types.CodeType) -> set[str]:
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _names(const)
-    return names
 
 
 def _code_digest(code: types.CodeType) -> str:
