@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import threading
 
 import pytest
 import torch
@@ -113,7 +114,7 @@ def test_exact_on_large_images(size):
     n, h, w = size
     g = gen(1)
     images = (0.5 + 0.05 * torch.randn(n, C, h, w, generator=g)).float()
-    stats, _ = batch_stats(images)
+    stats = batch_stats(images)
     assert_exact(stats, truth([images]))
 
 
@@ -163,7 +164,7 @@ def test_a_badly_placed_centre_is_placed_again():
     x[:3, :, 14::28, 14::28] = 1.0  # 8x8 bright dots exactly on the sampled grid
     x[3:, 1, 14::28, 14::28] = 0.0  # dark dots, in one channel only
     x = x.float()
-    stats, _ = batch_stats(x)
+    stats = batch_stats(x)
     assert_exact(stats, truth([x]), tol=1e-7)
 
 
@@ -172,7 +173,7 @@ def test_a_non_finite_pixel_gives_non_finite_statistics(bad):
     """The fit pass relies on it to name the bad sample: a NaN or Inf pixel must not vanish."""
     x = torch.rand(4, C, 40, 60)
     x[2, 1, 7, 9] = bad
-    stats, _ = batch_stats(x)
+    stats = batch_stats(x)
     assert not bool(torch.isfinite(stats.mean[1]) and torch.isfinite(stats.m2[1]))
     assert bool(torch.isfinite(stats.mean[[0, 2]]).all() and torch.isfinite(stats.m2[[0, 2]]).all())
 
@@ -198,10 +199,9 @@ def test_random_batches_in_random_order_equal_two_pass_truth(seed, channels, num
     bounds = [0, *sorted(int(f * num_images) for f in cut_fractions), num_images]
     pieces = [images[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     order = torch.randperm(len(pieces), generator=gen(order_seed)).tolist()
-    total, work = ChannelStats.empty(channels), None
+    total = ChannelStats.empty(channels)
     for i in order:
-        stats, work = batch_stats(pieces[i], work)
-        total = total.merge(stats)
+        total = total.merge(batch_stats(pieces[i]))
     want = truth([images])
     tol = 1e-9 if dtype == torch.float64 else 1e-6
     assert torch.equal(total.count, want["count"])
@@ -226,7 +226,7 @@ def test_train_forward_returns_its_input_unchanged():
 
 def test_inputs_that_require_grad_are_measured_not_differentiated():
     x = torch.rand(2, C, 6, 6, requires_grad=True)
-    stats, _ = batch_stats(x)
+    stats = batch_stats(x)
     assert not stats.mean.requires_grad
     assert_exact(stats, truth([x.detach()]))
     acc = BatchNormAccumulator(C)
@@ -334,33 +334,41 @@ def test_momentum_reproduces_stock_batchnorm2d_and_is_not_exact():
 # --- the scratch buffer and memory layouts ------------------------------------------------------
 
 
-def test_work_buffer_reuse_does_not_corrupt_results_when_shapes_change():
+def test_the_scratch_buffer_does_not_corrupt_results_when_shapes_and_dtypes_change():
+    """Heavy-offset batches go through the per-thread scratch buffer: big, small, float64 after float32."""
     g = gen(11)
     shapes = [(8, C, 32, 32), (2, C, 5, 7), (8, C, 32, 32), (1, C, 3, 3), (4, C, 64, 64), (3, C, 1, 1)]
-    batches = [(0.2 * i + torch.rand(s, generator=g)).float() for i, s in enumerate(shapes)]
-    work = None
+    batches = [(10 * i + 1 + 0.01 * torch.rand(s, generator=g)).float() for i, s in enumerate(shapes)]
+    batches.insert(3, (5 + 0.01 * torch.rand(2, C, 300, 300, generator=g)).double())
     for batch in batches:
         before = batch.clone()
-        stats, work = batch_stats(batch, work)
-        fresh, _ = batch_stats(batch)
-        for name in ("count", "mean", "m2", "min", "max"):
-            assert torch.equal(getattr(stats, name), getattr(fresh, name)), name
+        stats = batch_stats(batch)
         assert torch.equal(batch, before)  # the scratch never aliases the input
-        assert_exact(stats, truth([batch]))
-    assert_exact(accumulate(batches).stats, truth(batches))
-    # A float64 batch after float32 ones: a scratch of the other dtype is not used as is.
-    x64 = torch.rand(2, C, 6, 6, dtype=torch.float64, generator=g)
-    stats, work = batch_stats(x64, work)
-    assert_exact(stats, truth([x64]), tol=1e-12)
+        assert_exact(stats, truth([batch]), tol=1e-12 if batch.dtype == torch.float64 else 1e-6)
+    for batch in batches[::-1]:  # the same results whatever came before
+        again, fresh = batch_stats(batch), batch_stats(batch.clone())
+        for name in ("count", "mean", "m2", "min", "max"):
+            assert torch.equal(getattr(again, name), getattr(fresh, name)), name
 
 
-def test_work_buffer_keeps_its_capacity():
-    """Big, then small, then big again: the scratch from the first call serves all three."""
-    _, work = batch_stats(torch.rand(8, C, 32, 32))
-    _, small = batch_stats(torch.rand(2, C, 4, 4), work)
-    _, again = batch_stats(torch.rand(8, C, 32, 32), small)
-    assert small.data_ptr() == work.data_ptr() and again.data_ptr() == work.data_ptr()
-    assert again.numel() >= 8 * C * 32 * 32
+def test_threads_reduce_at_once_without_sharing_scratch():
+    """Each thread centres its rows in its own buffer: concurrent calls give each its exact result."""
+    g = gen(17)
+    batches = [(100 * k + 1 + 0.01 * torch.randn(16, C, 24 + k, 40, generator=g)).float() for k in range(4)]
+    want = [truth([b]) for b in batches]
+    results: dict[int, list[ChannelStats]] = {}
+
+    def work(k: int) -> None:
+        results[k] = [batch_stats(batches[k]) for _ in range(30)]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for k in range(4):
+        for stats in results[k]:
+            assert_exact(stats, want[k])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -368,7 +376,7 @@ def test_non_contiguous_inputs_give_the_same_result(dtype):
     g = gen(12)
     x = (0.4 + 0.1 * torch.randn(6, C, 20, 24, dtype=torch.float64, generator=g)).to(dtype)
     tol = 1e-6 if dtype == torch.float32 else 1e-12
-    ref, _ = batch_stats(x)
+    ref = batch_stats(x)
     variants = {
         "channels_last": x.contiguous(memory_format=torch.channels_last),
         "NHWC permuted view": x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
@@ -379,7 +387,7 @@ def test_non_contiguous_inputs_give_the_same_result(dtype):
     }
     for name, view in variants.items():
         assert not view.is_contiguous() or name == "channels_last"
-        stats, _ = batch_stats(view)
+        stats = batch_stats(view)
         assert_exact(stats, truth([view.contiguous()]), tol=tol)
         if name in ("channels_last", "NHWC permuted view", "transposed H/W view"):
             # the same pixels as x: the same statistics up to rounding
@@ -393,9 +401,9 @@ def test_non_contiguous_inputs_give_the_same_result(dtype):
 def test_leading_dimensions_and_a_single_image():
     g = gen(13)
     x = torch.rand(2, 3, C, 5, 6, generator=g)  # (..., C, H, W)
-    stats, _ = batch_stats(x)
+    stats = batch_stats(x)
     assert_exact(stats, truth([x.reshape(-1, C, 5, 6)]))
-    single, _ = batch_stats(x[0, 0])  # (C, H, W)
+    single = batch_stats(x[0, 0])  # (C, H, W)
     assert_exact(single, truth([x[0, 0][None]]))
 
 
@@ -424,7 +432,7 @@ def test_batchnorm_forward_wants_4d():
 
 @pytest.mark.parametrize("shape", [(0, C, 4, 4), (2, C, 0, 4)])
 def test_an_empty_batch_adds_nothing(shape):
-    stats, _ = batch_stats(torch.rand(shape))
+    stats = batch_stats(torch.rand(shape))
     assert stats.count.tolist() == [0.0] * C
     acc = accumulate([torch.rand(2, C, 3, 3)])
     before = acc.stats
