@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from torchnormfit import BatchNormAccumulator, ChannelStats
+from torchnormfit import accumulator
 from torchnormfit.accumulator import batch_stats
 
 C = 3
@@ -156,16 +157,111 @@ def test_constant_channels_come_out_exactly_constant():
 
 
 def test_a_badly_placed_centre_is_placed_again():
-    """Images whose few sampled pixels (a regular grid) are all unlike the rest: the first centre lands
-    far from the mean, where float32 sums of squares would lose digits (2e-5 here), so those images,
-    and only those, are reduced again around their mean."""
+    """Images whose sampled pixels (the middle of the row) are all unlike the rest: the guessed centre
+    lands far from the mean, where float32 sums of squares would lose digits, so those images are
+    reduced again around their mean."""
     g = gen(16)
     x = 0.3 + 0.01 * torch.randn(6, C, 224, 224, dtype=torch.float64, generator=g)
-    x[:3, :, 14::28, 14::28] = 1.0  # 8x8 bright dots exactly on the sampled grid
-    x[3:, 1, 14::28, 14::28] = 0.0  # dark dots, in one channel only
+    middle = slice(224 * 224 // 2 - 64, 224 * 224 // 2 + 64)
+    x.view(6, C, -1)[:3, :, middle] = 1.0  # a bright stripe exactly where the sample is taken
+    x.view(6, C, -1)[3:, 1, middle] = 0.0  # a dark one, in one channel only
     x = x.float()
     stats = batch_stats(x)
     assert_exact(stats, truth([x]), tol=1e-7)
+
+
+# --- rows reduced uncentred or centred (sum(x**2) / M2 against _UNCENTRED) -----------------------
+
+
+def rows_with_ratio(ratio: float, count: int, seed: int, size: int = 32) -> torch.Tensor:
+    """``count`` single-channel float32 images whose sum(x**2) / M2 is about ``ratio`` (1 + mean**2 / var)."""
+    z = torch.rand(count, 1, size, size, dtype=torch.float64, generator=gen(seed)) - 0.5
+    z = (z - z.mean(dim=(-2, -1), keepdim=True)) / z.std(dim=(-2, -1), correction=0, keepdim=True)
+    return ((ratio - 1) ** 0.5 + z).float()
+
+
+def worst_std_error(images: torch.Tensor) -> float:
+    """Largest relative std error over single-image calls (no averaging over images)."""
+    return max(rel(batch_stats(image[None]).std, truth([image[None]])["std"]) for image in images)
+
+
+@pytest.mark.parametrize("ratio", [1.5, 4.0, 4.9, 5.1, 7.0, 11.0, 50.0, 1e4])
+def test_every_row_is_exact_on_both_sides_of_the_bound(ratio):
+    """One image per call, so no error averages out: rows just under the bound (reduced uncentred, no
+    sample says otherwise) and above it (centred, guessed or checked after) are all within 1e-6."""
+    assert worst_std_error(rows_with_ratio(ratio, 200, seed=int(ratio * 10))) <= 1e-6
+
+
+def test_a_looser_bound_would_not_be_exact(monkeypatch):
+    """The data above has teeth: with the bound 20x looser, rows of ratio 80 are reduced uncentred and
+    their std is off by more than 1e-6; with the library's bound, the same rows are exact."""
+    images = rows_with_ratio(80.0, 200, seed=18)
+    assert worst_std_error(images) <= 1e-6
+    monkeypatch.setattr(accumulator, "_UNCENTRED", 20 * accumulator._UNCENTRED)
+    assert worst_std_error(images) > 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bright_dark_flat_and_offset_images_in_one_batch(dtype):
+    """Rows of every kind side by side, in one block: images near 0 and near 1 with little spread,
+    flat images (their M2 exactly 0), a large offset, and plain ones that stay uncentred."""
+    g = gen(19)
+    x = torch.rand(12, C, 32, 32, dtype=torch.float64, generator=g)
+    x[0:2] = 0.98 + 0.01 * x[0:2]  # bright, little spread
+    x[2:4] = 0.01 * x[2:4]  # dark, little spread
+    x[4] = 0.25  # flat
+    x[5, 0], x[5, 1] = 0.0, 1 / 3  # flat in two channels only
+    x[6:8] = 1000 + 0.01 * x[6:8]  # a large offset
+    x = x.to(dtype)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert_exact(batch_stats(x), truth([x]), tol=tol)
+    flat = batch_stats(x[4:5])
+    assert flat.m2.tolist() == [0.0] * C and flat.mean.tolist() == [0.25] * C
+    levels = x[[4, 5], :2]  # two flat images at different levels: M2 is theirs between them only
+    assert_exact(batch_stats(levels), truth([levels]), tol=tol)
+
+
+def test_flat_images_whose_float_mean_rounds_are_exactly_flat():
+    """A value whose float32 mean over 128 copies is not the value: the guessed centre is off by an ulp,
+    so the row is reduced again on its exact value and its M2 is exactly 0, its mean exactly the value."""
+    value = 0.30742281675338745
+    copies = torch.full((1, accumulator._CHUNK), value)
+    assert float(copies.sum() / accumulator._CHUNK) != float(torch.tensor(value))  # the case the test is about
+    x = torch.rand(5, C, 17, 19, generator=gen(21))
+    x[:, 1] = value
+    x[2] = value
+    for batch in (x, x[2:3]):
+        stats = batch_stats(batch)
+        assert stats.m2[1] == 0 and stats.mean[1] == float(torch.tensor(value))
+    assert batch_stats(x[2:3]).m2.tolist() == [0.0] * C
+    assert_exact(batch_stats(x[:, [0, 2]]), truth([x[:, [0, 2]]]))
+
+
+@pytest.mark.parametrize("ratio", [2.0, 5.0, 20.0])
+def test_uncentred_rows_are_within_the_documented_bound(ratio):
+    """White box, 10,000 rows at once: reduced uncentred, a row's M2 is within 5 k 2**-24 of the truth
+    (k = sum(x**2) / M2; the docstring says ~3.4, measured), so rows kept at k <= _UNCENTRED have their
+    std within 1e-6. With _UNCENTRED at 20 (or chunks of 1024 pixels) this fails."""
+    rows = rows_with_ratio(ratio, 10_000, seed=22).view(10_000, -1)
+    total, squares, _, _, centre = accumulator._reduce(rows, torch.zeros(10_000), torch.zeros(10_000, dtype=torch.bool))
+    assert not centre.any()
+    m2 = squares - total.square() / rows.shape[1]
+    var, _ = torch.var_mean(rows.double(), dim=1, correction=0)
+    k = squares / m2
+    assert float(((m2 / rows.shape[1] - var).abs() / var / (k * 2**-24)).max()) <= 5
+    kept = k <= accumulator._UNCENTRED
+    assert kept.any() == (ratio <= accumulator._UNCENTRED)
+    std_error = ((m2 / rows.shape[1] / var).sqrt() - 1).abs()
+    assert float(torch.where(kept, std_error, 0).max()) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_large_offset_in_every_dtype(dtype):
+    """1000 + small noise (a few steps of the dtype): sum(x**2) / M2 up to ~1e7, far past the bound."""
+    g = gen(20)
+    spread = 16.0 if dtype in (torch.float16, torch.bfloat16) else 0.5
+    x = (1000 + spread * torch.rand(8, C, 48, 40, dtype=torch.float64, generator=g)).to(dtype)
+    assert_exact(batch_stats(x), truth([x]), tol=1e-12 if dtype == torch.float64 else 1e-6)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

@@ -7,12 +7,12 @@ import threading
 import torch
 from torch import Tensor, nn
 
-from .stats import ChannelStats, _within
+from .stats import ChannelStats
 
 __all__ = ["BatchNormAccumulator", "batch_stats"]
 
 _EXACT_BUFFERS = ("pixel_count", "pixel_mean", "pixel_m2", "pixel_min", "pixel_max")  # float64 whatever .to() says
-_BLOCK_BYTES = 512 << 10  # rows are reduced ~512 KiB at a time, so each block is still in the CPU cache for all its sums
+_BLOCK_BYTES = 1 << 20  # rows are reduced ~1 MiB at a time, so each block is still in the CPU cache for all its sums
 _CHUNK = 128  # pixels per float partial sum; bounds the rounding of each (see batch_stats)
 _UNCENTRED = 5.0  # a row is reduced uncentred when its sum of squares is at most this many times its M2
 _SCRATCH = threading.local()  # each thread's buffer for the rows it centres
@@ -21,28 +21,31 @@ _SCRATCH = threading.local()  # each thread's buffer for the rows it centres
 def batch_stats(images: Tensor) -> ChannelStats:
     """Exact per-channel statistics of a float batch ``(..., C, H, W)``.
 
-    Each image channel (a row of ``H * W`` pixels) is reduced in its own dtype
-    over chunks of ``_CHUNK`` pixels -- sum, sum of squares, min, max -- and the
-    chunks are added in float64. Its ``M2 = sum(x**2) - sum(x)**2 / n`` then
-    loses digits to cancellation in proportion to ``k = sum(x**2) / M2 =
-    1 + mean**2 / var``: the float32 error of M2 is at most ~3.4 k ulp-halves
-    (``2**-24``) relative (measured; ``benchmarks/README.md``). Rows with
-    ``k <= _UNCENTRED`` keep that result (std within ~5e-7 for float32 input);
-    the others (bright or dark images with little spread, a large offset,
-    flat images) are reduced again around their mean, with the corrected
-    two-pass formula (Chan, Golub & LeVeque 1983)::
+    Each image channel (a row of ``n = H * W`` pixels) is reduced in its own
+    dtype around a centre ``c`` (0, or a guess of its mean) -- sum and sum of
+    squares of ``d = x - c`` over chunks of ``_CHUNK`` pixels, added in
+    float64, min and max -- with the corrected two-pass formula (Chan, Golub
+    & LeVeque 1983)::
 
-        d    = x - c
         mean = c + sum(d) / n
         M2   = sum(d**2) - sum(d)**2 / n
 
-    which has no cancellation. A constant row is exactly constant. Per-row
-    results are pooled per channel in float64. float16 and bfloat16 batches
-    are reduced in float32.
+    Its rounding error is that of the sums times ``k = sum(d**2) / M2 =
+    1 + (mean - c)**2 / var``: for float32, M2 within ~3.4 k * 2**-24
+    relative (measured over 200,000 rows; ``benchmarks/README.md``). A row
+    is kept when ``k <= _UNCENTRED`` (std within ~5e-7); any other is reduced
+    again around its mean (exactly its value when it is constant: its M2 is
+    then exactly 0). So rows whose spread is not small against their
+    mean are reduced as they are, with no subtraction pass; bright or dark
+    rows with little spread, a large offset and flat images are centred.
+    Which rows need centring is first guessed from a sample of each row
+    (``_guess_centre``), and a block of rows holding one is centred whole, on
+    the sample means. Per-row results are pooled per channel in float64.
+    float16 and bfloat16 batches are reduced in float32.
 
-    The batch is walked in blocks of about 512 KiB, so each block is still in
-    the CPU cache for its four reductions; the rows centred again go through
-    a scratch buffer of one block per thread.
+    The rows are walked in blocks of about 1 MiB, so each block is still in
+    the CPU cache for all its reductions; centring goes through a scratch
+    buffer of one block, one per thread.
     """
     if images.dtype.is_complex or not images.dtype.is_floating_point:
         raise TypeError(
@@ -65,17 +68,16 @@ def batch_stats(images: Tensor) -> ChannelStats:
     m2 = torch.addcmul(dev_squares, dev_sum, dev_sum, value=-1 / n)
     redo = (dev_squares > _UNCENTRED * m2).nonzero().squeeze(1)
     if redo.numel():
-        # Around the mean, or exactly on the value of a constant row, whose M2 is then exactly 0.
-        again = torch.where(low[redo] == high[redo], low[redo], mean[redo]).to(rows.dtype)
-        dev_sum, dev_squares, _, _, centre = _reduce(rows, again, index=redo)
+        # Around the mean: exactly the value of a constant row (c + one ulp's deviation), whose M2 is then 0.
+        dev_sum, dev_squares, _, _, centre = _reduce(rows, mean[redo].to(rows.dtype), index=redo)
         mean[redo] = centre + dev_sum / n
         m2[redo] = torch.addcmul(dev_squares, dev_sum, dev_sum, value=-1 / n).clamp_min_(0)
 
     mean, m2 = mean.view(-1, channels), m2.view(-1, channels)
     low, high = low.view(-1, channels).amin(dim=0), high.view(-1, channels).amax(dim=0)
-    pooled = _within(mean.mean(dim=0), low, high)  # rounding never leaves [min, max]
-    m2 = m2.sum(dim=0) + n * (mean - pooled).square().sum(dim=0)
-    return ChannelStats(torch.full_like(pooled, float(mean.shape[0] * n)), pooled, m2, low, high)
+    pooled = mean.mean(dim=0).clamp_(min=low, max=high)  # rounding never leaves [min, max]
+    m2 = m2.sum(dim=0).add_((mean - pooled).square_().sum(dim=0), alpha=n)
+    return ChannelStats._owned(torch.full_like(pooled, float(mean.shape[0] * n)), pooled, m2, low, high)
 
 
 def _guess_centre(rows: Tensor) -> tuple[Tensor, Tensor]:
