@@ -38,9 +38,9 @@ def batch_stats(images: Tensor) -> ChannelStats:
     then exactly 0). So rows whose spread is not small against their
     mean are reduced as they are, with no subtraction pass; bright or dark
     rows with little spread, a large offset and flat images are centred.
-    Which rows need centring is first guessed from a sample of each row
-    (``_guess_centre``), and a block of rows holding one is centred whole, on
-    the sample means. Per-row results are pooled per channel in float64.
+    Whether rows need centring is first guessed from a sample of each row
+    (``_guess_centre``); if one does, every row is centred on its sample's
+    mean (one more pass, a subtraction). Per-row results are pooled per channel in float64.
     float16 and bfloat16 batches are reduced in float32.
 
     The rows are walked in blocks of about 1 MiB, so each block is still in
@@ -63,7 +63,7 @@ def batch_stats(images: Tensor) -> ChannelStats:
     rows = images.reshape(-1, height * width)
     n = rows.shape[1]
 
-    dev_sum, dev_squares, low, high, centre = _reduce(rows, *_guess_centre(rows))
+    dev_sum, dev_squares, low, high, centre = _reduce(rows, _guess_centre(rows))
     mean = centre + dev_sum / n
     m2 = torch.addcmul(dev_squares, dev_sum, dev_sum, value=-1 / n)
     redo = (dev_squares > _UNCENTRED * m2).nonzero().squeeze(1)
@@ -80,53 +80,42 @@ def batch_stats(images: Tensor) -> ChannelStats:
     return ChannelStats._owned(torch.full_like(pooled, float(mean.shape[0] * n)), pooled, m2, low, high)
 
 
-def _guess_centre(rows: Tensor) -> tuple[Tensor, Tensor]:
-    """The mean of each row's middle ``_CHUNK`` pixels, and whether those say the row needs centring.
+def _guess_centre(rows: Tensor) -> Tensor | None:
+    """None when each row's middle ``_CHUNK`` pixels say no row needs centring, else those pixels' means.
 
     A row is said to need it when the sample's ``sum(x**2) / M2`` is above
     twice ``_UNCENTRED``: a sample of 128 pixels misjudges it by less than
-    that, so rows that can stay uncentred are rarely centred for nothing.
+    that, so batches that can stay uncentred are rarely centred for nothing.
     """
     start = max(0, (rows.shape[1] - _CHUNK) // 2)
     sample = rows[:, start : start + _CHUNK]
     total, squares = sample.sum(dim=-1), torch.linalg.vector_norm(sample, dim=-1).square_()
     mean = total / sample.shape[1]
-    return mean, squares > 2 * _UNCENTRED * (squares - total * mean)
+    return mean if bool((squares > 2 * _UNCENTRED * torch.addcmul(squares, total, mean, value=-1)).any()) else None
 
 
-def _reduce(rows: Tensor, centre: Tensor, needs: Tensor | None = None, index: Tensor | None = None) -> tuple[Tensor, ...]:
-    """Float64 sum of deviations from a centre, sum of their squares, min and max of each row of ``rows``
-    ``(R, n)``, and the centre used, in float64.
+def _reduce(rows: Tensor, centre: Tensor | None, index: Tensor | None = None) -> tuple[Tensor, ...]:
+    """Float64 sum of deviations from ``centre`` (0 if None), sum of their squares, min and max of each
+    row of ``rows`` ``(R, n)``, and the centre, in float64.
 
-    The rows are walked in blocks of ``_BLOCK_BYTES``. A block holding a row
-    that ``needs`` centring is subtracted from its rows' ``centre`` into a
-    scratch buffer first; the others are reduced as they are (centre 0).
-    Without ``needs``, every row is centred. With ``index``, only those rows
-    are reduced, and not their min and max (the values returned in their
-    place are meaningless). Sums are taken over chunks of ``_CHUNK`` pixels
-    in the rows' dtype (``vector_norm`` for the squares: no temporary) and
-    the chunks added in float64, so their rounding does not grow with the
-    image size.
+    The rows are walked in blocks of ``_BLOCK_BYTES``; with a centre, each
+    block is subtracted into a scratch buffer first. With ``index``, only
+    those rows are reduced, and not their min and max (the values returned
+    in their place are meaningless). Sums are taken over chunks of
+    ``_CHUNK`` pixels in the rows' dtype (``vector_norm`` for the squares:
+    no temporary) and the chunks added in float64, so their rounding does
+    not grow with the image size.
     """
     n = rows.shape[1]
-    count = centre.numel()
+    count = rows.shape[0] if index is None else index.numel()
     per_block = max(1, _BLOCK_BYTES // (n * rows.element_size()))
-    blocks = -(-count // per_block)
-    if needs is None:
-        shifted = [True] * blocks
-    elif not bool(needs.any()):
-        shifted, centre = [False] * blocks, torch.zeros_like(centre)
-    else:
-        shifted = torch.nn.functional.pad(needs, (0, blocks * per_block - count)).view(blocks, -1).any(1)
-        centre = centre * shifted[:, None].expand(blocks, per_block).reshape(-1)[:count]
-        shifted = shifted.tolist()
-    if any(shifted) or index is not None:
+    if centre is not None:
         _SCRATCH.work = work = reuse_buffer(getattr(_SCRATCH, "work", None), min(count, per_block) * n, rows)
     chunks = -(-n // _CHUNK)
     out = torch.empty(count * (2 * chunks + 2), dtype=rows.dtype, device=rows.device)
     sums, norms = out[: 2 * count * chunks].view(2, count, chunks)
     low, high = out[2 * count * chunks :].view(2, count)
-    for start, shift in zip(range(0, count, per_block), shifted):
+    for start in range(0, count, per_block):
         stop = min(count, start + per_block)
         if index is None:
             block = rows[start:stop]
@@ -134,12 +123,13 @@ def _reduce(rows: Tensor, centre: Tensor, needs: Tensor | None = None, index: Te
             torch.amax(block, dim=-1, out=high[start:stop])
         else:
             block = torch.index_select(rows, 0, index[start:stop], out=work[: (stop - start) * n].view(-1, n))
-        if shift:
+        if centre is not None:
             block = torch.sub(block, centre[start:stop, None], out=work[: (stop - start) * n].view(-1, n))
         _chunk_sums(block, sums[start:stop], norms[start:stop])
     out = out.double()
     sums, squares = out[: 2 * count * chunks].view(2, count, chunks)
-    return sums.sum(dim=1), squares.square_().sum(dim=1), *out[2 * count * chunks :].view(2, count), centre.double()
+    centre = torch.zeros_like(out[:count]) if centre is None else centre.double()
+    return sums.sum(dim=1), squares.square_().sum(dim=1), *out[2 * count * chunks :].view(2, count), centre
 
 
 def _chunk_sums(block: Tensor, sums: Tensor, norms: Tensor) -> None:
