@@ -6,6 +6,7 @@ variant's exactness on adversarial data (against a float64 two-pass truth) and t
 
     python benchmarks/accumulator_variants.py            # both checks, 1 and 2 threads
     python benchmarks/accumulator_variants.py --quick
+    python benchmarks/accumulator_variants.py --bound    # the rounding of uncentred rows against sum(x**2) / M2
 
 ``current`` is the library's (``torchnormfit.accumulator.batch_stats``): rows (one image channel
 each) whose ``sum(x**2) / M2`` is at most 5 are reduced uncentred (sum, sum of squares, amin,
@@ -182,6 +183,32 @@ def check_exactness(variants: dict | None = None) -> list[tuple[str, str, float,
     return rows
 
 
+# --- the bound on uncentred rows -------------------------------------------------------------
+
+def uncentred_bound(rows: int = 20_000, ratios=(2.0, 5.0, 20.0)) -> list[tuple[str, float, float, float]]:
+    """``(distribution, k, largest M2 error / (k * 2**-24), largest std error)`` of float32 rows of 1,024
+    pixels reduced uncentred as the library does, k = sum(x**2) / M2 (1 + mean**2 / var)."""
+    from torchnormfit.accumulator import _reduce
+
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for ratio in ratios:
+        shift = (ratio - 1) ** 0.5
+        for name, z in {"uniform": (torch.rand(rows, 1024, generator=g, dtype=torch.float64) - 0.5) * 12**0.5,
+                        "normal": torch.randn(rows, 1024, generator=g, dtype=torch.float64),
+                        "uint8 levels": torch.randint(0, 256, (rows, 1024), generator=g).double()}.items():
+            z = (z - z.mean(dim=1, keepdim=True)) / z.std(dim=1, correction=0, keepdim=True)
+            x = (shift + z).float()
+            total, squares, _, _, _ = _reduce(x, None)
+            m2 = squares - total.square() / x.shape[1]
+            var = x.double().var(dim=1, correction=0)
+            k = squares / m2
+            m2_error = (m2 / x.shape[1] - var).abs() / var
+            out.append((name, ratio, float((m2_error / (k * 2**-24)).max()),
+                        float(((m2 / x.shape[1] / var).sqrt() - 1).abs().max())))
+    return out
+
+
 # --- speed ----------------------------------------------------------------------------------
 
 def time_ratios(fns: dict, x: Tensor, *, rounds: int = 15, inner: int = 7) -> dict[str, tuple[float, float, float]]:
@@ -241,7 +268,13 @@ def speed_table(variants: dict | None = None, threads=(1, 2), rounds: int = 15) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer timing rounds")
+    parser.add_argument("--bound", action="store_true", help="only the rounding of uncentred rows, against k")
     args = parser.parse_args(argv)
+    if args.bound:
+        print("uncentred float32 rows of 1,024 pixels, 20,000 per line: largest M2 error / (k * 2**-24), largest std error")
+        for name, ratio, per_k, std_error in uncentred_bound():
+            print(f"  k = {ratio:4g}  {name:13s} {per_k:5.2f}  {std_error:.2e}")
+        return 0
     print("exactness (max relative error vs float64 two-pass; 'exact' = zero std on constant channels and min/max equal)")
     worst: dict[str, float] = {}
     for name, case, me, se, ok in check_exactness(VARIANTS):

@@ -31,17 +31,18 @@ def batch_stats(images: Tensor) -> ChannelStats:
         M2   = sum(d**2) - sum(d)**2 / n
 
     Its rounding error is that of the sums times ``k = sum(d**2) / M2 =
-    1 + (mean - c)**2 / var``: for float32, M2 within ~3.4 k * 2**-24
-    relative (measured over 200,000 rows; ``benchmarks/README.md``). A row
-    is kept when ``k <= _UNCENTRED`` (std within ~5e-7); any other is reduced
-    again around its mean (exactly its value when it is constant: its M2 is
-    then exactly 0). So rows whose spread is not small against their
-    mean are reduced as they are, with no subtraction pass; bright or dark
-    rows with little spread, a large offset and flat images are centred.
-    Whether rows need centring is first guessed from a sample of each row
+    1 + (mean - c)**2 / var``: for float32, M2 within ~3.7 k * 2**-24
+    relative (the largest over 180,000 rows of three distributions:
+    ``python benchmarks/accumulator_variants.py --bound``). A row is kept
+    when ``k <= _UNCENTRED`` (std within ~6e-7); any other is reduced again
+    around its mean (exactly its value when it is constant: its M2 is then
+    exactly 0). So rows whose spread is not small against their mean are
+    reduced as they are, with no subtraction pass; bright or dark rows with
+    little spread, a large offset and flat images are centred. Whether rows
+    need centring is first guessed from a sample of each row
     (``_guess_centre``); if one does, every row is centred on its sample's
-    mean (one more pass, a subtraction). Per-row results are pooled per channel in float64.
-    float16 and bfloat16 batches are reduced in float32.
+    mean (one more pass, a subtraction). Per-row results are pooled per
+    channel in float64. float16 and bfloat16 batches are reduced in float32.
 
     The rows are walked in blocks of about 1 MiB, so each block is still in
     the CPU cache for all its reductions; centring goes through a scratch
