@@ -221,6 +221,22 @@ def test_bright_dark_flat_and_offset_images_in_one_batch(dtype):
     assert_exact(batch_stats(levels), truth([levels]), tol=tol)
 
 
+def test_an_image_gets_the_same_statistics_whatever_batch_it_comes_in():
+    """Workers and ranks cut a dataset into different batches: whether an image is centred, and where,
+    depends on that image alone, so pooled results agree to float64 rounding, not just to 1e-6."""
+    g = gen(23)
+    plain = torch.rand(6, C, 32, 32, generator=g)  # stays uncentred
+    narrow = 0.5 + 0.01 * torch.rand(6, C, 32, 32, generator=g)  # centred
+    together = batch_stats(torch.cat([plain, narrow]))
+    apart = batch_stats(plain).merge(batch_stats(narrow))
+    one_by_one = ChannelStats.empty(C)
+    for image in torch.cat([narrow, plain]):
+        one_by_one = one_by_one.merge(batch_stats(image[None]))
+    for stats in (apart, one_by_one):
+        torch.testing.assert_close(stats.mean, together.mean, rtol=1e-12, atol=0)
+        torch.testing.assert_close(stats.m2, together.m2, rtol=1e-12, atol=0)
+
+
 def test_flat_images_whose_float_mean_rounds_are_exactly_flat():
     """A value whose float32 mean over 128 copies is not the value: the guessed centre is off by an ulp,
     so the row is reduced again on its exact value and its M2 is exactly 0, its mean exactly the value."""

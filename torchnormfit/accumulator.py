@@ -38,11 +38,11 @@ def batch_stats(images: Tensor) -> ChannelStats:
     around its mean (exactly its value when it is constant: its M2 is then
     exactly 0). So rows whose spread is not small against their mean are
     reduced as they are, with no subtraction pass; bright or dark rows with
-    little spread, a large offset and flat images are centred. Whether rows
-    need centring is first guessed from a sample of each row
-    (``_guess_centre``); if one does, every row is centred on its sample's
-    mean (one more pass, a subtraction). Per-row results are pooled per
-    channel in float64. float16 and bfloat16 batches are reduced in float32.
+    little spread, a large offset and flat images are centred. Whether a row
+    needs centring is first guessed from a sample of it (``_guess_centre``);
+    if one does, the batch is walked with a subtraction pass, of its
+    sample's mean from such a row and of 0 from the others (which leaves
+    them as they are). Per-row results are pooled per channel in float64. float16 and bfloat16 batches are reduced in float32.
 
     The rows are walked in blocks of about 1 MiB, so each block is still in
     the CPU cache for all its reductions; centring goes through a scratch
@@ -82,17 +82,21 @@ def batch_stats(images: Tensor) -> ChannelStats:
 
 
 def _guess_centre(rows: Tensor) -> Tensor | None:
-    """None when each row's middle ``_CHUNK`` pixels say no row needs centring, else those pixels' means.
+    """The centre of each row as its middle ``_CHUNK`` pixels say: their mean where the row needs
+    centring, else 0; None when no row needs it.
 
     A row is said to need it when the sample's ``sum(x**2) / M2`` is above
     twice ``_UNCENTRED``: a sample of 128 pixels misjudges it by less than
-    that, so batches that can stay uncentred are rarely centred for nothing.
+    that, so rows that can stay uncentred are rarely centred for nothing. A
+    row's centre depends on that row alone, and so do its statistics: the
+    same whatever batch it comes in.
     """
     start = max(0, (rows.shape[1] - _CHUNK) // 2)
     sample = rows[:, start : start + _CHUNK]
     total, squares = sample.sum(dim=-1), torch.linalg.vector_norm(sample, dim=-1).square_()
     mean = total / sample.shape[1]
-    return mean if bool((squares > 2 * _UNCENTRED * torch.addcmul(squares, total, mean, value=-1)).any()) else None
+    needs = squares > 2 * _UNCENTRED * torch.addcmul(squares, total, mean, value=-1)
+    return mean.masked_fill_(~needs, 0) if bool(needs.any()) else None
 
 
 def _reduce(rows: Tensor, centre: Tensor | None, index: Tensor | None = None) -> tuple[Tensor, ...]:
