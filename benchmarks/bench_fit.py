@@ -16,7 +16,7 @@ Sections (``--sections``, default all):
     What a cache hit costs, part by part, in fresh processes.
 ``accumulator``
     ``batch_stats`` alone on resident batches against ``x.sum()`` (1 and 2 threads), for the
-    library's version, an inexact prototype and a lower bound (``accumulator_variants.py``).
+    library's version, its version before issue 14 and two lower bounds (``accumulator_variants.py``).
 ``rss``
     Peak RSS of a fit when the dataset grows 10x.
 ``defaults``
@@ -293,18 +293,26 @@ def _fit(ds, mixed, bs, nw, cache=None):
     return torch.tensor(norm.mean, dtype=torch.float64), torch.tensor(norm.std, dtype=torch.float64)
 
 
+def _fit_previous(ds, mixed, bs, nw):
+    """The fit with the library's batch_stats from before issue 14 (in this forked process and its workers)."""
+    _fitting.batch_stats = variants.previous
+    return _fit(ds, mixed, bs, nw)
+
+
 METHODS: dict[str, Callable | None] = {
     "floor": _recipe_floor,
     "fit": _fit,
+    "fit[previous batch_stats]": _fit_previous,
     "BatchNorm2d(0.1)": _recipe_bn,
     "forum mean/std": _recipe_forum,
     "stack+std_mean": _recipe_stack,
     "cache hit": None,  # special: see _measure_method
 }
-DEFAULT_METHODS = list(METHODS)
+DEFAULT_METHODS = [m for m in METHODS if not m.startswith("fit[")]
 METHOD_NOTES = {
     "floor": "plain DataLoader pass, no statistics",
     "fit": "FitNormalize(cache=None).fit, the library as checked out",
+    "fit[previous batch_stats]": "the same fit with accumulator_variants.previous (the library's batch_stats before issue 14)",
     "BatchNorm2d(0.1)": "BatchNorm2d(momentum=0.1) forward loop (train mode, no_grad)",
     "forum mean/std": "per-batch mean and std over (0,2,3), averaged over batches (per image when sizes differ)",
     "stack+std_mean": "all images stacked in memory, then torch.std_mean",
@@ -545,23 +553,21 @@ def section_hit(args, specs, tmp: Path, results: dict[str, Any]) -> None:
 
 # --- section: accumulator alone --------------------------------------------------------------
 
-def _accumulator_child(rounds: int, names: list[str]) -> dict[str, Any]:
-    chosen = {n: {**variants.VARIANTS, **variants.EXTRA}[n] for n in names}
-    exact = variants.check_exactness(chosen)
+def _accumulator_child(rounds: int) -> dict[str, Any]:
+    exact = variants.check_exactness(variants.VARIANTS)
     worst: dict[str, dict[str, Any]] = {}
     for name, case, me, se, ok in exact:
         w = worst.setdefault(name, {"err": 0.0, "exact": True, "worst_case": ""})
         if max(me, se) > w["err"]:
             w.update(err=max(me, se), worst_case=case)
         w["exact"] &= ok
-    speed = variants.speed_table(chosen, threads=(1, 2), rounds=rounds)
+    speed = variants.speed_table(threads=(1, 2), rounds=rounds)
     return {"speed": speed, "exactness": worst, "cases": [row for row in exact]}
 
 
 def section_accumulator(args, results: dict[str, Any]) -> None:
     _log("[accumulator] exactness and speed ...")
-    names = ["current"] if args.quick else ["current", "lean", "five_passes_only"]
-    results["accumulator"] = _fork(_accumulator_child, 3 if args.quick else 21, names)
+    results["accumulator"] = _fork(_accumulator_child, 3 if args.quick else 21)
 
 
 # --- section: RSS growth ---------------------------------------------------------------------
@@ -839,26 +845,30 @@ def report(results: dict[str, Any]) -> tuple[str, list[tuple[str, bool | None, s
         if "error" in acc:
             lines.append("failed: " + acc["error"].strip().splitlines()[-1])
         else:
-            lines.append("`batch_stats(x, work)` on a resident float32 batch, as a ratio to `x.sum()` on the same tensor "
-                         "(the two alternate; per round the best of several calls each; median over rounds). "
-                         "'current' is `torchnormfit.accumulator.batch_stats` as checked out; the others are in "
-                         "`benchmarks/accumulator_variants.py`. Worst error: max relative error of mean/std over the "
-                         "adversarial cases there (float64 two-pass truth); exact: zero std on constant channels, "
-                         "min/max equal to the truth's.")
+            lines.append("`batch_stats(x)` on a resident float32 batch, as a ratio to `x.sum()` on the same tensor "
+                         "(all variants of a batch and `x.sum()` alternate; per round the best of 7 calls each; median "
+                         "over rounds). 'current' is `torchnormfit.accumulator.batch_stats` as checked out, 'previous' "
+                         "the library's before issue 14; the floors are in `benchmarks/accumulator_variants.py`. "
+                         "'uniform' is U(0, 1) (rows reduced uncentred), 'narrow' mean 0.5 std 0.05 (every row centred). "
+                         "Worst error: max relative error of mean/std over the adversarial cases there (float64 "
+                         "two-pass truth); exact: zero std on constant channels, min/max equal to the truth's.")
             lines.append("")
-            lines.append("| batch | threads | variant | x sum() | ms | sum() ms | worst error | exact |")
-            lines.append("|---|---:|---|---:|---:|---:|---:|---|")
-            ex = acc["exactness"]
-            for shape, t, name, ratio, ms, sms in acc["speed"]:
-                e = ex.get(name, {})
-                err, exact = f"{e.get('err', float('nan')):.1e}", "yes" if e.get("exact") else "NO"
-                if name in variants.EXTRA:
-                    err, exact = "n/a", "not an accumulator (lower bound)"
-                lines.append(f"| {shape} | {t} | {name} | {ratio:.2f} | {ms:.3f} | {sms:.3f} | {err} | {exact} |")
-                if name == "current":
+            lines.append("| batch | data | threads | current | previous | four_reductions | five_passes_only | x.sum() ms |")
+            lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
+            table: dict[tuple[str, str, int], dict[str, float]] = {}
+            for shape, kind, t, name, ratio, ms, sms in acc["speed"]:
+                table.setdefault((shape, kind, t), {"sum_ms": sms})[name] = ratio
+            for (shape, kind, t), r in table.items():
+                cells = " | ".join(f"{r.get(name, float('nan')):.2f}"
+                                   for name in ("current", "previous", "four_reductions", "five_passes_only"))
+                lines.append(f"| {shape} | {kind} | {t} | {cells} | {r['sum_ms']:.3f} |")
+                if kind == "uniform" and "current" in r:
                     limit = variants.TARGETS[shape]
-                    targets.append((f"accumulator <= {limit:g}x x.sum() on {shape}, {t} thread(s)", ratio <= limit,
-                                    f"{ratio:.2f}x"))
+                    targets.append((f"accumulator <= {limit:g}x x.sum() on {shape}, {t} thread(s)", r["current"] <= limit,
+                                    f"{r['current']:.2f}x (four reductions {r.get('four_reductions', float('nan')):.2f}x)"))
+            lines.append("")
+            lines.append("Worst error over the adversarial cases: " + ", ".join(
+                f"{name} {e['err']:.1e} ({'exact' if e['exact'] else 'NOT exact'})" for name, e in acc["exactness"].items()) + ".")
         lines.append("")
 
     rss = results.get("rss")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor, nn
 
@@ -10,33 +12,41 @@ from .stats import ChannelStats
 __all__ = ["BatchNormAccumulator", "batch_stats"]
 
 _EXACT_BUFFERS = ("pixel_count", "pixel_mean", "pixel_m2", "pixel_min", "pixel_max")  # float64 whatever .to() says
-_BLOCK_BYTES = 4 << 20  # images are reduced ~4 MiB at a time, so each is read from memory once
-_CHUNK = 1024  # pixels per partial sum of squares; bounds the float rounding of each (see _reduce)
-_GRID = 8  # a centre is first guessed from an 8x8 grid of pixels of each image
+_BLOCK_BYTES = 1 << 20  # rows are reduced ~1 MiB at a time, so each block is still in the CPU cache for all its sums
+_CHUNK = 128  # pixels per float partial sum; bounds the rounding of each (see batch_stats)
+_UNCENTRED = 5.0  # a row is reduced uncentred when its sum of squares is at most this many times its M2
+_SCRATCH = threading.local()  # each thread's buffer for the rows it centres
 
 
-def batch_stats(images: Tensor, work: Tensor | None = None) -> tuple[ChannelStats, Tensor | None]:
+def batch_stats(images: Tensor) -> ChannelStats:
     """Exact per-channel statistics of a float batch ``(..., C, H, W)``.
 
-    Each image is reduced in its own dtype around a centre ``c`` close to its
-    own mean, with the corrected two-pass formula (Chan, Golub & LeVeque 1983)::
+    Each image channel (a row of ``n = H * W`` pixels) is reduced in its own
+    dtype around a centre ``c`` (0, or a guess of its mean) -- sum and sum of
+    squares of ``d = x - c`` over chunks of ``_CHUNK`` pixels, added in
+    float64, min and max -- with the corrected two-pass formula (Chan, Golub
+    & LeVeque 1983)::
 
-        d    = x - c
         mean = c + sum(d) / n
         M2   = sum(d**2) - sum(d)**2 / n
 
-    so there is no cancellation whatever the brightness or the offset. The
-    centre is the mean of an 8x8 grid of the image's pixels; an image whose
-    centre lands more than one standard deviation from its mean is reduced
-    again around its mean, and a constant image is exactly constant. Sums of
-    squares are taken in chunks of ``_CHUNK`` pixels, so their rounding does
-    not grow with the image size. Per-image results are pooled in float64.
-    Relative error against a float64 two-pass computation: ~1e-8 for float32
-    input. float16 and bfloat16 batches are reduced in float32.
+    Its rounding error is that of the sums times ``k = sum(d**2) / M2 =
+    1 + (mean - c)**2 / var``: for float32, M2 within ~3.7 k * 2**-24
+    relative (the largest over 180,000 rows of three distributions:
+    ``python benchmarks/accumulator_variants.py --bound``). A row is kept
+    when ``k <= _UNCENTRED`` (std within ~6e-7); any other is reduced again
+    around its mean (exactly its value when it is constant: its M2 is then
+    exactly 0). So rows whose spread is not small against their mean are
+    reduced as they are, with no subtraction pass; bright or dark rows with
+    little spread, a large offset and flat images are centred. Whether a row
+    needs centring is first guessed from a sample of it (``_guess_centre``);
+    if one does, the batch is walked with a subtraction pass, of its
+    sample's mean from such a row and of 0 from the others (which leaves
+    them as they are). Per-row results are pooled per channel in float64. float16 and bfloat16 batches are reduced in float32.
 
-    The batch is walked in blocks of about 4 MiB, so each block is still in
-    the CPU cache for its sums, minimum and maximum. ``work`` is a scratch
-    buffer reused between calls; the buffer to pass next time is returned.
+    The rows are walked in blocks of about 1 MiB, so each block is still in
+    the CPU cache for all its reductions; centring goes through a scratch
+    buffer of one block, one per thread.
     """
     if images.dtype.is_complex or not images.dtype.is_floating_point:
         raise TypeError(
@@ -47,66 +57,97 @@ def batch_stats(images: Tensor, work: Tensor | None = None) -> tuple[ChannelStat
         raise ValueError(f"Expected images of shape (..., C, H, W). Got a tensor of shape {tuple(images.shape)}.")
     channels, height, width = images.shape[-3:]
     if images.numel() == 0:
-        return ChannelStats.empty(channels, device=images.device), work
+        return ChannelStats.empty(channels, device=images.device)
     images = images.detach()
     if images.dtype in (torch.float16, torch.bfloat16):
         images = images.float()
-    flat = images.reshape(-1, channels, height * width)
-    n = flat.shape[-1]
+    rows = images.reshape(-1, height * width)
+    n = rows.shape[1]
 
-    rows, cols = max(1, height // _GRID), max(1, width // _GRID)
-    centre = flat.unflatten(-1, (height, width))[..., rows // 2 :: rows, cols // 2 :: cols].mean(dim=(-2, -1))
-    mean_i, m2_i, low, high, work = _reduce(flat, centre, work)
+    dev_sum, dev_squares, low, high, centre = _reduce(rows, _guess_centre(rows))
+    mean = centre + dev_sum / n
+    m2 = torch.addcmul(dev_squares, dev_sum, dev_sum, value=-1 / n)
+    redo = (dev_squares > _UNCENTRED * m2).nonzero().squeeze(1)
+    if redo.numel():
+        # Around the mean: exactly the value of a constant row (c + one ulp's deviation), whose M2 is then 0.
+        dev_sum, dev_squares, _, _, centre = _reduce(rows, mean[redo].to(rows.dtype), index=redo)
+        mean[redo] = centre + dev_sum / n
+        m2[redo] = torch.addcmul(dev_squares, dev_sum, dev_sum, value=-1 / n).clamp_min_(0)
 
-    constant = low == high
-    far = ((mean_i - centre.double()).square() > m2_i / n) & ~constant
-    if bool(far.any()):
-        # A centre more than one std from the mean: centre those images again, on their mean.
-        redo = far.nonzero(as_tuple=True)
-        again = flat[redo][:, None]  # (images, 1 channel, pixels)
-        mean_again, m2_again, _, _, work = _reduce(again, mean_i[redo].to(flat.dtype)[:, None], work)
-        mean_i[redo], m2_i[redo] = mean_again[:, 0], m2_again[:, 0]
-    mean_i = torch.where(constant, low, mean_i.clamp(min=low, max=high))  # rounding never leaves [min, max]
-    m2_i = torch.where(constant, 0.0, m2_i.clamp_min(0))
-
-    mean = mean_i.mean(dim=0)
-    m2 = m2_i.sum(dim=0) + n * (mean_i - mean).square().sum(dim=0)
-    count = torch.full_like(mean, float(flat.shape[0] * n))
-    return ChannelStats(count, mean, m2, low.amin(dim=0), high.amax(dim=0)), work
+    mean, m2 = mean.view(-1, channels), m2.view(-1, channels)
+    low, high = low.view(-1, channels).amin(dim=0), high.view(-1, channels).amax(dim=0)
+    pooled = mean.mean(dim=0).clamp_(min=low, max=high)  # rounding never leaves [min, max]
+    m2 = m2.sum(dim=0).add_((mean - pooled).square_().sum(dim=0), alpha=n)
+    return ChannelStats._owned(torch.full_like(pooled, float(mean.shape[0] * n)), pooled, m2, low, high)
 
 
-def _reduce(flat: Tensor, centre: Tensor, work: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Float64 mean, M2, min and max of each row of ``flat`` ``(N, C, n)``, from its deviations from ``centre``.
+def _guess_centre(rows: Tensor) -> Tensor | None:
+    """The centre of each row as its middle ``_CHUNK`` pixels say: their mean where the row needs
+    centring, else 0; None when no row needs it.
 
-    ``vector_norm`` is the fastest reduction of squares (no temporary), but its
-    float32 rounding grows with the length reduced (~1e-4 relative over a
-    2048x2048 image on the CPU); over chunks of ``_CHUNK`` pixels it stays
-    ~1e-7, and the chunks are added in float64.
+    A row is said to need it when the sample's ``sum(x**2) / M2`` is above
+    twice ``_UNCENTRED``: a sample of 128 pixels misjudges it by less than
+    that, so rows that can stay uncentred are rarely centred for nothing. A
+    row's centre depends on that row alone, and so do its statistics: the
+    same whatever batch it comes in.
     """
-    count, channels, n = flat.shape
-    per_block = min(count, max(1, _BLOCK_BYTES // (channels * n * flat.element_size())))
-    work = reuse_buffer(work, per_block * channels * n, flat)
-    chunks = n // _CHUNK if n > 2 * _CHUNK else 0
-    whole = chunks * _CHUNK
-    dev_sum, low, high = torch.empty(3, count, channels, dtype=flat.dtype, device=flat.device)
-    norms = torch.empty(count, channels, chunks + (whole < n), dtype=flat.dtype, device=flat.device)
+    start = max(0, (rows.shape[1] - _CHUNK) // 2)
+    sample = rows[:, start : start + _CHUNK]
+    total, squares = sample.sum(dim=-1), torch.linalg.vector_norm(sample, dim=-1).square_()
+    mean = total / sample.shape[1]
+    needs = squares > 2 * _UNCENTRED * torch.addcmul(squares, total, mean, value=-1)
+    return mean.masked_fill_(~needs, 0) if bool(needs.any()) else None
+
+
+def _reduce(rows: Tensor, centre: Tensor | None, index: Tensor | None = None) -> tuple[Tensor, ...]:
+    """Float64 sum of deviations from ``centre`` (0 if None), sum of their squares, min and max of each
+    row of ``rows`` ``(R, n)``, and the centre, in float64.
+
+    The rows are walked in blocks of ``_BLOCK_BYTES``; with a centre, each
+    block is subtracted into a scratch buffer first. With ``index``, only
+    those rows are reduced, and not their min and max (the values returned
+    in their place are meaningless). Sums are taken over chunks of
+    ``_CHUNK`` pixels in the rows' dtype (``vector_norm`` for the squares:
+    no temporary) and the chunks added in float64, so their rounding does
+    not grow with the image size.
+    """
+    n = rows.shape[1]
+    count = rows.shape[0] if index is None else index.numel()
+    per_block = max(1, _BLOCK_BYTES // (n * rows.element_size()))
+    if centre is not None:
+        _SCRATCH.work = work = reuse_buffer(getattr(_SCRATCH, "work", None), min(count, per_block) * n, rows)
+    chunks = -(-n // _CHUNK)
+    out = torch.empty(count * (2 * chunks + 2), dtype=rows.dtype, device=rows.device)
+    sums, norms = out[: 2 * count * chunks].view(2, count, chunks)
+    low, high = out[2 * count * chunks :].view(2, count)
     for start in range(0, count, per_block):
         stop = min(count, start + per_block)
-        block = flat[start:stop]
-        centred = work[: block.numel()].view(block.shape)
-        torch.sub(block, centre[start:stop, :, None], out=centred)
-        torch.sum(centred, dim=-1, out=dev_sum[start:stop])
-        torch.amin(block, dim=-1, out=low[start:stop])
-        torch.amax(block, dim=-1, out=high[start:stop])
-        if chunks:
-            torch.linalg.vector_norm(centred[..., :whole].unflatten(-1, (chunks, _CHUNK)), dim=-1,
-                                     out=norms[start:stop, :, :chunks])
-        if whole < n:
-            torch.linalg.vector_norm(centred[..., whole:], dim=-1, keepdim=True, out=norms[start:stop, :, chunks:])
-    dev_sum = dev_sum.double()
-    mean = centre.double() + dev_sum / n
-    m2 = norms.double().square_().sum(dim=-1) - dev_sum.square() / n
-    return mean, m2, low.double(), high.double(), work
+        if index is None:
+            block = rows[start:stop]
+            torch.amin(block, dim=-1, out=low[start:stop])
+            torch.amax(block, dim=-1, out=high[start:stop])
+        else:
+            block = torch.index_select(rows, 0, index[start:stop], out=work[: (stop - start) * n].view(-1, n))
+        if centre is not None:
+            block = torch.sub(block, centre[start:stop, None], out=work[: (stop - start) * n].view(-1, n))
+        _chunk_sums(block, sums[start:stop], norms[start:stop])
+    out = out.double()
+    sums, squares = out[: 2 * count * chunks].view(2, count, chunks)
+    centre = torch.zeros_like(out[:count]) if centre is None else centre.double()
+    return sums.sum(dim=1), squares.square_().sum(dim=1), *out[2 * count * chunks :].view(2, count), centre
+
+
+def _chunk_sums(block: Tensor, sums: Tensor, norms: Tensor) -> None:
+    """Sums and norms of ``block``'s rows over chunks of ``_CHUNK`` pixels, into ``(R, chunks)`` tensors."""
+    n = block.shape[1]
+    whole = n - n % _CHUNK
+    if whole:
+        chunks = block[:, :whole].unflatten(-1, (-1, _CHUNK))
+        torch.sum(chunks, dim=-1, out=sums[:, : whole // _CHUNK])
+        torch.linalg.vector_norm(chunks, dim=-1, out=norms[:, : whole // _CHUNK])
+    if whole < n:
+        torch.sum(block[:, whole:], dim=-1, keepdim=True, out=sums[:, -1:])
+        torch.linalg.vector_norm(block[:, whole:], dim=-1, keepdim=True, out=norms[:, -1:])
 
 
 def reuse_buffer(work: Tensor | None, numel: int, like: Tensor) -> Tensor:
@@ -152,7 +193,6 @@ class BatchNormAccumulator(nn.BatchNorm2d):
         empty = ChannelStats.empty(num_features, device=device)
         for name, value in empty.to_dict().items():
             self.register_buffer(f"pixel_{name}", value)
-        self._work: Tensor | None = None
 
     def _apply(self, fn, recurse=True):
         # .half(), .float(), .to(dtype) convert every floating point buffer; the exact state must stay
@@ -164,10 +204,6 @@ class BatchNormAccumulator(nn.BatchNorm2d):
             if after.dtype != torch.float64:
                 self._buffers[name] = before.to(device=after.device)
         return self
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        return {**state, "_work": None}  # a scratch buffer, not state: do not pickle or deep-copy it
 
     @property
     def stats(self) -> ChannelStats:
@@ -183,7 +219,7 @@ class BatchNormAccumulator(nn.BatchNorm2d):
 
     def update(self, images: Tensor) -> ChannelStats:
         """Merge a float batch ``(..., C, H, W)`` in and return the batch's own statistics."""
-        stats, self._work = batch_stats(images, self._work)
+        stats = batch_stats(images)
         self.merge(stats)
         return stats
 

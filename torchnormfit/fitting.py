@@ -299,7 +299,6 @@ class _Collate:
     def __init__(self, reduce: bool, track: frozenset[int] = frozenset()):
         self.reduce = reduce
         self.track = track
-        self._work: Tensor | None = None
         self._stacked: Tensor | None = None
 
     def __call__(self, items: Sequence[tuple[int, Tensor | _Failure, bool]]) -> _Batch:
@@ -347,7 +346,7 @@ class _Collate:
         numel = len(images) * images[0].numel()
         self._stacked = reuse_buffer(self._stacked, numel, images[0])
         stacked = torch.stack(images, out=self._stacked[:numel].view(len(images), *images[0].shape))
-        piece_stats, self._work = batch_stats(stacked, self._work)
+        piece_stats = batch_stats(stacked)
         _check_finite(piece_stats, [index for index, _ in piece], stacked)
         return piece_stats
 
@@ -596,7 +595,7 @@ def tensor_stats(images: Tensor) -> tuple[ChannelStats, int]:
     """Exact statistics of one float batch ``(..., C, H, W)`` and its number of images."""
     images = check_image(images)
     with _one_thread():
-        stats, _ = batch_stats(images)
+        stats = batch_stats(images)
     count = images.reshape(-1, *images.shape[-3:]).shape[0]
     _check_finite(stats, list(range(count)), images.reshape(count, -1))
     return stats, count

@@ -85,6 +85,14 @@ class ChannelStats:
             object.__setattr__(self, name, value)
 
     @classmethod
+    def _owned(cls, count: Tensor, mean: Tensor, m2: Tensor, min: Tensor, max: Tensor) -> ChannelStats:
+        """Wrap five 1-D float64 tensors of one length that no one else holds, without copying them."""
+        stats = object.__new__(cls)
+        for name, value in zip(_FIELDS, (count, mean, m2, min, max)):
+            object.__setattr__(stats, name, value)
+        return stats
+
+    @classmethod
     def empty(cls, num_channels: int, device: torch.device | str | None = None) -> ChannelStats:
         """Statistics of no pixels: the neutral element of :meth:`merge`."""
         zeros = torch.zeros(num_channels, dtype=torch.float64, device=device)
