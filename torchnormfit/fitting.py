@@ -335,8 +335,7 @@ class _Collate:
                 step = max(1, _STACK_BYTES // max(1, image_bytes))
                 for start in range(0, len(group), step):
                     stats = stats.merge(self._piece_stats(group[start : start + step]))
-        # Plain floats, not tensors: each tensor crossing the worker queue costs a shared-memory
-        # handle, which made small-image fits 2.4x slower than the plain pass (benchmarks/).
+        # Plain floats, not tensors: a tensor crossing the worker queue costs a shared-memory handle each.
         batch.moments = [value.tolist() for value in stats.to_dict().values()]
         return batch
 
@@ -356,8 +355,7 @@ def _one_thread() -> Iterator[None]:
     """Reduce with one torch thread (as DataLoader workers already do).
 
     In the main process (``num_workers=0``) a multi-threaded kernel on small
-    blocks gains little and, beside a busy core, waits for a time slice: a
-    pass took 2.5 s with two threads and 0.13 s with one (benchmarks/).
+    blocks gains little and, beside a busy core, waits for a time slice.
     """
     threads = torch.get_num_threads()
     if threads == 1:
