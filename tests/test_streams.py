@@ -53,17 +53,16 @@ class Images(torch.utils.data.Dataset):
 
 
 def assert_exact(norm: FitNormalize, indices) -> None:
-    """Every pixel counted once; the map-style pass's statistics within 1e-12; the float64 truth within 5e-8.
+    """Every pixel counted once; the map-style pass's statistics within 1e-12; the float64 truth within 1e-6.
 
-    5e-8, not 1e-9: the accumulator reduces each float32 image in float32
-    (batch_stats: ~1e-8; up to 1.6e-9 on the mean and 1.4e-8 on the variance
-    of these tiny images), for map-style data too.
+    1e-6, not 1e-9: the accumulator reduces each float32 image in float32 and, where the rounding allows it,
+    uncentred (its documented bound, ``batch_stats``: within 1e-6), for map-style data too.
     """
     mean, var, pixels = st.truth(indices)
     assert norm.stats.count.tolist() == [float(pixels)] * 3
     assert norm.num_samples == len(list(indices))
-    torch.testing.assert_close(norm.stats.mean, mean, rtol=5e-8, atol=0)
-    torch.testing.assert_close(norm.stats.var, var, rtol=5e-8, atol=0)
+    torch.testing.assert_close(norm.stats.mean, mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(norm.stats.var, var, rtol=1e-6, atol=0)
     reference = FitNormalize(cache=None).fit(Images(indices), num_workers=0, progress=False).stats
     for field, value in reference.to_dict().items():
         torch.testing.assert_close(getattr(norm.stats, field), value, rtol=1e-12, atol=0, msg=field)
