@@ -259,7 +259,7 @@ class _Walk:
         fast = _fast_items(items, self._roots)
         if fast is not None:
             self._budget -= len(items)
-            return _sha(b"items", *fast)
+            return _sha(b"items", _text("\n".join(fast)))
         digests = []
         for position, item in enumerate(items):
             hits = self.norm_hits
@@ -274,7 +274,7 @@ class _Walk:
         fast = _fast_items(items, self._roots)
         if fast is not None:
             self._budget -= len(items)
-            return _sha(b"multiset", *sorted(fast))
+            return _sha(b"multiset", _text("\n".join(sorted(fast))))
         return _sha(b"multiset", *sorted(self.of(item, f"{where}[*]", data) for item in items))
 
     def _mapping(self, mapping: Mapping[Any, Any], where: str, data: bool) -> bytes:
@@ -343,16 +343,16 @@ class _Walk:
 
 def _primitive(value: Any, roots: Sequence[str] = ()) -> bytes:
     if isinstance(value, str):
-        return _sha(b"str", _text(value), _file_state(value, roots))
+        return _sha(b"str", _text(value), _text(_file_state(value, roots)))
     if isinstance(value, bytes):
         return _sha(b"bytes", value)
     return _sha(_text(type(value).__name__), _text(repr(value)))
 
 
-def _file_state(text: str, roots: Sequence[str] = ()) -> bytes:
+def _file_state(text: str, roots: Sequence[str] = ()) -> str:
     """A regular file's size and modification time, if ``text`` names one (absolute, or under a dataset's root)."""
     if len(text) > 4096 or "\x00" in text or not (os.sep in text or "." in text):
-        return b""
+        return ""
     candidates = [text] if os.sep in text else []
     if not os.path.isabs(text):
         candidates += [os.path.join(root, text) for root in roots]
@@ -362,20 +362,22 @@ def _file_state(text: str, roots: Sequence[str] = ()) -> bytes:
         except (OSError, ValueError):
             continue
         if stat.S_ISREG(info.st_mode):  # not a folder: its time changes whenever anything in it does
-            return _text(f"file {info.st_size} {info.st_mtime_ns}")
-    return b""
+            return f" file {info.st_size} {info.st_mtime_ns}"
+    return ""
 
 
-def _fast_items(items: Any, roots: Sequence[str] = ()) -> list[bytes] | None:
-    """Digests of items that are plain values or tuples of them (file lists), cheaply; None otherwise."""
-    if not all(type(item) in (str, int, float, bool) or (type(item) is tuple and all(
-            type(part) in (str, int, float, bool) for part in item)) for item in items):
+def _fast_items(items: Any, roots: Sequence[str] = ()) -> list[str] | None:
+    """One line of text per item, for items that are plain values or tuples of them (file lists, labels):
+    its repr (no line breaks) and the state of the files it names. None for other items."""
+    plain = (str, int, float, bool)
+    if not all(type(item) in plain or (type(item) is tuple and all(type(part) in plain for part in item))
+               for item in items):
         return None
     out = []
     for item in items:
         parts = item if type(item) is tuple else (item,)
-        files = b"".join(_file_state(part, roots) for part in parts if type(part) is str)
-        out.append(_sha(_text(repr(item)), files))
+        files = "".join(_file_state(part, roots) for part in parts if type(part) is str)
+        out.append(f"{item!r}{files}")
     return out
 
 
@@ -437,7 +439,7 @@ def _special(value: Any, roots: Sequence[str]) -> bytes | None:
             hashed = pandas.util.hash_pandas_object(value, index=not isinstance(value, pandas.Index))
             columns = json.dumps([str(c) for c in getattr(value, "columns", [])])
             cells = value.to_numpy().ravel() if value.ndim else []
-            files = b"".join(_file_state(cell, roots) for cell in cells if isinstance(cell, str))
+            files = _text("".join(_file_state(cell, roots) for cell in cells if isinstance(cell, str)))
             return _sha(b"pandas", _text(type(value).__name__), _text(columns), hashed.to_numpy().tobytes(), files)
     if module == "PIL" and hasattr(value, "tobytes") and hasattr(value, "mode"):
         return _sha(b"PIL image", _text(f"{value.mode} {value.size}"), hashlib.sha256(value.tobytes()).digest())
