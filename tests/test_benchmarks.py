@@ -4,7 +4,7 @@ No timing is asserted (the machine may be busy); only that every section ran and
 rows, that the fit's statistics were exact against the float64 truth (tests/reference.py), that the
 cache hit gave the fitted numbers, and (``bench_verify.py``, the simulated hits only) that unchanged data
 with a deterministic pipeline never failed verification and a shift of half a std failed every hit. The
-default run covers two workloads (in-memory uint8 and an image folder) at the smallest sizes; the slow
+default run covers the in-memory uint8 workload at the smallest sizes; the slow
 run all four at the sizes of ``--quick --scale 0.2``.
 """
 
@@ -64,18 +64,18 @@ def check_results(results: dict, workloads: tuple[str, ...]) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_workloads(tmp_path_factory):
-    workloads = ("uint8", "ImageFolder")
+def quick_workloads(tmp_path_factory):
+    workloads = ("uint8",)  # every workload, ImageFolder included, under slow
     return quick_run(tmp_path_factory.mktemp("bench"), workloads, scale=0.05), workloads
 
 
-def test_prints_every_table(two_workloads):
-    (out, _), workloads = two_workloads
+def test_prints_every_table(quick_workloads):
+    (out, _), workloads = quick_workloads
     check_tables(out, workloads)
 
 
-def test_every_measurement_succeeded_and_the_fit_is_exact(two_workloads):
-    (_, results), workloads = two_workloads
+def test_every_measurement_succeeded_and_the_fit_is_exact(quick_workloads):
+    (_, results), workloads = quick_workloads
     check_results(results, workloads)
 
 

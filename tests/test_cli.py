@@ -318,34 +318,34 @@ def _write_aged(cache: Path, ages_days: dict[str, float], now: float) -> None:
         write_entry(cache, key, make_stats(seed), entry_attrs(seed, created_utc=created))
 
 
-def test_rm_many_keys_is_one_operation_and_all_or_nothing(tmp_path):
+def test_rm_many_keys_is_one_operation_and_all_or_nothing(tmp_path, capsys):
     """Keys in entry files and in a single file (rewritten once, without them) go together, or none goes."""
     cache = single_file(tmp_path / "stats.h5", {"s1": 1, "s2": 2, "s3": 3})
     _write_aged(cache, {"a": 1, "b": 1}, time.time())
-    result = run("rm", "a", "s1", "nope", "--cache", cache, tmp=tmp_path)
-    assert result.returncode == 1 and "nope" in result.stderr
+    code, _, err = call(capsys, "rm", "a", "s1", "nope", "--cache", cache)
+    assert code == 1 and "nope" in err
     assert [e.key for e in list_entries(cache)] == ["a", "b", "s1", "s2", "s3"]
-    result = run("rm", "a", "s1", "s2", "--cache", cache, "--json", tmp=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["removed"] == ["a", "s1", "s2"]
+    code, out, err = call(capsys, "rm", "a", "s1", "s2", "--cache", cache, "--json")
+    assert code == 0, err
+    assert json.loads(out)["removed"] == ["a", "s1", "s2"]
     assert [e.key for e in list_entries(cache)] == ["b", "s3"]
     with h5py.File(cache, "r") as handle:  # the single file keeps only what was not removed
         assert list(handle) == ["s3"]
 
 
-def test_rm_prunes_by_age_and_by_count(tmp_path):
+def test_rm_prunes_by_age_and_by_count(tmp_path, capsys):
     now = time.time()
     cache = single_file(tmp_path / "stats.h5", {"single-100d": 7},
                         created_utc=datetime.fromtimestamp(now - 100 * 86400, timezone.utc).isoformat())
     _write_aged(cache, {"d1": 1, "d10": 10, "d40": 40, "d400": 400}, now)
-    result = run("rm", "--older-than", "30d", "--cache", cache, "--json", tmp=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert sorted(json.loads(result.stdout)["removed"]) == ["d40", "d400", "single-100d"]
+    code, out, err = call(capsys, "rm", "--older-than", "30d", "--cache", cache, "--json")
+    assert code == 0, err
+    assert sorted(json.loads(out)["removed"]) == ["d40", "d400", "single-100d"]
     assert [e.key for e in list_entries(cache)] == ["d1", "d10"]
-    result = run("rm", "--keep-last", "1", "--cache", cache, tmp=tmp_path)
-    assert result.returncode == 0 and result.stdout.strip() == f"removed d10 from {cache}"
-    result = run("rm", "--older-than", "2w", "--keep-last", "0", "--cache", cache, tmp=tmp_path)
-    assert result.returncode == 0 and result.stdout.strip() == f"nothing to remove in {cache}"
+    code, out, _ = call(capsys, "rm", "--keep-last", "1", "--cache", cache)
+    assert code == 0 and out.strip() == f"removed d10 from {cache}"
+    code, out, _ = call(capsys, "rm", "--older-than", "2w", "--keep-last", "0", "--cache", cache)
+    assert code == 0 and out.strip() == f"nothing to remove in {cache}"
     assert [e.key for e in list_entries(cache)] == ["d1"]
 
 

