@@ -714,13 +714,8 @@ def delete_entries(path: str | os.PathLike, keys: Iterable[str]) -> list[str]:
     Returns the keys that were there, in the order given.
     """
     keys = list(dict.fromkeys(check_key(key) for key in keys))
-    real = _resolve(Path(path))
-    _check_not_directory(real)
-    if not os.path.lexists(real) and not entry_folder(real).is_dir():
-        return []
-    with _locked(real) as real:
-        _remove_dead_writers_files(real)
-        return _delete_locked(real, keys)
+    with _removing(path) as real:
+        return [] if real is None else _delete_locked(real, keys)
 
 
 def prune_entries(
@@ -745,12 +740,9 @@ def prune_entries(
         raise ValueError("prune_entries needs older_than (seconds) or keep_last (a count), or both.")
     if (older_than is not None and not older_than >= 0) or (keep_last is not None and keep_last < 0):
         raise ValueError(f"older_than and keep_last must not be negative. Got {older_than!r} and {keep_last!r}.")
-    real = _resolve(Path(path))
-    _check_not_directory(real)
-    if not os.path.lexists(real) and not entry_folder(real).is_dir():
-        return []
-    with _locked(real) as real:
-        _remove_dead_writers_files(real)
+    with _removing(path) as real:
+        if real is None:
+            return []
         newest_first = sorted(((_created(entry, file), key) for key, (entry, file) in _scan(real).items()),
                               reverse=True)
         now = time.time() if now is None else now
@@ -758,6 +750,19 @@ def prune_entries(
         if older_than is not None:
             kept |= {key for created, key in newest_first if now - created <= older_than}
         return _delete_locked(real, [key for _, key in newest_first if key not in kept])
+
+
+@contextlib.contextmanager
+def _removing(path: str | os.PathLike) -> Iterator[Path | None]:
+    """The cache's real path, under its lock, dead writers' files gone; None (and no lock) if there is no cache."""
+    real = _resolve(Path(path))
+    _check_not_directory(real)
+    if not os.path.lexists(real) and not entry_folder(real).is_dir():
+        yield None
+        return
+    with _locked(real) as real:
+        _remove_dead_writers_files(real)
+        yield real
 
 
 def _created(entry: CacheEntry, file: Path) -> float:
