@@ -127,7 +127,8 @@ def fit_dataset(
             UserWarning)
     written = False
     if cache_path is not None:
-        attrs = {**_provenance(dataset, norm, result.num_samples, gaps), **_subset_provenance(dataset, max_samples, seed, errors)}
+        attrs = {**_provenance(dataset, norm, result.num_samples, gaps),
+                 **_subset_provenance(dataset, max_samples, seed, errors)}
         written = on_root(ranks, lambda: _save(cache_path, key, result.stats, attrs, _arrays(result.tracked)))
         if not written:
             note = "; ".join(filter(None, [note, "the cache could not be written"]))
@@ -319,12 +320,21 @@ def _provenance(dataset: Dataset | None, norm: Any, num_samples: int, gaps: Sequ
         "torch_version": str(torch.__version__),
         "torchvision_version": str(torchvision.__version__),
         "torchnormfit_version": __version__,
-        "dataset": "partial_fit" if dataset is None else json.dumps(describe_dataset(dataset), sort_keys=True, default=str),
-        "pipeline": "" if dataset is None else describe_pipeline(dataset, norm),
+        "dataset": "partial_fit" if dataset is None else _never_raising(
+            lambda: json.dumps(describe_dataset(dataset), sort_keys=True, default=str)),
+        "pipeline": "" if dataset is None else _never_raising(lambda: describe_pipeline(dataset, norm)),
         "num_samples": num_samples,
         "ddof": 0,
         "key_gaps": json.dumps(list(gaps)),
     }
+
+
+def _never_raising(describe: Callable[[], str]) -> str:
+    """A provenance text; a dataset that cannot be described must not fail a fit that has its statistics."""
+    try:
+        return describe()
+    except Exception as error:
+        return f"(not described: {type(error).__name__}: {error})"
 
 
 def _subset_provenance(
