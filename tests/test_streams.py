@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 import streams_for_tests as st
 from torchnormfit import FitNormalize
 from torchnormfit.cli import main
-from torchnormfit.fitting import Capture
+from torchnormfit.samples import Capture
 from torchnormfit.fingerprint import describe_dataset, fingerprint
 from torchnormfit.streams import describe_source, first_images
 

@@ -1,4 +1,9 @@
-"""The fit pass: one DataLoader pass over a dataset, reduced to ChannelStats."""
+"""The fit pass: one DataLoader pass over a dataset, reduced to ChannelStats.
+
+The workers read samples (:mod:`torchnormfit.samples`), group a batch's images by shape and reduce them
+(:class:`_Collate`), and send back a few floats per batch; this process merges them exactly, across
+torch.distributed ranks too.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +11,25 @@ import contextlib
 import itertools
 import logging
 import os
-import pickle
 import sys
-import traceback
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple
 
-import PIL.Image
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
-from torchvision import tv_tensors
 from tqdm.auto import tqdm
 
 from ._warn import warn
 from .accumulator import BatchNormAccumulator, batch_stats, reuse_buffer
 from .distributed import Ranks, agree, current_ranks, gather_merge, shard
+from .images import check_image
+from .samples import Capture, _Failure, read_image
 from .stats import ChannelStats
 from .verification import image_moments
 
-__all__ = ["fit_stats", "tensor_stats", "find_image", "default_num_workers", "default_batch_size", "DEFAULT_BATCH_SIZE"]
+__all__ = ["fit_stats", "tensor_stats", "PassResult", "default_num_workers", "default_batch_size", "DEFAULT_BATCH_SIZE"]
 
 logger = logging.getLogger("torchnormfit")
 
@@ -37,7 +39,6 @@ _MAX_BATCH_SIZE = 256
 _BATCHES_PER_WORKER = 16
 _STACK_BYTES = 8 << 20  # images stacked and reduced at a time in a worker
 _LOOKS_0_255 = 1.5
-TO_FLOAT_FIX = "Add ToTensor() or v2.ToDtype(torch.float32, scale=True) before it."
 
 
 def default_num_workers() -> int:
@@ -64,132 +65,6 @@ def default_batch_size(image: Tensor, num_samples: int | None = None, num_worker
     return max(1, min(_MAX_BATCH_SIZE, by_size, by_count))
 
 
-def find_image(sample: Any) -> Any:
-    """The image in a sample, found the way v2 transforms find it.
-
-    The first ``tv_tensors.Image`` or ``Video``; else a PIL image (to be
-    rejected); else the first plain tensor. ``None`` if there is none.
-    """
-    flat = _leaves(sample)
-    for kind in ((tv_tensors.Image, tv_tensors.Video), PIL.Image.Image):
-        for leaf in flat:
-            if isinstance(leaf, kind):
-                return leaf
-    for leaf in flat:
-        if isinstance(leaf, Tensor) and not isinstance(leaf, tv_tensors.TVTensor):
-            return leaf
-    return None
-
-
-def _leaves(sample: Any) -> Sequence[Any]:
-    """``tree_flatten(sample)``'s leaves; a tensor or a flat tuple or list without the call (35 us a sample)."""
-    if isinstance(sample, Tensor):
-        return [sample]
-    if type(sample) in (tuple, list) and not any(isinstance(item, (tuple, list, dict)) for item in sample):
-        return sample
-    return tree_flatten(sample)[0]
-
-
-def check_image(image: Any, where: str = "") -> Tensor:
-    """Reject what Normalize rejects, with the fix; return the image as a plain tensor.
-
-    ``where`` (for example ``"Sample 7: "``) starts each message.
-    """
-    return validate_image(image, where).as_subclass(Tensor)
-
-
-def validate_image(image: Any, where: str = "") -> Any:
-    """:func:`check_image` without the conversion: returns ``image`` itself (no graph break under compile)."""
-    if isinstance(image, PIL.Image.Image):
-        raise TypeError(f"{where}FitNormalize() does not support PIL images. {TO_FLOAT_FIX}")
-    if not isinstance(image, Tensor):
-        raise TypeError(
-            f"{where}Expected an image tensor of size (..., C, H, W), got {type(image).__name__}. "
-            "If the image is elsewhere in the sample, pass image=lambda sample: ... to fit()."
-        )
-    if not image.is_floating_point():
-        raise TypeError(f"{where}Input tensor should be a float tensor. Got {image.dtype}. {TO_FLOAT_FIX}")
-    if image.ndim < 3:
-        raise ValueError(
-            f"{where}Expected tensor to be a tensor image of size (..., C, H, W). Got {tuple(image.shape)}."
-        )
-    return image
-
-
-class Capture:
-    """Where the FitNormalize being fitted hands over the image it sees in a sample.
-
-    During a fit, the FitNormalize inside the dataset's own pipeline offers each
-    image here instead of normalizing it, and the sample stops right there
-    (:class:`_Captured` unwinds the dataset's ``__getitem__``): the transforms
-    after it cost nothing and cannot change what is measured, and a dataset
-    that memoizes its samples never keeps a pass-through one. The stop is
-    raised once per sample, so a dataset that swallows it (a bare ``except:``
-    that retries) cannot loop.
-
-    A stream's sample cannot be stopped (the exception would end its
-    generator): with ``stop=False`` the image is copied, in case a later
-    transform works in place, and passed on unchanged.
-    """
-
-    def __init__(self, stop: bool = True) -> None:
-        self.stop = stop
-        self.image: Tensor | None = None
-        self.stopped = False
-        self.took = False
-
-    def offer(self, image: Tensor) -> Tensor:
-        if self.image is None:
-            self.image = image if self.stop else image.clone()
-        if self.stop and not self.stopped:
-            self.stopped = True
-            raise _Captured
-        return image
-
-    def take(self) -> Tensor | None:
-        """The image offered since the last take (None if none); ``took`` says whether there was one."""
-        image, self.image, self.stopped = self.image, None, False
-        self.took = image is not None
-        return image
-
-
-class _Captured(BaseException):
-    """Stops reading a sample once the FitNormalize being fitted has its image (not an ``Exception``, so a
-    dataset that catches ``Exception`` to skip bad files lets it through)."""
-
-
-class _RemoteTraceback(Exception):
-    """The traceback of an error raised in a DataLoader worker (as in ``concurrent.futures``)."""
-
-    def __str__(self) -> str:
-        return self.args[0]
-
-
-@dataclass
-class _Failure:
-    """An error raised while reading or reducing samples, sent back as data.
-
-    Raising it in the main process gives the user the original exception type and
-    message (``Sample 7: ...``) instead of DataLoader's worker wrapper, with the
-    worker's traceback attached as the cause.
-    """
-
-    error: Exception
-    traceback: str
-
-    @classmethod
-    def capture(cls, error: Exception) -> _Failure:
-        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-        try:
-            pickle.dumps(error)
-        except Exception:  # it must cross the worker queue
-            error = RuntimeError(f"{type(error).__name__}: {error}")
-        return cls(error, text)
-
-    def reraise(self) -> NoReturn:
-        raise self.error from _RemoteTraceback(f'\n"""\n{self.traceback}"""')
-
-
 class _SampleReader(Dataset):
     """``dataset[i]`` -> ``(i, image tensor)``, or ``(i, _Failure)`` naming ``i``."""
 
@@ -208,66 +83,6 @@ class _SampleReader(Dataset):
         except Exception as error:
             return index, _Failure.capture(error), False
         return index, image, self.capture is not None and self.capture.took
-
-
-def read_image(
-    read: Callable[[], Any], where: str, capture: Capture | None, image: Callable[[Any], Any] | None
-) -> Tensor:
-    """Read one sample with ``read()`` and return its image tensor, checked.
-
-    The image a FitNormalize in the pipeline captured, else the one found in
-    the sample (``image(sample)`` or :func:`find_image`). Every error names
-    the sample with ``where`` (``"Sample 7: "``). The map-style and the
-    stream readers both read through here; a stream's ``StopIteration``
-    passes through unchanged.
-    """
-    if capture is not None:
-        capture.take()
-    try:
-        sample = read()
-    except _Captured:  # FitNormalize has the image: the rest of the sample is not built
-        return check_image(capture.take(), where)
-    except StopIteration:
-        raise
-    except Exception as error:
-        named = _naming_sample(error, where)
-        if named is error:
-            raise
-        raise named from error
-    captured = capture.take() if capture is not None else None
-    if captured is not None:
-        if capture.stop:
-            _warn_swallowed_stop()
-        return check_image(captured, where)
-    found = image(sample) if image is not None else find_image(sample)
-    if found is None:
-        raise TypeError(
-            f"{where}found no image tensor in a sample of type {type(sample).__name__}. "
-            "Return a tensor, a tv_tensors.Image or a tuple/dict holding one, or pass image=... to fit()."
-        )
-    return check_image(found, where)
-
-
-def _warn_swallowed_stop() -> None:
-    warn(
-        "The dataset's __getitem__ caught the signal FitNormalize raises to stop a sample once it has its image "
-        "(a bare 'except:' or 'except BaseException:'). The statistics are right, but a dataset that memoizes "
-        "samples may now hold un-normalized ones from this fit: catch Exception instead, or clear its memo.",
-        UserWarning)
-
-
-def _naming_sample(error: Exception, where: str) -> Exception:
-    """The same kind of error, its message starting with the sample index.
-
-    An exception class that cannot be built from one message is kept whole
-    (its own attributes may matter to the caller), with the index in a note.
-    """
-    try:
-        return type(error)(f"{where}reading the dataset failed: {error}")
-    except Exception:
-        if hasattr(error, "add_note"):  # Python >= 3.11
-            error.add_note(f"{where}reading the dataset failed")
-        return error
 
 
 @dataclass
@@ -634,10 +449,3 @@ def _warn_if_0_255(stats: ChannelStats) -> None:
             f"The pixel values reach {float(stats.max.max()):g}: the data looks scaled to 0-255, not 0-1. "
             "If that is not intended, use ToTensor() or v2.ToDtype(torch.float32, scale=True).",
             UserWarning)
-
-
-def read_images(
-    dataset: Dataset, indices: Sequence[int], capture: Capture | None = None, image: Callable[[Any], Any] | None = None
-) -> list[Tensor]:
-    """The images of ``dataset[i]`` for ``i`` in ``indices``, read here, one by one (to verify a cache hit)."""
-    return [read_image(lambda: dataset[index], index, capture, image) for index in indices]

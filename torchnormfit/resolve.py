@@ -43,7 +43,8 @@ from ._warn import warn
 from . import cache
 from .distributed import current_ranks, on_root
 from .fingerprint import describe_dataset, describe_pipeline, fingerprint
-from .fitting import Capture, PassResult, fit_stats, read_images, tensor_stats
+from .fitting import PassResult, fit_stats, tensor_stats
+from .samples import Capture, read_images
 from .sampling import StandardErrors, fit_subset, subset_indices
 from .stats import ChannelStats
 from .streams import first_images

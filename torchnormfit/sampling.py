@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
 
-from .fitting import DEFAULT_BATCH_SIZE, PassResult, find_image, fit_stats
+from .fitting import DEFAULT_BATCH_SIZE, PassResult, fit_stats
+from .images import find_image
 from .stats import ChannelStats
 
 __all__ = [

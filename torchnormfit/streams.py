@@ -35,9 +35,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from .fitting import Capture, _Batch, _Collate, _Failure, default_batch_size, default_num_workers, read_image
+from .fitting import _Batch, _Collate, default_batch_size, default_num_workers
 from .fingerprint import _global_names
 from .fitting import PassResult, reduce_batches, running
+from .samples import Capture, _Failure, read_image
 from .stats import ChannelStats
 
 __all__ = ["stream_pass", "first_images", "describe_source"]
@@ -111,7 +112,7 @@ def _length(dataset: IterableDataset, max_samples: int | None) -> int | None:
 def _samples(
     dataset: IterableDataset, capture: Capture | None, image: Callable[[Any], Any] | None, where: Callable[[int], str]
 ) -> Iterator[Tensor]:
-    """The image of each sample of the stream, read through :func:`~torchnormfit.fitting.read_image`."""
+    """The image of each sample of the stream, read through :func:`~torchnormfit.samples.read_image`."""
     if capture is not None:
         capture.stop = False  # an exception would end the stream's generator: FitNormalize only hands over
     stream: Iterator[Any] | None = None
@@ -244,7 +245,7 @@ def first_images(
 
     Each is the image ``capture`` received from a FitNormalize in the
     stream's pipeline, else the one found in the sample as the fit finds it
-    (``image(sample)`` or :func:`~torchnormfit.fitting.find_image`). Fewer if
+    (``image(sample)`` or :func:`~torchnormfit.images.find_image`). Fewer if
     the stream is shorter. Errors name the sample (``Sample 3: ...``).
 
     Examples

@@ -20,7 +20,8 @@ from torchvision.transforms.v2._transform import Transform
 from ._warn import warn
 from . import cache as _cache
 from . import resolve
-from .fitting import TO_FLOAT_FIX, Capture, validate_image
+from .images import TO_FLOAT_FIX, validate_image
+from .samples import Capture
 from .sampling import StandardErrors
 from .stats import ChannelStats
 
