@@ -50,7 +50,7 @@ from .stats import ChannelStats
 from .streams import first_images
 from .verification import DEFAULT_VERIFY, MAX_VERIFY, TRACKED, Verification, compare, image_moments
 
-__all__ = ["FitRecord", "fit_dataset", "pass_stats", "save_stats", "load_entry"]
+__all__ = ["FitRecord", "fit_dataset", "pass_stats", "save_stats", "load_entry", "tensor_stats"]
 
 logger = logging.getLogger("torchnormfit")
 
@@ -116,7 +116,7 @@ def fit_dataset(
         lookup = on_root(ranks, lambda: _lookup(dataset, capturing, image, cache_path, key, verify, gaps))
         if lookup.entry is not None:
             logger.info("cache hit: %r in %s (%s)", key, cache_path, lookup.note or "verified")
-            return _hit_record(lookup, key, cache_path, gaps)
+            return _entry_record(lookup.entry, key, cache_path, lookup.verification, lookup.note, gaps)
         verification, note = lookup.verification, lookup.note
     result, errors = _pass(dataset, capturing, image, max_samples, seed, process_group, loader,
                            track=cache_path is not None)
@@ -150,19 +150,14 @@ def save_stats(cache_path: Path, key: str, stats: ChannelStats, num_samples: int
     cache.write_entry(cache_path, key, stats, _provenance(None, None, num_samples, ()))
 
 
-def load_entry(cache_path: Path, key: str) -> cache.CacheEntry:
-    """The entry ``key``, or :class:`~torchnormfit.CacheError` naming the entries there."""
+def load_entry(cache_path: Path, key: str) -> FitRecord:
+    """The entry ``key`` as read (not verified), or :class:`~torchnormfit.CacheError` naming the entries there."""
     entry = cache.read_entry(cache_path, key)
     if entry is None:
         there = cache_path.is_file() or cache.entry_folder(cache_path).is_dir()
         known = [e.key for e in cache.list_entries(cache_path)] if there else []
         raise cache.CacheError(f"No cache entry {key!r} in {cache_path}. Entries there: {known}.")
-    return entry
-
-
-def tensor_pass(images: torch.Tensor) -> tuple[ChannelStats, int]:
-    """Exact statistics of one batch ``(..., C, H, W)`` (``partial_fit`` on a tensor)."""
-    return tensor_stats(images)
+    return _entry_record(entry, key, cache_path, None, "loaded by key, not verified", ())
 
 
 # --- the hit -------------------------------------------------------------------------------------
@@ -226,14 +221,16 @@ def _verify(
     )
 
 
-def _hit_record(lookup: _Lookup, key: str, path: Path, gaps: tuple[str, ...]) -> FitRecord:
-    entry = lookup.entry
+def _entry_record(
+    entry: cache.CacheEntry, key: str, path: Path, verification: Verification | None, note: str, gaps: tuple[str, ...]
+) -> FitRecord:
+    """What an entry gives: its statistics, images and standard errors (after a subset fit)."""
     errors = None
     if "mean_se" in entry.attrs and "std_se" in entry.attrs:
         errors = StandardErrors(torch.tensor(entry.attrs["mean_se"], dtype=torch.float64),
                                 torch.tensor(entry.attrs["std_se"], dtype=torch.float64))
     num_samples = int(entry.attrs.get("num_samples", 0))
-    return FitRecord("cache", key, path, lookup.verification, False, lookup.note, gaps, entry.stats, num_samples, errors)
+    return FitRecord("cache", key, path, verification, False, note, gaps, entry.stats, num_samples, errors)
 
 
 # --- the pass and the write ----------------------------------------------------------------------

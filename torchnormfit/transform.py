@@ -298,7 +298,7 @@ class FitNormalize(v2.Normalize):
                 "Start from fit(), partial_fit() or from_cache()."
             )
         if isinstance(data, Tensor):
-            stats, num_samples = resolve.tensor_pass(data)
+            stats, num_samples = resolve.tensor_stats(data)
         else:
             stats, num_samples = resolve.pass_stats(data, self._capturing, **fit_options)
         merged = stats if self._stats is None else self._stats.merge(stats)
@@ -329,11 +329,7 @@ class FitNormalize(v2.Normalize):
         path = Path(path) if path is not None else _cache.default_cache_path()
         entry = resolve.load_entry(path, key)
         norm = cls(cache=path, key=key, inplace=inplace)
-        errors = None
-        if "mean_se" in entry.attrs and "std_se" in entry.attrs:
-            errors = StandardErrors(torch.tensor(entry.attrs["mean_se"], dtype=torch.float64),
-                                    torch.tensor(entry.attrs["std_se"], dtype=torch.float64))
-        norm._use_stats(entry.stats, int(entry.attrs.get("num_samples", 0)), errors)
+        norm._use_stats(entry.stats, entry.num_samples, entry.standard_errors)
         return norm
 
     @contextlib.contextmanager

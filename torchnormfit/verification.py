@@ -99,11 +99,6 @@ def sign_p_value(positive: int, nonzero: int) -> float:
     return min(1.0, 2.0 * tail)
 
 
-def min_samples(channels: int) -> int:
-    """Fewer images than this can never fail the check (``|T| <= sqrt(n)``)."""
-    return math.floor(threshold(channels) ** 2) + 1
-
-
 def unanimous_at(channels: int) -> int:
     """Below this many images the unanimous-sign rule applies: ``2 C 2^(1 - n) <= FALSE_ALARM_BOUND`` from here on."""
     return math.ceil(1 + math.log2(2 * channels / FALSE_ALARM_BOUND))
