@@ -338,6 +338,9 @@ def test_hit_records_what_it_checked(tmp_path):
     record = again.fit_record
     assert record.source == "cache" and record.verification.samples == 40 and record.verification.passed
     assert record.key == norm.fit_record.key and not record.written
+    default = FitNormalize(cache=cache)
+    default.fit(CountingDataset(n=100, transform=default), num_workers=0, progress=False)
+    assert default.fit_record.verification.samples == 32  # the first stage of 64 was clearly unchanged
 
 
 def test_changed_data_under_an_unchanged_key_refits_with_a_warning(tmp_path, monkeypatch):
@@ -350,6 +353,7 @@ def test_changed_data_under_an_unchanged_key_refits_with_a_warning(tmp_path, mon
         again.fit(CountingDataset(n=60, transform=again), num_workers=0, progress=False)
     assert again.fit_record.source == "pass" and again.mean == pytest.approx([m + 0.1 for m in norm.mean])
     assert again.fit_record.written and again.fit_record.verification.passed is False
+    assert again.fit_record.verification.samples == 30  # every image moved: the first stage (30 of 60) fails
 
 
 def test_an_explicit_key_is_not_verified_unless_asked(tmp_path, monkeypatch):
@@ -391,3 +395,28 @@ def test_cli_refits_when_one_file_of_130_was_swapped(tmp_path, capsys):
     swapped = fit()
     assert swapped["cached"] is False and swapped["saved"] is True and swapped["key"] != first["key"]
     assert swapped["mean"][0] > first["mean"][0] + 0.5 / 130
+
+
+class _ChannelsFromEnv(Dataset):
+    """Images whose channel count changes where no key can see it ($TNF_TEST_CHANNELS)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __len__(self):
+        return 50
+
+    def __getitem__(self, index):
+        channels = int(os.environ.get("TNF_TEST_CHANNELS", "3"))
+        return self.transform(torch.rand(channels, 4, 4, generator=torch.Generator().manual_seed(index))), 0
+
+
+def test_a_hit_whose_images_now_have_other_channels_refits(tmp_path, monkeypatch):
+    cache = tmp_path / "c.h5"
+    norm = FitNormalize(cache=cache)
+    norm.fit(_ChannelsFromEnv(norm), num_workers=0, progress=False)
+    monkeypatch.setenv("TNF_TEST_CHANNELS", "1")
+    again = FitNormalize(cache=cache)
+    with pytest.warns(CacheWarning, match=r"does not match the data.*the images have \[1\] channels, the entry 3"):
+        again.fit(_ChannelsFromEnv(again), num_workers=0, progress=False)
+    assert again.fit_record.source == "pass" and len(again.mean) == 1 and len(norm.mean) == 3

@@ -25,9 +25,12 @@ imports the transform.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import itertools
 import json
 import logging
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,8 +50,8 @@ from .fitting import PassResult, fit_stats, tensor_stats
 from .samples import Capture, read_images
 from .sampling import StandardErrors, fit_subset, subset_indices
 from .stats import ChannelStats
-from .streams import first_images
-from .verification import DEFAULT_VERIFY, MAX_VERIFY, TRACKED, Verification, compare, image_moments
+from .streams import first_images, stream_images
+from .verification import DEFAULT_VERIFY, MAX_VERIFY, TRACKED, Verification, image_moments, verify_in_stages
 
 __all__ = ["FitRecord", "fit_dataset", "pass_stats", "save_stats", "load_entry", "tensor_stats"]
 
@@ -201,24 +204,43 @@ def _verify(
     dataset: Dataset, capturing: Capturing, image: Any, entry: cache.CacheEntry, samples: dict[str, np.ndarray],
     verify: int,
 ) -> Verification:
-    """Read ``verify`` of the entry's tracked images again (a fresh random draw) and test them against it."""
-    with capturing() as capture:
-        if isinstance(dataset, IterableDataset):  # the stream's first images, in order
-            images = first_images(dataset, min(verify, len(samples["index"])), capture, image)
-            rows = list(range(len(images)))
+    """Read up to ``verify`` of the entry's tracked images again (a fresh random draw; a stream's first
+    images, in order) and test them against it, in :func:`~torchnormfit.verification.stages`."""
+    tracked, channels = len(samples["index"]), entry.stats.num_channels
+    with capturing() as capture, contextlib.ExitStack() as stack:
+        if isinstance(dataset, IterableDataset):
+            rows = list(range(min(verify, tracked)))
+            stream = stack.enter_context(contextlib.closing(stream_images(dataset, capture, image)))
+
+            def read(start: int, stop: int) -> list[torch.Tensor]:
+                return list(itertools.islice(stream, stop - start))
         else:
-            rows = random.SystemRandom().sample(range(len(samples["index"])), min(verify, len(samples["index"])))
-            images = read_images(dataset, [int(samples["index"][row]) for row in rows], capture, image)
-    moments = [image_moments(im) for im in images]
-    if any(m.shape != moments[0][0].shape for m, _ in moments):
-        channels = sorted({m.numel() for m, _ in moments})
-        return Verification(len(images), False, float("inf"), 0.0, f"the images have {channels} channels")
-    stats = entry.stats
-    return compare(
-        torch.from_numpy(np.asarray(samples["mean"][rows], dtype=np.float64)),
-        torch.from_numpy(np.asarray(samples["var"][rows], dtype=np.float64)),
-        torch.stack([m for m, _ in moments]), torch.stack([v for _, v in moments]), stats.mean, stats.var,
-    )
+            rows = random.SystemRandom().sample(range(tracked), min(verify, tracked))
+
+            def read(start: int, stop: int) -> list[torch.Tensor]:
+                return read_images(dataset, [int(samples["index"][row]) for row in rows[start:stop]], capture, image)
+        try:
+            return verify_in_stages(
+                torch.from_numpy(np.asarray(samples["mean"][rows], dtype=np.float64)),
+                torch.from_numpy(np.asarray(samples["var"][rows], dtype=np.float64)),
+                lambda start, stop: _moments(read(start, stop), channels), entry.stats.mean, entry.stats.var)
+        except _ChannelMismatch as mismatch:
+            return Verification(len(rows), False, math.inf, 0.0, str(mismatch))
+
+
+class _ChannelMismatch(Exception):
+    """Images read again have another number of channels than the entry."""
+
+
+def _moments(images: list[torch.Tensor], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images' own means and variances, ``(n, C)`` each."""
+    pairs = [image_moments(im) for im in images]
+    other = sorted({mean.numel() for mean, _ in pairs} - {channels})
+    if other:
+        raise _ChannelMismatch(f"the images have {other} channels, the entry {channels}")
+    if not pairs:
+        return torch.empty(0, channels, dtype=torch.float64), torch.empty(0, channels, dtype=torch.float64)
+    return torch.stack([mean for mean, _ in pairs]), torch.stack([var for _, var in pairs])
 
 
 def _entry_record(

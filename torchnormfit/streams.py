@@ -41,7 +41,7 @@ from .fitting import PassResult, reduce_batches, running
 from .samples import Capture, _Failure, read_image
 from .stats import ChannelStats
 
-__all__ = ["stream_pass", "first_images", "describe_source"]
+__all__ = ["stream_pass", "first_images", "stream_images", "describe_source"]
 
 logger = logging.getLogger("torchnormfit")
 
@@ -256,7 +256,14 @@ def first_images(
     >>> len(first_images(Stream(), 2))
     2
     """
-    return list(itertools.islice(_samples(dataset, capture, image, _where(None)), n))
+    return list(itertools.islice(stream_images(dataset, capture, image), n))
+
+
+def stream_images(
+    dataset: IterableDataset, capture: Capture | None = None, image: Callable[[Any], Any] | None = None
+) -> Iterator[Tensor]:
+    """The images of a stream's samples in order, read in this process as :func:`first_images` reads them."""
+    return _samples(dataset, capture, image, _where(None))
 
 
 # --- what identifies a stream --------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""The check of a cache hit (verification.py): the paired tests, and reading the images in two stages."""
+
+import math
+
+import pytest
+import torch
+
+from torchnormfit.verification import (
+    EARLY_PASS_T, FALSE_ALARM_BOUND, FIRST_STAGE, compare, image_moments, stages, threshold, verify_in_stages,
+)
+
+C = 3
+POOLED_MEAN, POOLED_VAR = torch.full((C,), 0.5, dtype=torch.float64), torch.full((C,), 0.04, dtype=torch.float64)
+
+
+def stored(n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mean = 0.5 + 0.1 * torch.randn(n, C, generator=gen, dtype=torch.float64)
+    var = 0.03 + 0.01 * torch.rand(n, C, generator=gen, dtype=torch.float64)
+    return mean, var
+
+
+def reader(mean, var, calls):
+    def measure(start, stop):
+        calls.append((start, stop))
+        return mean[start:stop], var[start:stop]
+    return measure
+
+
+def test_stages_split_from_48_images_on():
+    assert stages(16) == (16,) and stages(47) == (47,)
+    assert stages(48) == (24, 48) and stages(64) == (FIRST_STAGE, 64) == (32, 64) and stages(256) == (32, 256)
+
+
+def test_unchanged_images_pass_after_the_first_stage():
+    mean, var = stored(64)
+    calls = []
+    result = verify_in_stages(mean, var, reader(mean, var, calls), POOLED_MEAN, POOLED_VAR)
+    assert result.passed and result.samples == 32 and calls == [(0, 32)]
+
+
+@pytest.mark.parametrize("shift", [0.02, -0.1])
+def test_a_shift_of_every_image_fails_in_the_first_stage(shift):
+    mean, var = stored(64)
+    calls = []
+    result = verify_in_stages(mean, var, reader(mean + shift, var, calls), POOLED_MEAN, POOLED_VAR)
+    assert not result.passed and result.samples == 32 and calls == [(0, 32)]
+    assert f"channel 0: the image means are {'higher' if shift > 0 else 'lower'} than stored in 32 of 32" in result.detail
+
+
+def test_a_first_stage_near_its_limit_reads_the_second_and_decides_on_all():
+    mean, var = stored(64)
+    noise = torch.randn(64, C, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1e-3
+    suspicious = noise + 6e-4  # a small shift: T ~ 3.4 on 32 images, beyond the early pass, within the limit
+    calls = []
+    result = verify_in_stages(mean, var, reader(mean + suspicious, var, calls), POOLED_MEAN, POOLED_VAR)
+    first = compare(mean[:32], var[:32], mean[:32] + suspicious[:32], var[:32], POOLED_MEAN, POOLED_VAR,
+                    bound=FALSE_ALARM_BOUND / 2)
+    assert first.passed and first.score > EARLY_PASS_T  # the premise: stage one neither passes nor fails
+    assert calls == [(0, 32), (32, 64)] and result.samples == 64
+    whole = compare(mean, var, mean + suspicious, var, POOLED_MEAN, POOLED_VAR, bound=FALSE_ALARM_BOUND / 2)
+    assert (result.passed, result.score) == (whole.passed, whole.score)
+
+
+def test_each_stage_runs_at_half_the_false_alarm_bound():
+    mean, var = stored(64)
+    result = verify_in_stages(mean, var, reader(mean, var, []), POOLED_MEAN, POOLED_VAR)
+    assert result.threshold == pytest.approx(threshold(C, FALSE_ALARM_BOUND / 2))
+    assert threshold(C, FALSE_ALARM_BOUND / 2) > threshold(C)
+    single = verify_in_stages(mean[:40], var[:40], reader(mean, var, []), POOLED_MEAN, POOLED_VAR)
+    assert single.threshold == pytest.approx(threshold(C))
+
+
+def test_a_stream_that_ran_dry_is_tested_on_what_it_gave_and_an_empty_one_fails():
+    mean, var = stored(64)
+    short = verify_in_stages(mean, var, lambda a, b: (mean[a:min(b, 20)], var[a:min(b, 20)]), POOLED_MEAN, POOLED_VAR)
+    assert short.passed and short.samples == 20
+    empty = verify_in_stages(mean, var, lambda a, b: (mean[:0], var[:0]), POOLED_MEAN, POOLED_VAR)
+    assert not empty.passed and empty.samples == 0 and empty.detail == "no image could be read again"
+    assert math.isinf(empty.score)
+
+
+def test_image_moments_are_the_float64_population_moments():
+    image = torch.rand(3, 17, 9, dtype=torch.float32) * 255
+    mean, var = image_moments(image)
+    exact = image.double().reshape(3, -1)
+    assert mean.dtype == var.dtype == torch.float64
+    torch.testing.assert_close(mean, exact.mean(dim=1), rtol=1e-15, atol=0)
+    torch.testing.assert_close(var, exact.var(dim=1, correction=0), rtol=1e-12, atol=0)
+    channels_last = image_moments(image.permute(1, 2, 0).contiguous().permute(2, 0, 1))
+    torch.testing.assert_close(channels_last[0], mean, rtol=1e-15, atol=0)
