@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from torchvision.transforms import v2
 
 from datasets_for_tests import CountingDataset
 from torchnormfit import FitNormalize
-from torchnormfit.fingerprint import _fast_items, _file_state, describe_pipeline, fingerprint
+from torchnormfit.fingerprint import _fast_items, _file_state, _Walk, describe_pipeline, fingerprint
 
 SETTINGS = {"image": None}
 TO_FLOAT = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
@@ -124,6 +125,12 @@ def test_key_is_the_same_in_another_process_and_reads_no_sample(tmp_path):
     }
     norm = FitNormalize(cache=None)
     assert keys == {key(CountingDataset(n=7, transform=norm), norm)}
+
+
+def test_an_empty_dict_has_the_digest_of_any_described_mapping():
+    walk = _Walk(None)
+    described = walk._describe({}, "x", data=False)
+    assert walk.of({}, "x") == walk.of(OrderedDict(), "x") == described != walk.of({"a": 1}, "x")
 
 
 # --- file lists: every file's size and modification time, in one text of lines --------------------------------

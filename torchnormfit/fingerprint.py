@@ -45,6 +45,7 @@ import random
 import re
 import stat
 import types
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -140,6 +141,10 @@ def _text(value: str) -> bytes:
     return value.encode("utf-8", "surrogatepass")
 
 
+_DICTS = (dict, OrderedDict)
+_EMPTY_MAPPING = _sha(b"mapping", _sha())  # what _describe gives an empty one
+
+
 class _Walk:
     """One walk over an object graph: ``of(value)`` is the 32-byte digest of ``value``."""
 
@@ -177,6 +182,8 @@ class _Walk:
 
     def _of(self, value: Any, where: str, data: bool) -> bytes:
         kind = type(value)
+        if kind in _DICTS and not value:  # most of a module's state (its hooks): described at once
+            return _EMPTY_MAPPING
         if isinstance(value, enum.Enum):
             return _sha(b"enum", _text(kind.__qualname__), _text(value.name))
         if isinstance(value, _PRIMITIVES):
