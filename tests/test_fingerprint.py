@@ -1,12 +1,17 @@
 """The cache key: deterministic across processes, sensitive to what changes the statistics."""
 
+import os
 import subprocess
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.data import ConcatDataset, Subset, TensorDataset
 from torchvision import transforms as v1
 from torchvision.datasets import FakeData, ImageFolder
@@ -14,7 +19,7 @@ from torchvision.transforms import v2
 
 from datasets_for_tests import CountingDataset
 from torchnormfit import FitNormalize
-from torchnormfit.fingerprint import describe_pipeline, fingerprint
+from torchnormfit.fingerprint import _fast_items, _file_state, _Walk, describe_pipeline, fingerprint
 
 SETTINGS = {"image": None}
 TO_FLOAT = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
@@ -120,3 +125,62 @@ def test_key_is_the_same_in_another_process_and_reads_no_sample(tmp_path):
     }
     norm = FitNormalize(cache=None)
     assert keys == {key(CountingDataset(n=7, transform=norm), norm)}
+
+
+def test_an_empty_dict_has_the_digest_of_any_described_mapping():
+    walk = _Walk(None)
+    described = walk._describe({}, "x", data=False)
+    assert walk.of({}, "x") == walk.of(OrderedDict(), "x") == described != walk.of({"a": 1}, "x")
+
+
+# --- file lists: every file's size and modification time, in one text of lines --------------------------------
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A root with two files and a folder; names absolute, relative to the root, missing, not names."""
+    root = tmp_path_factory.mktemp("files")
+    (root / "sub").mkdir()
+    (root / "a.png").write_bytes(b"a")
+    (root / "sub" / "b.png").write_bytes(b"bb")
+    existing = [str(root / "a.png"), str(root / "sub" / "b.png"), str(root / "sub")]  # a folder has no state
+    names = [*existing, str(root / "missing.png"), "a.png", "sub/b.png", "x.png", "/a\x00b", "plain"]
+    return str(root), existing, names
+
+
+def one_by_one(items, roots):
+    """The lines' definition: each item's repr, then the state of each file its strings name."""
+    return [repr(item) + "".join(_file_state(part, roots) for part in (item if type(item) is tuple else (item,))
+                                 if type(part) is str) for item in items]
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_file_list_lines_match_their_item_by_item_definition(files, data):
+    root, existing, names = files
+    plain = st.one_of(st.sampled_from(names), st.integers(), st.floats(allow_nan=False), st.booleans())
+    item = st.one_of(plain, st.tuples(plain, plain), st.tuples(plain), st.tuples())
+    items = data.draw(st.one_of(st.lists(item, max_size=30), st.lists(st.tuples(st.sampled_from(existing), plain))))
+    assert _fast_items(items, [root]) == one_by_one(items, [root])
+
+
+def test_file_list_lines_of_existing_files_name_their_state(files):
+    root, existing, _ = files
+    items = [(path, i) for i, path in enumerate(existing * 30)]
+    lines = _fast_items(items, [root])
+    assert lines == one_by_one(items, [root]) and lines[1] == f"{items[1]!r} file 2 {os.stat(existing[1]).st_mtime_ns}"
+    assert lines[2] == repr(items[2])
+    assert _fast_items([(existing[0], [1])], [root]) is None and _fast_items([None], [root]) is None
+
+
+def test_a_long_file_list_key_follows_each_files_state(tmp_path):
+    norm = FitNormalize(cache=None)
+    (tmp_path / "a").mkdir()
+    for i in range(70):  # more than 64: a multiset of lines
+        (tmp_path / "a" / f"{i}.png").write_bytes(b"x")
+    base = key(ImageFolder(tmp_path, loader=open), norm)
+    os.utime(tmp_path / "a" / "37.png", ns=(1, 1))  # re-exported: same name and size, another time
+    changed = key(ImageFolder(tmp_path, loader=open), norm)
+    (tmp_path / "a" / "37.png").write_bytes(b"yy")
+    os.utime(tmp_path / "a" / "37.png", ns=(1, 1))  # another size, the same time
+    assert len({base, changed, key(ImageFolder(tmp_path, loader=open), norm)}) == 3

@@ -36,13 +36,16 @@ from __future__ import annotations
 import enum
 import functools
 import hashlib
+import itertools
 import json
 import operator
 import os
+import posixpath
 import random
 import re
 import stat
 import types
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,11 +57,13 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 __all__ = ["Fingerprint", "fingerprint", "describe_dataset", "describe_pipeline"]
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_PATH_MAX = 4096  # longer text names no file
 _PIECES, _PIECE_BYTES = 4096, 256  # what an array's digest reads (see _array_bytes)
 _WHOLE_BYTES = 64 << 20  # a transform's tensor up to this size is hashed whole; a dataset's is sampled
 _MULTISET_OVER = 64  # a dataset's list longer than this is hashed as a multiset
 _BUDGET = 2_000_000  # values visited before the walk gives up (a gap)
 _PRIMITIVES = (type(None), bool, int, float, complex, str, bytes)
+_PLAIN = frozenset({str, int, float, bool})  # the items of a file list or labels, described as text lines
 _LIBRARIES = ("torch", "torchvision", "numpy", "builtins", "collections", "PIL", "pandas", "datasets", "webdataset",
               "torchnormfit", "functools", "typing", "abc", "enum", "pathlib", "h5py")
 _RANDOM_STATE = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
@@ -136,6 +141,10 @@ def _text(value: str) -> bytes:
     return value.encode("utf-8", "surrogatepass")
 
 
+_DICTS = (dict, OrderedDict)
+_EMPTY_MAPPING = _sha(b"mapping", _sha())  # what _describe gives an empty one
+
+
 class _Walk:
     """One walk over an object graph: ``of(value)`` is the 32-byte digest of ``value``."""
 
@@ -173,6 +182,8 @@ class _Walk:
 
     def _of(self, value: Any, where: str, data: bool) -> bytes:
         kind = type(value)
+        if kind in _DICTS and not value:  # most of a module's state (its hooks): described at once
+            return _EMPTY_MAPPING
         if isinstance(value, enum.Enum):
             return _sha(b"enum", _text(kind.__qualname__), _text(value.name))
         if isinstance(value, _PRIMITIVES):
@@ -351,7 +362,7 @@ def _primitive(value: Any, roots: Sequence[str] = ()) -> bytes:
 
 def _file_state(text: str, roots: Sequence[str] = ()) -> str:
     """A regular file's size and modification time, if ``text`` names one (absolute, or under a dataset's root)."""
-    if len(text) > 4096 or "\x00" in text or not (os.sep in text or "." in text):
+    if len(text) > _PATH_MAX or "\x00" in text or not (os.sep in text or "." in text):
         return ""
     candidates = [text] if os.sep in text else []
     if not os.path.isabs(text):
@@ -362,23 +373,54 @@ def _file_state(text: str, roots: Sequence[str] = ()) -> str:
         except (OSError, ValueError):
             continue
         if stat.S_ISREG(info.st_mode):  # not a folder: its time changes whenever anything in it does
-            return f" file {info.st_size} {info.st_mtime_ns}"
+            return _state(info)
     return ""
+
+
+def _state(info: os.stat_result) -> str:
+    return f" file {info.st_size} {info.st_mtime_ns}"
+
+
+def _file_states(paths: Sequence[str], roots: Sequence[str]) -> list[str]:
+    """:func:`_file_state` of each path; absolute paths that all exist are stat'ed without a Python call each."""
+    if _all_absolute(paths) and max(map(len, paths)) <= _PATH_MAX:  # then _file_state(path) stats path only
+        try:  # each stat result freed at once: no garbage collection triggered
+            return [_state(info) if stat.S_ISREG(info.st_mode) else "" for info in map(os.stat, paths)]
+        except (OSError, ValueError):  # a missing file, a NUL: path by path
+            pass
+    return [_file_state(path, roots) for path in paths]
+
+
+def _all_absolute(paths: Sequence[str]) -> bool:
+    if os.path is posixpath:  # os.path.isabs, without a Python call per path
+        return all(map(str.startswith, paths, itertools.repeat("/")))
+    return all(map(os.path.isabs, paths))
 
 
 def _fast_items(items: Any, roots: Sequence[str] = ()) -> list[str] | None:
     """One line of text per item, for items that are plain values or tuples of them (file lists, labels):
-    its repr (no line breaks) and the state of the files it names. None for other items."""
-    plain = (str, int, float, bool)
-    if not all(type(item) in plain or (type(item) is tuple and all(type(part) in plain for part in item))
-               for item in items):
+    its repr (no line breaks) and the state of the files it names. None for other items.
+
+    Built column by column (the paths of a file list, then its labels), each checked and stat'ed in one go.
+    """
+    kinds = set(map(type, items))
+    if kinds <= _PLAIN:
+        columns = [items]
+    elif kinds <= _PLAIN | {tuple}:
+        rows = items if kinds == {tuple} else [item if type(item) is tuple else (item,) for item in items]
+        columns = list(itertools.zip_longest(*rows, fillvalue=0))  # 0: no file
+    else:
         return None
-    out = []
-    for item in items:
-        parts = item if type(item) is tuple else (item,)
-        files = "".join(_file_state(part, roots) for part in parts if type(part) is str)
-        out.append(f"{item!r}{files}")
-    return out
+    lines = map(repr, items)
+    for column in columns:
+        kinds = set(map(type, column))
+        if not kinds <= _PLAIN:
+            return None
+        if kinds == {str}:
+            lines = map(operator.add, lines, _file_states(column, roots))
+        elif str in kinds:
+            lines = map(operator.add, lines, [_file_state(v, roots) if type(v) is str else "" for v in column])
+    return list(lines)
 
 
 def _roots(attributes: Mapping[str, Any]) -> list[str]:
