@@ -68,7 +68,7 @@ from typing import Any
 import filelock
 import h5py
 import numpy as np
-from h5py import h5d, h5f, h5g, h5l, h5o, h5s
+from h5py import h5a, h5d, h5f, h5g, h5l, h5o, h5s, h5t
 import torch
 
 from .stats import ChannelStats
@@ -107,6 +107,7 @@ _MAX_HEAP_BYTES = 64 * 2**20
 _HEAP_SIGNATURE = b"GCOL\x01"  # a global heap collection header, version 1
 _LINK_NAMES = {h5l.TYPE_SOFT: "SoftLink", h5l.TYPE_EXTERNAL: "ExternalLink"}  # h5py's classes for them
 _OBJECT_NAME = {False: "Datatype", True: "Dataset"}  # what h5py calls an object that is not a group
+_PY_OBJECT = h5t.py_create(h5py.string_dtype())  # h5py's memory type: a variable-length string as bytes
 _IMAGE_BYTES = 2**20  # a file this small is read whole (an entry file is; a foreign one is read only as needed)
 
 
@@ -172,7 +173,10 @@ def entry_folder(path: str | os.PathLike) -> Path:
     >>> entry_folder("/tmp/stats.h5")
     PosixPath('/tmp/stats.h5.d')
     """
-    real = _resolve(Path(path))
+    return _folder(_resolve(Path(path)))
+
+
+def _folder(real: Path) -> Path:
     return real.with_name(real.name + _FOLDER_SUFFIX)
 
 
@@ -186,7 +190,8 @@ def _entry_name(key: str) -> str:
 
 
 def _entry_file(real: Path, key: str) -> Path:
-    return entry_folder(real) / _entry_name(key)
+    """Where entry ``key`` of the cache at ``real`` (a path :func:`_resolve` gave) is kept."""
+    return _folder(real) / _entry_name(key)
 
 
 def _entry_files(real: Path) -> list[Path]:
@@ -206,16 +211,14 @@ def _check_not_directory(real: Path) -> None:
 
 def _check_cache_file(path: Path) -> None:
     """Refuse a cache path that is not a regular file (a directory, a FIFO, a device) before opening it."""
-    _check_not_directory(path)
     try:
         mode = os.stat(path).st_mode  # one look: a writer may remove and re-add an entry file meanwhile
-    except FileNotFoundError:  # removed since it was seen (an entry file a writer removed)
+    except FileNotFoundError:  # not there, or removed since it was seen (an entry file a writer removed)
         raise FileNotFoundError(errno.ENOENT, "No such cache file", str(path)) from None
+    if stat.S_ISDIR(mode):
+        _check_not_directory(path)
     if not stat.S_ISREG(mode):
         raise CacheError(f"The cache path {path} is not a regular file; give the path of an HDF5 file.")
-    if not os.access(path, os.R_OK):  # not a damaged file: never to be moved aside as one
-        raise _NoPermission(f"The cache file {path} is not readable (permission denied); fix its permissions or "
-                            "use another cache path.")
 
 
 class _CheckedReader:
@@ -318,7 +321,11 @@ class _CheckedReader:
 def _open_cache(path: Path) -> Iterator[h5py.File]:
     """Open an existing cache file read-only and check that it is ours and not newer."""
     _check_cache_file(path)
-    reader = _CheckedReader(path)
+    try:
+        reader = _CheckedReader(path)
+    except PermissionError:  # not a damaged file: never to be moved aside as one
+        raise _NoPermission(f"The cache file {path} is not readable (permission denied); fix its permissions or "
+                            "use another cache path.") from None
     try:
         try:
             handle = reader.open()
@@ -335,8 +342,10 @@ def _open_cache(path: Path) -> Iterator[h5py.File]:
 
 def _check_root(handle: h5py.File, path: Path) -> None:
     try:
-        fmt = _attr_str(handle.attrs, "format")
-        version = handle.attrs.get("schema_version")
+        root = {name: _read_attr(handle.id, h5a.open(handle.id, name.encode("ascii")))[1]
+                for name in ("format", "schema_version") if h5a.exists(handle.id, name.encode("ascii"))}
+        fmt = _attr_str(root, "format")
+        version = root.get("schema_version")
     except CacheError:
         raise
     except Exception as error:
@@ -347,6 +356,32 @@ def _check_root(handle: h5py.File, path: Path) -> None:
             f"expected {FILE_FORMAT!r}). Choose another cache path."
         )
     _check_version(version, f"{path}")
+
+
+def _read_attrs(obj: h5g.GroupID) -> dict[str | bytes, Any]:
+    """Every attribute of ``obj`` as h5py's ``attrs`` reads them (read once: a read costs HDF5 a lookup)."""
+    return dict(_read_attr(obj, h5a.open(obj, index=index)) for index in range(h5a.get_num_attrs(obj)))
+
+
+def _read_attr(obj: h5g.GroupID, attr: h5a.AttrID) -> tuple[str | bytes, Any]:
+    """An attribute's name and value, as h5py's ``attrs`` reads them; scalar strings and numbers (all a fit
+    writes) by a shorter path: h5py's costs one and a half times as much."""
+    name = attr.name
+    try:
+        name = name.decode("utf-8")
+    except UnicodeDecodeError:  # h5py's name for it too
+        pass
+    kind = attr.get_type()
+    if attr.get_space().get_simple_extent_type() == h5s.SCALAR:
+        if isinstance(kind, h5t.TypeStringID) and kind.is_variable_str():
+            value = np.zeros((), object)
+            attr.read(value, mtype=_PY_OBJECT)
+            return name, value[()].decode("utf-8", "surrogateescape")
+        if isinstance(kind, (h5t.TypeIntegerID, h5t.TypeFloatID)):
+            value = np.zeros((), kind.dtype)
+            attr.read(value)
+            return name, value[()]
+    return name, h5py.Group(obj).attrs[name]
 
 
 def _attr_str(attrs: Mapping[str, Any], name: str) -> str | None:
@@ -395,10 +430,8 @@ def read_entry(path: str | os.PathLike, key: str) -> CacheEntry | None:
     check_key(key)
     real = _resolve(Path(path))
     _check_not_directory(real)
-    file = _entry_file(real, key)
-    if os.path.lexists(file):
-        with contextlib.suppress(FileNotFoundError):  # removed meanwhile: as if it had not been there
-            return _read_entry_file(file, key)
+    with contextlib.suppress(FileNotFoundError):  # no entry file (or removed meanwhile): the single file's
+        return _read_entry_file(_entry_file(real, key), key)
     if not os.path.lexists(real):
         return None
     with _open_cache(real) as handle:
@@ -473,7 +506,7 @@ def _read_group(handle: h5py.File, key: str, path: Path) -> CacheEntry:
 
 def _read_group_unchecked(handle: h5py.File, key: str, where: str) -> CacheEntry:
     group = _stored(handle.id, key, where, h5g.GroupID, "a group stored in the file")
-    attrs = dict(h5py.Group(group).attrs.items())  # read once: each attribute read costs HDF5 a lookup
+    attrs = _read_attrs(group)
     if _attr_str(attrs, "format") != ENTRY_FORMAT:
         raise CacheError(f"{where} has format {_attr_str(attrs, 'format')!r}, expected {ENTRY_FORMAT!r}.")
     _check_version(attrs.get("schema_version"), where)
