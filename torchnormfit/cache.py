@@ -38,10 +38,11 @@ seconds, default 60, bound the wait). A save writes its entry file to a temporar
 fsyncs it and ``os.replace``-s it onto its name: a crash leaves the old entry or the new one, never a torn
 one, and under the lock every temporary file is a dead writer's, removed by the next writer. A corrupt
 file is moved aside (``<file>.corrupt-<time>-<pid>``), never deleted; a foreign or newer file is never
-written. Readers take no lock. HDF5 reads every file through a file object that walks each global heap
-collection before HDF5 parses it (HDF5 2.0 loops forever on a damaged one) and refuses one over 64 MiB,
-so a file is read only as far as needed: a foreign 1.5 GiB file is refused after 9 KB. Nothing is
-pickled in or out.
+written. Readers take no lock. Every global heap collection is walked before HDF5 parses it (HDF5 2.0
+loops forever on a damaged one), and one over 64 MiB is refused: a file of at most 1 MiB (an entry file)
+is read whole and its heaps walked in memory; a bigger one is read through a file object that walks
+each collection HDF5 reads, so it is read only as far as needed: a foreign 1.5 GiB file is refused after
+9 KB. Nothing is pickled in or out.
 """
 
 from __future__ import annotations
@@ -106,8 +107,7 @@ _MAX_ARRAY_ELEMENTS = 2**24
 _MAX_HEAP_BYTES = 64 * 2**20
 _HEAP_SIGNATURE = b"GCOL\x01"  # a global heap collection header, version 1
 _LINK_NAMES = {h5l.TYPE_SOFT: "SoftLink", h5l.TYPE_EXTERNAL: "ExternalLink"}  # h5py's classes for them
-_OBJECT_NAME = {False: "Datatype", True: "Dataset"}  # what h5py calls an object that is not a group
-_PY_OBJECT = h5t.py_create(h5py.string_dtype())  # h5py's memory type: a variable-length string as bytes
+_PY_OBJECT = h5t.py_create(h5py.string_dtype())  # h5py's memory type for a variable-length string (bytes)
 _IMAGE_BYTES = 2**20  # a file this small is read whole (an entry file is; a foreign one is read only as needed)
 
 
@@ -342,10 +342,9 @@ def _open_cache(path: Path) -> Iterator[h5py.File]:
 
 def _check_root(handle: h5py.File, path: Path) -> None:
     try:
-        root = {name: _read_attr(handle.id, h5a.open(handle.id, name.encode("ascii")))[1]
-                for name in ("format", "schema_version") if h5a.exists(handle.id, name.encode("ascii"))}
+        root = {name: _named_attr(handle.id, name) for name in ("format", "schema_version")}
         fmt = _attr_str(root, "format")
-        version = root.get("schema_version")
+        version = root["schema_version"]
     except CacheError:
         raise
     except Exception as error:
@@ -356,6 +355,12 @@ def _check_root(handle: h5py.File, path: Path) -> None:
             f"expected {FILE_FORMAT!r}). Choose another cache path."
         )
     _check_version(version, f"{path}")
+
+
+def _named_attr(obj: h5g.GroupID, name: str) -> Any:
+    """Attribute ``name`` of ``obj`` as h5py's ``attrs`` reads it, or None if there is none."""
+    encoded = name.encode("ascii")
+    return _read_attr(obj, h5a.open(obj, encoded))[1] if h5a.exists(obj, encoded) else None
 
 
 def _read_attrs(obj: h5g.GroupID) -> dict[str | bytes, Any]:
@@ -523,7 +528,8 @@ def _read_group_unchecked(handle: h5py.File, key: str, where: str) -> CacheEntry
             checksum = checksum.decode("ascii", "replace")
         if checksum != _checksum(values, arrays):
             raise CacheError(f"{where}: the values do not match their sha256 checksum (damaged on disk?).")
-    return CacheEntry(key=key, stats=stats, attrs={name: _plain(value) for name, value in attrs.items()}, arrays=arrays)
+    plain = {name: _plain(value) for name, value in attrs.items()}
+    return CacheEntry(key=key, stats=stats, attrs=plain, arrays=arrays)
 
 
 def _stored(parent: h5g.GroupID, name: str, where: str, kind: type, what: str) -> Any:
@@ -540,8 +546,8 @@ def _stored(parent: h5g.GroupID, name: str, where: str, kind: type, what: str) -
         raise CacheError(f"{label} a {_LINK_NAMES.get(link, 'user-defined link')}, not {what}.")
     item = h5o.open(parent, encoded)
     if not isinstance(item, kind):
-        found = "not a dataset" if kind is h5d.DatasetID else f"a {_OBJECT_NAME[type(item) is h5d.DatasetID]}, not a group"
-        raise CacheError(f"{label} {found}.")
+        other = "Dataset" if isinstance(item, h5d.DatasetID) else "Datatype"  # h5py's names
+        raise CacheError(f"{label} {'not a dataset' if kind is h5d.DatasetID else f'a {other}, not a group'}.")
     if kind is h5d.DatasetID and _stored_outside(item):
         raise CacheError(f"{where}: {name!r} keeps its data outside the file (virtual or external storage).")
     return item
