@@ -213,7 +213,7 @@ def _check_cache_file(path: Path) -> None:
     """Refuse a cache path that is not a regular file (a directory, a FIFO, a device) before opening it."""
     try:
         mode = os.stat(path).st_mode  # one look: a writer may remove and re-add an entry file meanwhile
-    except FileNotFoundError:  # not there, or removed since it was seen (an entry file a writer removed)
+    except FileNotFoundError:  # removed since it was seen (an entry file a writer removed)
         raise FileNotFoundError(errno.ENOENT, "No such cache file", str(path)) from None
     if stat.S_ISDIR(mode):
         _check_not_directory(path)
@@ -435,8 +435,10 @@ def read_entry(path: str | os.PathLike, key: str) -> CacheEntry | None:
     check_key(key)
     real = _resolve(Path(path))
     _check_not_directory(real)
-    with contextlib.suppress(FileNotFoundError):  # no entry file (or removed meanwhile): the single file's
-        return _read_entry_file(_entry_file(real, key), key)
+    file = _entry_file(real, key)
+    if os.path.lexists(file):
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile: as if it had not been there
+            return _read_entry_file(file, key)
     if not os.path.lexists(real):
         return None
     with _open_cache(real) as handle:
