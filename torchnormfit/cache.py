@@ -38,10 +38,11 @@ seconds, default 60, bound the wait). A save writes its entry file to a temporar
 fsyncs it and ``os.replace``-s it onto its name: a crash leaves the old entry or the new one, never a torn
 one, and under the lock every temporary file is a dead writer's, removed by the next writer. A corrupt
 file is moved aside (``<file>.corrupt-<time>-<pid>``), never deleted; a foreign or newer file is never
-written. Readers take no lock. HDF5 reads every file through a file object that walks each global heap
-collection before HDF5 parses it (HDF5 2.0 loops forever on a damaged one) and refuses one over 64 MiB,
-so a file is read only as far as needed: a foreign 1.5 GiB file is refused after 9 KB. Nothing is
-pickled in or out.
+written. Readers take no lock. Every global heap collection is walked before HDF5 parses it (HDF5 2.0
+loops forever on a damaged one), and one over 64 MiB is refused: a file of at most 1 MiB (an entry file)
+is read whole and its heaps walked in memory; a bigger one is read through a file object that walks
+each collection HDF5 reads, so it is read only as far as needed: a foreign 1.5 GiB file is refused after
+9 KB. Nothing is pickled in or out.
 """
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ import contextlib
 import errno
 import hashlib
 import io
+import math
 import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 import time
 import warnings
@@ -66,6 +69,7 @@ from typing import Any
 import filelock
 import h5py
 import numpy as np
+from h5py import h5a, h5d, h5f, h5g, h5l, h5o, h5s, h5t
 import torch
 
 from .stats import ChannelStats
@@ -101,6 +105,10 @@ _ARRAY_DTYPES = ("float32", "float64", "int64")
 _MAX_ARRAYS = 64
 _MAX_ARRAY_ELEMENTS = 2**24
 _MAX_HEAP_BYTES = 64 * 2**20
+_HEAP_SIGNATURE = b"GCOL\x01"  # a global heap collection header, version 1
+_LINK_NAMES = {h5l.TYPE_SOFT: "SoftLink", h5l.TYPE_EXTERNAL: "ExternalLink"}  # h5py's classes for them
+_PY_OBJECT = h5t.py_create(h5py.string_dtype())  # h5py's memory type for a variable-length string (bytes)
+_IMAGE_BYTES = 2**20  # a file this small is read whole (an entry file is; a foreign one is read only as needed)
 
 
 class CacheError(ValueError):
@@ -165,7 +173,10 @@ def entry_folder(path: str | os.PathLike) -> Path:
     >>> entry_folder("/tmp/stats.h5")
     PosixPath('/tmp/stats.h5.d')
     """
-    real = _resolve(Path(path))
+    return _folder(_resolve(Path(path)))
+
+
+def _folder(real: Path) -> Path:
     return real.with_name(real.name + _FOLDER_SUFFIX)
 
 
@@ -179,7 +190,8 @@ def _entry_name(key: str) -> str:
 
 
 def _entry_file(real: Path, key: str) -> Path:
-    return entry_folder(real) / _entry_name(key)
+    """Where entry ``key`` of the cache at ``real`` (a path :func:`_resolve` gave) is kept."""
+    return _folder(real) / _entry_name(key)
 
 
 def _entry_files(real: Path) -> list[Path]:
@@ -199,16 +211,14 @@ def _check_not_directory(real: Path) -> None:
 
 def _check_cache_file(path: Path) -> None:
     """Refuse a cache path that is not a regular file (a directory, a FIFO, a device) before opening it."""
-    _check_not_directory(path)
     try:
         mode = os.stat(path).st_mode  # one look: a writer may remove and re-add an entry file meanwhile
     except FileNotFoundError:  # removed since it was seen (an entry file a writer removed)
         raise FileNotFoundError(errno.ENOENT, "No such cache file", str(path)) from None
+    if stat.S_ISDIR(mode):
+        _check_not_directory(path)
     if not stat.S_ISREG(mode):
         raise CacheError(f"The cache path {path} is not a regular file; give the path of an HDF5 file.")
-    if not os.access(path, os.R_OK):  # not a damaged file: never to be moved aside as one
-        raise _NoPermission(f"The cache file {path} is not readable (permission denied); fix its permissions or "
-                            "use another cache path.")
 
 
 class _CheckedReader:
@@ -221,21 +231,46 @@ class _CheckedReader:
     the collection size; then objects of index (2 bytes), reference count (2), reserved (4), size, data
     padded to 8 bytes, index 0 being the free space that ends the collection. Only what HDF5 asks for
     is read, so time and memory do not grow with the file.
+
+    A file of at most ``_IMAGE_BYTES`` (every entry file) is read whole instead, in one read: when every
+    collection header in its bytes (every place HDF5 could read one from) walks cleanly, :meth:`open`
+    hands HDF5 the bytes as a file image, which it reads without a Python call per read; otherwise HDF5
+    reads through this object, which raises the error for the collection HDF5 reads.
     """
 
     def __init__(self, path: Path):
         self.path = path
         self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
-        self._size = os.fstat(self._file.fileno()).st_size
-        self._lengths = self._size_of_lengths()
+        size = os.fstat(self._file.fileno()).st_size
+        self._image = os.pread(self._file.fileno(), size, 0) if size <= _IMAGE_BYTES else None
+        self._size = size if self._image is None else len(self._image)  # a shorter read: the bytes HDF5 gets
+        self._lengths = self._size_of_lengths(self._image or os.pread(self._file.fileno(), 4096 + 16, 0))
 
-    def _size_of_lengths(self) -> int:
-        head = os.pread(self._file.fileno(), 4096 + 16, 0)
+    @staticmethod
+    def _size_of_lengths(head: bytes) -> int:
         for base in (0, 512, 1024, 2048, 4096):  # the superblock may follow a user block
             if head[base : base + 8] == b"\x89HDF\r\n\x1a\n" and len(head) > base + 14:
                 lengths = head[base + 14] if head[base + 8] in (0, 1) else head[base + 10]
                 return lengths if lengths in (2, 4, 8) else 8
         return 8  # HDF5 refuses the file itself
+
+    def open(self) -> h5py.File:
+        """The file opened read-only by HDF5: from its image when it has one whose heaps all walk, else via reads."""
+        if self._image is not None and self._heaps_walk(self._image):
+            return h5py.File(h5f.open_file_image(self._image))
+        return h5py.File(self, "r")
+
+    def _heaps_walk(self, image: bytes) -> bool:
+        """Whether every collection header in ``image`` walks cleanly (a false match in data only costs the image)."""
+        view = memoryview(image)
+        at = image.find(_HEAP_SIGNATURE)
+        while at >= 0:
+            try:
+                self._check_heap(at, view[at:])
+            except _UnreadableCache:
+                return False
+            at = image.find(_HEAP_SIGNATURE, at + 1)
+        return True
 
     def seek(self, offset: int, whence: int = 0) -> int:
         return self._file.seek(offset, whence)
@@ -246,14 +281,14 @@ class _CheckedReader:
     def read(self, size: int = -1) -> bytes:
         at = self._file.tell()
         data = self._file.read(size)
-        if data[:5] == b"GCOL\x01":  # a collection header (anything else HDF5 rejects by version)
+        if data[:5] == _HEAP_SIGNATURE:  # a collection header (anything else HDF5 rejects by version)
             self._check_heap(at, data)
         return data
 
     def close(self) -> None:
         self._file.close()
 
-    def _check_heap(self, at: int, data: bytes) -> None:
+    def _check_heap(self, at: int, data: bytes | memoryview) -> None:
         lengths = self._lengths
         header = 8 + lengths
         size = int.from_bytes(data[8 : 8 + lengths], "little")
@@ -286,10 +321,14 @@ class _CheckedReader:
 def _open_cache(path: Path) -> Iterator[h5py.File]:
     """Open an existing cache file read-only and check that it is ours and not newer."""
     _check_cache_file(path)
-    reader = _CheckedReader(path)
+    try:
+        reader = _CheckedReader(path)
+    except PermissionError:  # not a damaged file: never to be moved aside as one
+        raise _NoPermission(f"The cache file {path} is not readable (permission denied); fix its permissions or "
+                            "use another cache path.") from None
     try:
         try:
-            handle = h5py.File(reader, "r")
+            handle = reader.open()
         except CacheError:
             raise
         except Exception as error:  # h5py raises OSError, but a damaged superblock can surface as anything
@@ -303,8 +342,9 @@ def _open_cache(path: Path) -> Iterator[h5py.File]:
 
 def _check_root(handle: h5py.File, path: Path) -> None:
     try:
-        fmt = _attr_str(handle.attrs, "format")
-        version = handle.attrs.get("schema_version")
+        root = {name: _named_attr(handle.id, name) for name in ("format", "schema_version")}
+        fmt = _attr_str(root, "format")
+        version = root["schema_version"]
     except CacheError:
         raise
     except Exception as error:
@@ -315,6 +355,38 @@ def _check_root(handle: h5py.File, path: Path) -> None:
             f"expected {FILE_FORMAT!r}). Choose another cache path."
         )
     _check_version(version, f"{path}")
+
+
+def _named_attr(obj: h5g.GroupID, name: str) -> Any:
+    """Attribute ``name`` of ``obj`` as h5py's ``attrs`` reads it, or None if there is none."""
+    encoded = name.encode("ascii")
+    return _read_attr(obj, h5a.open(obj, encoded))[1] if h5a.exists(obj, encoded) else None
+
+
+def _read_attrs(obj: h5g.GroupID) -> dict[str | bytes, Any]:
+    """Every attribute of ``obj`` as h5py's ``attrs`` reads them (read once: a read costs HDF5 a lookup)."""
+    return dict(_read_attr(obj, h5a.open(obj, index=index)) for index in range(h5a.get_num_attrs(obj)))
+
+
+def _read_attr(obj: h5g.GroupID, attr: h5a.AttrID) -> tuple[str | bytes, Any]:
+    """An attribute's name and value, as h5py's ``attrs`` reads them; scalar strings and numbers (all a fit
+    writes) by a shorter path: h5py's costs one and a half times as much."""
+    name = attr.name
+    try:
+        name = name.decode("utf-8")
+    except UnicodeDecodeError:  # h5py's name for it too
+        pass
+    kind = attr.get_type()
+    if attr.get_space().get_simple_extent_type() == h5s.SCALAR:
+        if isinstance(kind, h5t.TypeStringID) and kind.is_variable_str():
+            value = np.zeros((), object)
+            attr.read(value, mtype=_PY_OBJECT)
+            return name, value[()].decode("utf-8", "surrogateescape")
+        if isinstance(kind, (h5t.TypeIntegerID, h5t.TypeFloatID)):
+            value = np.zeros((), kind.dtype)
+            attr.read(value)
+            return name, value[()]
+    return name, h5py.Group(obj).attrs[name]
 
 
 def _attr_str(attrs: Mapping[str, Any], name: str) -> str | None:
@@ -440,74 +512,95 @@ def _read_group(handle: h5py.File, key: str, path: Path) -> CacheEntry:
 
 
 def _read_group_unchecked(handle: h5py.File, key: str, where: str) -> CacheEntry:
-    group = _stored(handle, key, where, h5py.Group, "a group stored in the file")
-    if _attr_str(group.attrs, "format") != ENTRY_FORMAT:
-        raise CacheError(f"{where} has format {_attr_str(group.attrs, 'format')!r}, expected {ENTRY_FORMAT!r}.")
-    _check_version(group.attrs.get("schema_version"), where)
+    group = _stored(handle.id, key, where, h5g.GroupID, "a group stored in the file")
+    attrs = _read_attrs(group)
+    if _attr_str(attrs, "format") != ENTRY_FORMAT:
+        raise CacheError(f"{where} has format {_attr_str(attrs, 'format')!r}, expected {ENTRY_FORMAT!r}.")
+    _check_version(attrs.get("schema_version"), where)
     values = {name: _read_vector(group, name, where) for name in _STORED}
     shapes = {v.shape for v in values.values()}
     if len(shapes) != 1:
         raise CacheError(f"{where} has datasets of different lengths: { {n: v.shape for n, v in values.items()} }.")
-    stats = ChannelStats(*(torch.from_numpy(values[name]) for name in ("count", "mean", "m2", "min", "max")))
-    _validate(stats, torch.from_numpy(values["std"]), where)
+    stats = ChannelStats._owned(*(torch.from_numpy(values[name]) for name in ("count", "mean", "m2", "min", "max")))
+    _validate(stats, values, where)
     arrays = _read_arrays(group, where)
-    checksum = group.attrs.get("sha256")  # last: it catches damage that still looks like valid statistics
+    checksum = attrs.get("sha256")  # last: it catches damage that still looks like valid statistics
     if checksum is not None:
         if isinstance(checksum, bytes):
             checksum = checksum.decode("ascii", "replace")
         if checksum != _checksum(values, arrays):
             raise CacheError(f"{where}: the values do not match their sha256 checksum (damaged on disk?).")
-    attrs = {name: _plain(value) for name, value in group.attrs.items()}
-    return CacheEntry(key=key, stats=stats, attrs=attrs, arrays=arrays)
+    plain = {name: _plain(value) for name, value in attrs.items()}
+    return CacheEntry(key=key, stats=stats, attrs=plain, arrays=arrays)
 
 
-def _stored(group: h5py.Group, name: str, where: str, kind: type, what: str) -> Any:
-    """The object ``name`` of ``group``, which must be a hard link to a ``kind`` (a link is never followed)."""
-    link = _link(group, name, where)
-    label = f"{where} is" if group.name == "/" else f"{where}: {name!r} is"
-    if link is None:
-        raise CacheError(f"{where} has no {'dataset' if kind is h5py.Dataset else 'group'} {name!r}.")
-    if not isinstance(link, h5py.HardLink):
-        raise CacheError(f"{label} a {type(link).__name__}, not {what}.")
-    item = group[name]
+def _stored(parent: h5g.GroupID, name: str, where: str, kind: type, what: str) -> Any:
+    """The object ``name`` of ``parent``, which must be a hard link to a ``kind`` (a link is never followed).
+
+    h5py's low-level calls: its high-level objects cost several HDF5 calls per property.
+    """
+    label = f"{where} is" if isinstance(parent, h5f.FileID) else f"{where}: {name!r} is"
+    encoded = name.encode("utf-8")
+    if not parent.links.exists(encoded):
+        raise CacheError(f"{where} has no {'dataset' if kind is h5d.DatasetID else 'group'} {name!r}.")
+    link = parent.links.get_info(encoded).type
+    if link != h5l.TYPE_HARD:
+        raise CacheError(f"{label} a {_LINK_NAMES.get(link, 'user-defined link')}, not {what}.")
+    item = h5o.open(parent, encoded)
     if not isinstance(item, kind):
-        found = "not a dataset" if kind is h5py.Dataset else f"a {type(item).__name__}, not a group"
-        raise CacheError(f"{label} {found}.")
-    if kind is h5py.Dataset and (item.is_virtual or item.external):
+        other = "Dataset" if isinstance(item, h5d.DatasetID) else "Datatype"  # h5py's names
+        raise CacheError(f"{label} {'not a dataset' if kind is h5d.DatasetID else f'a {other}, not a group'}.")
+    if kind is h5d.DatasetID and _stored_outside(item):
         raise CacheError(f"{where}: {name!r} keeps its data outside the file (virtual or external storage).")
     return item
 
 
-def _read_vector(group: h5py.Group, name: str, where: str) -> np.ndarray:
+def _stored_outside(dataset: h5d.DatasetID) -> bool:
+    """Whether the dataset's data is in other files (virtual or external storage)."""
+    plist = dataset.get_create_plist()
+    return plist.get_layout() == h5d.VIRTUAL or plist.get_external_count() > 0
+
+
+def _read_data(dataset: h5d.DatasetID, dtype: np.dtype) -> np.ndarray:
+    """All of a dataset's values, converted by HDF5 to ``dtype``."""
+    array = np.empty(dataset.shape, dtype)
+    if array.size:
+        dataset.read(h5s.ALL, h5s.ALL, array)
+    return array
+
+
+def _read_vector(group: h5g.GroupID, name: str, where: str) -> np.ndarray:
     """One (C,) float64 dataset, checked by its metadata before a byte of data is read."""
-    dataset = _stored(group, name, where, h5py.Dataset, "a dataset stored in the group")
-    dtype = dataset.dtype
+    dataset = _stored(group, name, where, h5d.DatasetID, "a dataset stored in the group")
+    dtype, shape = dataset.dtype, dataset.shape
     if dtype.kind != "f" or dtype.itemsize != 8 or dtype.fields is not None:
         raise CacheError(f"{where}: {name!r} has dtype {dtype}, expected float64.")
-    if dataset.ndim != 1 or not 1 <= dataset.shape[0] <= _MAX_CHANNELS:
-        raise CacheError(f"{where}: {name!r} has shape {dataset.shape}, expected (C,) with 1 <= C <= {_MAX_CHANNELS}.")
-    return np.ascontiguousarray(dataset[()], dtype=np.float64)
+    if len(shape) != 1 or not 1 <= shape[0] <= _MAX_CHANNELS:
+        raise CacheError(f"{where}: {name!r} has shape {shape}, expected (C,) with 1 <= C <= {_MAX_CHANNELS}.")
+    return _read_data(dataset, np.dtype(np.float64))
 
 
-def _read_arrays(group: h5py.Group, where: str) -> dict[str, np.ndarray]:
+def _read_arrays(group: h5g.GroupID, where: str) -> dict[str, np.ndarray]:
     """The per-sample arrays under ``samples/`` (schema 2), each checked by its metadata before it is read."""
-    if _link(group, _SAMPLES, where) is None:
+    if not group.links.exists(_SAMPLES.encode("ascii")):
         return {}
-    samples = _stored(group, _SAMPLES, where, h5py.Group, "a group stored in the entry")
-    if len(samples) > _MAX_ARRAYS:
-        raise CacheError(f"{where}: '{_SAMPLES}' holds {len(samples)} arrays, at most {_MAX_ARRAYS} are allowed.")
+    samples = _stored(group, _SAMPLES, where, h5g.GroupID, "a group stored in the entry")
+    if samples.get_num_objs() > _MAX_ARRAYS:
+        raise CacheError(f"{where}: '{_SAMPLES}' holds {samples.get_num_objs()} arrays, at most {_MAX_ARRAYS} are "
+                         "allowed.")
     arrays = {}
-    for name in sorted(samples.keys()):
+    for name in sorted(name.decode("utf-8", "surrogateescape") for name in samples):
         label = f"{_SAMPLES}/{name}"
         if not _ARRAY_NAME.fullmatch(name):
             raise CacheError(f"{where}: {label!r} is not named by a lowercase identifier ([a-z][a-z0-9_]*).")
-        dataset = _stored(samples, name, where, h5py.Dataset, "a dataset stored in the group")
-        if dataset.dtype.fields is not None or dataset.dtype.name not in _ARRAY_DTYPES:
-            raise CacheError(f"{where}: {label!r} has dtype {dataset.dtype}, expected {', '.join(_ARRAY_DTYPES)}.")
-        if dataset.ndim not in (1, 2) or dataset.size > _MAX_ARRAY_ELEMENTS:
-            raise CacheError(f"{where}: {label!r} has shape {dataset.shape}, expected 1-D or 2-D with at most "
+        dataset = _stored(samples, name, where, h5d.DatasetID, "a dataset stored in the group")
+        dtype, shape = dataset.dtype, dataset.shape
+        if dtype.fields is not None or dtype.name not in _ARRAY_DTYPES:
+            raise CacheError(f"{where}: {label!r} has dtype {dtype}, expected {', '.join(_ARRAY_DTYPES)}.")
+        if len(shape) not in (1, 2) or math.prod(shape) > _MAX_ARRAY_ELEMENTS:
+            raise CacheError(f"{where}: {label!r} has shape {shape}, expected 1-D or 2-D with at most "
                              f"{_MAX_ARRAY_ELEMENTS} elements.")
-        arrays[name] = np.ascontiguousarray(dataset[()], dtype=dataset.dtype.newbyteorder("="))
+        arrays[name] = _read_data(dataset, dtype.newbyteorder("="))
     return arrays
 
 
@@ -524,35 +617,40 @@ def _checksum(values: Mapping[str, np.ndarray], arrays: Mapping[str, np.ndarray]
     return digest.hexdigest()
 
 
-def _validate(stats: ChannelStats, std: torch.Tensor, where: str) -> None:
-    if not 1 <= stats.num_channels <= _MAX_CHANNELS:
-        raise CacheError(f"{where} has {stats.num_channels} channels, expected 1 to {_MAX_CHANNELS}.")
+def _validate(stats: ChannelStats, values: Mapping[str, np.ndarray], where: str) -> None:
+    """Refuse statistics no fit gives; ``values`` are their six vectors (``_STORED``) as float64 numpy arrays.
+
+    Checked on Python floats: a cache hit would pay more for the first calls of torch or numpy functions.
+    """
+    count, mean, m2, std, low, high = (values[name].tolist() for name in _STORED)
+    if not 1 <= len(mean) <= _MAX_CHANNELS:
+        raise CacheError(f"{where} has {len(mean)} channels, expected 1 to {_MAX_CHANNELS}.")
     problems = []
-    count = stats.count
-    if not bool(torch.isfinite(count).all()):
+    if not all(map(math.isfinite, count)):
         problems.append("count is not finite")
-    elif not bool((count > 0).all()):
+    elif not all(n > 0 for n in count):
         problems.append("count is not positive")
-    elif not bool((count == count.round()).all()):
+    elif not all(n == round(n) for n in count):
         problems.append("count is not a whole number of pixels")
-    for name in ("mean", "m2", "min", "max"):
-        if not bool(torch.isfinite(getattr(stats, name)).all()):
+    for name, vector in (("mean", mean), ("m2", m2), ("min", low), ("max", high)):
+        if not all(map(math.isfinite, vector)):
             problems.append(f"{name} is not finite")
     if problems:  # what follows would only repeat these
         raise CacheError(f"{where} failed validation: {', '.join(problems)}.")
-    if not bool((stats.m2 >= 0).all()):
+    exact = (math.sqrt(m / n) for m, n in zip(m2, count))  # lazy: read only once m2 >= 0 is known
+    if min(m2) < 0:
         problems.append("m2 is negative")
-    elif not bool(torch.isfinite(std).all()):
+    elif not all(map(math.isfinite, std)):
         problems.append("std is not finite")
-    elif bool((std < 0).any()):
+    elif min(std) < 0:
         problems.append("std is negative")
-    elif bool(((std == 0) & ~stats.constant_channels()).any()):
+    elif 0 in std and any(s == 0 and not c for s, c in zip(std, stats.constant_channels().tolist())):
         problems.append("std is zero for a channel whose m2 is not")
-    elif not torch.allclose(std, stats.std, rtol=1e-9, atol=0.0):
+    elif not all(abs(s - e) <= 1e-9 * e for s, e in zip(std, exact)):  # torch.allclose(rtol=1e-9, atol=0)
         problems.append("std does not equal sqrt(m2 / count)")
     # The float64 mean of n equal values may land a few ulps outside them, so allow for rounding.
-    slack = 64 * torch.finfo(torch.float64).eps * torch.maximum(stats.min.abs(), stats.max.abs())
-    if not bool(((stats.min - slack <= stats.mean) & (stats.mean <= stats.max + slack)).all()):
+    slack = [64 * sys.float_info.epsilon * max(abs(lo), abs(hi)) for lo, hi in zip(low, high)]
+    if not all(lo - e <= m <= hi + e for m, lo, hi, e in zip(mean, low, high, slack)):
         problems.append("mean is outside [min, max]")
     if problems:
         raise CacheError(f"{where} failed validation: {', '.join(problems)}.")
@@ -602,7 +700,7 @@ def write_entry(
     reserved = sorted(set(attrs) & set(_RESERVED_ATTRS))
     if reserved:
         raise ValueError(f"The attribute names {reserved} are reserved for the cache schema; rename them.")
-    _validate(stats, stats.std, f"statistics for {key!r}")
+    _validate(stats, _vectors(stats), f"statistics for {key!r}")
     data = _entry_file_bytes(key, stats, attrs, _check_arrays(key, arrays))  # built before taking the lock
     with _locked(Path(path)) as real:
         _remove_dead_writers_files(real)
@@ -927,8 +1025,7 @@ def _write_group(
 ) -> None:
     """Write one entry; ``lenient`` (carrying an old entry over) drops an attribute HDF5 cannot store."""
     group = handle.create_group(key)
-    values = {**stats.to_dict(), "std": stats.std}
-    vectors = {name: np.ascontiguousarray(values[name].detach().cpu().numpy(), dtype=np.float64) for name in _STORED}
+    vectors = _vectors(stats)
     for name in _STORED:
         group.create_dataset(name, data=vectors[name])
     if arrays:
@@ -945,6 +1042,12 @@ def _write_group(
     group.attrs["schema_version"] = SCHEMA_VERSION
     group.attrs["key"] = key
     group.attrs["sha256"] = _checksum(vectors, arrays)
+
+
+def _vectors(stats: ChannelStats) -> dict[str, np.ndarray]:
+    """The six stored vectors (``_STORED``) of ``stats`` as float64 numpy arrays."""
+    values = {**stats.to_dict(), "std": stats.std}
+    return {name: np.ascontiguousarray(values[name].detach().cpu().numpy(), dtype=np.float64) for name in _STORED}
 
 
 def _fsync(path: Path) -> None:
