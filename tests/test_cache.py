@@ -1817,3 +1817,16 @@ def test_large_foreign_file_is_refused_without_reading_it(tmp_path):
     assert not Path(f"{path}.d").exists()
     print(f"\n[reliability] a 192 MiB foreign HDF5 file refused by read, list and write: peak RSS +"
           f"{result['growth'] / 2**20:.1f} MiB, {result['s'] * 1000:.0f} ms")
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda data: b"x" * 500, "file signature not found"),
+    (lambda data: data[: len(data) // 2], "truncated file"),
+])
+def test_a_damaged_small_entry_file_is_refused_with_hdf5s_reason(tmp_path, damage, reason):
+    path = tmp_path / "c.h5"
+    write_entry(path, "k", make_stats(0), {}, arrays={"index": np.arange(256)})
+    target = entry_file(path, "k")
+    target.write_bytes(damage(target.read_bytes()))
+    with pytest.raises(CacheError, match=rf"is not a readable HDF5 file \(corrupt or truncated\?\): .*{reason}"):
+        read_entry(path, "k")

@@ -242,7 +242,7 @@ class _CheckedReader:
         self.path = path
         self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
         size = os.fstat(self._file.fileno()).st_size
-        self._image = os.pread(self._file.fileno(), size, 0) if size <= _IMAGE_BYTES else None
+        self._image = _read_whole(self._file.fileno(), size) if size <= _IMAGE_BYTES else None
         self._size = size if self._image is None else len(self._image)  # a shorter read: the bytes HDF5 gets
         self._lengths = self._size_of_lengths(self._image or os.pread(self._file.fileno(), 4096 + 16, 0))
 
@@ -257,7 +257,10 @@ class _CheckedReader:
     def open(self) -> h5py.File:
         """The file opened read-only by HDF5: from its image when it has one whose heaps all walk, else via reads."""
         if self._image is not None and self._heaps_walk(self._image):
-            return h5py.File(h5f.open_file_image(self._image))
+            try:
+                return h5py.File(h5f.open_file_image(self._image))
+            except ValueError:  # "Not a file id": HDF5 says why when it reads the file through this object
+                pass
         return h5py.File(self, "r")
 
     def _heaps_walk(self, image: bytes) -> bool:
@@ -315,6 +318,18 @@ class _CheckedReader:
                     f"at byte {at + position} that {'does not fit' if step > 0 else 'HDF5 would loop on'}."
                 )
             position += step
+
+
+def _read_whole(fd: int, size: int) -> bytes:
+    """The first ``size`` bytes of the file (fewer if it is shorter), however many reads it takes."""
+    parts, have = [], 0
+    while have < size:
+        part = os.pread(fd, size - have, have)
+        if not part:
+            break
+        parts.append(part)
+        have += len(part)
+    return b"".join(parts)
 
 
 @contextlib.contextmanager
