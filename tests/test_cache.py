@@ -1830,3 +1830,15 @@ def test_a_damaged_small_entry_file_is_refused_with_hdf5s_reason(tmp_path, damag
     target.write_bytes(damage(target.read_bytes()))
     with pytest.raises(CacheError, match=rf"is not a readable HDF5 file \(corrupt or truncated\?\): .*{reason}"):
         read_entry(path, "k")
+
+
+@pytest.mark.parametrize("where", ["mean", "samples/index"])
+def test_an_empty_dataspace_is_refused_by_its_shape(tmp_path, where):
+    path = tmp_path / "stats.h5"
+    with raw_cache(path, version=2) as f:
+        group = write_raw_entry(f, "null", make_stats(0))
+        group["samples/index"] = np.arange(4)
+        del group[where]
+        group.create_dataset(where, data=h5py.Empty("f8"))
+    with pytest.raises(CacheError, match=rf"'{where}' has shape None, expected"):
+        read_entry(path, "null")

@@ -590,7 +590,7 @@ def _read_vector(group: h5g.GroupID, name: str, where: str) -> np.ndarray:
     dtype, shape = dataset.dtype, dataset.shape
     if dtype.kind != "f" or dtype.itemsize != 8 or dtype.fields is not None:
         raise CacheError(f"{where}: {name!r} has dtype {dtype}, expected float64.")
-    if len(shape) != 1 or not 1 <= shape[0] <= _MAX_CHANNELS:
+    if shape is None or len(shape) != 1 or not 1 <= shape[0] <= _MAX_CHANNELS:  # None: an empty dataspace
         raise CacheError(f"{where}: {name!r} has shape {shape}, expected (C,) with 1 <= C <= {_MAX_CHANNELS}.")
     return _read_data(dataset, np.dtype(np.float64))
 
@@ -612,7 +612,7 @@ def _read_arrays(group: h5g.GroupID, where: str) -> dict[str, np.ndarray]:
         dtype, shape = dataset.dtype, dataset.shape
         if dtype.fields is not None or dtype.name not in _ARRAY_DTYPES:
             raise CacheError(f"{where}: {label!r} has dtype {dtype}, expected {', '.join(_ARRAY_DTYPES)}.")
-        if len(shape) not in (1, 2) or math.prod(shape) > _MAX_ARRAY_ELEMENTS:
+        if shape is None or len(shape) not in (1, 2) or math.prod(shape) > _MAX_ARRAY_ELEMENTS:
             raise CacheError(f"{where}: {label!r} has shape {shape}, expected 1-D or 2-D with at most "
                              f"{_MAX_ARRAY_ELEMENTS} elements.")
         arrays[name] = _read_data(dataset, dtype.newbyteorder("="))
