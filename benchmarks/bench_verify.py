@@ -50,9 +50,9 @@ from torchnormfit import verification
 from torchnormfit.fitting import tensor_stats
 from torchnormfit.resolve import _tracked_indices
 
-CHANGES = [(f"shift {d} std", d, 1.0) for d in (0.05, 0.1, 0.25, 0.5)] + [
-    (f"std x{s}", 0.0, s) for s in (1.05, 1.1, 1.25)
-]
+CHANGES = [(f"shift {d} std", d, 1.0, 1.0) for d in (0.05, 0.1, 0.25, 0.5)] + [
+    (f"std x{s}", 0.0, s, 1.0) for s in (1.05, 1.1, 1.25)
+] + [("40% shifted 1.25 std", 1.25, 1.0, 0.4)]  # (name, shift, scale, fraction of the images changed)
 OTHER = "other dataset"
 REQUIRED = ("shift 0.5 std", "std x1.25")  # issue 10: these must be caught
 
@@ -135,18 +135,19 @@ def simulate_fit(images: torch.Tensor, pipeline: Callable) -> tuple[torch.Tensor
 
 def view_moments(
     images: torch.Tensor, tracked: list[int], pipeline: Callable, views: int, pooled: tuple[torch.Tensor, torch.Tensor],
-    changes: list[tuple[str, float, float]],
+    changes: list[tuple[str, float, float, float]],
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``name -> (mean, var)``, each ``(tracked, views, C)``: moments of independent pipeline draws, as seen
-    unchanged ("same") and after each change of the pipeline's output."""
+    unchanged ("same") and after each change of the pipeline's output (of a fixed part of the images)."""
     mean, std = pooled[0].view(-1, 1, 1), pooled[1].sqrt().view(-1, 1, 1)
     out = {name: ([], []) for name in ["same", *(c[0] for c in changes)]}
     for index in tracked:
         rows = {name: ([], []) for name in out}
         for _ in range(views):
             x = _view(pipeline, images[index])
-            for name, shift, scale in [("same", 0.0, 1.0), *changes]:
-                changed = x if name == "same" else ((x - mean) * scale + mean + shift * std).to(x.dtype)
+            for name, shift, scale, fraction in [("same", 0.0, 1.0, 0.0), *changes]:
+                hit = index % 100 < 100 * fraction
+                changed = ((x - mean) * scale + mean + shift * std).to(x.dtype) if hit else x
                 m, v = verification.image_moments(changed)
                 rows[name][0].append(m)
                 rows[name][1].append(v)
@@ -384,6 +385,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="end-to-end rounds (default 5; quick 1)")
     p.add_argument("--e2e-images", type=int, help="PNGs in the end-to-end folder (default 1,500; quick 60)")
     p.add_argument("--e2e-size", type=int, default=96)
+    p.add_argument("--one-stage", action="store_true",
+                   help="check every hit in one stage (the check before two stages), to compare")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     defaults = dict(hits=(200, 20_000), detect_hits=(50, 1_000), images=(120, 1_500), size=(12, 48), views=(3, 20),
@@ -399,6 +402,8 @@ def main(argv: list[str] | None = None) -> None:
         return child(*sys.argv[2:])
     args = parse_args(argv)
     torch.set_num_threads(1)  # small tensors: threads only add overhead on a shared machine
+    if args.one_stage:
+        verification.TWO_STAGES_FROM = verification.MAX_VERIFY + 1
     started = time.perf_counter()
     results: dict[str, Any] = {"machine": _machine(), "args": {k: str(v) for k, v in vars(args).items()}}
     print(f"bench_verify.py {' '.join(sys.argv[1:])}: {results['machine']}")

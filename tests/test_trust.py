@@ -420,3 +420,4 @@ def test_a_hit_whose_images_now_have_other_channels_refits(tmp_path, monkeypatch
     with pytest.warns(CacheWarning, match=r"does not match the data.*the images have \[1\] channels, the entry 3"):
         again.fit(_ChannelsFromEnv(again), num_workers=0, progress=False)
     assert again.fit_record.source == "pass" and len(again.mean) == 1 and len(norm.mean) == 3
+    assert again.fit_record.verification.samples == 25  # the first stage of 50 read, then it stopped

@@ -89,3 +89,33 @@ def test_image_moments_are_the_float64_population_moments():
     torch.testing.assert_close(var, exact.var(dim=1, correction=0), rtol=1e-12, atol=0)
     channels_last = image_moments(image.permute(1, 2, 0).contiguous().permute(2, 0, 1))
     torch.testing.assert_close(channels_last[0], mean, rtol=1e-15, atol=0)
+
+
+def test_part_of_the_data_changed_under_a_deterministic_pipeline_reads_the_second_stage():
+    """9 of the first 32 images moved by a whole std, the rest identical: T is 3 and the sign test's p 0.004 on
+    the first stage, which would pass there on those alone; identical and changed images side by side do not."""
+    mean, var = stored(64)
+    moved = torch.zeros(64, C, dtype=torch.float64)
+    moved[:9] = moved[32:55] = POOLED_VAR.sqrt()  # 32 of 64 images: the channel mean moves by half a std
+    calls = []
+    result = verify_in_stages(mean, var, reader(mean + moved, var, calls), POOLED_MEAN, POOLED_VAR)
+    first = compare(mean[:32], var[:32], mean[:32] + moved[:32], var[:32], POOLED_MEAN, POOLED_VAR,
+                    bound=FALSE_ALARM_BOUND / 2)
+    assert first.passed and first.score == pytest.approx(3.0) and first.mixed  # the premise
+    assert calls == [(0, 32), (32, 64)] and not result.passed and result.samples == 64
+
+
+def test_the_first_stage_never_fails_by_the_unanimous_rule():
+    """With 64 channels that rule is only safe from 26 images on; a first stage of 24 must not use it."""
+    channels = 64
+    mean = 0.5 + 0.1 * torch.randn(48, channels, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    var = torch.full((48, channels), 0.03, dtype=torch.float64)
+    pooled = torch.full((channels,), 0.5, dtype=torch.float64), torch.full((channels,), 0.04, dtype=torch.float64)
+    noise = 1e-3 * torch.randn(48, channels, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    noise[:24, 0] = noise[:24, 0].abs() + 1e-4  # 24 differences of one sign on channel 0, the rest symmetric
+    noise[24:, 0] = torch.randn(24, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 1e-3
+    alone = compare(mean[:24], var[:24], mean[:24] + noise[:24], var[:24], *pooled, bound=FALSE_ALARM_BOUND / 2)
+    assert not alone.passed  # the premise: with the rule, the first stage would fail
+    calls = []
+    result = verify_in_stages(mean, var, reader(mean + noise, var, calls), *pooled)
+    assert calls == [(0, 24), (24, 48)] and result.samples == 48

@@ -51,7 +51,9 @@ from .samples import Capture, read_images
 from .sampling import StandardErrors, fit_subset, subset_indices
 from .stats import ChannelStats
 from .streams import first_images, stream_images
-from .verification import DEFAULT_VERIFY, MAX_VERIFY, TRACKED, Verification, image_moments, verify_in_stages
+from .verification import (
+    DEFAULT_VERIFY, MAX_VERIFY, TRACKED, Verification, image_moments, threshold, verify_in_stages,
+)
 
 __all__ = ["FitRecord", "fit_dataset", "pass_stats", "save_stats", "load_entry", "tensor_stats"]
 
@@ -223,21 +225,25 @@ def _verify(
             return verify_in_stages(
                 torch.from_numpy(np.asarray(samples["mean"][rows], dtype=np.float64)),
                 torch.from_numpy(np.asarray(samples["var"][rows], dtype=np.float64)),
-                lambda start, stop: _moments(read(start, stop), channels), entry.stats.mean, entry.stats.var)
+                lambda start, stop: _moments(read(start, stop), channels, start), entry.stats.mean, entry.stats.var)
         except _ChannelMismatch as mismatch:
-            return Verification(len(rows), False, math.inf, 0.0, str(mismatch))
+            return Verification(mismatch.read, False, math.inf, threshold(channels), str(mismatch))
 
 
 class _ChannelMismatch(Exception):
-    """Images read again have another number of channels than the entry."""
+    """Images read again have another number of channels than the entry (``read``: images read by then)."""
+
+    def __init__(self, message: str, read: int):
+        super().__init__(message)
+        self.read = read
 
 
-def _moments(images: list[torch.Tensor], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images' own means and variances, ``(n, C)`` each."""
+def _moments(images: list[torch.Tensor], channels: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images' own means and variances, ``(n, C)`` each (``start``: the images read before these)."""
     pairs = [image_moments(im) for im in images]
     other = sorted({mean.numel() for mean, _ in pairs} - {channels})
     if other:
-        raise _ChannelMismatch(f"the images have {other} channels, the entry {channels}")
+        raise _ChannelMismatch(f"the images have {other} channels, the entry {channels}", start + len(images))
     if not pairs:
         return torch.empty(0, channels, dtype=torch.float64), torch.empty(0, channels, dtype=torch.float64)
     return torch.stack([mean for mean, _ in pairs]), torch.stack([var for _, var in pairs])
