@@ -3,7 +3,7 @@
 
 ::
 
-    python benchmarks/bench_verify.py                 # the full run (minutes: 30,000 hits per kind took 2.9 min, e2e 1 min)
+    python benchmarks/bench_verify.py                 # the full run (minutes: 30,000 hits per kind took 3 min)
     python benchmarks/bench_verify.py --quick         # small sizes, a few hundred hits (~1 min there); a smoke check
     python benchmarks/bench_verify.py --sections sim  # only the simulated hits (``sim``, ``e2e``)
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from torchnormfit.verification import (
-    EARLY_PASS_T, FALSE_ALARM_BOUND, FIRST_STAGE, compare, image_moments, stages, threshold, verify_in_stages,
+    EARLY_PASS_T, FALSE_ALARM_BOUND, FIRST_STAGE, FIRST_STAGE_SHARE, compare, image_moments, stages, threshold,
+    verify_in_stages,
 )
 
 C = 3
@@ -45,7 +46,8 @@ def test_a_shift_of_every_image_fails_in_the_first_stage(shift):
     calls = []
     result = verify_in_stages(mean, var, reader(mean + shift, var, calls), POOLED_MEAN, POOLED_VAR)
     assert not result.passed and result.samples == 32 and calls == [(0, 32)]
-    assert f"channel 0: the image means are {'higher' if shift > 0 else 'lower'} than stored in 32 of 32" in result.detail
+    direction = "higher" if shift > 0 else "lower"
+    assert f"channel 0: the image means are {direction} than stored in 32 of 32" in result.detail
 
 
 def test_a_first_stage_near_its_limit_reads_the_second_and_decides_on_all():
@@ -55,18 +57,24 @@ def test_a_first_stage_near_its_limit_reads_the_second_and_decides_on_all():
     calls = []
     result = verify_in_stages(mean, var, reader(mean + suspicious, var, calls), POOLED_MEAN, POOLED_VAR)
     first = compare(mean[:32], var[:32], mean[:32] + suspicious[:32], var[:32], POOLED_MEAN, POOLED_VAR,
-                    bound=FALSE_ALARM_BOUND / 2)
+                    bound=FALSE_ALARM_BOUND * FIRST_STAGE_SHARE)
     assert first.passed and first.score > EARLY_PASS_T  # the premise: stage one neither passes nor fails
     assert calls == [(0, 32), (32, 64)] and result.samples == 64
-    whole = compare(mean, var, mean + suspicious, var, POOLED_MEAN, POOLED_VAR, bound=FALSE_ALARM_BOUND / 2)
+    whole = compare(mean, var, mean + suspicious, var, POOLED_MEAN, POOLED_VAR,
+                    bound=FALSE_ALARM_BOUND * (1 - FIRST_STAGE_SHARE))
     assert (result.passed, result.score) == (whole.passed, whole.score)
 
 
-def test_each_stage_runs_at_half_the_false_alarm_bound():
+def test_the_stages_share_the_false_alarm_bound():
     mean, var = stored(64)
-    result = verify_in_stages(mean, var, reader(mean, var, []), POOLED_MEAN, POOLED_VAR)
-    assert result.threshold == pytest.approx(threshold(C, FALSE_ALARM_BOUND / 2))
-    assert threshold(C, FALSE_ALARM_BOUND / 2) > threshold(C)
+    first = verify_in_stages(mean, var, reader(mean, var, []), POOLED_MEAN, POOLED_VAR)
+    assert first.samples == 32
+    assert first.threshold == pytest.approx(threshold(C, FALSE_ALARM_BOUND * FIRST_STAGE_SHARE))
+    noisy = mean + 1e-3 * torch.randn(64, C, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 6e-4
+    both = verify_in_stages(mean, var, reader(noisy, var, []), POOLED_MEAN, POOLED_VAR)
+    assert both.samples == 64
+    assert both.threshold == pytest.approx(threshold(C, FALSE_ALARM_BOUND * (1 - FIRST_STAGE_SHARE)))
+    assert threshold(C, FALSE_ALARM_BOUND * FIRST_STAGE_SHARE) > threshold(C, FALSE_ALARM_BOUND * 0.9) > threshold(C)
     single = verify_in_stages(mean[:40], var[:40], reader(mean, var, []), POOLED_MEAN, POOLED_VAR)
     assert single.threshold == pytest.approx(threshold(C))
 
@@ -100,7 +108,7 @@ def test_part_of_the_data_changed_under_a_deterministic_pipeline_reads_the_secon
     calls = []
     result = verify_in_stages(mean, var, reader(mean + moved, var, calls), POOLED_MEAN, POOLED_VAR)
     first = compare(mean[:32], var[:32], mean[:32] + moved[:32], var[:32], POOLED_MEAN, POOLED_VAR,
-                    bound=FALSE_ALARM_BOUND / 2)
+                    bound=FALSE_ALARM_BOUND * FIRST_STAGE_SHARE)
     assert first.passed and first.score == pytest.approx(3.0) and first.mixed  # the premise
     assert calls == [(0, 32), (32, 64)] and not result.passed and result.samples == 64
 
@@ -114,7 +122,8 @@ def test_the_first_stage_never_fails_by_the_unanimous_rule():
     noise = 1e-3 * torch.randn(48, channels, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     noise[:24, 0] = noise[:24, 0].abs() + 1e-4  # 24 differences of one sign on channel 0, the rest symmetric
     noise[24:, 0] = torch.randn(24, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 1e-3
-    alone = compare(mean[:24], var[:24], mean[:24] + noise[:24], var[:24], *pooled, bound=FALSE_ALARM_BOUND / 2)
+    alone = compare(mean[:24], var[:24], mean[:24] + noise[:24], var[:24], *pooled,
+                    bound=FALSE_ALARM_BOUND * FIRST_STAGE_SHARE)
     assert not alone.passed  # the premise: with the rule, the first stage would fail
     calls = []
     result = verify_in_stages(mean, var, reader(mean + noise, var, calls), *pooled)

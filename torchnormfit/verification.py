@@ -33,13 +33,13 @@ The spread is compared on a log scale (its differences are then far less
 heavy-tailed).
 
 Two stages (:func:`verify_in_stages`, from :data:`TWO_STAGES_FROM` images on):
-:data:`FIRST_STAGE` images (half, below 64) are read and tested first, at half
-the false-alarm bound and without the unanimous rule. A check that already
+:data:`FIRST_STAGE` images (half, below 64) are read and tested first, at a tenth
+of the false-alarm bound (:data:`FIRST_STAGE_SHARE`) and without the unanimous rule. A check that already
 fails there fails; one that is clean there passes: every ``|T| <= 3``, every
 sign-test p-value at least 0.001, and in each channel either every image came
 back identical or none did (some identical and some not is what a change of
 part of the data looks like under a deterministic pipeline). Anything else
-reads the rest and tests all of them at the other half of the bound. The two
+reads the rest and tests all of them at the other nine tenths of the bound. The two
 tests' false alarms add up to at most :data:`FALSE_ALARM_BOUND`. The price of
 stopping early is on changes near the limit of what the whole check sees: a
 change of every image that the whole check catches now and then is caught less
@@ -81,6 +81,11 @@ TWO_STAGES_FROM = 48
 
 FIRST_STAGE = 32
 """The images of the first stage (half of them when a check has fewer than 64)."""
+
+FIRST_STAGE_SHARE = 0.1
+"""The share of FALSE_ALARM_BOUND the first stage's test runs at; the whole check runs at the rest. The first
+stage is there to pass clean data early; a change it must fail on its own (every image moved) fails it far below
+this level, and the check that reads everything keeps nearly the whole bound (and power)."""
 
 EARLY_PASS_T = 3.0
 EARLY_PASS_SIGN_P = 1e-3
@@ -149,18 +154,20 @@ def verify_in_stages(
     returns their moments ``(stop - start, C)`` (fewer if there are no more); the stored ones are ``(n, C)``.
     Stops after the first stage when it fails, or when it is far from failing."""
     plan = stages(stored_mean.shape[0])
+    bounds = (FALSE_ALARM_BOUND,) if len(plan) == 1 else (
+        FALSE_ALARM_BOUND * FIRST_STAGE_SHARE, FALSE_ALARM_BOUND * (1 - FIRST_STAGE_SHARE))
     means: list[Tensor] = []
     variances: list[Tensor] = []
-    for start, stop in zip((0, *plan), plan):
+    for start, stop, bound in zip((0, *plan), plan, bounds):
         mean, var = measure(start, stop)
         means.append(mean)
         variances.append(var)
         read = start + len(mean)  # fewer than asked when a stream ran dry
         if read == 0:
-            limit = threshold(stored_mean.shape[1], FALSE_ALARM_BOUND / len(plan))
+            limit = threshold(stored_mean.shape[1], bound)
             return Verification(0, False, math.inf, limit, "no image could be read again")
         result = compare(stored_mean[:read], stored_var[:read], torch.cat(means), torch.cat(variances),
-                         pooled_mean, pooled_var, bound=FALSE_ALARM_BOUND / len(plan), unanimous=len(plan) == 1)
+                         pooled_mean, pooled_var, bound=bound, unanimous=len(plan) == 1)
         if not result.passed or _clearly_unchanged(result) or read < stop:
             break
     return result
