@@ -100,16 +100,17 @@ def test_image_moments_are_the_float64_population_moments():
 
 
 def test_part_of_the_data_changed_under_a_deterministic_pipeline_reads_the_second_stage():
-    """9 of the first 32 images moved by a whole std, the rest identical: T is 3 and the sign test's p 0.004 on
-    the first stage, which would pass there on those alone; identical and changed images side by side do not."""
+    """7 of the first 32 images moved by a whole std, the rest identical: T is sqrt(7) and the sign test's p
+    0.016 on the first stage, which would pass there on those alone; identical and changed images side by side
+    do not."""
     mean, var = stored(64)
     moved = torch.zeros(64, C, dtype=torch.float64)
-    moved[:9] = moved[32:55] = POOLED_VAR.sqrt()  # 32 of 64 images: the channel mean moves by half a std
+    moved[:7] = moved[32:57] = POOLED_VAR.sqrt()  # 32 of 64 images: the channel mean moves by half a std
     calls = []
     result = verify_in_stages(mean, var, reader(mean + moved, var, calls), POOLED_MEAN, POOLED_VAR)
     first = compare(mean[:32], var[:32], mean[:32] + moved[:32], var[:32], POOLED_MEAN, POOLED_VAR,
                     bound=FALSE_ALARM_BOUND * FIRST_STAGE_SHARE)
-    assert first.passed and first.score == pytest.approx(3.0) and first.mixed  # the premise
+    assert first.passed and first.score == pytest.approx(7**0.5) and first.sign_p > 0.01 and first.mixed  # premise
     assert calls == [(0, 32), (32, 64)] and not result.passed and result.samples == 64
 
 
