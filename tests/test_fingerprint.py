@@ -55,6 +55,9 @@ def test_changed_preceding_transform_changes_key_but_later_ones_and_fitted_state
     later = FakeData(size=10, transform=v2.Compose([TO_FLOAT, norm, v2.RandomErasing()]))
     assert key(base, norm) != key(resized, norm)
     assert key(base, norm) != key(float64, norm)  # ToDtype's repr hides the dtype; the key does not
+    keys = [fingerprint(FakeData(size=10, transform=v2.Compose([v2.ToImage(), v2.ToDtype(dtype), norm])), norm, {})
+            for dtype in (torch.float32, torch.float64, torch.uint8)]
+    assert len({k.key for k in keys}) == 3 and not any(k.gaps for k in keys)  # torch.dtype was a gap
     assert key(base, norm) == key(later, norm)
     before = key(base, norm)
     norm.partial_fit(torch.rand(2, 3, 4, 4))  # fitted state changes; the key must not

@@ -472,7 +472,10 @@ def _source(value: Any) -> bytes | None:
 
 
 def _special(value: Any, roots: Sequence[str]) -> bytes | None:
-    """Libraries' objects described by their content: pandas (with the files its text names), PIL images."""
+    """Libraries' objects described by their content: torch's dtypes and devices, pandas (with the files its text
+    names), PIL images."""
+    if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return _sha(b"torch", _text(repr(value)))
     module = type(value).__module__.split(".")[0]
     if module == "pandas" and hasattr(value, "shape"):
         import pandas
