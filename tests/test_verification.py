@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from torchnormfit.verification import (
-    EARLY_PASS_T, FALSE_ALARM_BOUND, FIRST_STAGE, FIRST_STAGE_SHARE, compare, image_moments, stages, threshold,
+    EARLY_PASS_T, FALSE_ALARM_BOUND, FIRST_STAGE_SHARE, compare, image_moments, stages, threshold,
     verify_in_stages,
 )
 
@@ -30,7 +30,7 @@ def reader(mean, var, calls):
 
 def test_stages_split_from_48_images_on():
     assert stages(16) == (16,) and stages(47) == (47,)
-    assert stages(48) == (24, 48) and stages(64) == (FIRST_STAGE, 64) == (32, 64) and stages(256) == (32, 256)
+    assert stages(48) == (24, 48) and stages(64) == (32, 64) and stages(256) == (128, 256)
 
 
 def test_unchanged_images_pass_after_the_first_stage():

@@ -243,7 +243,7 @@ class FitNormalize(v2.Normalize):
         verify : int, optional
             On a cache hit, read up to this many of the images the entry was
             fitted on again and check that they still match it (from 48 on, in
-            two stages: the first 32 often decide); on a mismatch, warn, refit
+            two stages: the first half often decides); on a mismatch, warn, refit
             and replace the entry. Default: 64 for a fingerprint key, 0 for a
             ``key=`` given by hand; 0 never reads a sample (very slow sources).
         image : callable, optional

@@ -33,9 +33,8 @@ The spread is compared on a log scale (its differences are then far less
 heavy-tailed).
 
 Two stages (:func:`verify_in_stages`, from :data:`TWO_STAGES_FROM` images on):
-:data:`FIRST_STAGE` images (half, below 64) are read and tested first, at a
-tenth of the false-alarm bound (:data:`FIRST_STAGE_SHARE`) and without the
-unanimous rule. A check that already fails there fails; one that is clean there
+half the images are read and tested first, at a tenth of the false-alarm bound
+(:data:`FIRST_STAGE_SHARE`) and without the unanimous rule. A check that already fails there fails; one that is clean there
 passes: every ``|T| <= 3``, every sign-test p-value at least 0.01, and in each
 channel either every image came back identical or none did (some identical and
 some not is what a change of part of the data looks like under a deterministic
@@ -76,10 +75,7 @@ MIN_UNANIMOUS = 8
 """Fewest images for which, below :func:`unanimous_at`, differences all of one sign fail the check."""
 
 TWO_STAGES_FROM = 48
-"""From this many images on, a check reads and tests a first stage of them (see :func:`verify_in_stages`)."""
-
-FIRST_STAGE = 32
-"""The images of the first stage (half of them when a check has fewer than 64)."""
+"""From this many images on, a check reads and tests half of them first (see :func:`verify_in_stages`)."""
 
 FIRST_STAGE_SHARE = 0.1
 """The share of FALSE_ALARM_BOUND the first stage's test runs at; the whole check runs at the rest. The first
@@ -142,7 +138,7 @@ def unanimous_at(channels: int, bound: float = FALSE_ALARM_BOUND) -> int:
 
 def stages(verify: int) -> tuple[int, ...]:
     """How many images have been read at each test of a check of ``verify`` images."""
-    return (min(FIRST_STAGE, verify // 2), verify) if verify >= TWO_STAGES_FROM else (verify,)
+    return (verify // 2, verify) if verify >= TWO_STAGES_FROM else (verify,)
 
 
 def verify_in_stages(
