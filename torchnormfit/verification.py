@@ -34,11 +34,11 @@ heavy-tailed).
 
 Two stages (:func:`verify_in_stages`, from :data:`TWO_STAGES_FROM` images on):
 half the images are read and tested first, at a tenth of the false-alarm bound
-(:data:`FIRST_STAGE_SHARE`) and without the unanimous rule. A check that already fails there fails; one that is clean there
-passes: every ``|T| <= 3``, every sign-test p-value at least 0.01, and in each
-channel either every image came back identical or none did (some identical and
-some not is what a change of part of the data looks like under a deterministic
-pipeline). Anything else reads the rest and tests all of them at the other nine
+(:data:`FIRST_STAGE_SHARE`) and without the unanimous rule. A check that already
+fails there fails; one that is clean there passes: every ``|T| <= 3``, every
+sign-test p-value at least 0.01, and in each channel either every image came
+back identical or none did (some identical and some not is what a change of
+part of the data looks like under a deterministic pipeline). Anything else reads the rest and tests all of them at the other nine
 tenths of the bound. The two tests' false alarms add up to at most
 :data:`FALSE_ALARM_BOUND`; a change near the limit of what the whole check sees
 may pass at the first stage a little more often than the whole check passes it.
@@ -203,8 +203,8 @@ def compare(
         for channel in range(channels):
             p = sign_p_value(positive[channel], nonzero[channel])
             smallest_p, signs = min(smallest_p, p), p <= level
-            unanimous = few and nonzero[channel] == samples and positive[channel] in (0, samples)
-            if not (abs(float(t[channel])) > limit or signs or unanimous):
+            one_sign = few and nonzero[channel] == samples and positive[channel] in (0, samples)
+            if not (abs(float(t[channel])) > limit or signs or one_sign):
                 continue
             failures.append(_describe(name, channel, diff[:, channel], pooled_var[channel].sqrt(), float(t[channel]),
                                       limit))
