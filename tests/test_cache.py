@@ -1119,21 +1119,27 @@ def _reader_loop(path: str, stop, reads, failures) -> None:
 def _concurrent(path: Path, writers: int, rounds: int, same_key: bool, readers: int = 2) -> tuple[int, int]:
     """``writers`` forked processes write at once, ``rounds`` times, while ``readers`` processes read."""
     barrier = FORK.Barrier(writers)
+    procs = [
+        FORK.Process(target=_writer_rounds, args=(str(path), me, rounds, barrier, same_key)) for me in range(writers)
+    ]
+    return _beside_readers(path, procs, readers)
+
+
+def _beside_readers(path: Path, writers: list, readers: int = 2) -> tuple[int, int]:
+    """Run the forked ``writers`` (not started yet) while ``readers`` forked processes read ``path``; every process
+    must exit cleanly. Returns the readers' reads and failures."""
     stop, reads, failures = FORK.Event(), FORK.Value("i", 0), FORK.Value("i", 0)
     reader_procs = [FORK.Process(target=_reader_loop, args=(str(path), stop, reads, failures)) for _ in range(readers)]
     for process in reader_procs:
         process.start()
-    procs = [
-        FORK.Process(target=_writer_rounds, args=(str(path), me, rounds, barrier, same_key)) for me in range(writers)
-    ]
-    for process in procs:
+    for process in writers:
         process.start()
-    for process in procs:
+    for process in writers:
         process.join(300)
     stop.set()
     for process in reader_procs:
         process.join(60)
-    assert [p.exitcode for p in procs] == [0] * writers
+    assert [p.exitcode for p in writers] == [0] * len(writers)
     assert [p.exitcode for p in reader_procs] == [0] * readers
     return reads.value, failures.value
 
@@ -1174,20 +1180,9 @@ def test_readers_never_fail_while_entries_are_removed(tmp_path):
     """Removing an entry unlinks its file: a reader that saw it a moment before reads it as missing."""
     path = tmp_path / "stats.h5"
     write_entry(path, "before", make_stats(5), entry_attrs(5))
-    stop, reads, failures = FORK.Event(), FORK.Value("i", 0), FORK.Value("i", 0)
-    readers = [FORK.Process(target=_reader_loop, args=(str(path), stop, reads, failures)) for _ in range(2)]
-    for process in readers:
-        process.start()
     writers = [FORK.Process(target=_write_and_remove, args=(str(path), 40)) for _ in range(2)]
-    for process in writers:
-        process.start()
-    for process in writers:
-        process.join(300)
-    stop.set()
-    for process in readers:
-        process.join(60)
-    assert [p.exitcode for p in writers + readers] == [0] * 4
-    assert failures.value == 0 and reads.value > 0
+    reads, failures = _beside_readers(path, writers)
+    assert failures == 0 and reads > 0
     assert "before" in valid_entries(path) and temp_files(tmp_path) == []
 
 
