@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from torchnormfit.verification import (
-    EARLY_PASS_T, FALSE_ALARM_BOUND, FIRST_STAGE_SHARE, compare, image_moments, stages, threshold,
-    verify_in_stages,
+    EARLY_PASS_T, FALSE_ALARM_BOUND, FIRST_STAGE_SHARE, ROUNDING, compare, identical, image_moments,
+    readings_per_image, stages, threshold, verify_in_stages,
 )
 
 C = 3
@@ -47,7 +47,8 @@ def test_a_shift_of_every_image_fails_in_the_first_stage(shift):
     result = verify_in_stages(mean, var, reader(mean + shift, var, calls), POOLED_MEAN, POOLED_VAR)
     assert not result.passed and result.samples == 32 and calls == [(0, 32)]
     direction = "higher" if shift > 0 else "lower"
-    assert f"channel 0: the image means are {direction} than stored in 32 of 32" in result.detail
+    assert result.detail.startswith("of 32 images read again, ")
+    assert f"channel 0's image means are {direction} than stored in 32," in result.detail
 
 
 def test_a_first_stage_near_its_limit_reads_the_second_and_decides_on_all():
@@ -129,3 +130,84 @@ def test_the_first_stage_never_fails_by_the_unanimous_rule():
     calls = []
     result = verify_in_stages(mean, var, reader(mean + noise, var, calls), *pooled)
     assert calls == [(0, 24), (24, 48)] and result.samples == 48
+
+
+# --- the fit's second reading: deterministic entries and the noise test ------------------------------------------
+
+
+def test_each_tracked_image_is_read_again_until_there_are_64_second_readings():
+    assert readings_per_image(256) == readings_per_image(64) == 2
+    assert readings_per_image(63) == 3 and readings_per_image(16) == 5 and readings_per_image(1) == 65
+
+
+def test_readings_equal_up_to_rounding_make_a_deterministic_verdict():
+    mean, var = stored(40)
+    std = POOLED_VAR.sqrt()
+    last_bits = (mean + 0.1 * ROUNDING * std, var * (1 + 0.1 * ROUNDING))
+    assert identical([(mean, var), last_bits, (mean.clone(), var.clone())], POOLED_MEAN, POOLED_VAR)
+    moved = mean.clone()
+    moved[17, 2] += 3 * ROUNDING * std[2]  # one image, one channel
+    assert not identical([(mean, var), (moved, var)], POOLED_MEAN, POOLED_VAR)
+    spread = var.clone()
+    spread[3, 0] *= 1 + 3 * ROUNDING
+    assert not identical([(mean, var), (mean, var), (mean, spread)], POOLED_MEAN, POOLED_VAR)
+
+
+def test_one_changed_image_fails_a_deterministic_entry_and_the_warning_names_the_test():
+    mean, var = stored(64)
+    new = mean.clone()
+    new[50, 1] += 0.05  # the 51st image read: past the first stage
+    calls = []
+    result = verify_in_stages(mean, var, reader(new, var, calls), POOLED_MEAN, POOLED_VAR, again=(mean, var),
+                              deterministic=True)
+    assert not result.passed and result.failed == ("identical",) and calls == [(0, 32), (32, 64)]
+    assert "the identical test failed" in result.detail and "1 of 64 images read now differ" in result.detail
+    assert "0.25 of the channel's std apart" in result.detail  # 0.05 / sqrt(0.04)
+    entry_of_a_random_pipeline = verify_in_stages(mean, var, reader(new, var, []), POOLED_MEAN, POOLED_VAR,
+                                                  again=(mean, var))
+    assert entry_of_a_random_pipeline.passed  # the premise: only the verdict makes one image decisive
+
+
+def test_a_deterministic_entry_reads_every_image_before_it_passes():
+    """32 reads let a change of 10% of the images through in 3.4% of hits; 64 in 0.1%."""
+    mean, var = stored(64)
+    calls = []
+    rounded = (mean + 0.5 * ROUNDING * POOLED_VAR.sqrt(), var)
+    result = verify_in_stages(mean, var, reader(*rounded, calls), POOLED_MEAN, POOLED_VAR, again=(mean, var),
+                              deterministic=True)
+    assert result.passed and result.samples == 64 and calls == [(0, 32), (32, 64)]
+
+
+def inverted(n, seed=0, noise=0.01):
+    """Images read three times through a random crop (noise ``noise``), the third after every image was
+    inverted (``x -> 1 - x``): the image means move both ways, by far more than the crop's noise."""
+    gen = torch.Generator().manual_seed(seed)
+    mean, var = stored(n, seed)
+    draw = lambda: mean + noise * torch.randn(n, C, generator=gen, dtype=torch.float64)  # noqa: E731
+    return (draw(), var), (draw(), var), (1.0 - draw(), var)
+
+
+def test_inversion_passes_the_sum_and_sign_tests_but_fails_the_noise_test():
+    first, second, now = inverted(64)
+    today = verify_in_stages(*first, reader(*now, []), POOLED_MEAN, POOLED_VAR)
+    assert today.passed  # the premise: the differences are symmetric about zero, so T and the sign test see nothing
+    result = verify_in_stages(*first, reader(*now, []), POOLED_MEAN, POOLED_VAR, again=second)
+    assert not result.passed and "noise" in result.failed
+    assert "the noise test failed (32 of 32 images moved further from their stored value than the fit's own " \
+           "second reading of them did" in result.detail
+
+
+def test_the_noise_test_is_exact_under_no_change():
+    """d = now - first and d0 = second - first are exchangeable: at a bound of 30% over 3 channels and 6 tests
+    each (a level of 1.7%), unchanged data rejects about as often as that, not more."""
+    gen = torch.Generator().manual_seed(7)
+    rejected, trials = 0, 3000
+    for _ in range(trials):
+        noise = torch.distributions.StudentT(2.0).sample((3, 24, C)).double() * 0.01  # heavy tails, same law
+        first = stored(24)[0]
+        result = compare(first, POOLED_VAR.expand(24, C), first + noise[0], POOLED_VAR.expand(24, C),
+                         POOLED_MEAN, POOLED_VAR, bound=0.3, unanimous=False,
+                         again=(first + noise[1], POOLED_VAR.expand(24, C)))
+        rejected += "noise" in result.failed
+    del gen
+    assert rejected / trials <= 0.3 / 6 * 1.3  # the noise tests' share of the bound, with room for sampling
