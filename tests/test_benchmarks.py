@@ -119,30 +119,40 @@ def verify_run(tmp_path_factory):
 
 def test_verify_bench_prints_its_tables(verify_run):
     out, results = verify_run
-    for heading in ("## False alarms on unchanged data", "## Detection: fraction of", "## Issue 10's requirements"):
+    for heading in ("## False alarms on unchanged data", "## Detection: fraction of", "## Requirements at verify=64"):
         assert heading in out
     kinds = {(kind["data"], kind["pipeline"]) for kind in results["sim"]}
-    assert {("photos", "deterministic"), ("photos", "RandomResizedCrop"), ("10% textured, 90% flat", "RandomResizedCrop"),
+    assert {("photos", "deterministic"), ("photos", "RandomResizedCrop"), ("photos", "RandomGrayscale p=0.1"),
+            ("photos", "ColorJitter p=0.2"), ("photos", "RandomChoice crops/rotations"),
+            ("mixed sizes", "Resize (deterministic)"), ("mixed sizes", "RandomResizedCrop"),
             ("1% textured, 99% flat", "RandomResizedCrop"), ("class-sorted", "RandomResizedCrop")} <= kinds
     for kind in results["sim"]:
-        assert set(kind["false_alarms"]) == set(kind["detection"]) == {"64", "16"}
+        assert set(kind["false_alarms"]) == set(kind["detection"]) == set(kind["detection_today"]) == {"64"}
         for counts in kind["false_alarms"].values():
             assert counts["hits"] == 200 and 0 <= counts["failed"] <= counts["hits"]
-            assert counts["failed"] == counts["failed_by_t"] + counts["failed_by_sign_only"]
+            assert counts["failed"] <= sum(counts["by_test"].values())
             assert counts["upper95"] > counts["failed"] / counts["hits"]
+            assert 0 < counts["mean_reads"] <= 64
+            deterministic = "deterministic" in kind["pipeline"]
+            assert counts["deterministic_verdicts"] == (counts["hits"] if deterministic else 0), kind
     photos = next(kind for kind in results["sim"] if kind["pipeline"] == "deterministic")
     assert photos["false_alarms"]["64"]["upper95"] == pytest.approx(1 - 0.05 ** (1 / 200))  # 0 in 200: ~3/200
 
 
-def test_verify_bench_unchanged_deterministic_data_never_fails_and_a_half_std_shift_always_does(verify_run):
+def test_verify_bench_unchanged_deterministic_data_never_fails_and_required_changes_always_do(verify_run):
     _, results = verify_run
-    deterministic = [kind for kind in results["sim"] if kind["pipeline"] == "deterministic"]
+    deterministic = [kind for kind in results["sim"] if "deterministic" in kind["pipeline"]]
     assert deterministic
     for kind in deterministic:
         assert all(counts["failed"] == 0 for counts in kind["false_alarms"].values()), kind
-        assert all(rates["shift 0.5 std"] == 1.0 and rates["std x1.25"] == 1.0 for rates in kind["detection"].values())
+        rates = kind["detection"]["64"]
+        assert all(rates[name] == 1.0 for name in ("shift 0.5 std", "std x1.25", "inverted", "R and B swapped",
+                                                   "10% replaced")), kind
+        assert kind["detection_today"]["64"]["R and B swapped"] == 0.0  # the baseline: a swap passed today's check
     for kind in results["sim"]:
-        assert kind["detection"]["64"]["shift 0.5 std"] == 1.0, kind
+        assert kind["detection"]["64"]["shift 0.5 std"] == 1.0 and kind["detection"]["64"]["inverted"] == 1.0, kind
+
+
 def test_stream_benchmark_quick_run_compares_the_fit_with_a_plain_pass(tmp_path):
     pytest.importorskip("webdataset")
     out_json = tmp_path / "streams.json"
