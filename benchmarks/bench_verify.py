@@ -26,8 +26,8 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import datetime as _dt
+import gc
 import json
 import math
 import os
@@ -86,7 +86,7 @@ REQUIRED_DETERMINISTIC = ("10% replaced",)  # issue 18: >= 99% under a determini
 def photos(n: int, size: int, gen: torch.Generator, brightness: torch.Tensor | None = None,
            width: int | None = None) -> torch.Tensor:
     """Photo-like uint8 images: a coloured gradient, texture at two scales, noise; random brightness and gamma."""
-    u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+    u = lambda *shape: torch.rand(*shape, generator=gen)
     height, width = size, width or size
     angle = u(n, 1, 1, 1) * 2 * math.pi
     grad = (torch.cos(angle) * torch.linspace(0, 1, width).view(1, 1, 1, -1)
@@ -243,7 +243,7 @@ def run_hits(
         rows = torch.from_numpy(rng.choice(tracked, size=min(verify, tracked), replace=False))
         now = (seen[0][rows, torch.from_numpy(hit)[rows]], seen[1][rows, torch.from_numpy(hit)[rows]])
         result = verification.verify_in_stages(
-            stored[0][rows], stored[1][rows], lambda a, b: (now[0][a:b], now[1][a:b]), *pooled,
+            stored[0][rows], stored[1][rows], lambda a, b, now=now: (now[0][a:b], now[1][a:b]), *pooled,
             again=None if today else (second[0][rows], second[1][rows]), deterministic=deterministic,
         )
         failed += not result.passed

@@ -1,6 +1,10 @@
 """Picklable datasets for tests that use worker processes and subprocesses."""
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
@@ -45,3 +49,11 @@ class FailingDataset(CountingDataset):
         if index == self.fail_at:
             raise self.error(f"broken sample {index}")
         return super().__getitem__(index)
+
+
+def run_worker(script: Path, *args: str, env: dict | None = None) -> dict:
+    """Run a test's worker script in a fresh interpreter (a user's next run); its last line of output, as JSON."""
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])

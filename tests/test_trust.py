@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, StackDataset
 from torchvision.datasets import FakeData, ImageFolder
 from torchvision.transforms import v2
 
-from datasets_for_tests import CountingDataset
+from datasets_for_tests import CountingDataset, run_worker
 from torchnormfit import CacheWarning, FitNormalize, list_entries
 from torchnormfit.fingerprint import fingerprint
 
@@ -57,12 +57,7 @@ def make_work(work: Path):
 
 
 def run(cache, work, variant, level):
-    result = subprocess.run(
-        [sys.executable, str(TESTS / "_trust_worker.py"), str(cache), str(work), variant, *SCENARIOS],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "TNF_LEVEL": level},
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_worker(TESTS / "_trust_worker.py", str(cache), str(work), variant, *SCENARIOS, env={"TNF_LEVEL": level})
 
 
 @pytest.fixture(scope="module")

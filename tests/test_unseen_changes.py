@@ -9,13 +9,13 @@ random pipelines (RandomResizedCrop, RandomGrayscale(p=0.1)) must stay a verifie
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
+
+from datasets_for_tests import run_worker
 
 TESTS = Path(__file__).parent
 CHANGED = {  # scenario -> what the check must name
@@ -75,10 +75,7 @@ def change(work: Path) -> None:
 
 
 def run(cache: Path, work: Path) -> dict:
-    result = subprocess.run([sys.executable, str(TESTS / "_change_worker.py"), str(cache), str(work), *SCENARIOS],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_worker(TESTS / "_change_worker.py", str(cache), str(work), *SCENARIOS)
 
 
 @pytest.fixture(scope="module")

@@ -183,7 +183,10 @@ def inverted(n, seed=0, noise=0.01):
     inverted (``x -> 1 - x``): the image means move both ways, by far more than the crop's noise."""
     gen = torch.Generator().manual_seed(seed)
     mean, var = stored(n, seed)
-    draw = lambda: mean + noise * torch.randn(n, C, generator=gen, dtype=torch.float64)  # noqa: E731
+
+    def draw():
+        return mean + noise * torch.randn(n, C, generator=gen, dtype=torch.float64)
+
     return (draw(), var), (draw(), var), (1.0 - draw(), var)
 
 

@@ -72,8 +72,20 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "TRACKED", "DEFAULT_VERIFY", "MAX_VERIFY", "MIN_REREADS", "FALSE_ALARM_BOUND", "ROUNDING", "Verification",
-    "image_moments", "compare", "stages", "verify_in_stages", "readings_per_image", "identical", "threshold",
+    "DEFAULT_VERIFY",
+    "FALSE_ALARM_BOUND",
+    "MAX_VERIFY",
+    "MIN_REREADS",
+    "ROUNDING",
+    "TRACKED",
+    "Verification",
+    "compare",
+    "identical",
+    "image_moments",
+    "readings_per_image",
+    "stages",
+    "threshold",
+    "verify_in_stages",
 ]
 
 TRACKED = 256
@@ -277,25 +289,28 @@ def compare(
         for channel in range(channels):
             tests: list[tuple[str, str]] = []
             if abs(float(t[channel])) > limit:
-                tests.append(("sum", f"the sum test failed (T = {float(t[channel]):+.2f}; it fails beyond "
-                                     f"{limit:.2f} either way)"))
+                text = f"the sum test failed (T = {float(t[channel]):+.2f}; it fails beyond {limit:.2f} either way)"
+                tests.append(("sum", text))
             p = sign_p_value(positive[channel], nonzero[channel])
             smallest_p = min(smallest_p, p)
             if p <= level:
                 way = max(positive[channel], nonzero[channel] - positive[channel])
-                tests.append(("sign", f"the sign test failed ({way} of {nonzero[channel]} differing images one way: "
-                                      f"p = {p:.2g}; it fails at {level:.2g} or less)"))
+                text = (f"the sign test failed ({way} of {nonzero[channel]} differing images one way: p = {p:.2g}; "
+                        f"it fails at {level:.2g} or less)")
+                tests.append(("sign", text))
             if louder is not None:
                 larger, differing = louder[0][channel], louder[1][channel]
                 noise_p = _upper_tail(larger, differing)
                 smallest_p = min(smallest_p, noise_p)
                 if noise_p <= level:
-                    tests.append(("noise", f"the noise test failed ({larger} of {differing} images moved further "
-                                           f"from their stored value than the fit's own second reading of them did: "
-                                           f"p = {noise_p:.2g}; it fails at {level:.2g} or less)"))
+                    text = (f"the noise test failed ({larger} of {differing} images moved further from their stored "
+                            f"value than the fit's own second reading of them did: p = {noise_p:.2g}; it fails at "
+                            f"{level:.2g} or less)")
+                    tests.append(("noise", text))
             if few and nonzero[channel] == samples and positive[channel] in (0, samples):
-                tests.append(("unanimous", f"the unanimous rule failed (all {samples} images one way; with fewer "
-                                           f"than {unanimous_at(channels, bound)} images that fails)"))
+                text = (f"the unanimous rule failed (all {samples} images one way; with fewer than "
+                        f"{unanimous_at(channels, bound)} images that fails)")
+                tests.append(("unanimous", text))
             if tests:
                 failed.extend(name for name, _ in tests if name not in failed)
                 failures.append(_describe(statistic.name, channel, diff[:, channel], pooled_var[channel].sqrt(),
