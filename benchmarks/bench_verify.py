@@ -9,8 +9,8 @@
 
 ``sim``: false alarms and detection, with the library's own test (``torchnormfit.verification``).
     Each *kind* is a dataset of uint8 images and a v2 pipeline. The fit is simulated as the library
-    does it: pooled statistics over one pipeline draw of every image, up to 256 tracked images, each
-    read twice (the first and the second reading are stored; the entry is *deterministic* when every
+    does it: pooled statistics over one pipeline draw of every image, up to 256 tracked images (``passes.mapped.tracked_indices``),
+    each read twice (the first and the second reading are stored; the entry is *deterministic* when every
     second reading equals the first, ``verification.identical``). A hit draws ``verify`` tracked rows
     at random and calls ``verification.verify_in_stages`` with the stored readings and those of a
     fresh pipeline draw. To make tens of thousands of hits affordable, each tracked image gets a pool
@@ -32,7 +32,6 @@ import json
 import math
 import os
 import platform
-import random
 import resource
 import statistics
 import subprocess
@@ -48,6 +47,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from torchnormfit import verification
+from torchnormfit.passes.mapped import tracked_indices
 
 Images = list[torch.Tensor]
 Moments = tuple[torch.Tensor, torch.Tensor]  # (tracked, views, C) each
@@ -191,11 +191,6 @@ def pooled_moments(images: Images, pipeline: Callable) -> tuple[torch.Tensor, to
     return pooled, square_sum / total
 
 
-def tracked_indices(n: int) -> list[int]:
-    """Up to TRACKED indices, a fixed random choice (as the library picks them)."""
-    return sorted(random.Random(0).sample(range(n), min(n, verification.TRACKED)))
-
-
 def view_moments(
     images: Images, other: Images, tracked: list[int], pipeline: Callable, views: int,
     pooled: tuple[torch.Tensor, torch.Tensor], deterministic: bool,
@@ -278,7 +273,7 @@ def sim_kind(data: str, pipe: str, make: Callable, args: argparse.Namespace, see
     images, other = list(make(args.images, args.size, gen)), list(make(args.images, args.size, gen))
     pipeline = pipelines(args.size)[pipe]
     pooled = pooled_moments(images, pipeline)
-    tracked = tracked_indices(len(images))
+    tracked = tracked_indices(range(len(images)))
     moments = view_moments(images, other, tracked, pipeline, args.views, pooled, "deterministic" in pipe)
     rng = np.random.default_rng(seed)
     result: dict[str, Any] = {"data": data, "pipeline": pipe, "images": args.images, "tracked": len(tracked),
