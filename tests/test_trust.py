@@ -335,7 +335,10 @@ def test_hit_records_what_it_checked(tmp_path):
     assert record.key == norm.fit_record.key and not record.written
     default = FitNormalize(cache=cache)
     default.fit(CountingDataset(n=100, transform=default), num_workers=0, progress=False)
-    assert default.fit_record.verification.samples == 32  # the first stage of 64 was clearly unchanged
+    assert default.fit_record.verification.samples == 64  # a deterministic entry reads all before it passes
+    (entry,) = list_entries(cache)
+    assert entry.attrs["deterministic"] == 1 and entry.attrs["readings"] == 2
+    assert np.array_equal(entry.arrays["mean_again"], entry.arrays["mean"]) and len(entry.arrays["index"]) == 100
 
 
 def test_changed_data_under_an_unchanged_key_refits_with_a_warning(tmp_path, monkeypatch):
@@ -344,7 +347,7 @@ def test_changed_data_under_an_unchanged_key_refits_with_a_warning(tmp_path, mon
     norm.fit(CountingDataset(n=60, transform=norm), num_workers=0, progress=False)
     monkeypatch.setenv("TNF_TEST_SHIFT", "0.1")
     again = FitNormalize(cache=cache)
-    with pytest.warns(CacheWarning, match=r"does not match the data.*channel 0: the image means are higher"):
+    with pytest.warns(CacheWarning, match=r"does not match the data: of 30 images read again, .*channel 0's image means are higher than stored in 30"):
         again.fit(CountingDataset(n=60, transform=again), num_workers=0, progress=False)
     assert again.fit_record.source == "pass" and again.mean == pytest.approx([m + 0.1 for m in norm.mean])
     assert again.fit_record.written and again.fit_record.verification.passed is False

@@ -43,9 +43,11 @@ from . import cache
 from ._warn import warn
 from .distributed import current_ranks, on_root
 from .fingerprint import describe_dataset, describe_pipeline, fingerprint
-from .passes import Capture, PassResult, StandardErrors, rereading, run_pass, tensor_stats
+from .passes import Capture, PassResult, Reading, StandardErrors, rereading, run_pass, tensor_stats
 from .stats import ChannelStats
-from .verification import DEFAULT_VERIFY, MAX_VERIFY, Verification, image_moments, threshold, verify_in_stages
+from .verification import (
+    DEFAULT_VERIFY, MAX_VERIFY, Verification, identical, image_moments, threshold, verify_in_stages,
+)
 
 __all__ = ["FitRecord", "fit_dataset", "pass_stats", "save_stats", "load_entry", "tensor_stats"]
 
@@ -127,7 +129,8 @@ def fit_dataset(
     if cache_path is not None:
         attrs = {**_provenance(dataset, norm, result.num_samples, gaps),
                  **_subset_provenance(dataset, max_samples, seed, errors)}
-        written = on_root(ranks, lambda: _save(cache_path, key, result.stats, attrs, _arrays(result.tracked)))
+        arrays, verdict = _tracked_fields(result.tracked, result.stats)
+        written = on_root(ranks, lambda: _save(cache_path, key, result.stats, {**attrs, **verdict}, arrays))
         if not written:
             note = "; ".join(filter(None, [note, "the cache could not be written"]))
     return FitRecord("pass", key, cache_path, verification, written, note, gaps, result.stats, result.num_samples, errors)
@@ -180,6 +183,11 @@ def _lookup(
     if entry is None:
         return _Lookup(None, None, "no entry for this key")
     samples = getattr(entry, "arrays", {}) or {}
+    fitted_under = str(entry.attrs.get("torchvision_version", torchvision.__version__))
+    if verify == 0 and fitted_under != torchvision.__version__:
+        verify = DEFAULT_VERIFY  # its kernels make the pixels: a hit under another version is checked regardless
+        logger.info("the entry %r was fitted under torchvision %s, this is %s: verifying it", key, fitted_under,
+                    torchvision.__version__)
     if verify == 0:
         return _Lookup(entry, None, "not verified (verify=0)" + (f"; the key has gaps: {list(gaps)}" if gaps else ""))
     if not {"index", "mean", "var"} <= set(samples):
@@ -187,10 +195,8 @@ def _lookup(
     verification = _verify(dataset, capturing, image, entry, samples, verify)
     if verification.passed:
         return _Lookup(entry, verification, "")
-    warn(
-        f"The cache entry {key!r} in {path} does not match the data: {verification.samples} images read again "
-        f"differ from the ones it was fitted on ({verification.detail}). Fitting again and replacing the entry.",
-        cache.CacheWarning)
+    warn(f"The cache entry {key!r} in {path} does not match the data: {verification.detail}. Fitting again and "
+         "replacing the entry.", cache.CacheWarning)
     return _Lookup(None, verification, "the entry failed verification")
 
 
@@ -201,14 +207,23 @@ def _verify(
     """Read up to ``verify`` of the entry's tracked images again (a fresh random draw; a stream's first
     images, in order) and test them against it, in :func:`~torchnormfit.verification.stages`."""
     channels = entry.stats.num_channels
+
+    def rows_of(name: str, rows: list[int]) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(samples[name][rows], dtype=np.float64))
+
     with capturing() as capture, rereading(dataset, samples["index"], verify, capture, image) as (rows, read):
+        again = (rows_of("mean_again", rows), rows_of("var_again", rows)) if "mean_again" in samples else None
         try:
             return verify_in_stages(
-                torch.from_numpy(np.asarray(samples["mean"][rows], dtype=np.float64)),
-                torch.from_numpy(np.asarray(samples["var"][rows], dtype=np.float64)),
-                lambda start, stop: _moments(read(start, stop), channels, start), entry.stats.mean, entry.stats.var)
+                rows_of("mean", rows), rows_of("var", rows), lambda start, stop: _moments(read(start, stop), channels,
+                                                                                         start),
+                entry.stats.mean, entry.stats.var, again=again,
+                deterministic=again is not None and bool(entry.attrs.get("deterministic", 0)))
         except _ChannelMismatch as mismatch:
-            return Verification(mismatch.read, False, math.inf, threshold(channels), str(mismatch))
+            return Verification(mismatch.read, False, math.inf, threshold(channels), str(mismatch), failed=("channels",))
+        except IndexError as error:  # the dataset or a stream's shard shrank: a tracked image is gone
+            detail = f"a tracked image could not be read again ({error})"
+            return Verification(0, False, math.inf, threshold(channels), detail, failed=("read",))
 
 
 class _ChannelMismatch(Exception):
@@ -258,15 +273,28 @@ def _pass(
                         process_group=process_group, track=track, **loader)
 
 
-def _arrays(tracked: dict[int, tuple[list[float], list[float]]]) -> dict[str, np.ndarray]:
-    if not tracked:
-        return {}
+def _tracked_fields(
+    tracked: dict[int, list[Reading]], stats: ChannelStats | None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The entry's arrays of the tracked images (``index``; ``mean``, ``var``: the first reading; ``mean_again``,
+    ``var_again``: the second) and its attrs ``readings`` and ``deterministic`` (every reading equal to the first,
+    up to rounding: :func:`~torchnormfit.verification.identical`)."""
+    if not tracked or stats is None:
+        return {}, {}
     order = sorted(tracked)
-    return {
-        "index": np.asarray(order, dtype=np.int64),
-        "mean": np.asarray([tracked[i][0] for i in order], dtype=np.float64),
-        "var": np.asarray([tracked[i][1] for i in order], dtype=np.float64),
-    }
+    readings = min(len(tracked[i]) for i in order)
+    as_array = [
+        (np.asarray([tracked[i][r][0] for i in order], dtype=np.float64),
+         np.asarray([tracked[i][r][1] for i in order], dtype=np.float64))
+        for r in range(readings)
+    ]
+    arrays = {"index": np.asarray(order, dtype=np.int64), "mean": as_array[0][0], "var": as_array[0][1]}
+    if readings < 2:
+        return arrays, {"readings": readings}
+    arrays.update(mean_again=as_array[1][0], var_again=as_array[1][1])
+    as_tensors = [(torch.from_numpy(mean), torch.from_numpy(var)) for mean, var in as_array]
+    deterministic = identical(as_tensors, stats.mean.double(), stats.var.double())
+    return arrays, {"readings": readings, "deterministic": int(deterministic)}
 
 
 def _save(path: Path, key: str, stats: ChannelStats, attrs: dict[str, Any], arrays: dict[str, np.ndarray]) -> bool:

@@ -355,14 +355,16 @@ def _describe(name: str, channel: int, diff: Tensor, std: Tensor, tests: list[st
     higher, lower = int((diff > 0).sum()), int((diff < 0).sum())
     direction, count = ("higher", higher) if higher >= lower else ("lower", lower)
     if name == "mean":
-        average = float(diff.mean() / std) if float(std) > 0 else math.inf
+        scale = float(std) if float(std) > 0 else math.nan
+        average, typical = float(diff.mean()) / scale, float(diff.abs().mean()) / scale
         what, size = "image means", f"by {average:+.3g} of the channel's std on average"
-        typical = f", {float(diff.abs().mean() / std) if float(std) > 0 else math.inf:.3g} std apart in size"
     else:
-        what, size = "spreads about the mean (std squared)", f"by a factor {math.exp(float(diff.mean())):.3g} on average"
-        typical = f", a factor {math.exp(float(diff.abs().mean())):.3g} apart in size"
-    return (f"channel {channel}'s {what} are {direction} than stored in {count}, {size}{typical}: "
-            + " and ".join(tests))
+        average, typical = float(diff.mean()), float(diff.abs().mean())
+        what, size = "spreads about the mean (std squared)", f"by a factor {math.exp(average):.3g} on average"
+    if abs(average) < typical / 2:  # they moved both ways: say how far
+        size += f" ({typical:.3g} apart ignoring the direction)" if name == "mean" else (
+            f" (a factor {math.exp(typical):.3g} apart ignoring the direction)")
+    return f"channel {channel}'s {what} are {direction} than stored in {count}, {size}: " + " and ".join(tests)
 
 
 def _describe_identical(stored_mean: Tensor, new_mean: Tensor, changed: Tensor, std: Tensor) -> str:

@@ -12,7 +12,6 @@ torch.distributed each rank reads its own part and every rank gets the merged st
 from __future__ import annotations
 
 import contextlib
-import itertools
 import random
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -24,20 +23,24 @@ from torch.utils.data import Dataset, IterableDataset
 from .._warn import warn
 from ..distributed import Ranks, agree, current_ranks, gather_merge, shard
 from ..stats import ChannelStats
-from ..verification import DEFAULT_VERIFY, image_moments
+from ..verification import DEFAULT_VERIFY
 from .loader import (
-    DEFAULT_BATCH_SIZE, Capture, PassResult, default_batch_size, default_num_workers, read_images, tensor_stats,
+    DEFAULT_BATCH_SIZE, Capture, PassResult, Reading, default_batch_size, default_num_workers, read_images,
+    tensor_stats,
 )
 from .mapped import (
     StandardErrors, check_dataset, group_batch_size, map_pass, sample_pixels, subset_errors, subset_indices,
     tracked_indices,
 )
-from .streamed import check_split_across_ranks, first_images, stream_images, stream_pass
+from .streamed import (
+    check_split_across_ranks, first_images, rereading_stream, stream_pass, tracked_images,
+)
 
 __all__ = [
     "run_pass",
     "rereading",
     "PassResult",
+    "Reading",
     "StandardErrors",
     "Capture",
     "tensor_stats",
@@ -84,8 +87,12 @@ def run_pass(
         rank reads its own part and every rank returns the merged statistics.
     track : bool
         Keep some images' own mean and variance (:func:`rereading` reads them
-        again to verify a cache hit): up to ``TRACKED`` random ones of a
-        map-style dataset, the first ``DEFAULT_VERIFY`` of a stream.
+        again to verify a cache hit), each image read
+        :func:`~torchnormfit.verification.readings_per_image` times (at least
+        twice): up to ``TRACKED`` random ones of a map-style dataset, read in
+        the workers; ``DEFAULT_VERIFY`` of a stream, read here before the pass
+        (its first ones, or the first ones of up to 16 random shards of a
+        WebDataset shard list or a sharded Hugging Face stream).
     progress : bool, optional
         A progress bar (default: when stderr is a terminal).
     **loader
@@ -111,7 +118,10 @@ def run_pass(
     loader = {"batch_size": None, "num_workers": None, "device": None, "pin_memory": None, **loader}
     errors = None
     if isinstance(dataset, IterableDataset):
-        tracked = _first_moments(dataset, capture, image, max_samples) if track and ranks is None else {}
+        tracked = {}
+        if track and ranks is None:  # each rank's stream is only its own part: rank 0's images are not the stream's
+            count = DEFAULT_VERIFY if max_samples is None else min(DEFAULT_VERIFY, max_samples)
+            tracked = tracked_images(dataset, count, capture, image, sharded=max_samples is None)
         result = _on_ranks(ranks, progress, lambda show: stream_pass(
             dataset, capture, image, None, show, max_samples=max_samples, **loader))
         result = result._replace(tracked=tracked)
@@ -136,19 +146,6 @@ def run_pass(
         errors = subset_errors(groups, result.num_samples, len(dataset))
     _warn_if_0_255(result.stats)
     return result, errors
-
-
-def _first_moments(
-    dataset: IterableDataset, capture: Capture | None, image: Callable[[Any], Any] | None, max_samples: int | None
-) -> dict[int, tuple[list[float], list[float]]]:
-    """The moments of a stream's first images, which a hit reads again (``DEFAULT_VERIFY`` more reads).
-
-    Not under torch.distributed, where each rank's stream is only its own part and rank 0's first images are not
-    the stream's.
-    """
-    count = DEFAULT_VERIFY if max_samples is None else min(DEFAULT_VERIFY, max_samples)
-    first = first_images(dataset, count, capture, image)
-    return {i: tuple(m.tolist() for m in image_moments(im)) for i, im in enumerate(first)}
 
 
 def _on_ranks(ranks: Ranks | None, progress: bool, run_local: Callable[[bool], PassResult]) -> PassResult:
@@ -195,16 +192,17 @@ def rereading(
 ) -> Iterator[tuple[list[int], Callable[[int, int], list[Tensor]]]]:
     """Read tracked images again, in this process, to verify a cache hit.
 
-    ``indices`` are the samples whose moments an entry keeps (a stream's: its
-    first ones, in order). Yields ``(rows, read)``: ``count`` positions in
-    ``indices`` (a fresh random draw for a map-style dataset; the first ones
-    for a stream, which can only be read in order), and ``read(start, stop)``,
-    the images of ``rows[start:stop]``, to be called in order.
+    ``indices`` are the samples whose moments an entry keeps (a stream's: as
+    :func:`~torchnormfit.passes.streamed.tracked_images` keyed them). Yields ``(rows, read)``:
+    ``count`` positions in ``indices`` (a fresh random draw for a map-style
+    dataset; a stream's first ones, or a random order of its tracked shards),
+    and ``read(start, stop)``, the images of ``rows[start:stop]``, to be called
+    in order.
     """
     count = min(count, len(indices))
     if isinstance(dataset, IterableDataset):
-        with contextlib.closing(stream_images(dataset, capture, image)) as stream:
-            yield list(range(count)), lambda start, stop: list(itertools.islice(stream, stop - start))
+        with rereading_stream(dataset, indices, count, capture, image) as found:
+            yield found
         return
     rows = random.SystemRandom().sample(range(len(indices)), count)
     yield rows, lambda start, stop: read_images(dataset, [int(indices[row]) for row in rows[start:stop]], capture,

@@ -28,8 +28,8 @@ from ..stats import ChannelStats
 from ..verification import image_moments
 
 __all__ = [
-    "Capture", "read_image", "read_images", "Failure", "Batch", "Collate", "PassResult", "reduce_batches", "running",
-    "tensor_stats", "default_num_workers", "default_batch_size", "DEFAULT_BATCH_SIZE",
+    "Capture", "read_image", "read_images", "Failure", "Batch", "Collate", "Item", "Reading", "reading", "PassResult",
+    "reduce_batches", "running", "tensor_stats", "default_num_workers", "default_batch_size", "DEFAULT_BATCH_SIZE",
 ]
 
 DEFAULT_BATCH_SIZE = 64  # for subsets' groups and the file check; fit() picks its own (default_batch_size)
@@ -204,6 +204,21 @@ def default_batch_size(image: Tensor, num_samples: int | None = None, num_worker
     return max(1, min(_MAX_BATCH_SIZE, by_size, by_count))
 
 
+Reading = tuple[list[float], list[float]]
+"""One reading of an image: its per-channel mean and variance, as plain floats."""
+
+Item = tuple[int, Tensor | Failure, bool, list[Reading]]
+"""A sample as a worker reads it: ``(index, image or failure, whether FitNormalize captured the image, the moments
+of its further readings)`` (those only for a tracked image)."""
+
+
+def reading(image: Tensor) -> Reading:
+    """The per-channel mean and variance of one image as plain floats (see
+    :func:`~torchnormfit.verification.image_moments`)."""
+    mean, var = image_moments(image)
+    return mean.tolist(), var.tolist()
+
+
 @dataclass
 class Batch:
     """What a worker sends back for one batch: statistics, or the images themselves."""
@@ -214,8 +229,8 @@ class Batch:
     moments: list[list[float]] | None = None  # the batch's ChannelStats as plain floats (see Collate)
     groups: list[tuple[list[int], Tensor]] | None = None
     failure: Failure | None = None
-    tracked: dict[int, tuple[list[float], list[float]]] = field(default_factory=dict)
-    """Per-image moments of the batch's tracked images (to verify cache hits)."""
+    tracked: dict[int, list[Reading]] = field(default_factory=dict)
+    """Per-image moments of the batch's tracked images, each reading of them (to verify cache hits)."""
     captured: int = 0
     """Images that the FitNormalize being fitted captured (the others were found in the sample)."""
 
@@ -235,15 +250,18 @@ class Collate:
         self.track = track
         self._stacked: Tensor | None = None
 
-    def __call__(self, items: Sequence[tuple[int, Tensor | Failure, bool]]) -> Batch:
-        for index, item, _ in items:
+    def __call__(self, items: Sequence[Item]) -> Batch:
+        for index, item, _, _ in items:
             if isinstance(item, Failure):
                 return Batch(index, 0, 0, failure=item)
         try:
-            batch = self._reduce([(index, image) for index, image, _ in items])
+            batch = self._reduce([(index, image) for index, image, _, _ in items])
         except Exception as error:
             return Batch(items[0][0], 0, 0, failure=Failure.capture(error))
-        batch.captured = sum(captured for _, _, captured in items)
+        batch.captured = sum(captured for _, _, captured, _ in items)
+        for index, _, _, again in items:
+            if index in batch.tracked:
+                batch.tracked[index].extend(again)
         return batch
 
     def _reduce(self, items: Sequence[tuple[int, Tensor]]) -> Batch:
@@ -255,10 +273,7 @@ class Collate:
                 raise ValueError(_channel_mismatch(index, image.shape[-3], channels, first_index))
             by_shape.setdefault((*image.shape, image.dtype), []).append((index, image))
         batch = Batch(first_index, len(items), channels)
-        batch.tracked = {
-            index: tuple(moments.tolist() for moments in image_moments(image))
-            for index, image in items if index in self.track
-        }
+        batch.tracked = {index: [reading(image)] for index, image in items if index in self.track}
         if not self.reduce:
             batch.groups = [([i for i, _ in group], torch.stack([im for _, im in group])) for group in by_shape.values()]
             return batch
@@ -326,7 +341,7 @@ class PassResult(NamedTuple):
 
     stats: ChannelStats | None
     num_samples: int
-    tracked: dict[int, tuple[list[float], list[float]]]
+    tracked: dict[int, list[Reading]]
     captured: int = 0
     first: str | None = None
 
@@ -353,7 +368,7 @@ def reduce_batches(
     accumulator: BatchNormAccumulator | None = None
     first: Batch | None = None
     num_samples, captured = 0, 0
-    tracked: dict[int, tuple[list[float], list[float]]] = {}
+    tracked: dict[int, list[Reading]] = {}
     for batch in batches:
         if batch.failure is not None:
             batch.failure.reraise()

@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 
 from ..images import find_image
 from ..stats import ChannelStats
-from ..verification import TRACKED
+from ..verification import TRACKED, readings_per_image
 from .loader import (
-    DEFAULT_BATCH_SIZE, Batch, Capture, Collate, Failure, PassResult, default_batch_size, default_num_workers,
-    read_image, reduce_batches, running,
+    DEFAULT_BATCH_SIZE, Batch, Capture, Collate, Failure, Item, PassResult, default_batch_size, default_num_workers,
+    read_image, reading, reduce_batches, running,
 )
 
 __all__ = [
@@ -181,23 +181,36 @@ def sample_pixels(dataset: Dataset, *, max_pixels: int = 200_000, max_images: in
 
 
 class _SampleReader(Dataset):
-    """``dataset[i]`` -> ``(i, image tensor)``, or ``(i, Failure)`` naming ``i``."""
+    """``dataset[i]`` -> ``(i, image tensor, captured, further readings)``, or ``(i, Failure, ...)`` naming ``i``.
 
-    def __init__(self, dataset: Dataset, capture: Capture | None, image: Callable[[Any], Any] | None):
+    A tracked image is read :func:`~torchnormfit.verification.readings_per_image` times in all (in the worker, as
+    a hit reads it later): the moments of the further readings come along, for the entry's second reading and its
+    deterministic verdict.
+    """
+
+    def __init__(self, dataset: Dataset, capture: Capture | None, image: Callable[[Any], Any] | None,
+                 track: frozenset[int] = frozenset()):
         self.dataset = dataset
         self.capture = capture
         self.image = image
+        self.track = track
+        self.readings = readings_per_image(len(track))
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[int, Tensor | Failure, bool]:
-        """``(index, image or failure, whether FitNormalize captured the image)``."""
+    def __getitem__(self, index: int) -> Item:
+        """``(index, image or failure, whether FitNormalize captured the image, further readings)``."""
         try:
-            image = read_image(lambda: self.dataset[index], f"Sample {index}: ", self.capture, self.image)
+            image = self._read(index)
+            captured = self.capture is not None and self.capture.took
+            again = [reading(self._read(index)) for _ in range(self.readings - 1)] if index in self.track else []
         except Exception as error:
-            return index, Failure.capture(error), False
-        return index, image, self.capture is not None and self.capture.took
+            return index, Failure.capture(error), False, []
+        return index, image, captured, again
+
+    def _read(self, index: int) -> Tensor:
+        return read_image(lambda: self.dataset[index], f"Sample {index}: ", self.capture, self.image)
 
 
 def map_pass(
@@ -242,11 +255,12 @@ def _loader(
     batch size (:func:`default_batch_size`) and it is the first batch, so no
     sample is read twice.
     """
-    reader, collate = _SampleReader(dataset, capture, image), Collate(reduce=device.type == "cpu", track=track)
+    reader, collate = _SampleReader(dataset, capture, image, track), Collate(reduce=device.type == "cpu", track=track)
     probed: list[Batch] = []
     if batch_size is None and len(indices) > 0:
-        index, item, captured = reader[indices[0]]
-        probed = [collate([(index, item, captured)])]
+        first = reader[indices[0]]
+        item = first[1]
+        probed = [collate([first])]
         if probed[0].failure is not None:  # before any worker process is started
             probed[0].failure.reraise()
         batch_size, indices = default_batch_size(item, len(indices), num_workers), indices[1:]

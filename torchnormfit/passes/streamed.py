@@ -14,10 +14,15 @@ instead of counted ``num_workers`` times.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 import hashlib
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator
+import math
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,16 +31,24 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from ..stats import ChannelStats
+from ..verification import readings_per_image
 from .loader import (
-    Batch, Capture, Collate, Failure, PassResult, default_batch_size, default_num_workers, read_image, reduce_batches,
-    running,
+    Batch, Capture, Collate, Failure, PassResult, Reading, default_batch_size, default_num_workers, read_image,
+    reading, reduce_batches, running,
 )
 
-__all__ = ["stream_pass", "first_images", "stream_images", "check_split_across_ranks"]
+__all__ = [
+    "stream_pass", "first_images", "stream_images", "check_split_across_ranks", "shards", "tracked_images",
+    "rereading_stream", "SHARD_SPAN",
+]
 
 logger = logging.getLogger("torchnormfit")
 
 _DIGESTED = 4  # first images of a worker compared with the other workers' (hashing a whole batch cost 2% of a pass)
+_TRACKED_SHARDS = 16  # shards of a sharded stream whose first images an entry keeps
+
+SHARD_SPAN = 1 << 32
+"""A tracked image of a sharded stream is kept as ``shard * SHARD_SPAN + position`` (its position in its shard)."""
 
 
 def stream_pass(
@@ -170,7 +183,7 @@ class _StreamCollate:
 
     def __call__(self, tagged: tuple[int | None, list[tuple[int, Any]]]) -> tuple[int | None, str | None, Batch]:
         worker, items = tagged
-        batch = self.collate([(position, image, False) for position, image in items])
+        batch = self.collate([(position, image, False, []) for position, image in items])
         first = items[0][0] == 0 and batch.failure is None
         return worker, _digest([image for _, image in items[:_DIGESTED]]) if first else None, batch
 
@@ -244,3 +257,103 @@ def stream_images(
 ) -> Iterator[Tensor]:
     """The images of a stream's samples in order, read in this process as :func:`first_images` reads them."""
     return _samples(dataset, capture, image, _where(None))
+
+
+# --- the images a cache hit reads again ----------------------------------------------------------
+
+
+def shards(dataset: IterableDataset) -> tuple[int, Callable[[int], IterableDataset]] | None:
+    """A stream's shards, each a stream of its own: ``(count, open)`` with ``open(i)`` the i-th shard's stream.
+
+    For a WebDataset whose shard list has several URLs (the pipeline's first stage, with the rest of the pipeline
+    after it) and a Hugging Face ``IterableDataset`` with several shards (``dataset.shard``); None for any other
+    stream, which can only be read from its head.
+    """
+    if _from_library(dataset, "webdataset"):
+        pipeline = getattr(dataset, "pipeline", None)
+        urls = getattr(pipeline[0], "urls", None) if isinstance(pipeline, list) and pipeline else None
+        if isinstance(urls, list) and len(urls) > 1:
+            return len(urls), lambda i: _one_url(dataset, urls[i])
+    if _from_library(dataset, "datasets"):
+        count = getattr(dataset, "num_shards", None)
+        if isinstance(count, int) and count > 1:
+            return count, lambda i: dataset.shard(num_shards=count, index=i)
+    return None
+
+
+def _from_library(value: Any, library: str) -> bool:
+    return any(cls.__module__.split(".")[0] == library for cls in type(value).__mro__)
+
+
+def _one_url(dataset: Any, url: str) -> IterableDataset:
+    source = copy.copy(dataset.pipeline[0])
+    source.urls = [url]
+    one = copy.copy(dataset)
+    one.pipeline = [source, *dataset.pipeline[1:]]
+    return one
+
+
+def tracked_images(
+    dataset: IterableDataset, count: int, capture: Capture | None, image: Callable[[Any], Any] | None,
+    sharded: bool = True,
+) -> dict[int, list[Reading]]:
+    """The readings of the images of a stream that a cache hit reads again, read here, each
+    :func:`~torchnormfit.verification.readings_per_image` times.
+
+    A sharded stream (:func:`shards`, with ``sharded``): the first images of up to 16 randomly chosen shards,
+    ``count`` in all, keyed ``shard * SHARD_SPAN + position``; any other: its first ``count``, keyed by position.
+    """
+    split = shards(dataset) if sharded else None
+    if split is None:
+        parts = [(0, lambda: dataset, count)]
+    else:
+        total, open_shard = split
+        chosen = sorted(random.SystemRandom().sample(range(total), min(total, _TRACKED_SHARDS)))
+        per_shard = math.ceil(count / len(chosen))
+        parts = [(shard * SHARD_SPAN, functools.partial(open_shard, shard), per_shard) for shard in chosen]
+    readings = readings_per_image(count)
+    tracked: dict[int, list[Reading]] = {}
+    for offset, source, n in parts:
+        runs = [[reading(im) for im in first_images(source(), n, capture, image)] for _ in range(readings)]
+        for position in range(min(map(len, runs))):
+            tracked[offset + position] = [run[position] for run in runs]
+    return tracked
+
+
+@contextlib.contextmanager
+def rereading_stream(
+    dataset: IterableDataset, keys: Sequence[int], count: int, capture: Capture | None,
+    image: Callable[[Any], Any] | None,
+) -> Iterator[tuple[list[int], Callable[[int, int], list[Tensor]]]]:
+    """Read a stream's tracked images again (``keys`` as :func:`tracked_images` made them): yields ``(rows, read)``,
+    ``count`` rows of ``keys`` and ``read(start, stop)`` the images of ``rows[start:stop]``, called in order.
+
+    A stream's head is read in order; a sharded stream's tracked shards (keys from ``SHARD_SPAN`` on: at least two
+    shards were tracked) in a random order, each from its start.
+    """
+    split = shards(dataset) if any(int(key) >= SHARD_SPAN for key in keys) else None
+    with contextlib.ExitStack() as stack:
+        if split is None:
+            stream = stack.enter_context(contextlib.closing(stream_images(dataset, capture, image)))
+            rows = sorted(range(len(keys)), key=lambda row: keys[row])[:count]
+            yield rows, lambda start, stop: list(itertools.islice(stream, stop - start))
+            return
+        order = list({int(key) // SHARD_SPAN for key in keys})
+        random.SystemRandom().shuffle(order)
+        rank = {shard: place for place, shard in enumerate(order)}
+        rows = sorted(range(len(keys)), key=lambda row: (rank[int(keys[row]) // SHARD_SPAN], keys[row]))[:count]
+        open_streams: dict[int, tuple[Iterator[Tensor], list[int]]] = {}
+
+        def image_at(key: int) -> Tensor:
+            shard, position = divmod(key, SHARD_SPAN)
+            if shard not in open_streams:
+                opened = stack.enter_context(contextlib.closing(stream_images(split[1](shard), capture, image)))
+                open_streams[shard] = (opened, [0])
+            stream, at = open_streams[shard]
+            found = next(itertools.islice(stream, position - at[0], None), None)
+            at[0] = position + 1
+            if found is None:
+                raise IndexError(f"shard {shard} of the stream now has fewer than {position + 1} samples")
+            return found
+
+        yield rows, lambda start, stop: [image_at(int(keys[row])) for row in rows[start:stop]]
