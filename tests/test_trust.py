@@ -335,7 +335,7 @@ def test_hit_records_what_it_checked(tmp_path):
     assert record.key == norm.fit_record.key and not record.written
     default = FitNormalize(cache=cache)
     default.fit(CountingDataset(n=100, transform=default), num_workers=0, progress=False)
-    assert default.fit_record.verification.samples == 48  # a deterministic entry reads 48 before it passes
+    assert default.fit_record.verification.samples == 44  # a deterministic entry reads 44 before it passes
     (entry,) = list_entries(cache)
     assert entry.attrs["deterministic"] == 1 and entry.attrs["readings"] == 2
     assert np.array_equal(entry.arrays["mean_again"], entry.arrays["mean"]) and len(entry.arrays["index"]) == 100
