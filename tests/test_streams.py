@@ -21,9 +21,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import streams_for_tests as st
-from torchnormfit import FitNormalize
+from torchnormfit import CacheWarning, FitNormalize, list_entries
 from torchnormfit.cli import main
 from torchnormfit.passes import Capture
+from torchnormfit.passes.streamed import SHARD_SPAN, tracked_images
 from torchnormfit.fingerprint import describe_dataset, fingerprint
 from torchnormfit.passes import first_images
 from torchnormfit.streams import describe_source
@@ -247,6 +248,66 @@ def test_a_second_process_hits_the_cache_without_key(shards, tmp_path, kind):
     assert unverified["checked"] is None and verified["checked"][0] == min(N, 64)
     for hit in (unverified, verified):
         assert (hit["key"], hit["mean"], hit["std"]) == (first["key"], first["mean"], first["std"])
+
+
+# --- the images a hit reads again: the head, or random shards -------------------------------------
+
+
+def rewrite_shard(path: str, first: int, count: int, gain: float) -> None:
+    """Write a shard again with every image times ``gain``: same members, same size, same mtime (no key sees it)."""
+    import webdataset as wds
+
+    stat = os.stat(path)
+    with wds.TarWriter(path) as sink:
+        for i in range(first, first + count):
+            sink.write({"__key__": f"{i:06d}", "npy": (st.image(i) * gain).numpy(), "cls": i})
+    assert os.stat(path).st_size == stat.st_size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def fit_stream(dataset, norm):
+    norm.fit(dataset, num_workers=0, progress=False)
+    return norm.fit_record
+
+
+def test_a_webdataset_hit_rereads_random_shards_and_sees_the_second_half_rewritten(tmp_path):
+    """4 shards of 30: the entry tracks the first 16 images of each; a hit reads 44 of them, shard by shard in a
+    random order, so at least one of the last two shards is read. The stream's first 44 images (what a hit read
+    before) lie in the first two shards."""
+    urls = st.write_shards(tmp_path / "shards", 120, 4)
+    cache = tmp_path / "cache"
+    norm = FitNormalize(cache=cache)
+    first = fit_stream(st.webdataset(urls, norm), norm)
+    (entry,) = list_entries(cache)
+    keys = entry.arrays["index"].tolist()
+    assert sorted({key // SHARD_SPAN for key in keys}) == [0, 1, 2, 3] and len(keys) == 64
+    assert sorted(key % SHARD_SPAN for key in keys) == sorted(list(range(16)) * 4)
+    assert entry.attrs["deterministic"] == 1 and np.array_equal(entry.arrays["mean_again"], entry.arrays["mean"])
+    hit = FitNormalize(cache=cache)
+    record = fit_stream(st.webdataset(urls, hit), hit)
+    assert record.source == "cache" and record.verification.passed and record.verification.samples == 44
+    for shard in (2, 3):
+        rewrite_shard(urls[shard], 30 * shard, 30, gain=1.5)
+    changed = FitNormalize(cache=cache)
+    with pytest.warns(CacheWarning, match="does not match the data: of 44 images read again, the identical test"):
+        record = fit_stream(st.webdataset(urls, changed), changed)
+    assert record.key == first.key and record.source == "pass" and record.verification.failed[0] == "identical"
+    truth = torch.cat([st.image(i).double().reshape(3, -1) * (1.5 if i >= 60 else 1.0) for i in range(120)], dim=1)
+    assert changed.mean == pytest.approx(truth.mean(dim=1).tolist(), rel=1e-6)
+
+
+def test_a_sharded_huggingface_stream_tracks_the_heads_of_its_shards():
+    tracked = tracked_images(st.hf_iterable(80, 4), 64, None, lambda example: example["image"])
+    assert sorted({key // SHARD_SPAN for key in tracked}) == [0, 1, 2, 3] and len(tracked) == 64
+    assert all(len(readings) == 2 and readings[0] == readings[1] for readings in tracked.values())
+    first_of_shard_2 = st.image(40)  # to_iterable_dataset(num_shards=4) keeps the order: shard 2 starts at 40
+    assert tracked[2 * SHARD_SPAN][0][0] == pytest.approx(first_of_shard_2.double().mean(dim=(1, 2)).tolist())
+
+
+def test_a_plain_stream_tracks_its_head():
+    tracked = tracked_images(st.Stream(range(100)), 64, None, None)
+    assert sorted(tracked) == list(range(64))
+    assert tracked[5][1][0] == pytest.approx(st.image(5).double().mean(dim=(1, 2)).tolist())
 
 
 # --- torch.distributed ---------------------------------------------------------------------------

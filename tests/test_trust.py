@@ -15,6 +15,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import torchvision
 from torch import nn
 from torch.utils.data import Dataset, StackDataset
 from torchvision.datasets import FakeData, ImageFolder
@@ -366,6 +367,30 @@ def test_an_explicit_key_is_not_verified_unless_asked(tmp_path, monkeypatch):
     with pytest.warns(CacheWarning, match="does not match"):
         asked.fit(CountingDataset(n=30, transform=asked), num_workers=0, progress=False, verify=30)
     assert asked.mean != norm.mean
+
+
+@pytest.mark.parametrize("key_given", [None, "train"])
+def test_a_hit_under_another_torchvision_is_verified_even_with_verify_0(tmp_path, monkeypatch, key_given):
+    cache = tmp_path / "c.h5"
+    norm = FitNormalize(cache=cache, key=key_given)
+    norm.fit(CountingDataset(n=60, transform=norm), num_workers=0, progress=False)
+    (entry,) = list_entries(cache)
+    assert entry.attrs["torchvision_version"] == torchvision.__version__
+    monkeypatch.setattr(torchvision, "__version__", "99.0.0")  # the next run has another torchvision
+    same = FitNormalize(cache=cache, key=key_given)
+    same.fit(CountingDataset(n=60, transform=same), num_workers=0, progress=False, verify=0)
+    assert same.fit_record.source == "cache" and same.fit_record.verification.passed
+    assert same.fit_record.verification.samples == 44  # the default check of a deterministic entry
+    monkeypatch.setenv("TNF_TEST_SHIFT", "0.1")
+    moved = FitNormalize(cache=cache, key=key_given)
+    with pytest.warns(CacheWarning, match="the identical test failed"):
+        moved.fit(CountingDataset(n=60, transform=moved), num_workers=0, progress=False, verify=0)
+    assert moved.fit_record.source == "pass" and moved.mean == pytest.approx([m + 0.1 for m in norm.mean])
+    (rewritten,) = list_entries(cache)
+    assert rewritten.attrs["torchvision_version"] == "99.0.0"
+    after = FitNormalize(cache=cache, key=key_given)
+    after.fit(CountingDataset(n=60, transform=after), num_workers=0, progress=False, verify=0)
+    assert after.fit_record.source == "cache" and after.fit_record.verification is None  # same version: as asked
 
 
 @pytest.mark.parametrize("bad", [-1, 257, 2.5, True])
