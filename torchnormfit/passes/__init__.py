@@ -26,13 +26,14 @@ from ..distributed import Ranks, agree, current_ranks, gather_merge, shard
 from ..stats import ChannelStats
 from ..verification import DEFAULT_VERIFY, image_moments
 from .loader import (
-    DEFAULT_BATCH_SIZE, Capture, PassResult, default_batch_size, default_num_workers, read_images, tensor_stats,
+    DEFAULT_BATCH_SIZE, Capture, PassResult, ScaleProbe, default_batch_size, default_num_workers, read_images,
+    tensor_stats,
 )
 from .mapped import (
     StandardErrors, check_dataset, group_batch_size, map_pass, sample_pixels, subset_errors, subset_indices,
     tracked_indices,
 )
-from .streamed import check_split_across_ranks, first_images, stream_images, stream_pass
+from .streamed import check_split_across_ranks, first_images, stream_images, stream_pass, stream_workers
 
 __all__ = [
     "run_pass",
@@ -44,12 +45,14 @@ __all__ = [
     "subset_indices",
     "sample_pixels",
     "first_images",
+    "stream_workers",
     "default_num_workers",
     "default_batch_size",
     "DEFAULT_BATCH_SIZE",
 ]
 
-_LOOKS_0_255 = 1.5
+_FAR_ABOVE_ONE = 10.0
+"""A maximum this far above 1 with most pixels above 1 looks like 0-255 even in fractions (resized, blurred)."""
 
 
 def run_pass(
@@ -134,7 +137,7 @@ def run_pass(
         raise ValueError(f"No samples to fit: {what} {type(dataset).__name__} is empty.")
     if max_samples is not None and not isinstance(dataset, IterableDataset):
         errors = subset_errors(groups, result.num_samples, len(dataset))
-    _warn_if_0_255(result.stats)
+    _warn_if_0_255(result.stats, result.probe)
     return result, errors
 
 
@@ -181,8 +184,11 @@ def _ranked_pass(ranks: Ranks, run_local: Callable[[], PassResult]) -> PassResul
     stats = local.stats if local.stats is not None else ChannelStats.empty(channels.pop())
     parts = [part for _, part in outcomes]
     tracked = {index: moments for part in parts for index, moments in part.tracked.items()}
+    probe = ScaleProbe()
+    for part in parts:
+        probe = probe.merge(part.probe)
     return PassResult(gather_merge(ranks, stats), sum(p.num_samples for p in parts), tracked,
-                      sum(p.captured for p in parts))
+                      sum(p.captured for p in parts), probe=probe)
 
 
 @contextlib.contextmanager
@@ -211,9 +217,19 @@ def rereading(
                                                 image)
 
 
-def _warn_if_0_255(stats: ChannelStats) -> None:
-    if float(stats.max.max()) > _LOOKS_0_255:
+def looks_0_255(stats: ChannelStats, probe: ScaleProbe) -> bool:
+    """Whether the data plausibly is scaled to 0-255: most pixels probed are above 1, and they are whole numbers or
+    the maximum is far above 1 (float data that merely exceeds 1, say up to 2.99, is not)."""
+    if 2 * probe.above_one <= probe.pixels:
+        return False
+    return probe.fractional == 0 or float(stats.max.max()) > _FAR_ABOVE_ONE
+
+
+def _warn_if_0_255(stats: ChannelStats, probe: ScaleProbe) -> None:
+    if looks_0_255(stats, probe):
+        whole = ", all whole numbers" if probe.fractional == 0 else ""
         warn(
-            f"The pixel values reach {float(stats.max.max()):g}: the data looks scaled to 0-255, not 0-1. "
+            f"The pixel values reach {float(stats.max.max()):g} and {probe.above_one / probe.pixels:.0%} of those "
+            f"checked are above 1{whole}: the data looks scaled to 0-255, not 0-1. "
             "If that is not intended, use ToTensor() or v2.ToDtype(torch.float32, scale=True).",
             UserWarning)

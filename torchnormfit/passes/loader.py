@@ -28,7 +28,8 @@ from ..stats import ChannelStats
 from ..verification import image_moments
 
 __all__ = [
-    "Capture", "read_image", "read_images", "Failure", "Batch", "Collate", "PassResult", "reduce_batches", "running",
+    "Capture", "read_image", "read_images", "Failure", "Batch", "Collate", "PassResult", "ScaleProbe", "reduce_batches",
+    "running",
     "tensor_stats", "default_num_workers", "default_batch_size", "DEFAULT_BATCH_SIZE",
 ]
 
@@ -204,6 +205,29 @@ def default_batch_size(image: Tensor, num_samples: int | None = None, num_worker
     return max(1, min(_MAX_BATCH_SIZE, by_size, by_count))
 
 
+class ScaleProbe(NamedTuple):
+    """Pixels of a few images (the first of each batch): how many, how many above 1, how many not whole numbers.
+
+    Enough to tell data scaled to 0-255 (most pixels above 1, and whole numbers or far above 1) from float data
+    that merely exceeds 1 somewhere, at the cost of one image a batch.
+    """
+
+    pixels: int = 0
+    above_one: int = 0
+    fractional: int = 0
+
+    @classmethod
+    def of(cls, image: Tensor) -> ScaleProbe:
+        """The counts of one image."""
+        flat = image.detach().reshape(-1)
+        fractional = int((flat != flat.round()).sum()) if flat.is_floating_point() else 0
+        return cls(flat.numel(), int((flat > 1).sum()), fractional)
+
+    def merge(self, other: ScaleProbe) -> ScaleProbe:
+        """The counts of both."""
+        return ScaleProbe(*(a + b for a, b in zip(self, other)))
+
+
 @dataclass
 class Batch:
     """What a worker sends back for one batch: statistics, or the images themselves."""
@@ -218,6 +242,8 @@ class Batch:
     """Per-image moments of the batch's tracked images (to verify cache hits)."""
     captured: int = 0
     """Images that the FitNormalize being fitted captured (the others were found in the sample)."""
+    probe: ScaleProbe = ScaleProbe()
+    """The scale of the batch's first image (see :class:`ScaleProbe`)."""
 
 
 class Collate:
@@ -254,7 +280,7 @@ class Collate:
             if image.shape[-3] != channels:
                 raise ValueError(_channel_mismatch(index, image.shape[-3], channels, first_index))
             by_shape.setdefault((*image.shape, image.dtype), []).append((index, image))
-        batch = Batch(first_index, len(items), channels)
+        batch = Batch(first_index, len(items), channels, probe=ScaleProbe.of(first))
         batch.tracked = {
             index: tuple(moments.tolist() for moments in image_moments(image))
             for index, image in items if index in self.track
@@ -322,13 +348,15 @@ def _check_finite(stats: ChannelStats, indices: list[int], images: Tensor) -> No
 
 class PassResult(NamedTuple):
     """What a pass found: the statistics (None if it read nothing), the images read, the tracked images' moments,
-    how many images FitNormalize captured, and for a stream a digest of its first images (see streamed.py)."""
+    how many images FitNormalize captured, for a stream a digest of its first images (see streamed.py), and the
+    :class:`ScaleProbe` of the first image of each batch."""
 
     stats: ChannelStats | None
     num_samples: int
     tracked: dict[int, tuple[list[float], list[float]]]
     captured: int = 0
     first: str | None = None
+    probe: ScaleProbe = ScaleProbe()
 
 
 @contextlib.contextmanager
@@ -352,7 +380,7 @@ def reduce_batches(
     """Merge each batch into one accumulator; a failure is raised as it was."""
     accumulator: BatchNormAccumulator | None = None
     first: Batch | None = None
-    num_samples, captured = 0, 0
+    num_samples, captured, probe = 0, 0, ScaleProbe()
     tracked: dict[int, tuple[list[float], list[float]]] = {}
     for batch in batches:
         if batch.failure is not None:
@@ -366,9 +394,11 @@ def reduce_batches(
             on_batch(one_batch)
         num_samples += batch.num_samples
         captured += batch.captured
+        probe = probe.merge(batch.probe)
         tracked.update(batch.tracked)
         bar.update(batch.num_samples)
-    return PassResult(None if accumulator is None else accumulator.stats.to("cpu"), num_samples, tracked, captured)
+    stats = None if accumulator is None else accumulator.stats.to("cpu")
+    return PassResult(stats, num_samples, tracked, captured, probe=probe)
 
 
 def tensor_stats(images: Tensor) -> tuple[ChannelStats, int]:

@@ -31,7 +31,7 @@ from .loader import (
     running,
 )
 
-__all__ = ["stream_pass", "first_images", "stream_images", "check_split_across_ranks"]
+__all__ = ["stream_pass", "stream_workers", "num_shards", "first_images", "stream_images", "check_split_across_ranks"]
 
 logger = logging.getLogger("torchnormfit")
 
@@ -59,11 +59,9 @@ def stream_pass(
     worker are compared with the others' to refuse a stream that is not split
     across workers. ``max_samples`` reads the first ``max_samples`` of the
     stream in this process (no workers), so they are the same whatever
-    ``num_workers``.
+    ``num_workers``; else :func:`stream_workers` caps them at the shards.
     """
-    num_workers = default_num_workers() if num_workers is None else num_workers
-    if max_samples is not None:
-        num_workers = 0
+    num_workers = 0 if max_samples is not None else stream_workers(dataset, num_workers)
     device = torch.device(device) if device is not None else torch.device("cpu")
     length = _length(dataset, max_samples)
     reader = _StreamReader(dataset, capture, image, batch_size, max_samples, length, num_workers)
@@ -78,6 +76,48 @@ def stream_pass(
     with bar, running(loader) as batches:
         result = reduce_batches(_split_checked(batches, num_workers, firsts), device, on_batch, bar)
     return result._replace(first=next(iter(firsts), None))
+
+
+def stream_workers(dataset: IterableDataset, num_workers: int | None = None) -> int:
+    """The DataLoader workers of a pass over ``dataset``: ``num_workers`` (default :func:`default_num_workers`), at
+    most its number of shards (:func:`num_shards`), since a worker without a shard would only idle (and WebDataset
+    refuses a worker that finds no samples).
+
+    Examples
+    --------
+    >>> class Stream(torch.utils.data.IterableDataset):
+    ...     num_shards = 2
+    ...     def __iter__(self):
+    ...         return iter(())
+    >>> stream_workers(Stream(), 8), stream_workers(Stream(), 1)
+    (2, 1)
+    """
+    workers = default_num_workers() if num_workers is None else num_workers
+    shards = num_shards(dataset)
+    if shards is not None and shards < workers:
+        logger.info("%d DataLoader workers for the %d shard(s) of %s", shards, shards, type(dataset).__name__)
+        return shards
+    return workers
+
+
+def num_shards(dataset: IterableDataset) -> int | None:
+    """How many parts a stream splits into across workers; None when it does not say.
+
+    A stream's own ``num_shards`` (a Hugging Face ``IterableDataset``), or the
+    length of the shard list that starts a pipeline (``wds.WebDataset``, a
+    ``wds.DataPipeline`` beginning with ``SimpleShardList``; resampled shards
+    have no length: any number of workers can draw from them).
+    """
+    shards = getattr(dataset, "num_shards", None)
+    if isinstance(shards, int) and not isinstance(shards, bool):
+        return shards
+    stages = getattr(dataset, "pipeline", None)
+    if isinstance(stages, list) and stages and hasattr(stages[0], "urls"):
+        try:
+            return len(stages[0])
+        except TypeError:
+            return None
+    return None
 
 
 def _length(dataset: IterableDataset, max_samples: int | None) -> int | None:
