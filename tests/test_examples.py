@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import truth
 from torchvision.datasets import FakeData
 from torchvision.transforms import v2
 
 import torchnormfit
-from reference import truth
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = sorted(info.name for info in pkgutil.walk_packages(torchnormfit.__path__, "torchnormfit."))
@@ -91,7 +91,7 @@ def test_bn_vs_exact_prints_the_readme_output(monkeypatch, capsys):
     block = readme.split("$ python examples/bn_vs_exact.py\n", 1)[1].split("```", 1)[0]
     for line in block.splitlines():
         if line.startswith("BatchNormAccumulator (exact"):
-            got = next(l for l in out.splitlines() if l.startswith("BatchNormAccumulator (exact"))
+            got = next(row for row in out.splitlines() if row.startswith("BatchNormAccumulator (exact"))
             assert max(map(float, line.split()[-2:])) < 1e-9 and max(map(float, got.split()[-2:])) < 1e-9
         elif line:
             assert line in out.splitlines(), line

@@ -16,16 +16,15 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+import streams_for_tests as st
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import streams_for_tests as st
 from torchnormfit import FitNormalize
 from torchnormfit.cli import main
-from torchnormfit.passes import Capture
 from torchnormfit.fingerprint import describe_dataset, fingerprint
-from torchnormfit.passes import first_images, stream_workers
+from torchnormfit.passes import Capture, first_images, stream_workers
 from torchnormfit.streams import describe_source
 
 pytest.importorskip("webdataset")

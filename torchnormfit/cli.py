@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
 
-from . import __version__
+from ._version import __version__
 from .cache import (
     CacheEntry,
     CacheError,

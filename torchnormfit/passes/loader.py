@@ -10,12 +10,14 @@ gets the original exception type and a ``Sample 7: ...`` message instead of Data
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 import os
 import pickle
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn, cast
 
 import torch
 from torch import Tensor
@@ -130,6 +132,7 @@ def read_image(
     try:
         sample = read()
     except _Captured:  # FitNormalize has the image: the rest of the sample is not built
+        assert capture is not None  # only a Capture raises it
         return check_image(capture.take(), where)
     except StopIteration:
         raise
@@ -139,7 +142,7 @@ def read_image(
             raise
         raise named from error
     captured = capture.take() if capture is not None else None
-    if captured is not None:
+    if capture is not None and captured is not None:
         if capture.stop:
             _warn_swallowed_stop()
         return check_image(captured, where)
@@ -178,7 +181,19 @@ def read_images(
     dataset: Dataset, indices: Sequence[int], capture: Capture | None = None, image: Callable[[Any], Any] | None = None
 ) -> list[Tensor]:
     """The images of ``dataset[i]`` for ``i`` in ``indices``, read here, one by one (to verify a cache hit)."""
-    return [read_image(lambda: dataset[index], index, capture, image) for index in indices]
+    return [read_image(functools.partial(operator.getitem, dataset, index), f"Sample {index}: ", capture, image)
+            for index in indices]
+
+
+def dataset_length(dataset: Dataset) -> int:
+    """``len(dataset)`` of a map-style dataset (torch's ``Dataset`` does not declare ``__len__``)."""
+    return len(cast(Sized, dataset))
+
+
+def own_moments(image: Tensor) -> tuple[list[float], list[float]]:
+    """An image's own per-channel mean and variance, as plain floats (kept to verify cache hits)."""
+    mean, var = image_moments(image)
+    return mean.tolist(), var.tolist()
 
 
 def default_num_workers() -> int:
@@ -266,7 +281,7 @@ class Collate:
             if isinstance(item, Failure):
                 return Batch(index, 0, 0, failure=item)
         try:
-            batch = self._reduce([(index, image) for index, image, _ in items])
+            batch = self._reduce([(index, image) for index, image, _ in items if not isinstance(image, Failure)])
         except Exception as error:
             return Batch(items[0][0], 0, 0, failure=Failure.capture(error))
         batch.captured = sum(captured for _, _, captured in items)
@@ -275,18 +290,16 @@ class Collate:
     def _reduce(self, items: Sequence[tuple[int, Tensor]]) -> Batch:
         first_index, first = items[0]
         channels = first.shape[-3]
-        by_shape: dict[tuple[int, ...], list[tuple[int, Tensor]]] = {}
+        by_shape: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}
         for index, image in items:
             if image.shape[-3] != channels:
                 raise ValueError(_channel_mismatch(index, image.shape[-3], channels, first_index))
             by_shape.setdefault((*image.shape, image.dtype), []).append((index, image))
         batch = Batch(first_index, len(items), channels, probe=ScaleProbe.of(first))
-        batch.tracked = {
-            index: tuple(moments.tolist() for moments in image_moments(image))
-            for index, image in items if index in self.track
-        }
+        batch.tracked = {index: own_moments(image) for index, image in items if index in self.track}
         if not self.reduce:
-            batch.groups = [([i for i, _ in group], torch.stack([im for _, im in group])) for group in by_shape.values()]
+            batch.groups = [([i for i, _ in group], torch.stack([im for _, im in group]))
+                            for group in by_shape.values()]
             return batch
         stats = ChannelStats.empty(channels)
         with _one_thread():
@@ -385,7 +398,7 @@ def reduce_batches(
     for batch in batches:
         if batch.failure is not None:
             batch.failure.reraise()
-        if first is None:
+        if first is None or accumulator is None:
             first, accumulator = batch, BatchNormAccumulator(batch.channels, device=device)
         elif batch.channels != first.channels:
             raise ValueError(_channel_mismatch(batch.first_index, batch.channels, first.channels, first.first_index))
@@ -418,7 +431,7 @@ def _accumulate(accumulator: BatchNormAccumulator, batch: Batch, device: torch.d
         accumulator.merge(stats.to(device))
         return stats
     stats = ChannelStats.empty(batch.channels, device=device)
-    for indices, images in batch.groups:
+    for indices, images in batch.groups or ():
         images = images.to(device, non_blocking=True)
         group_stats = accumulator.update(images)
         _check_finite(group_stats, indices, images)

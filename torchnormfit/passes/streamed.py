@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -27,7 +27,16 @@ from tqdm.auto import tqdm
 
 from ..stats import ChannelStats
 from .loader import (
-    Batch, Capture, Collate, Failure, PassResult, default_batch_size, default_num_workers, read_image, reduce_batches,
+    Batch,
+    Capture,
+    Collate,
+    Failure,
+    PassResult,
+    dataset_length,
+    default_batch_size,
+    default_num_workers,
+    read_image,
+    reduce_batches,
     running,
 )
 
@@ -66,7 +75,8 @@ def stream_pass(
     length = _length(dataset, max_samples)
     reader = _StreamReader(dataset, capture, image, batch_size, max_samples, length, num_workers)
     loader = DataLoader(
-        reader, batch_size=None, num_workers=num_workers, collate_fn=_StreamCollate(reduce=device.type == "cpu"),
+        reader, batch_size=None, num_workers=num_workers,
+        collate_fn=_StreamCollate(reduce=device.type == "cpu"),  # type: ignore[arg-type]  # batch_size=None: one item
         pin_memory=(device.type != "cpu") if pin_memory is None else pin_memory,
     )
     logger.info("fitting the stream %s: %s samples, batch_size=%s, num_workers=%d, device=%s",
@@ -123,7 +133,7 @@ def num_shards(dataset: IterableDataset) -> int | None:
 def _length(dataset: IterableDataset, max_samples: int | None) -> int | None:
     """The stream's ``len()`` (capped by ``max_samples``), or None when it has none."""
     try:
-        length = len(dataset)
+        length = dataset_length(dataset)
     except TypeError:  # an IterableDataset without __len__
         return max_samples
     return length if max_samples is None else min(length, max_samples)
@@ -131,7 +141,7 @@ def _length(dataset: IterableDataset, max_samples: int | None) -> int | None:
 
 def _samples(
     dataset: IterableDataset, capture: Capture | None, image: Callable[[Any], Any] | None, where: Callable[[int], str]
-) -> Iterator[Tensor]:
+) -> Generator[Tensor, None, None]:
     """The image of each sample of the stream, read through :func:`~torchnormfit.passes.loader.read_image`."""
     if capture is not None:
         capture.stop = False  # an exception would end the stream's generator: FitNormalize only hands over
@@ -183,7 +193,8 @@ class _StreamReader(IterableDataset):
         info = get_worker_info()
         worker = None if info is None else info.id
         samples = _samples(self.dataset, self.capture, self.image, _where(worker))
-        size, batch, position = self.batch_size, [], 0
+        size, position = self.batch_size, 0
+        batch: list[tuple[int, Tensor | Failure]] = []
         while self.max_samples is None or position < self.max_samples:
             try:
                 item = next(samples)
@@ -281,6 +292,6 @@ def first_images(
 
 def stream_images(
     dataset: IterableDataset, capture: Capture | None = None, image: Callable[[Any], Any] | None = None
-) -> Iterator[Tensor]:
+) -> Generator[Tensor, None, None]:
     """The images of a stream's samples in order, read in this process as :func:`first_images` reads them."""
     return _samples(dataset, capture, image, _where(None))
