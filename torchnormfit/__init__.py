@@ -1,7 +1,6 @@
 """torchnormfit: exact per-channel mean and std for torchvision pipelines, fitted once and cached."""
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .accumulator import BatchNormAccumulator
 from .cache import CacheEntry, CacheError, CacheWarning, default_cache_path, list_entries
 from .stats import ChannelStats

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
 
-from . import __version__
+from ._version import __version__
 from .cache import (
     CacheEntry,
     CacheError,
@@ -48,7 +48,7 @@ from .cache import (
 )
 from .fingerprint import describe_dataset, describe_pipeline
 from .folder import MODES, ImageFiles, find_unreadable, to_float_pipeline, unreadable_file_message
-from .passes import StandardErrors, default_num_workers, sample_pixels
+from .passes import StandardErrors, sample_pixels
 from .transform import FitNormalize
 
 __all__ = ["main", "build_parser"]
@@ -347,7 +347,7 @@ def _is_shards(source: str) -> bool:
 def _open_shards(args: argparse.Namespace) -> Dataset:
     """The shards as a WebDataset: the first image entry of each sample, decoded to float in [0, 1].
 
-    Also caps ``--workers`` at the number of shards: a worker without a shard would only idle.
+    The fit caps ``--workers`` at the number of shards (a worker without a shard would only idle).
     """
     try:
         import webdataset as wds
@@ -358,7 +358,6 @@ def _open_shards(args: argparse.Namespace) -> Dataset:
     if missing:
         raise CliError(f"{len(missing)} of the {len(urls)} shards of {args.source!r} do not exist, "
                        f"for example {missing[0]}. Check the path and the {{first..last}} range.")
-    args.workers = min(len(urls), args.workers if args.workers is not None else default_num_workers())
     pipeline = to_float_pipeline(args.mode or "RGB", args.resize, args.center_crop)
     return (wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil")
             .to_tuple(_IMAGE_ENTRIES).map_tuple(pipeline))

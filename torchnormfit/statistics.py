@@ -30,9 +30,10 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,10 +41,11 @@ import torchvision
 from torch.utils.data import Dataset
 
 from . import cache
+from ._version import __version__
 from ._warn import warn
 from .distributed import current_ranks, on_root
 from .fingerprint import describe_dataset, describe_pipeline, fingerprint
-from .passes import Capture, PassResult, Reading, StandardErrors, rereading, run_pass, tensor_stats
+from .passes import Capture, PassResult, Reading, StandardErrors, dataset_length, rereading, run_pass, tensor_stats
 from .stats import ChannelStats
 from .verification import (
     DEFAULT_VERIFY, MAX_VERIFY, Verification, identical, image_moments, threshold, verify_in_stages,
@@ -53,7 +55,7 @@ __all__ = ["FitRecord", "fit_dataset", "pass_stats", "save_stats", "load_entry",
 
 logger = logging.getLogger("torchnormfit")
 
-Capturing = Callable[[], ContextManager[Capture]]
+Capturing = Callable[[], AbstractContextManager[Capture]]
 """Puts the FitNormalize being fitted in capture mode for the duration of a ``with``."""
 
 
@@ -105,9 +107,11 @@ def fit_dataset(
     settings: dict[str, Any] = {"image": image, "ddof": 0, "statistic": "per-channel population mean/std"}
     if max_samples is not None:
         settings.update(max_samples=max_samples, seed=seed)
-    printed = fingerprint(dataset, norm, settings) if key is None else None
-    key = key if printed is None else printed.key
-    gaps = () if printed is None else printed.gaps
+    if key is None:
+        printed = fingerprint(dataset, norm, settings)
+        key, gaps = printed.key, printed.gaps
+    else:
+        printed, gaps = None, ()
     ranks = current_ranks(process_group)
     note = "refit=True" if refit else ("no cache (cache=None)" if cache_path is None else "")
     verification = None
@@ -119,6 +123,8 @@ def fit_dataset(
         verification, note = lookup.verification, lookup.note
     result, errors = _pass(dataset, capturing, image, max_samples, seed, process_group, loader,
                            track=cache_path is not None)
+    stats = result.stats
+    assert stats is not None  # run_pass raises when it read no image
     if printed is not None and not printed.found_norm and result.captured:
         warn(
             f"The FitNormalize being fitted measured the images inside {type(dataset).__name__}'s pipeline, but the "
@@ -129,11 +135,11 @@ def fit_dataset(
     if cache_path is not None:
         attrs = {**_provenance(dataset, norm, result.num_samples, gaps),
                  **_subset_provenance(dataset, max_samples, seed, errors)}
-        arrays, verdict = _tracked_fields(result.tracked, result.stats)
-        written = on_root(ranks, lambda: _save(cache_path, key, result.stats, {**attrs, **verdict}, arrays))
+        arrays, verdict = _tracked_fields(result.tracked, stats)
+        written = on_root(ranks, lambda: _save(cache_path, key, stats, {**attrs, **verdict}, arrays))
         if not written:
             note = "; ".join(filter(None, [note, "the cache could not be written"]))
-    return FitRecord("pass", key, cache_path, verification, written, note, gaps, result.stats, result.num_samples, errors)
+    return FitRecord("pass", key, cache_path, verification, written, note, gaps, stats, result.num_samples, errors)
 
 
 def pass_stats(
@@ -142,6 +148,7 @@ def pass_stats(
     """One pass with no cache involved (``partial_fit``): statistics and the number of images."""
     result, _ = _pass(dataset, capturing, options.pop("image", None), options.pop("max_samples", None),
                       options.pop("seed", 0), options.pop("process_group", None), options)
+    assert result.stats is not None  # run_pass raises when it read no image
     return result.stats, result.num_samples
 
 
@@ -211,7 +218,7 @@ def _verify(
     def rows_of(name: str, rows: list[int]) -> torch.Tensor:
         return torch.from_numpy(np.asarray(samples[name][rows], dtype=np.float64))
 
-    with capturing() as capture, rereading(dataset, samples["index"], verify, capture, image) as (rows, read):
+    with capturing() as capture, rereading(dataset, samples["index"].tolist(), verify, capture, image) as (rows, read):
         again = (rows_of("mean_again", rows), rows_of("var_again", rows)) if "mean_again" in samples else None
         try:
             return verify_in_stages(
@@ -308,8 +315,6 @@ def _save(path: Path, key: str, stats: ChannelStats, attrs: dict[str, Any], arra
 
 
 def _provenance(dataset: Dataset | None, norm: Any, num_samples: int, gaps: Sequence[str]) -> dict[str, Any]:
-    from . import __version__
-
     return {
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch_version": str(torch.__version__),
@@ -340,7 +345,7 @@ def _subset_provenance(
     return {
         "max_samples": max_samples,
         "seed": seed,
-        "population": len(dataset),
+        "population": dataset_length(dataset),
         "mean_se": errors.mean.tolist(),
         "std_se": errors.std.tolist(),
     }

@@ -22,7 +22,7 @@ import itertools
 import logging
 import math
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -33,13 +33,24 @@ from tqdm.auto import tqdm
 from ..stats import ChannelStats
 from ..verification import readings_per_image
 from .loader import (
-    Batch, Capture, Collate, Failure, PassResult, Reading, default_batch_size, default_num_workers, read_image,
-    reading, reduce_batches, running,
+    Batch,
+    Capture,
+    Collate,
+    Failure,
+    PassResult,
+    Reading,
+    dataset_length,
+    default_batch_size,
+    default_num_workers,
+    own_moments,
+    read_image,
+    reduce_batches,
+    running,
 )
 
 __all__ = [
-    "stream_pass", "first_images", "stream_images", "check_split_across_ranks", "shards", "tracked_images",
-    "rereading_stream", "SHARD_SPAN",
+    "stream_pass", "stream_workers", "num_shards", "first_images", "stream_images", "check_split_across_ranks",
+    "shards", "tracked_images", "rereading_stream", "SHARD_SPAN",
 ]
 
 logger = logging.getLogger("torchnormfit")
@@ -72,16 +83,15 @@ def stream_pass(
     worker are compared with the others' to refuse a stream that is not split
     across workers. ``max_samples`` reads the first ``max_samples`` of the
     stream in this process (no workers), so they are the same whatever
-    ``num_workers``.
+    ``num_workers``; else :func:`stream_workers` caps them at the shards.
     """
-    num_workers = default_num_workers() if num_workers is None else num_workers
-    if max_samples is not None:
-        num_workers = 0
+    num_workers = 0 if max_samples is not None else stream_workers(dataset, num_workers)
     device = torch.device(device) if device is not None else torch.device("cpu")
     length = _length(dataset, max_samples)
     reader = _StreamReader(dataset, capture, image, batch_size, max_samples, length, num_workers)
     loader = DataLoader(
-        reader, batch_size=None, num_workers=num_workers, collate_fn=_StreamCollate(reduce=device.type == "cpu"),
+        reader, batch_size=None, num_workers=num_workers,
+        collate_fn=_StreamCollate(reduce=device.type == "cpu"),  # type: ignore[arg-type]  # batch_size=None: one item
         pin_memory=(device.type != "cpu") if pin_memory is None else pin_memory,
     )
     logger.info("fitting the stream %s: %s samples, batch_size=%s, num_workers=%d, device=%s",
@@ -93,10 +103,52 @@ def stream_pass(
     return result._replace(first=next(iter(firsts), None))
 
 
+def stream_workers(dataset: IterableDataset, num_workers: int | None = None) -> int:
+    """The DataLoader workers of a pass over ``dataset``: ``num_workers`` (default :func:`default_num_workers`), at
+    most its number of shards (:func:`num_shards`), since a worker without a shard would only idle (and WebDataset
+    refuses a worker that finds no samples).
+
+    Examples
+    --------
+    >>> class Stream(torch.utils.data.IterableDataset):
+    ...     num_shards = 2
+    ...     def __iter__(self):
+    ...         return iter(())
+    >>> stream_workers(Stream(), 8), stream_workers(Stream(), 1)
+    (2, 1)
+    """
+    workers = default_num_workers() if num_workers is None else num_workers
+    shards = num_shards(dataset)
+    if shards is not None and shards < workers:
+        logger.info("%d DataLoader workers for the %d shard(s) of %s", shards, shards, type(dataset).__name__)
+        return shards
+    return workers
+
+
+def num_shards(dataset: IterableDataset) -> int | None:
+    """How many parts a stream splits into across workers; None when it does not say.
+
+    A stream's own ``num_shards`` (a Hugging Face ``IterableDataset``), or the
+    length of the shard list that starts a pipeline (``wds.WebDataset``, a
+    ``wds.DataPipeline`` beginning with ``SimpleShardList``; resampled shards
+    have no length: any number of workers can draw from them).
+    """
+    shards = getattr(dataset, "num_shards", None)
+    if isinstance(shards, int) and not isinstance(shards, bool):
+        return shards
+    stages = getattr(dataset, "pipeline", None)
+    if isinstance(stages, list) and stages and hasattr(stages[0], "urls"):
+        try:
+            return len(stages[0])
+        except TypeError:
+            return None
+    return None
+
+
 def _length(dataset: IterableDataset, max_samples: int | None) -> int | None:
     """The stream's ``len()`` (capped by ``max_samples``), or None when it has none."""
     try:
-        length = len(dataset)
+        length = dataset_length(dataset)
     except TypeError:  # an IterableDataset without __len__
         return max_samples
     return length if max_samples is None else min(length, max_samples)
@@ -104,7 +156,7 @@ def _length(dataset: IterableDataset, max_samples: int | None) -> int | None:
 
 def _samples(
     dataset: IterableDataset, capture: Capture | None, image: Callable[[Any], Any] | None, where: Callable[[int], str]
-) -> Iterator[Tensor]:
+) -> Generator[Tensor, None, None]:
     """The image of each sample of the stream, read through :func:`~torchnormfit.passes.loader.read_image`."""
     if capture is not None:
         capture.stop = False  # an exception would end the stream's generator: FitNormalize only hands over
@@ -156,7 +208,8 @@ class _StreamReader(IterableDataset):
         info = get_worker_info()
         worker = None if info is None else info.id
         samples = _samples(self.dataset, self.capture, self.image, _where(worker))
-        size, batch, position = self.batch_size, [], 0
+        size, position = self.batch_size, 0
+        batch: list[tuple[int, Tensor | Failure]] = []
         while self.max_samples is None or position < self.max_samples:
             try:
                 item = next(samples)
@@ -254,7 +307,7 @@ def first_images(
 
 def stream_images(
     dataset: IterableDataset, capture: Capture | None = None, image: Callable[[Any], Any] | None = None
-) -> Iterator[Tensor]:
+) -> Generator[Tensor, None, None]:
     """The images of a stream's samples in order, read in this process as :func:`first_images` reads them."""
     return _samples(dataset, capture, image, _where(None))
 
@@ -265,24 +318,19 @@ def stream_images(
 def shards(dataset: IterableDataset) -> tuple[int, Callable[[int], IterableDataset]] | None:
     """A stream's shards, each a stream of its own: ``(count, open)`` with ``open(i)`` the i-th shard's stream.
 
-    For a WebDataset whose shard list has several URLs (the pipeline's first stage, with the rest of the pipeline
-    after it) and a Hugging Face ``IterableDataset`` with several shards (``dataset.shard``); None for any other
+    For a stream of several shards (:func:`num_shards`): a Hugging Face ``IterableDataset`` (``dataset.shard``) and
+    a WebDataset pipeline whose shard list has URLs (the rest of the pipeline after one of them); None for any other
     stream, which can only be read from its head.
     """
-    if _from_library(dataset, "webdataset"):
-        pipeline = getattr(dataset, "pipeline", None)
-        urls = getattr(pipeline[0], "urls", None) if isinstance(pipeline, list) and pipeline else None
-        if isinstance(urls, list) and len(urls) > 1:
-            return len(urls), lambda i: _one_url(dataset, urls[i])
-    if _from_library(dataset, "datasets"):
-        count = getattr(dataset, "num_shards", None)
-        if isinstance(count, int) and count > 1:
-            return count, lambda i: dataset.shard(num_shards=count, index=i)
+    count = num_shards(dataset)
+    if count is None or count < 2:
+        return None
+    if callable(getattr(dataset, "shard", None)) and type(dataset).__module__.split(".")[0] == "datasets":
+        return count, lambda i: dataset.shard(num_shards=count, index=i)
+    urls = getattr(getattr(dataset, "pipeline", [None])[0], "urls", None)
+    if isinstance(urls, list) and len(urls) == count:
+        return count, lambda i: _one_url(dataset, urls[i])
     return None
-
-
-def _from_library(value: Any, library: str) -> bool:
-    return any(cls.__module__.split(".")[0] == library for cls in type(value).__mro__)
 
 
 def _one_url(dataset: Any, url: str) -> IterableDataset:
@@ -314,7 +362,7 @@ def tracked_images(
     readings = readings_per_image(count)
     tracked: dict[int, list[Reading]] = {}
     for offset, source, n in parts:
-        runs = [[reading(im) for im in first_images(source(), n, capture, image)] for _ in range(readings)]
+        runs = [[own_moments(im) for im in first_images(source(), n, capture, image)] for _ in range(readings)]
         for position in range(min(map(len, runs))):
             tracked[offset + position] = [run[position] for run in runs]
     return tracked
