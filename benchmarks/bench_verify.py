@@ -86,7 +86,7 @@ REQUIRED_DETERMINISTIC = ("10% replaced",)  # issue 18: >= 99% under a determini
 def photos(n: int, size: int, gen: torch.Generator, brightness: torch.Tensor | None = None,
            width: int | None = None) -> torch.Tensor:
     """Photo-like uint8 images: a coloured gradient, texture at two scales, noise; random brightness and gamma."""
-    u = lambda *shape: torch.rand(*shape, generator=gen)
+    u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
     height, width = size, width or size
     angle = u(n, 1, 1, 1) * 2 * math.pi
     grad = (torch.cos(angle) * torch.linspace(0, 1, width).view(1, 1, 1, -1)

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
-
 from datasets_for_tests import run_worker
 
 TESTS = Path(__file__).parent

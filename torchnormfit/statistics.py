@@ -48,7 +48,13 @@ from .fingerprint import describe_dataset, describe_pipeline, fingerprint
 from .passes import Capture, PassResult, Reading, StandardErrors, dataset_length, rereading, run_pass, tensor_stats
 from .stats import ChannelStats
 from .verification import (
-    DEFAULT_VERIFY, MAX_VERIFY, Verification, identical, image_moments, threshold, verify_in_stages,
+    DEFAULT_VERIFY,
+    MAX_VERIFY,
+    Verification,
+    identical,
+    image_moments,
+    threshold,
+    verify_in_stages,
 )
 
 __all__ = ["FitRecord", "fit_dataset", "pass_stats", "save_stats", "load_entry", "tensor_stats"]
@@ -218,16 +224,17 @@ def _verify(
     def rows_of(name: str, rows: list[int]) -> torch.Tensor:
         return torch.from_numpy(np.asarray(samples[name][rows], dtype=np.float64))
 
-    with capturing() as capture, rereading(dataset, samples["index"].tolist(), verify, capture, image) as (rows, read):
+    indices = samples["index"].tolist()
+    with capturing() as capture, rereading(dataset, indices, verify, capture, image) as (rows, read):
         again = (rows_of("mean_again", rows), rows_of("var_again", rows)) if "mean_again" in samples else None
         try:
             return verify_in_stages(
-                rows_of("mean", rows), rows_of("var", rows), lambda start, stop: _moments(read(start, stop), channels,
-                                                                                         start),
-                entry.stats.mean, entry.stats.var, again=again,
-                deterministic=again is not None and bool(entry.attrs.get("deterministic", 0)))
+                rows_of("mean", rows), rows_of("var", rows),
+                lambda start, stop: _moments(read(start, stop), channels, start), entry.stats.mean, entry.stats.var,
+                again=again, deterministic=again is not None and bool(entry.attrs.get("deterministic", 0)))
         except _ChannelMismatch as mismatch:
-            return Verification(mismatch.read, False, math.inf, threshold(channels), str(mismatch), failed=("channels",))
+            limit = threshold(channels)
+            return Verification(mismatch.read, False, math.inf, limit, str(mismatch), failed=("channels",))
         except IndexError as error:  # the dataset or a stream's shard shrank: a tracked image is gone
             detail = f"a tracked image could not be read again ({error})"
             return Verification(0, False, math.inf, threshold(channels), detail, failed=("read",))

@@ -325,8 +325,17 @@ def compare(
                 failed.extend(name for name, _ in tests if name not in failed)
                 failures.append(_describe(statistic.name, channel, diff[:, channel], pooled_var[channel].sqrt(),
                                           [text for _, text in tests]))
-    detail = f"of {samples} images read again, " + "; ".join(failures) if failures else ""
+    detail = f"of {samples} images read again, " + _listed(failures) if failures else ""
     return Verification(samples, not failures, score, limit, detail, smallest_p, mixed, tuple(failed))
+
+
+_LISTED = 3  # findings a warning spells out; the rest are counted
+
+
+def _listed(failures: list[str]) -> str:
+    more = len(failures) - _LISTED
+    return "; ".join(failures[:_LISTED]) + (f"; and {more} more (channels and statistics) like these" if more > 0
+                                            else "")
 
 
 def _statistics(

@@ -47,7 +47,12 @@ from .mapped import (
     tracked_indices,
 )
 from .streamed import (
-    check_split_across_ranks, first_images, rereading_stream, stream_pass, stream_workers, tracked_images,
+    check_split_across_ranks,
+    first_images,
+    rereading_stream,
+    stream_pass,
+    stream_workers,
+    tracked_images,
 )
 
 __all__ = [

@@ -325,8 +325,9 @@ def shards(dataset: IterableDataset) -> tuple[int, Callable[[int], IterableDatas
     count = num_shards(dataset)
     if count is None or count < 2:
         return None
-    if callable(getattr(dataset, "shard", None)) and type(dataset).__module__.split(".")[0] == "datasets":
-        return count, lambda i: dataset.shard(num_shards=count, index=i)
+    shard = getattr(dataset, "shard", None)
+    if callable(shard) and type(dataset).__module__.split(".")[0] == "datasets":
+        return count, lambda i: shard(num_shards=count, index=i)
     urls = getattr(getattr(dataset, "pipeline", [None])[0], "urls", None)
     if isinstance(urls, list) and len(urls) == count:
         return count, lambda i: _one_url(dataset, urls[i])
