@@ -221,3 +221,11 @@ def test_the_noise_test_is_exact_under_no_change():
         rejected += "noise" in result.failed
     del gen
     assert rejected / trials <= 0.3 / 6 * 1.3  # the noise tests' share of the bound, with room for sampling
+
+
+def test_few_images_all_moved_one_way_fail_by_the_unanimous_rule_named_as_such():
+    mean, var = stored(10)
+    noise = 1e-3 * torch.rand(10, C, generator=torch.Generator().manual_seed(9), dtype=torch.float64) + 1e-4
+    result = verify_in_stages(mean, var, reader(mean + noise, var, []), POOLED_MEAN, POOLED_VAR)
+    assert not result.passed and result.failed == ("unanimous",)
+    assert "the unanimous rule failed (all 10 images one way; with fewer than 21 images that fails)" in result.detail

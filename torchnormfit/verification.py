@@ -297,36 +297,45 @@ def compare(
         mixed = mixed or any(0 < count < samples for count in nonzero)
         louder = None if statistic.base is None else _louder(diff, statistic.base, statistic.tie)
         for channel in range(channels):
-            tests: list[tuple[str, str]] = []
-            if abs(float(t[channel])) > limit:
-                text = f"the sum test failed (T = {float(t[channel]):+.2f}; it fails beyond {limit:.2f} either way)"
-                tests.append(("sum", text))
-            p = sign_p_value(positive[channel], nonzero[channel])
+            one_sign = few and nonzero[channel] == samples and positive[channel] in (0, samples)
+            tests, p = _channel_tests(float(t[channel]), positive[channel], nonzero[channel],
+                                      None if louder is None else (louder[0][channel], louder[1][channel]),
+                                      limit, level, unanimous_at(channels, bound) if one_sign else None)
             smallest_p = min(smallest_p, p)
-            if p <= level:
-                way = max(positive[channel], nonzero[channel] - positive[channel])
-                text = (f"the sign test failed ({way} of {nonzero[channel]} differing images one way: p = {p:.2g}; "
-                        f"it fails at {level:.2g} or less)")
-                tests.append(("sign", text))
-            if louder is not None:
-                larger, differing = louder[0][channel], louder[1][channel]
-                noise_p = _upper_tail(larger, differing)
-                smallest_p = min(smallest_p, noise_p)
-                if noise_p <= level:
-                    text = (f"the noise test failed ({larger} of {differing} images moved further from their stored "
-                            f"value than the fit's own second reading of them did: p = {noise_p:.2g}; it fails at "
-                            f"{level:.2g} or less)")
-                    tests.append(("noise", text))
-            if few and nonzero[channel] == samples and positive[channel] in (0, samples):
-                text = (f"the unanimous rule failed (all {samples} images one way; with fewer than "
-                        f"{unanimous_at(channels, bound)} images that fails)")
-                tests.append(("unanimous", text))
             if tests:
                 failed.extend(name for name, _ in tests if name not in failed)
                 failures.append(_describe(statistic.name, channel, diff[:, channel], pooled_var[channel].sqrt(),
                                           [text for _, text in tests]))
     detail = f"of {samples} images read again, " + _listed(failures) if failures else ""
     return Verification(samples, not failures, score, limit, detail, smallest_p, mixed, tuple(failed))
+
+
+def _channel_tests(
+    t: float, positive: int, nonzero: int, louder: tuple[int, int] | None, limit: float, level: float,
+    unanimous_below: int | None,
+) -> tuple[list[tuple[str, str]], float]:
+    """The tests one channel's statistic failed, each ``(name, what it found in words)``, and the smallest
+    p-value of its sign and noise tests; ``unanimous_below``: the unanimous rule fired (fewer images than that)."""
+    tests: list[tuple[str, str]] = []
+    if abs(t) > limit:
+        tests.append(("sum", f"the sum test failed (T = {t:+.2f}; it fails beyond {limit:.2f} either way)"))
+    p = sign_p_value(positive, nonzero)
+    if p <= level:
+        way = max(positive, nonzero - positive)
+        tests.append(("sign", f"the sign test failed ({way} of {nonzero} differing images one way: p = {p:.2g}; "
+                              f"it fails at {level:.2g} or less)"))
+    if louder is not None:
+        larger, differing = louder
+        noise_p = _upper_tail(larger, differing)
+        p = min(p, noise_p)
+        if noise_p <= level:
+            tests.append(("noise", f"the noise test failed ({larger} of {differing} images moved further from their "
+                                   f"stored value than the fit's own second reading of them did: p = {noise_p:.2g}; "
+                                   f"it fails at {level:.2g} or less)"))
+    if unanimous_below is not None:
+        tests.append(("unanimous", f"the unanimous rule failed (all {nonzero} images one way; with fewer than "
+                                   f"{unanimous_below} images that fails)"))
+    return tests, p
 
 
 _LISTED = 3  # findings a warning spells out; the rest are counted
