@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from datasets_for_tests import CountingDataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import ConcatDataset, Subset, TensorDataset
@@ -17,9 +18,10 @@ from torchvision import transforms as v1
 from torchvision.datasets import FakeData, ImageFolder
 from torchvision.transforms import v2
 
-from datasets_for_tests import CountingDataset
 from torchnormfit import FitNormalize
-from torchnormfit.fingerprint import _fast_items, _file_state, _Walk, describe_pipeline, fingerprint
+from torchnormfit.key import describe_pipeline, fingerprint
+from torchnormfit.key.describe import FileStates
+from torchnormfit.key.fingerprint import _Walk
 
 SETTINGS = {"image": None}
 TO_FLOAT = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
@@ -116,7 +118,7 @@ def test_key_is_the_same_in_another_process_and_reads_no_sample(tmp_path):
         "import sys; sys.path.insert(0, sys.argv[1])\n"
         "from datasets_for_tests import CountingDataset\n"
         "from torchnormfit import FitNormalize\n"
-        "from torchnormfit.fingerprint import fingerprint\n"
+        "from torchnormfit.key import fingerprint\n"
         "norm = FitNormalize(cache=None)\n"
         "print(fingerprint(CountingDataset(n=7, transform=norm), norm, {'image': None}).key)\n"
     )
@@ -146,15 +148,40 @@ def files(tmp_path_factory):
     (root / "sub").mkdir()
     (root / "a.png").write_bytes(b"a")
     (root / "sub" / "b.png").write_bytes(b"bb")
-    existing = [str(root / "a.png"), str(root / "sub" / "b.png"), str(root / "sub")]  # a folder has no state
+    existing = [str(root / "a.png"), str(root / "sub" / "b.png"), str(root / "sub")]
     names = [*existing, str(root / "missing.png"), "a.png", "sub/b.png", "x.png", "/a\x00b", "plain"]
     return str(root), existing, names
 
 
-def one_by_one(items, roots):
-    """The lines' definition: each item's repr, then the state of each file its strings name."""
-    return [repr(item) + "".join(_file_state(part, roots) for part in (item if type(item) is tuple else (item,))
-                                 if type(part) is str) for item in items]
+def cell(value, root):
+    """One value's text: a string naming a file as its absolute path and the file's state, else its repr."""
+    if type(value) is not str:
+        return repr(value)
+    for candidate in ([value] if os.path.isabs(value) or "/" in value or "." in value else []) + [os.path.join(root, value)]:
+        if "\x00" in candidate or not os.path.exists(candidate):
+            continue
+        info = os.stat(candidate)
+        kind = f" folder {info.st_mtime_ns}" if os.path.isdir(candidate) else f" file {info.st_size} {info.st_mtime_ns}"
+        return repr(os.path.abspath(candidate)) + kind
+    return repr(value)
+
+
+def one_by_one(items, root):
+    """The lines' definition: a plain value's text; a tuple's values' texts in a tuple's spelling."""
+    def line(item):
+        if type(item) is not tuple:
+            return cell(item, root)
+        cells = [cell(v, root) for v in item]
+        return "(" + ", ".join(cells) + ("," if len(cells) == 1 else "") + ")"
+    if any(type(item) is tuple for item in items) and any(type(item) is not tuple for item in items):
+        items = [item if type(item) is tuple else (item,) for item in items]
+    return [line(item) for item in items]
+
+
+def lines(items, root):
+    states = FileStates()
+    states.roots.append(root)
+    return states.lines(items)
 
 
 @settings(max_examples=200, deadline=None)
@@ -164,16 +191,17 @@ def test_file_list_lines_match_their_item_by_item_definition(files, data):
     plain = st.one_of(st.sampled_from(names), st.integers(), st.floats(allow_nan=False), st.booleans())
     item = st.one_of(plain, st.tuples(plain, plain), st.tuples(plain), st.tuples())
     items = data.draw(st.one_of(st.lists(item, max_size=30), st.lists(st.tuples(st.sampled_from(existing), plain))))
-    assert _fast_items(items, [root]) == one_by_one(items, [root])
+    assert lines(items, root) == one_by_one(items, root)
 
 
 def test_file_list_lines_of_existing_files_name_their_state(files):
     root, existing, _ = files
     items = [(path, i) for i, path in enumerate(existing * 30)]
-    lines = _fast_items(items, [root])
-    assert lines == one_by_one(items, [root]) and lines[1] == f"{items[1]!r} file 2 {os.stat(existing[1]).st_mtime_ns}"
-    assert lines[2] == repr(items[2])
-    assert _fast_items([(existing[0], [1])], [root]) is None and _fast_items([None], [root]) is None
+    got = lines(items, root)
+    assert got == one_by_one(items, root)
+    assert got[1] == f"({existing[1]!r} file 2 {os.stat(existing[1]).st_mtime_ns}, 1)"
+    assert got[2] == f"({existing[2]!r} folder {os.stat(existing[2]).st_mtime_ns}, 2)"
+    assert lines([(existing[0], [1])], root) is None and lines([object()], root) is None
 
 
 def test_a_long_file_list_key_follows_each_files_state(tmp_path):

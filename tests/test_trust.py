@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 
 from datasets_for_tests import CountingDataset
 from torchnormfit import CacheWarning, FitNormalize, list_entries
-from torchnormfit.fingerprint import fingerprint
+from torchnormfit.key import fingerprint
 
 TESTS = Path(__file__).parent
 SCENARIOS = ["numpy_subset", "pipeline_elsewhere", "wrapped_folder", "reexported_folder", "one_of_130_swapped",
@@ -232,7 +232,7 @@ def test_opaque_state_is_a_gap_recorded_in_the_entry(tmp_path):
 KEY_SCRIPT = """
 import sys, random; sys.path.insert(0, {tests!r})
 from test_trust import Holder
-from torchnormfit.fingerprint import fingerprint
+from torchnormfit.key import fingerprint
 files = [f"/data/img{{i}}.png" for i in range(500)]
 random.shuffle(files)
 print(fingerprint(Holder(files=files, classes={{"cat", "dog", "bird", "fish"}}), None, {{}}).key)

@@ -46,7 +46,7 @@ from .cache import (
     prune_entries,
     read_entry,
 )
-from .fingerprint import describe_dataset, describe_pipeline
+from .key import describe_dataset, describe_pipeline
 from .fitting import default_num_workers
 from .folder import MODES, ImageFiles, find_unreadable, to_float_pipeline, unreadable_file_message
 from .sampling import StandardErrors, sample_pixels

@@ -45,7 +45,7 @@ from torch.utils.data import Dataset, IterableDataset
 from ._warn import warn
 from . import cache
 from .distributed import current_ranks, on_root
-from .fingerprint import describe_dataset, describe_pipeline, fingerprint
+from .key import describe_dataset, describe_pipeline, fingerprint
 from .fitting import PassResult, fit_stats, tensor_stats
 from .samples import Capture, read_images
 from .sampling import StandardErrors, fit_subset, subset_indices

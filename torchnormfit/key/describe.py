@@ -1,0 +1,534 @@
+"""What the cache key knows about special kinds of values: one registry, type -> describer.
+
+The walk (:mod:`torchnormfit.key.fingerprint`) describes plain values, containers,
+functions and objects by itself. A value of a type registered here is described by
+its describer instead: it returns the value's *state*, plain values the walk then
+walks (a torch ``Generator`` by ``get_state()``, an open ``h5py`` file by its
+file's size and modification time, a ``ConcatDataset`` by the multiset of its
+parts). A describer may return :class:`Multiset` (items whose order cannot change
+the statistics) or :class:`Whole` (every item in order, none skipped).
+
+Types of optional libraries (pandas, PIL, h5py, webdataset, Hugging Face
+``datasets``) are registered once their module has been imported by someone
+else: nothing here imports them, and values are matched by their type, never by
+the name of their class or module. The same goes for code: a class or function
+counts as a library's when the file of its module lies in the standard library
+or in a ``site-packages``/``dist-packages`` folder (:func:`is_library_module`),
+whatever the module is called.
+
+Files: :class:`FileStates` gives each string that names an existing file its size
+and modification time (``st_mtime_ns``), a folder given as a single value its
+listing, and spells each path absolute, so ``"data"`` and ``"/home/me/data"``
+describe the same folder.
+
+:func:`describe_dataset` turns the same states into the readable summary a cache
+entry keeps as provenance.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import itertools
+import operator
+import os
+import posixpath
+import random
+import stat
+import sys
+import sysconfig
+import types
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePath
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import ChainDataset, ConcatDataset, Dataset, Subset
+
+__all__ = ["FileStates", "Multiset", "Whole", "describe_dataset", "describer_for", "is_library_module", "register"]
+
+PATH_MAX = 4096  # longer text names no file
+_PLAIN = frozenset({str, int, float, bool})  # the items of a file list or labels, described as text lines
+
+
+class Multiset(list):  # type: ignore[type-arg]
+    """Items described as a multiset: their order cannot change the statistics."""
+
+
+class Whole(list):  # type: ignore[type-arg]
+    """Items described in order, every one (a stream's stages: none is skipped after the FitNormalize)."""
+
+
+Describer = Callable[[Any], Any]
+_TABLE: dict[type, Describer] = {}
+_FOUND: dict[type, Describer | None] = {}  # type -> its describer through the MRO (None: not special)
+_PENDING: dict[str, Callable[[], None]] = {}  # module -> what registers its types once it is imported
+
+
+def register(*kinds: type) -> Callable[[Describer], Describer]:
+    """Register ``describer(value) -> state`` for values of ``kinds`` (and their subclasses)."""
+
+    def add(describer: Describer) -> Describer:
+        for kind in kinds:
+            _TABLE[kind] = describer
+        _FOUND.clear()
+        return describer
+
+    return add
+
+
+def _when_imported(module: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
+    """Run the decorated registration once ``module`` is in ``sys.modules`` (never import it here)."""
+
+    def add(registration: Callable[[], None]) -> Callable[[], None]:
+        _PENDING[module] = registration
+        return registration
+
+    return add
+
+
+def describer_for(kind: type) -> Describer | None:
+    """The describer of ``kind`` (through its MRO), or None when the walk describes it by itself."""
+    if _PENDING:
+        for module in [m for m in _PENDING if m in sys.modules]:
+            _PENDING.pop(module)()
+    try:
+        return _FOUND[kind]
+    except KeyError:
+        pass
+    found = next((_TABLE[cls] for cls in kind.__mro__ if cls in _TABLE), None)
+    _FOUND[kind] = found
+    return found
+
+
+# --- whose code: the user's or a library's -------------------------------------------------------
+
+
+def _library_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    return tuple({os.path.realpath(paths[name]) + os.sep for name in ("stdlib", "platstdlib", "purelib", "platlib")})
+
+
+_LIBRARY_ROOTS = _library_roots()
+_INSTALLED = frozenset({"site-packages", "dist-packages"})
+_LIBRARY: dict[str, tuple[Any, bool]] = {}  # module name -> (module, whether it is a library's)
+
+
+def is_library_module(name: str) -> bool:
+    """Whether the module ``name`` is installed code: its file lies in the standard library or in a
+    ``site-packages``/``dist-packages`` folder, or it is built in. Decided by where the file is, never by the
+    name: a ``datasets.py`` next to your script is yours. A module that is not loaded counts as yours.
+    """
+    module = sys.modules.get(name)
+    if module is None:
+        return False
+    known = _LIBRARY.get(name)
+    if known is not None and known[0] is module:
+        return known[1]
+    path = getattr(module, "__file__", None)
+    if isinstance(path, str):
+        real = os.path.realpath(path)
+        library = real.startswith(_LIBRARY_ROOTS) or not _INSTALLED.isdisjoint(Path(real).parts)
+    else:
+        spec = getattr(module, "__spec__", None)
+        library = getattr(spec, "origin", None) in ("built-in", "frozen")
+    _LIBRARY[name] = (module, library)
+    return library
+
+
+# --- files and folders ---------------------------------------------------------------------------
+
+
+def _state(info: os.stat_result) -> str:
+    if stat.S_ISDIR(info.st_mode):
+        return f" folder {info.st_mtime_ns}"
+    return f" file {info.st_size} {info.st_mtime_ns}"
+
+
+class FileStates:
+    """The state of the files and folders a walk's strings name.
+
+    ``roots``: the folders of the datasets being described (any attribute whose value is
+    a folder); a relative name is looked up there too. Each file is stat'ed once per walk.
+    """
+
+    def __init__(self) -> None:
+        self.roots: list[str] = []
+        self._seen: dict[str, str] = {}  # absolute path -> its state
+
+    def path(self, text: str, single: bool = True, lenient: bool = False) -> tuple[str, str] | None:
+        """``(absolute path, state)`` if ``text`` names an existing file or folder, else None.
+
+        A folder given as a single value (not a list item) is described by its listing: the name and state of
+        each entry. ``lenient``: try any text (a dataset's own attribute), not only ones that look like paths.
+        """
+        for candidate in self._candidates(text, lenient):
+            try:
+                info = os.stat(candidate)
+            except (OSError, ValueError):
+                continue
+            if stat.S_ISDIR(info.st_mode) and single:
+                real = os.path.realpath(candidate)
+                return real, self._listing(real)
+            absolute = os.path.realpath(candidate) if single else os.path.abspath(candidate)
+            state = _state(info)
+            self._seen[absolute] = state
+            return absolute, state
+        return None
+
+    def _candidates(self, text: str, lenient: bool) -> list[str]:
+        if not text or len(text) > PATH_MAX or "\x00" in text or text in (".", ".."):
+            return []
+        if os.path.isabs(text):
+            return [text]
+        candidates = [text] if lenient or os.sep in text or "." in text else []
+        return candidates + [os.path.join(root, text) for root in self.roots]
+
+    def _listing(self, folder: str) -> str:
+        """Each entry's name and state, one level deep (a store with one file per record edited in place)."""
+        lines = []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                path = os.path.join(folder, entry.name)
+                state = self._seen.get(path)
+                if state is None:
+                    try:
+                        state = _state(entry.stat())
+                    except OSError:
+                        state = " unreadable"
+                    if not entry.is_dir():
+                        self._seen[path] = state
+                lines.append(entry.name + state)
+        return " folder\n" + "\n".join(sorted(lines))
+
+    def lines(self, items: Sequence[Any]) -> list[str] | None:
+        """One line of text per item, for items that are plain values or tuples of them (file lists, labels):
+        its repr, with each string that names a file spelled absolute and followed by the file's state.
+        None for other items.
+
+        Built column by column (the paths of a file list, then its labels), each checked and stat'ed in one go.
+        """
+        kinds = set(map(type, items))
+        if kinds <= _PLAIN:
+            rows: Sequence[Any] = items
+            columns: list[Sequence[Any]] = [items]
+            single = True
+        elif kinds <= _PLAIN | {tuple}:
+            rows = items if kinds == {tuple} else [item if type(item) is tuple else (item,) for item in items]
+            columns = list(itertools.zip_longest(*rows, fillvalue=None))
+            single = False
+        else:
+            return None
+        if not columns:  # empty tuples
+            return list(map(repr, items))
+        described = []
+        for column in columns:
+            kinds = set(map(type, column))
+            if not kinds <= _PLAIN | {type(None)}:
+                return None
+            described.append(self._column(column) if str in kinds else list(map(repr, column)))
+        if single:
+            return described[0]
+        widths = list(map(len, rows))
+        return ["(" + ", ".join(cells[:width]) + ("," if width == 1 else "") + ")"
+                for width, cells in zip(widths, zip(*described))]
+
+    def _column(self, column: Sequence[Any]) -> list[str]:
+        """The repr of each value; a string that names a file as its absolute path and the file's state."""
+        if _all_absolute(column) and max(map(len, column)) <= PATH_MAX:
+            try:  # the usual file list: absolute paths that all exist, stat'ed without a Python call each
+                if self._seen:
+                    seen = self._seen
+                    states = [seen.get(path) or _state(os.stat(path)) for path in column]
+                else:
+                    states = list(map(_state, map(os.stat, column)))
+            except (OSError, ValueError):  # a missing file, a NUL: path by path
+                pass
+            else:
+                self._seen.update(zip(column, states))
+                return list(map(operator.add, map(repr, column), states))
+        return [self._cell(value) for value in column]
+
+    def _cell(self, value: Any) -> str:
+        if type(value) is not str:
+            return repr(value)
+        found = self._seen.get(value) if os.path.isabs(value) else None
+        if found is not None:
+            return repr(value) + found
+        named = self.path(value, single=False)
+        return repr(value) if named is None else repr(named[0]) + named[1]
+
+
+def _all_absolute(paths: Sequence[Any]) -> bool:
+    if not all(type(p) is str for p in paths):
+        return False
+    if os.path is posixpath:  # os.path.isabs, without a Python call per path
+        return all(map(str.startswith, paths, itertools.repeat("/")))
+    return all(map(os.path.isabs, paths))
+
+
+def folders(attributes: dict[str, Any]) -> list[str]:
+    """The values of ``attributes`` that are existing folders (what relative names beside them resolve against)."""
+    found = []
+    for value in attributes.values():
+        if isinstance(value, (str, PurePath)):
+            folder = os.fspath(value)
+            if folder and len(folder) <= PATH_MAX and "\x00" not in folder and os.path.isdir(folder):
+                found.append(folder)
+    return found
+
+
+def _file_of(name: Any) -> str | None:
+    """The state of the file a handle was opened from (``name`` or ``filename``), as text."""
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    if not isinstance(name, str):
+        return None
+    try:
+        info = os.stat(name)
+    except (OSError, ValueError):
+        return None
+    return os.path.realpath(name) + _state(info)
+
+
+# --- the registry: torch, numpy, the standard library ----------------------------------------------
+
+
+@register(torch.dtype, torch.device, torch.layout, torch.memory_format)
+def _torch_constant(value: Any) -> Any:
+    return repr(value)
+
+
+@register(torch.Generator)
+def _torch_generator(generator: torch.Generator) -> Any:
+    return {"device": str(generator.device), "state": generator.get_state()}
+
+
+@register(np.random.Generator)
+def _numpy_generator(generator: np.random.Generator) -> Any:
+    return {"state": generator.bit_generator.state}
+
+
+@register(np.random.RandomState)
+def _numpy_random_state(generator: np.random.RandomState) -> Any:
+    return {"state": generator.get_state()}
+
+
+@register(random.Random)
+def _python_random(generator: random.Random) -> Any:
+    if isinstance(generator, random.SystemRandom):
+        return "system randomness"  # no state: every run differs, the key cannot tell
+    return {"state": generator.getstate()}
+
+
+@register(zipfile.ZipFile)
+def _zip_file(archive: zipfile.ZipFile) -> Any:
+    """The archive's file state and, for each member, its name, CRC-32 and size (read from its directory)."""
+    members = [(info.filename, info.CRC, info.file_size) for info in archive.infolist()]
+    return {"zip": _file_of(archive.filename) or "not a file", "members": Multiset(members)}
+
+
+@register(io.IOBase)
+def _open_file(handle: io.IOBase) -> Any:
+    described = _file_of(getattr(handle, "name", None))
+    return {"file": described} if described is not None else {"handle": type(handle).__qualname__}
+
+
+@register(ConcatDataset)
+def _concat(dataset: ConcatDataset) -> Any:
+    """Every part, as a multiset (the order of the parts cannot change the statistics)."""
+    rest = {k: v for k, v in vars(dataset).items() if k not in ("datasets", "cumulative_sizes")}
+    return {**rest, "datasets": Multiset(dataset.datasets)}
+
+
+@register(ChainDataset)
+def _chain(dataset: ChainDataset) -> Any:
+    rest = {k: v for k, v in vars(dataset).items() if k != "datasets"}
+    parts = dataset.datasets
+    return {**rest, "datasets": Multiset(parts) if isinstance(parts, (list, tuple)) else parts}
+
+
+# --- optional libraries, registered once imported ----------------------------------------------
+
+
+@_when_imported("pandas")
+def _register_pandas() -> None:
+    import pandas
+
+    @register(pandas.DataFrame, pandas.Series, pandas.Index)
+    def _pandas(value: Any) -> Any:
+        """By content (``hash_pandas_object``), with the files its text cells name."""
+        hashed = pandas.util.hash_pandas_object(value, index=not isinstance(value, pandas.Index))
+        cells = [cell for cell in (value.to_numpy().ravel() if value.ndim else []) if isinstance(cell, str)]
+        return {"pandas": type(value).__name__, "columns": [str(c) for c in getattr(value, "columns", [])],
+                "hash": hashed.to_numpy().tobytes(), "cells": cells}
+
+
+@_when_imported("PIL.Image")
+def _register_pil() -> None:
+    from PIL import Image
+
+    @register(Image.Image)
+    def _pil(image: Any) -> Any:
+        import hashlib
+
+        return {"image": f"{image.mode} {image.size}", "pixels": hashlib.sha256(image.tobytes()).digest()}
+
+
+@_when_imported("h5py")
+def _register_h5py() -> None:
+    import h5py
+
+    @register(h5py.File, h5py.Group, h5py.Dataset)
+    def _h5py(value: Any) -> Any:
+        """An open file, group or dataset: its file's state and its name in the file (a closed one: a gap)."""
+        if not value.id.valid:
+            raise ValueError("a closed h5py object")
+        described = {"h5py": _file_of(value.file.filename) or "not a file", "name": value.name}
+        if isinstance(value, h5py.Dataset):
+            described.update(shape=list(value.shape), dtype=str(value.dtype))
+        return described
+
+
+@_when_imported("pyarrow")
+def _register_pyarrow() -> None:
+    import pyarrow
+
+    @register(pyarrow.DataType)
+    def _arrow_type(value: Any) -> Any:
+        return str(value)
+
+
+@_when_imported("webdataset")
+def _register_webdataset() -> None:
+    from webdataset import filters, pipeline, shardlists
+
+    @register(pipeline.DataPipeline)
+    def _pipeline(stream: Any) -> Any:
+        """Its stages in order, all of them (its random ``seed`` is left out: order does not change statistics)."""
+        return {"webdataset": Whole(stream.pipeline)}
+
+    @register(filters.FilterFunction)
+    def _stage(stage: Any) -> Any:
+        keywords = dict(stage.kw)
+        if stage.f is getattr(filters, "_shuffle", None):  # an unseeded shuffle draws its seed per process
+            keywords = {k: v for k, v in keywords.items() if k not in ("seed", "rng")}
+        return {"stage": stage.f, "args": stage.args, "keywords": keywords}
+
+    @register(filters.detshuffle)
+    def _detshuffle(stage: Any) -> Any:
+        return {"shuffle": stage.bufsize, "initial": stage.initial}
+
+    @register(shardlists.SimpleShardList)
+    def _shards(shards: Any) -> Any:
+        return {"urls": shards.urls}
+
+
+@_when_imported("datasets")
+def _register_huggingface() -> None:
+    """Hugging Face ``datasets``, found by type: the module named ``datasets`` must be that library."""
+    module = sys.modules["datasets"]
+    table, iterable = getattr(module, "Dataset", None), getattr(module, "IterableDataset", None)
+    if not (isinstance(table, type) and isinstance(iterable, type) and is_library_module("datasets")):
+        return  # a user's own datasets.py
+
+    @register(table)
+    def _hf_dataset(dataset: Any) -> Any:
+        """Its ``_fingerprint``, or after ``set_transform``/``with_transform`` (whose fingerprint hashes the
+        transform closure, a FitNormalize's fitted state and cache path included) the fingerprint of the same
+        data without the transform, plus the transform."""
+        transform = dataset._format_kwargs.get("transform")
+        if transform is None:
+            data = dataset._fingerprint
+        else:
+            import copy
+
+            from datasets.fingerprint import generate_fingerprint
+
+            plain = copy.copy(dataset)
+            plain._format_kwargs = {k: v for k, v in dataset._format_kwargs.items() if k != "transform"}
+            data = generate_fingerprint(plain)
+        return {"huggingface": data, "format": dataset._format_type, "columns": dataset._format_columns,
+                "output_all_columns": dataset._output_all_columns, "transform": transform}
+
+    @register(iterable)
+    def _hf_iterable(dataset: Any) -> Any:
+        """Its chain of examples iterables (shards, data files, ``.map()`` functions), features, format, and
+        ``split_dataset_by_node`` settings."""
+        formatting = getattr(dataset, "_formatting", None)
+        distributed = getattr(dataset, "_distributed", None)
+        return {"huggingface_iterable": dataset._ex_iterable,
+                "features": str(getattr(dataset._info, "features", None)),
+                "format": getattr(formatting, "format_type", None),
+                "distributed": None if distributed is None else vars(distributed)}
+
+
+# --- the readable summary --------------------------------------------------------------------------
+
+_SHOWN = 8  # items of a list shown in a summary
+
+
+def describe_dataset(dataset: Any) -> dict[str, Any]:
+    """A readable summary for a cache entry's provenance: class, length, folders and simple settings.
+
+    Built from what the key sees: the states of special types (a stream's stages, a Hugging Face
+    fingerprint, the parts of a ``ConcatDataset``), a dataset's folders and files as absolute paths,
+    its plain settings. Lists are cut after a few items.
+    """
+    described: dict[str, Any] = {"class": f"{type(dataset).__module__}.{type(dataset).__qualname__}"}
+    try:
+        described["length"] = len(dataset)
+    except Exception:
+        pass
+    if isinstance(dataset, Subset):
+        return {**described, "dataset": describe_dataset(dataset.dataset)}
+    describer = describer_for(type(dataset))
+    if describer is not None:
+        state = describer(dataset)
+        return {**described, **(_readable(state, 0) if isinstance(state, dict) else {"state": _readable(state, 0)})}
+    for name, value in sorted(getattr(dataset, "__dict__", {}).items()):
+        if name.startswith("_"):
+            continue
+        if isinstance(value, (str, PurePath)):
+            named = FileStates().path(os.fspath(value), lenient=True)
+            described[name] = os.fspath(value) if named is None else named[0]
+        elif isinstance(value, Dataset):
+            described[name] = describe_dataset(value)
+        elif isinstance(value, (bool, int, float)):
+            described[name] = value
+        elif isinstance(value, (list, tuple)) and len(value) <= _SHOWN and all(isinstance(v, (int, float)) for v in value):
+            described[name] = list(value)
+    return described
+
+
+def _readable(value: Any, depth: int) -> Any:
+    """A JSON-able rendering of a state, a few levels deep."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, bytes):
+        return value.hex()[:16]
+    if isinstance(value, PurePath):
+        return os.fspath(value)
+    if isinstance(value, Dataset):
+        return describe_dataset(value) if depth < 4 else type(value).__qualname__
+    if depth > 6:
+        return type(value).__qualname__
+    if isinstance(value, (list, tuple)):
+        shown = [_readable(item, depth + 1) for item in value[:_SHOWN]]
+        return shown if len(value) <= _SHOWN else {"length": len(value), "first": shown}
+    if isinstance(value, dict):
+        return {str(k): _readable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type)):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    if isinstance(value, functools.partial):
+        return {"partial": _readable(value.func, depth + 1), "args": _readable(value.args, depth + 1)}
+    if isinstance(value, torch.Tensor):
+        return {"tensor": list(value.shape), "dtype": str(value.dtype)}
+    describer = describer_for(type(value))
+    if describer is not None:
+        return _readable(describer(value), depth + 1)
+    attributes = {k: v for k, v in getattr(value, "__dict__", {}).items() if not k.startswith("_") and k != "training"}
+    return {"class": f"{type(value).__module__}.{type(value).__qualname__}", **_readable(attributes, depth + 1)}
+
