@@ -421,3 +421,64 @@ def test_a_hit_whose_images_now_have_other_channels_refits(tmp_path, monkeypatch
         again.fit(_ChannelsFromEnv(again), num_workers=0, progress=False)
     assert again.fit_record.source == "pass" and len(again.mean) == 1 and len(norm.mean) == 3
     assert again.fit_record.verification.samples == 25  # the first stage of 50 read, then it stopped
+
+
+# --- the length of a map-style dataset (issue 18, item 2) -------------------------------------------------
+
+
+class _LengthFromEnv(Dataset):
+    """Image i is flat at i / 200; the length comes from $TNF_TEST_LENGTH, where no key can see it."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __len__(self):
+        return int(os.environ["TNF_TEST_LENGTH"])
+
+    def __getitem__(self, index):
+        images = [torch.full((3, 4, 4), i / 200) for i in range(len(self))]  # a list: an IndexError past the end
+        return self.transform(images[index])
+
+
+def _fit_length(cache, length, monkeypatch):
+    monkeypatch.setenv("TNF_TEST_LENGTH", str(length))
+    norm = FitNormalize(cache=cache)
+    norm.fit(_LengthFromEnv(v2.Compose([norm])), num_workers=0, progress=False)
+    truth = torch.arange(length, dtype=torch.float64) / 200
+    assert norm.mean == pytest.approx([float(truth.mean())] * 3, rel=1e-6)
+    return norm.fit_record
+
+
+def test_a_dataset_that_grew_or_shrank_under_the_same_key_is_a_miss_with_a_note(tmp_path, monkeypatch):
+    cache = tmp_path / "c.h5"
+    first = _fit_length(cache, 120, monkeypatch)
+    grew = _fit_length(cache, 160, monkeypatch)
+    assert grew.key == first.key and grew.source == "pass" and grew.written
+    assert "the dataset has 160 samples now, the entry was fitted on 120" in grew.note
+    shrank = _fit_length(cache, 110, monkeypatch)  # read the entry's index 110+ before: an IndexError
+    assert shrank.source == "pass" and "has 110 samples now, the entry was fitted on 160" in shrank.note
+    again = _fit_length(cache, 110, monkeypatch)
+    assert again.source == "cache" and again.verification.passed and again.num_samples == 110
+
+
+def test_a_train_entry_named_by_hand_is_used_for_a_dataset_of_another_length(tmp_path, monkeypatch):
+    monkeypatch.setenv("TNF_TEST_LENGTH", "50")
+    train = FitNormalize(cache=tmp_path / "c.h5", key="train")
+    train.fit(_LengthFromEnv(v2.Compose([train])), num_workers=0, progress=False)
+    monkeypatch.setenv("TNF_TEST_LENGTH", "20")
+    test = FitNormalize(cache=tmp_path / "c.h5", key="train")
+    test.fit(_LengthFromEnv(v2.Compose([test])), num_workers=0, progress=False)
+    assert test.fit_record.source == "cache" and test.mean == train.mean
+
+
+def test_a_sample_that_fails_when_read_again_names_its_index():
+    from torchnormfit.samples import read_images
+
+    dataset = _LengthFromEnv(lambda x: x)
+    os.environ["TNF_TEST_LENGTH"] = "3"
+    try:
+        with pytest.raises(IndexError) as raised:
+            read_images(dataset, [1, 7])
+    finally:
+        del os.environ["TNF_TEST_LENGTH"]
+    assert str(raised.value) == "Sample 7: reading the dataset failed: list index out of range"

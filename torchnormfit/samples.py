@@ -161,4 +161,4 @@ def read_images(
     dataset: Dataset, indices: Sequence[int], capture: Capture | None = None, image: Callable[[Any], Any] | None = None
 ) -> list[Tensor]:
     """The images of ``dataset[i]`` for ``i`` in ``indices``, read here, one by one (to verify a cache hit)."""
-    return [read_image(lambda: dataset[index], index, capture, image) for index in indices]
+    return [read_image(lambda: dataset[index], f"Sample {index}: ", capture, image) for index in indices]
