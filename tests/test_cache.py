@@ -40,11 +40,18 @@ import torch
 
 import torchnormfit
 from torchnormfit import CacheError, CacheWarning, ChannelStats, cache
-from torchnormfit.cache import check_key, default_cache_path, delete_entry, list_entries, read_entry, write_entry
+from torchnormfit.cache import (
+    check_key,
+    default_cache_path,
+    delete_entry,
+    list_entries,
+    read_entry,
+    write_entry,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
-import _cache_worker  # noqa: E402
-from _cache_worker import entry_attrs, entry_file, make_stats, single_file  # noqa: E402
+import _cache_worker
+from _cache_worker import entry_attrs, entry_file, make_stats, single_file
 
 WORKER = Path(__file__).with_name("_cache_worker.py")
 REPO = Path(torchnormfit.__file__).resolve().parents[1]
@@ -996,7 +1003,7 @@ def _expect_permission_error(path: str, delete: bool = False) -> None:
     except PermissionError as error:
         sys.stderr.write(f"PermissionError as expected: {error}\n")
         os._exit(0)
-    except BaseException as error:  # noqa: BLE001 - reported through the exit code
+    except BaseException as error:
         sys.stderr.write(f"unexpected {type(error).__name__}: {error}\n")
         os._exit(2)
     os._exit(3)  # the write succeeded
@@ -1069,7 +1076,7 @@ def _expect_unreadable(path: str) -> None:
             if "not readable (permission denied)" not in str(error):
                 sys.stderr.write(f"unexpected message: {error}\n")
                 os._exit(2)
-        except BaseException as error:  # noqa: BLE001 - reported through the exit code
+        except BaseException as error:
             sys.stderr.write(f"unexpected {type(error).__name__}: {error}\n")
             os._exit(2)
         else:
@@ -1110,7 +1117,7 @@ def _reader_loop(path: str, stop, reads, failures) -> None:
                     raise AssertionError(f"entry {entry.key} holds other values than it was written with")
             with reads.get_lock():
                 reads.value += 1
-        except Exception as error:  # noqa: BLE001 - counted, the test fails on any
+        except Exception as error:
             with failures.get_lock():
                 failures.value += 1
             sys.stderr.write(f"reader: {type(error).__name__}: {error}\n")
@@ -1194,7 +1201,7 @@ def test_threads_of_one_process_serialize_too(tmp_path):
         try:
             for i in range(4):
                 write_entry(path, f"t{me}-{i}", make_stats(100 * me + i), entry_attrs(100 * me + i))
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             errors.append(error)
 
     threads = [threading.Thread(target=write, args=(me,)) for me in range(4)]
@@ -1251,7 +1258,7 @@ def _classify_temp(temp: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             list_entries(temp)
-    except Exception:  # noqa: BLE001 - a partial file: that is the answer, not an error
+    except Exception:
         os._exit(1)
 
 

@@ -26,10 +26,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-
-from reference import truth
 from _cache_worker import entry_attrs, make_stats, single_file
-from test_folder import random_image, tree, write_image  # noqa: F401 (tree: a fixture)
+from reference import truth
+from test_folder import random_image, tree, write_image
+
 from torchnormfit import list_entries
 from torchnormfit.cache import write_entry
 from torchnormfit.cli import main
@@ -40,7 +40,7 @@ TOLERANCE = 1e-6
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 try:
-    import matplotlib  # noqa: F401
+    import matplotlib
 
     HAS_MATPLOTLIB = True
 except ImportError:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import truth
 from torchvision.datasets import FakeData
 from torchvision.transforms import v2
 
 import torchnormfit
-from reference import truth
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = sorted(info.name for info in pkgutil.iter_modules(torchnormfit.__path__, "torchnormfit."))

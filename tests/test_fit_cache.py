@@ -11,10 +11,10 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
-from torchvision.transforms import v2
-
 from _cache_worker import entry_file
 from datasets_for_tests import CountingDataset
+from torchvision.transforms import v2
+
 from torchnormfit import CacheError, CacheWarning, FitNormalize, list_entries
 
 TESTS = Path(__file__).parent

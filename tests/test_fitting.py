@@ -7,14 +7,14 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from datasets_for_tests import CountingDataset, FailingDataset
+from reference import truth
 from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import transforms as v1
 from torchvision import tv_tensors
 from torchvision.datasets import FakeData, ImageFolder
 from torchvision.transforms import v2
 
-from datasets_for_tests import CountingDataset, FailingDataset
-from reference import truth
 from torchnormfit import FitNormalize, NotFittedError
 from torchnormfit.fitting import default_batch_size
 

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from reference import truth
+from test_folder import tree
 from torch.utils.data import TensorDataset
 
-from reference import truth
-from test_folder import tree  # noqa: F401 (a fixture)
 from torchnormfit import ChannelStats
 from torchnormfit.folder import ImageFiles, to_float_pipeline
 from torchnormfit.sampling import fit_subset, jackknife, sample_pixels, subset_indices

@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+import streams_for_tests as st
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import streams_for_tests as st
 from torchnormfit import FitNormalize
 from torchnormfit.cli import main
-from torchnormfit.samples import Capture
 from torchnormfit.key import describe_dataset, fingerprint
+from torchnormfit.samples import Capture
 from torchnormfit.streams import first_images
 
 pytest.importorskip("webdataset")

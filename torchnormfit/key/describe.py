@@ -330,7 +330,10 @@ def _zip_file(archive: zipfile.ZipFile) -> Any:
     return {"zip": _file_of(archive.filename) or "not a file", "members": Multiset(members)}
 
 
-@register(io.IOBase)
+_IO_BASES = tuple(set(io.FileIO.__mro__) & set(io.BufferedReader.__mro__) & set(io.TextIOWrapper.__mro__) - {object})
+
+
+@register(io.IOBase, *_IO_BASES)  # io.IOBase is an ABC: the built-in files derive from its C base
 def _open_file(handle: io.IOBase) -> Any:
     described = _file_of(getattr(handle, "name", None))
     return {"file": described} if described is not None else {"handle": type(handle).__qualname__}
