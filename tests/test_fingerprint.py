@@ -156,27 +156,28 @@ def files(tmp_path_factory):
 
 
 def cell(value, root):
-    """One value's text: a string naming a file as its absolute path and the file's state, else its repr."""
+    """One value's spelling (a string naming a file: its absolute path) and the state of the file ("" if none)."""
     if type(value) is not str:
-        return repr(value)
+        return value, ""
     for candidate in ([value] if os.path.isabs(value) or "/" in value or "." in value else []) + [os.path.join(root, value)]:
         if "\x00" in candidate or not os.path.exists(candidate):
             continue
         info = os.stat(candidate)
         kind = f" folder {info.st_mtime_ns}" if os.path.isdir(candidate) else f" file {info.st_size} {info.st_mtime_ns}"
-        return repr(os.path.abspath(candidate)) + kind
-    return repr(value)
+        return os.path.abspath(candidate), kind
+    return value, ""
 
 
 def one_by_one(items, root):
-    """The lines' definition: a plain value's text; a tuple's values' texts in a tuple's spelling."""
-    def line(item):
-        if type(item) is not tuple:
-            return cell(item, root)
-        cells = [cell(v, root) for v in item]
-        return "(" + ", ".join(cells) + ("," if len(cells) == 1 else "") + ")"
+    """The lines' definition: the repr of the item with its files spelled absolute, then each file's state."""
     if any(type(item) is tuple for item in items) and any(type(item) is not tuple for item in items):
         items = [item if type(item) is tuple else (item,) for item in items]
+
+    def line(item):
+        cells = [cell(v, root) for v in (item if type(item) is tuple else (item,))]
+        spelled = tuple(text for text, _ in cells) if type(item) is tuple else cells[0][0]
+        return repr(spelled) + "".join(state for _, state in cells)
+
     return [line(item) for item in items]
 
 
@@ -201,8 +202,8 @@ def test_file_list_lines_of_existing_files_name_their_state(files):
     items = [(path, i) for i, path in enumerate(existing * 30)]
     got = lines(items, root)
     assert got == one_by_one(items, root)
-    assert got[1] == f"({existing[1]!r} file 2 {os.stat(existing[1]).st_mtime_ns}, 1)"
-    assert got[2] == f"({existing[2]!r} folder {os.stat(existing[2]).st_mtime_ns}, 2)"
+    assert got[1] == f"({existing[1]!r}, 1) file 2 {os.stat(existing[1]).st_mtime_ns}"
+    assert got[2] == f"({existing[2]!r}, 2) folder {os.stat(existing[2]).st_mtime_ns}"
     assert lines([(existing[0], [1])], root) is None and lines([object()], root) is None
 
 

@@ -156,26 +156,26 @@ class FileStates:
 
     def __init__(self) -> None:
         self.roots: list[str] = []
-        self._seen: dict[str, str] = {}  # absolute path -> its state
+        self._stated: dict[str, str] = {}  # absolute path -> state, from file lists (for a listing after them)
+        self._listed: dict[str, str] = {}  # absolute path -> state, from listings (for a file list after them)
 
-    def path(self, text: str, single: bool = True, lenient: bool = False) -> tuple[str, str] | None:
+    def path(self, text: str, attribute: bool = False, item: bool = False) -> tuple[str, str] | None:
         """``(absolute path, state)`` if ``text`` names an existing file or folder, else None.
 
-        A folder given as a single value (not a list item) is described by its listing: the name and state of
-        each entry. ``lenient``: try any text (a dataset's own attribute), not only ones that look like paths.
+        ``attribute``: a dataset's own attribute, tried whatever the text (``"data"``), and a folder there is
+        described by its listing: the name and state of each entry (not deeper). Elsewhere a text is tried when
+        it looks like a path (a separator or a dot), and a folder has the state of the folder itself. ``item``:
+        a list's item, spelled absolute without resolving links (one call less per file).
         """
-        for candidate in self._candidates(text, lenient):
+        for candidate in self._candidates(text, attribute):
             try:
                 info = os.stat(candidate)
             except (OSError, ValueError):
                 continue
-            if stat.S_ISDIR(info.st_mode) and single:
-                real = os.path.realpath(candidate)
-                return real, self._listing(real)
-            absolute = os.path.realpath(candidate) if single else os.path.abspath(candidate)
-            state = _state(info)
-            self._seen[absolute] = state
-            return absolute, state
+            absolute = os.path.abspath(candidate) if item else os.path.realpath(candidate)
+            if stat.S_ISDIR(info.st_mode) and attribute:
+                return absolute, self._listing(absolute)
+            return absolute, _state(info)
         return None
 
     def _candidates(self, text: str, lenient: bool) -> list[str]:
@@ -192,81 +192,91 @@ class FileStates:
         with os.scandir(folder) as entries:
             for entry in entries:
                 path = os.path.join(folder, entry.name)
-                state = self._seen.get(path)
+                state = self._stated.get(path)
                 if state is None:
                     try:
                         state = _state(entry.stat())
                     except OSError:
                         state = " unreadable"
-                    if not entry.is_dir():
-                        self._seen[path] = state
+                    self._listed[path] = state
                 lines.append(entry.name + state)
         return " folder\n" + "\n".join(sorted(lines))
 
     def lines(self, items: Sequence[Any]) -> list[str] | None:
         """One line of text per item, for items that are plain values or tuples of them (file lists, labels):
-        its repr, with each string that names a file spelled absolute and followed by the file's state.
+        its repr, each string that names a file spelled absolute, then the state of each such file.
         None for other items.
 
         Built column by column (the paths of a file list, then its labels), each checked and stat'ed in one go.
         """
         kinds = set(map(type, items))
-        if kinds <= _PLAIN:
+        single = kinds <= _PLAIN
+        if single:
             rows: Sequence[Any] = items
             columns: list[Sequence[Any]] = [items]
-            single = True
         elif kinds <= _PLAIN | {tuple}:
             rows = items if kinds == {tuple} else [item if type(item) is tuple else (item,) for item in items]
             columns = list(itertools.zip_longest(*rows, fillvalue=None))
-            single = False
         else:
             return None
-        if not columns:  # empty tuples
-            return list(map(repr, items))
-        described = []
+        texts, states = [], []
         for column in columns:
-            kinds = set(map(type, column))
-            if not kinds <= _PLAIN | {type(None)}:
+            found = set(map(type, column))
+            if not found <= _PLAIN | {type(None)}:
                 return None
-            described.append(self._column(column) if str in kinds else list(map(repr, column)))
-        if single:
-            return described[0]
-        widths = list(map(len, rows))
-        return ["(" + ", ".join(cells[:width]) + ("," if width == 1 else "") + ")"
-                for width, cells in zip(widths, zip(*described))]
+            spelled, state = self._column(column) if str in found else (column, None)
+            texts.append(spelled)
+            states.append(state)
+        if any(spelled is not column for spelled, column in zip(texts, columns)):  # paths spelled anew
+            rows = texts[0] if single else [row[: len(old)] for row, old in zip(zip(*texts), rows)]
+        described = map(repr, rows)
+        for state in states:
+            if state is not None:
+                described = map(operator.add, described, state)
+        return list(described)
 
-    def _column(self, column: Sequence[Any]) -> list[str]:
-        """The repr of each value; a string that names a file as its absolute path and the file's state."""
-        if _all_absolute(column) and max(map(len, column)) <= PATH_MAX:
-            try:  # the usual file list: absolute paths that all exist, stat'ed without a Python call each
-                if self._seen:
-                    seen = self._seen
-                    states = [seen.get(path) or _state(os.stat(path)) for path in column]
+    def _column(self, column: Sequence[Any]) -> tuple[Sequence[Any], list[str]]:
+        """Each value's spelling (a path to a file absolute) and the state of the file it names ("" if none)."""
+        paths = _absolute(column)
+        if paths is not None:
+            try:  # the usual file list: paths that all exist, stat'ed without a Python call each
+                if self._listed:
+                    listed = self._listed
+                    states = [listed.get(path) or _state(os.stat(path)) for path in paths]
                 else:
-                    states = list(map(_state, map(os.stat, column)))
+                    states = list(map(_state, map(os.stat, paths)))
             except (OSError, ValueError):  # a missing file, a NUL: path by path
                 pass
             else:
-                self._seen.update(zip(column, states))
-                return list(map(operator.add, map(repr, column), states))
-        return [self._cell(value) for value in column]
+                self._stated.update(zip(paths, states))
+                return paths, states
+        cells = [self._cell(value) for value in column]
+        return [text for text, _ in cells], [state for _, state in cells]
 
-    def _cell(self, value: Any) -> str:
+    def _cell(self, value: Any) -> tuple[Any, str]:
         if type(value) is not str:
-            return repr(value)
-        found = self._seen.get(value) if os.path.isabs(value) else None
-        if found is not None:
-            return repr(value) + found
-        named = self.path(value, single=False)
-        return repr(value) if named is None else repr(named[0]) + named[1]
+            return value, ""
+        named = self.path(value, item=True)
+        return (value, "") if named is None else named
 
 
-def _all_absolute(paths: Sequence[Any]) -> bool:
-    if not all(type(p) is str for p in paths):
-        return False
-    if os.path is posixpath:  # os.path.isabs, without a Python call per path
-        return all(map(str.startswith, paths, itertools.repeat("/")))
-    return all(map(os.path.isabs, paths))
+def _absolute(paths: Sequence[Any]) -> Sequence[str] | None:
+    """The absolute spelling of each path of a column of paths (each with a separator); None for other columns.
+
+    Absolute paths as they are; relative ones joined to the working folder, through ``os.path.abspath`` only
+    when they hold a ``.`` or ``//`` component (a Python call per path costs more than the stat).
+    """
+    if set(map(type, paths)) != {str} or max(map(len, paths)) > PATH_MAX:
+        return None
+    if os.path is not posixpath:
+        return [os.path.abspath(p) for p in paths] if all(os.sep in p for p in paths) else None
+    if all(map(str.startswith, paths, itertools.repeat("/"))):  # os.path.isabs, without a Python call per path
+        return paths
+    if not all(map(str.__contains__, paths, itertools.repeat("/"))):  # bare names: through the dataset's folders
+        return None
+    cwd = os.getcwd() + "/"
+    return [p if p[0] == "/" else os.path.abspath(p) if p[0] == "." or "/." in p or "//" in p or p[-1] == "/"
+            else cwd + p for p in paths]
 
 
 def folders(attributes: dict[str, Any]) -> list[str]:
@@ -495,8 +505,8 @@ def describe_dataset(dataset: Any) -> dict[str, Any]:
         if name.startswith("_"):
             continue
         if isinstance(value, (str, PurePath)):
-            named = FileStates().path(os.fspath(value), lenient=True)
-            described[name] = os.fspath(value) if named is None else named[0]
+            text = os.fspath(value)
+            described[name] = os.path.realpath(text) if text and os.path.exists(text) else text
         elif isinstance(value, Dataset):
             described[name] = describe_dataset(value)
         elif isinstance(value, (bool, int, float)):

@@ -49,6 +49,7 @@ import types
 from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
@@ -159,7 +160,7 @@ class _Walk:
         if isinstance(value, enum.Enum):
             return _sha(b"enum", _text(kind.__qualname__), _text(value.name))
         if type(value) is str:
-            return self._string(value, lenient=data)
+            return self._string(value)
         if isinstance(value, _PRIMITIVES):
             return _primitive(value)
         if isinstance(value, np.generic):
@@ -174,7 +175,7 @@ class _Walk:
             return _sha(b"ndarray", _text(str(value.shape)), _array_bytes_np(value, whole))
         if isinstance(value, os.PathLike):
             path = os.fspath(value)
-            return self._string(path, lenient=True) if isinstance(path, str) else _primitive(path)
+            return self._string(path) if isinstance(path, str) else _primitive(path)
         if isinstance(value, range):
             return _sha(b"range", _text(repr(value)))
         if isinstance(value, type):
@@ -202,9 +203,10 @@ class _Walk:
         self._alive.append(value)  # a temporary's id must not be reused while the walk remembers it
         return digest
 
-    def _string(self, text: str, lenient: bool) -> bytes:
-        """Text; a path to an existing file or folder as its absolute spelling and its state."""
-        named = self.files.path(text, lenient=lenient)
+    def _string(self, text: str, attribute: bool = False) -> bytes:
+        """Text; a path to an existing file or folder as its absolute spelling and its state (a dataset's own
+        ``attribute``: see :meth:`~torchnormfit.key.describe.FileStates.path`)."""
+        named = self.files.path(text, attribute=attribute)
         if named is None:
             return _sha(b"str", _text(text))
         return _sha(b"path", _text(named[0]), _text(named[1]))
@@ -259,7 +261,7 @@ class _Walk:
             if self.norm_hits > hits and not isinstance(item, Dataset):
                 # the pipeline up to the FitNormalize: what follows does not matter (every dataset of a list does)
                 if hits == 0:
-                    self.before_norm = list(items[:position]) + self.before_norm
+                    self.before_norm = list(items[:position]) + (self.before_norm or [])
                 break
         return _sha(b"items", *digests)
 
@@ -320,10 +322,17 @@ class _Walk:
         roots = folders(attributes) if data else []
         self.files.roots.extend(roots)
         try:
-            parts = [_text(name) + self.of(attributes[name], f"{where}.{name}", data) for name in sorted(attributes)]
+            parts = [_text(name) + self._attribute(attributes[name], f"{where}.{name}", data) for name in sorted(attributes)]
         finally:
             del self.files.roots[len(self.files.roots) - len(roots):]
         return _sha(b"object", self._class(kind, where), *parts)
+
+    def _attribute(self, value: Any, where: str, data: bool) -> bytes:
+        """One attribute of an object; a dataset's path (its root, a store folder) with the folder's listing."""
+        if data and isinstance(value, (str, PurePath)) and value is not self.norm:
+            text = os.fspath(value)
+            return self._string(text, attribute=True) if isinstance(text, str) else self.of(value, where, data)
+        return self.of(value, where, data)
 
     def _class(self, kind: type, where: str) -> bytes:
         """Class name, and the code of the methods of its classes that are not installed code (a changed
@@ -387,7 +396,7 @@ def _tensor_bytes(tensor: torch.Tensor, whole: bool = False) -> bytes:
         raise TypeError(f"{tensor.layout} tensors are not digested")
     layout = b""
     if not tensor.is_contiguous():
-        order = sorted(range(tensor.ndim), key=lambda d: (-tensor.stride(d), -tensor.shape[d]))
+        order = sorted(range(tensor.ndim), key=lambda d: (-tensor.stride()[d], -int(tensor.shape[d])))
         permuted = tensor.permute(order)
         if permuted.is_contiguous():
             tensor, layout = permuted, _text(f"memory order {order}")
