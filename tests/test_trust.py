@@ -15,7 +15,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from datasets_for_tests import CountingDataset, Holder
+from datasets_for_tests import CountingDataset, FileList, Holder
 from torch import nn
 from torch.utils.data import Dataset, StackDataset
 from torchvision.datasets import FakeData, ImageFolder
@@ -588,3 +588,21 @@ def test_issue_18_a_lazily_listed_folder_that_shrank_refits(stale_runs):
     run = shrank["lazy_file_list"]
     assert run["source"] == "pass" and run["key"] != second["lazy_file_list"]["key"]
     assert_true_statistics(run)
+
+
+def test_a_cache_file_inside_the_data_folder_does_not_change_the_key(tmp_path):
+    for i in range(4):
+        png(tmp_path / "data" / f"{i}.png", 40 + i)
+    sources = []
+    for _ in range(3):  # the entry written inside the folder the dataset's key lists
+        norm = FitNormalize(cache=tmp_path / "data" / "stats.h5")
+        dataset = FileList([f"{i}.png" for i in range(4)], folder=str(tmp_path / "data"),
+                           transform=v2.Compose([TO_FLOAT, norm]))
+        norm.fit(dataset, num_workers=0, progress=False)
+        sources.append(norm.fit_record.source)
+    assert sources == ["pass", "cache", "cache"]
+    png(tmp_path / "data" / "new.png", 200)  # anything else added there still changes the key
+    norm = FitNormalize(cache=tmp_path / "data" / "stats.h5")
+    norm.fit(FileList([f"{i}.png" for i in range(4)], folder=str(tmp_path / "data"),
+                      transform=v2.Compose([TO_FLOAT, norm])), num_workers=0, progress=False)
+    assert norm.fit_record.source == "pass"

@@ -111,7 +111,7 @@ def fit_dataset(
     settings: dict[str, Any] = {"image": image, "ddof": 0, "statistic": "per-channel population mean/std"}
     if max_samples is not None:
         settings.update(max_samples=max_samples, seed=seed)
-    printed = fingerprint(dataset, norm, settings) if key is None else None
+    printed = fingerprint(dataset, norm, settings, cache=cache_path) if key is None else None
     key = key if printed is None else printed.key
     gaps = () if printed is None else printed.gaps
     ranks = current_ranks(process_group)

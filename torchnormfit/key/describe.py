@@ -158,6 +158,13 @@ class FileStates:
         self.roots: list[str] = []
         self._stated: dict[str, str] = {}  # absolute path -> state, from file lists (for a listing after them)
         self._listed: dict[str, str] = {}  # absolute path -> state, from listings (for a file list after them)
+        self._left_out: dict[str, tuple[str, ...]] = {}  # folder -> prefixes of the names its listing leaves out
+
+    def leave_out(self, path: str) -> None:
+        """Leave the file ``path`` (a cache file) and its companions (``path.lock``, ``path.d``, ``.path.*``) out
+        of the listing of its folder."""
+        folder, name = os.path.split(os.path.realpath(path))
+        self._left_out[folder] = (*self._left_out.get(folder, ()), name, f".{name}.")
 
     def path(self, text: str, attribute: bool = False, item: bool = False) -> tuple[str, str] | None:
         """``(absolute path, state)`` if ``text`` names an existing file or folder, else None.
@@ -189,8 +196,11 @@ class FileStates:
     def _listing(self, folder: str) -> str:
         """Each entry's name and state, one level deep (a store with one file per record edited in place)."""
         lines = []
+        left_out = self._left_out.get(folder, ())
         with os.scandir(folder) as entries:
             for entry in entries:
+                if left_out and entry.name.startswith(left_out):
+                    continue
                 path = os.path.join(folder, entry.name)
                 state = self._stated.get(path)
                 if state is None:

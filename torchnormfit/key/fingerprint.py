@@ -86,9 +86,25 @@ class Fingerprint:
     """What the key could not describe; a hit on this key is always verified."""
 
 
-def fingerprint(dataset: Any, norm: Any, settings: Mapping[str, Any]) -> Fingerprint:
-    """``"<DatasetClass>-<20 hex digits>"``: the cache key of fitting ``norm`` on ``dataset`` with ``settings``."""
+def fingerprint(
+    dataset: Any, norm: Any, settings: Mapping[str, Any], cache: str | os.PathLike[str] | None = None
+) -> Fingerprint:
+    """``"<DatasetClass>-<20 hex digits>"``: the cache key of fitting ``norm`` on ``dataset`` with ``settings``.
+
+    ``cache``: the cache file the entry goes to; if it lies in a folder the key lists (a dataset's root), it and
+    its companions (lock, entry folder, temporary files) are left out of the listing, so writing the entry does
+    not change the key.
+
+    Examples
+    --------
+    >>> from torchvision.datasets import FakeData
+    >>> printed = fingerprint(FakeData(size=8), None, {"image": None})
+    >>> printed.key.startswith("FakeData-"), len(printed.key), printed.gaps
+    (True, 29, ())
+    """
     walk = _Walk(norm)
+    if cache is not None:
+        walk.files.leave_out(os.fspath(cache))
     digest = hashlib.sha256()
     digest.update(walk.of(dataset, "dataset", data=True))
     digest.update(walk.of(dict(settings), "settings"))
