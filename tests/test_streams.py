@@ -24,8 +24,7 @@ import torch.multiprocessing as mp
 from torchnormfit import FitNormalize
 from torchnormfit.cli import main
 from torchnormfit.key import describe_dataset, fingerprint
-from torchnormfit.samples import Capture
-from torchnormfit.streams import first_images
+from torchnormfit.passes import Capture, first_images
 
 pytest.importorskip("webdataset")
 pytest.importorskip("datasets")

@@ -462,7 +462,7 @@ def test_a_train_entry_named_by_hand_is_used_for_a_dataset_of_another_length(tmp
 
 
 def test_a_sample_that_fails_when_read_again_names_its_index():
-    from torchnormfit.samples import read_images
+    from torchnormfit.passes import read_images
 
     dataset = _LengthFromEnv(lambda x: x)
     os.environ["TNF_TEST_LENGTH"] = "3"

@@ -1,4 +1,4 @@
-"""Streams: the fit pass over an ``IterableDataset`` and its first images (what identifies a stream: torchnormfit.key).
+"""The stream pass: a DataLoader pass over an ``IterableDataset``, and a stream's first images.
 
 A stream (WebDataset shards, a Hugging Face ``IterableDataset``, your own
 ``IterableDataset``) has no indices, so nothing here can hand each DataLoader
@@ -9,7 +9,7 @@ itself**. Each worker must yield its own part (WebDataset's
 torch.distributed each rank must read its own part (WebDataset's
 ``split_by_node``, ``datasets.distributed.split_dataset_by_node``, or your
 own). A stream whose workers all start with the same samples is refused
-instead of counted ``num_workers`` times. webdataset and datasets are never imported here.
+instead of counted ``num_workers`` times.
 """
 
 from __future__ import annotations
@@ -25,19 +25,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from .fitting import _Batch, _Collate, default_batch_size, default_num_workers
-from .fitting import PassResult, reduce_batches, running
-from .samples import Capture, _Failure, read_image
-from .stats import ChannelStats
+from ..stats import ChannelStats
+from .loader import (
+    Batch, Capture, Collate, Failure, PassResult, default_batch_size, default_num_workers, read_image, reduce_batches,
+    running,
+)
 
-__all__ = ["stream_pass", "first_images", "stream_images"]
+__all__ = ["stream_pass", "first_images", "stream_images", "check_split_across_ranks"]
 
 logger = logging.getLogger("torchnormfit")
 
 _DIGESTED = 4  # first images of a worker compared with the other workers' (hashing a whole batch cost 2% of a pass)
-
-
-# --- the pass ------------------------------------------------------------------------------------
 
 
 def stream_pass(
@@ -94,7 +92,7 @@ def _length(dataset: IterableDataset, max_samples: int | None) -> int | None:
 def _samples(
     dataset: IterableDataset, capture: Capture | None, image: Callable[[Any], Any] | None, where: Callable[[int], str]
 ) -> Iterator[Tensor]:
-    """The image of each sample of the stream, read through :func:`~torchnormfit.samples.read_image`."""
+    """The image of each sample of the stream, read through :func:`~torchnormfit.passes.loader.read_image`."""
     if capture is not None:
         capture.stop = False  # an exception would end the stream's generator: FitNormalize only hands over
     stream: Iterator[Any] | None = None
@@ -122,7 +120,7 @@ def _where(worker: int | None) -> Callable[[int], str]:
 
 
 class _StreamReader(IterableDataset):
-    """Yields ``(worker id, [(position, image or _Failure), ...])``: batches made in each worker.
+    """Yields ``(worker id, [(position, image or Failure), ...])``: batches made in each worker.
 
     Without ``batch_size``, the first image sets it (:func:`default_batch_size`),
     so no sample is read twice. A failure ends the worker's batches.
@@ -141,7 +139,7 @@ class _StreamReader(IterableDataset):
         self.dataset, self.capture, self.image = dataset, capture, image
         self.batch_size, self.max_samples, self.length, self.num_workers = batch_size, max_samples, length, num_workers
 
-    def __iter__(self) -> Iterator[tuple[int | None, list[tuple[int, Tensor | _Failure]]]]:
+    def __iter__(self) -> Iterator[tuple[int | None, list[tuple[int, Tensor | Failure]]]]:
         info = get_worker_info()
         worker = None if info is None else info.id
         samples = _samples(self.dataset, self.capture, self.image, _where(worker))
@@ -152,7 +150,7 @@ class _StreamReader(IterableDataset):
             except StopIteration:
                 break
             except Exception as error:
-                yield worker, [*batch, (position, _Failure.capture(error))]
+                yield worker, [*batch, (position, Failure.capture(error))]
                 return
             size = size or default_batch_size(item, self.length, self.num_workers)
             batch.append((position, item))
@@ -165,12 +163,12 @@ class _StreamReader(IterableDataset):
 
 
 class _StreamCollate:
-    """:class:`~torchnormfit.fitting._Collate` on a worker's batch, with a digest of the worker's first images."""
+    """:class:`~torchnormfit.passes.loader.Collate` on a worker's batch, with a digest of the worker's first images."""
 
     def __init__(self, reduce: bool):
-        self.collate = _Collate(reduce)
+        self.collate = Collate(reduce)
 
-    def __call__(self, tagged: tuple[int | None, list[tuple[int, Any]]]) -> tuple[int | None, str | None, _Batch]:
+    def __call__(self, tagged: tuple[int | None, list[tuple[int, Any]]]) -> tuple[int | None, str | None, Batch]:
         worker, items = tagged
         batch = self.collate([(position, image, False) for position, image in items])
         first = items[0][0] == 0 and batch.failure is None
@@ -186,8 +184,8 @@ def _digest(images: list[Tensor]) -> str:
 
 
 def _split_checked(
-    tagged: Iterable[tuple[int | None, str | None, _Batch]], num_workers: int, firsts: dict[str, int | None]
-) -> Iterator[_Batch]:
+    tagged: Iterable[tuple[int | None, str | None, Batch]], num_workers: int, firsts: dict[str, int | None]
+) -> Iterator[Batch]:
     """The batches, refusing a stream whose workers start with the same images (it is not split).
 
     ``firsts`` maps the digest of each worker's first images to the worker, in the order received.
