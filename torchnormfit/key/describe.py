@@ -65,6 +65,7 @@ Describer = Callable[[Any], Any]
 _TABLE: dict[type, Describer] = {}
 _FOUND: dict[type, Describer | None] = {}  # type -> its describer through the MRO (None: not special)
 _PENDING: dict[str, Callable[[], None]] = {}  # module -> what registers its types once it is imported
+_MODULES_SEEN = 0  # len(sys.modules) when _PENDING was last looked at
 
 
 def register(*kinds: type) -> Callable[[Describer], Describer]:
@@ -91,7 +92,9 @@ def _when_imported(module: str) -> Callable[[Callable[[], None]], Callable[[], N
 
 def describer_for(kind: type) -> Describer | None:
     """The describer of ``kind`` (through its MRO), or None when the walk describes it by itself."""
-    if _PENDING:
+    global _MODULES_SEEN
+    if _PENDING and len(sys.modules) != _MODULES_SEEN:  # something was imported since the last look
+        _MODULES_SEEN = len(sys.modules)
         for module in [m for m in _PENDING if m in sys.modules]:
             _PENDING.pop(module)()
     try:
@@ -455,7 +458,8 @@ def _register_huggingface() -> None:
     module = sys.modules["datasets"]
     table, iterable = getattr(module, "Dataset", None), getattr(module, "IterableDataset", None)
     if not (isinstance(table, type) and isinstance(iterable, type) and is_library_module("datasets")):
-        return  # a user's own datasets.py
+        _PENDING["datasets"] = _register_huggingface  # a user's own datasets.py: the library may come later
+        return
 
     @register(table)
     def _hf_dataset(dataset: Any) -> Any:
