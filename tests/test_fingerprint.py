@@ -163,7 +163,7 @@ def cell(value, root):
         if "\x00" in candidate or not os.path.exists(candidate):
             continue
         info = os.stat(candidate)
-        kind = f" folder {info.st_mtime_ns}" if os.path.isdir(candidate) else f" file {info.st_size} {info.st_mtime_ns}"
+        kind = " folder" if os.path.isdir(candidate) else f" file {info.st_size} {info.st_mtime_ns}"
         return os.path.abspath(candidate), kind
     return value, ""
 
@@ -203,7 +203,7 @@ def test_file_list_lines_of_existing_files_name_their_state(files):
     got = lines(items, root)
     assert got == one_by_one(items, root)
     assert got[1] == f"({existing[1]!r}, 1) file 2 {os.stat(existing[1]).st_mtime_ns}"
-    assert got[2] == f"({existing[2]!r}, 2) folder {os.stat(existing[2]).st_mtime_ns}"
+    assert got[2] == f"({existing[2]!r}, 2) folder"
     assert lines([(existing[0], [1])], root) is None and lines([object()], root) is None
 
 
@@ -452,3 +452,25 @@ def test_the_summary_names_the_parts_and_the_absolute_folder(tmp_path, monkeypat
     summary = describe_dataset(ConcatDataset([ImageFolder("data"), FakeData(size=3)]))
     assert summary["length"] == 7 and summary["datasets"][0]["root"] == str(tmp_path.resolve() / "data")
     assert summary["datasets"][1]["size"] == 3
+
+
+def test_handles_on_no_file_are_gaps_and_generator_states_keep_their_order():
+    import io
+
+    assert fingerprint(Holder(buffer=io.BytesIO(b"abc")), None, SETTINGS).gaps
+    state = random.Random(0).getstate()
+    shuffled = random.Random(0)
+    numbers = list(state[1])
+    numbers[5], numbers[6] = numbers[6], numbers[5]  # the same multiset of 625 numbers, in another order
+    shuffled.setstate((state[0], tuple(numbers), state[2]))
+    assert key(Holder(generator=random.Random(0)), None) != key(Holder(generator=shuffled), None)
+
+
+def test_only_a_datasets_own_folders_are_listed(tmp_path):
+    """A folder named elsewhere (a path in a transform or in code) may be written to at any time: its path only."""
+    (tmp_path / "out").mkdir()
+    elsewhere = Holder(transform=v2.Lambda(lambda x, where=str(tmp_path / "out"): x))
+    owned = Holder(folder=str(tmp_path / "out"))
+    before = key(elsewhere, None), key(owned, None)
+    (tmp_path / "out" / "log.txt").write_text("a run wrote here")
+    assert key(elsewhere, None) == before[0] and key(owned, None) != before[1]

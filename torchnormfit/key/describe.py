@@ -145,9 +145,16 @@ def is_library_module(name: str) -> bool:
 
 
 def _state(info: os.stat_result) -> str:
+    """A file's size and modification time; a folder's kind only (its time moves whenever anything is written
+    there, logs and checkpoints included: only a dataset's own folders are described, by their listing)."""
     if stat.S_ISDIR(info.st_mode):
-        return f" folder {info.st_mtime_ns}"
+        return " folder"
     return f" file {info.st_size} {info.st_mtime_ns}"
+
+
+def _entry_state(info: os.stat_result) -> str:
+    """An entry of a listed folder: a subfolder with its time (an image added to a class folder)."""
+    return f" folder {info.st_mtime_ns}" if stat.S_ISDIR(info.st_mode) else _state(info)
 
 
 class FileStates:
@@ -174,7 +181,7 @@ class FileStates:
 
         ``attribute``: a dataset's own attribute, tried whatever the text (``"data"``), and a folder there is
         described by its listing: the name and state of each entry (not deeper). Elsewhere a text is tried when
-        it looks like a path (a separator or a dot), and a folder has the state of the folder itself. ``item``:
+        it looks like a path (a separator or a dot), and a folder is only spelled absolute. ``item``:
         a list's item, spelled absolute without resolving links (one call less per file).
         """
         for candidate in self._candidates(text, attribute):
@@ -208,7 +215,7 @@ class FileStates:
                 state = self._stated.get(path)
                 if state is None:
                     try:
-                        state = _state(entry.stat())
+                        state = _entry_state(entry.stat())
                     except OSError:
                         state = " unreadable"
                     self._listed[path] = state
@@ -359,7 +366,9 @@ _IO_BASES = tuple(set(io.FileIO.__mro__) & set(io.BufferedReader.__mro__) & set(
 @register(io.IOBase, *_IO_BASES)  # io.IOBase is an ABC: the built-in files derive from its C base
 def _open_file(handle: io.IOBase) -> Any:
     described = _file_of(getattr(handle, "name", None))
-    return {"file": described} if described is not None else {"handle": type(handle).__qualname__}
+    if described is None:
+        raise ValueError("an open handle on no file the key can see")  # a gap: a hit is verified
+    return {"file": described}
 
 
 @register(ConcatDataset)
@@ -412,7 +421,10 @@ def _register_h5py() -> None:
         """An open file, group or dataset: its file's state and its name in the file (a closed one: a gap)."""
         if not value.id.valid:
             raise ValueError("a closed h5py object")
-        described = {"h5py": _file_of(value.file.filename) or "not a file", "name": value.name}
+        file = _file_of(value.file.filename)
+        if file is None:
+            raise ValueError(f"an h5py object in no file the key can see ({value.file.filename!r})")
+        described = {"h5py": file, "name": value.name}
         if isinstance(value, h5py.Dataset):
             described.update(shape=list(value.shape), dtype=str(value.dtype))
         return described

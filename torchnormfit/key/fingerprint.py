@@ -233,9 +233,9 @@ class _Walk:
         if isinstance(value, Whole):
             return _sha(b"whole", *(self.of(item, f"{where}[{i}]", data) for i, item in enumerate(value)))
         describer = describer_for(type(value))
-        if describer is not None:  # a special type, by its state
-            data = data or isinstance(value, Dataset)
-            return _sha(b"special", self._class(type(value), where), self.of(describer(value), where, data))
+        if describer is not None:  # a special type, by its state (a generator's state in order, whatever holds it)
+            state = self.of(describer(value), where, isinstance(value, Dataset))
+            return _sha(b"special", self._class(type(value), where), state)
         if isinstance(value, (list, tuple, deque)):
             return _sha(_text(type(value).__qualname__), self._sequence(value, where, data))
         if isinstance(value, (set, frozenset)):
