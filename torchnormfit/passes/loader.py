@@ -295,8 +295,10 @@ class Collate:
             if image.shape[-3] != channels:
                 raise ValueError(_channel_mismatch(index, image.shape[-3], channels, first_index))
             by_shape.setdefault((*image.shape, image.dtype), []).append((index, image))
-        batch = Batch(first_index, len(items), channels, probe=ScaleProbe.of(first))
-        batch.tracked = {index: own_moments(image) for index, image in items if index in self.track}
+        with _one_thread():  # a few images: threads gain nothing, and a forked process may have no thread pool
+            probe = ScaleProbe.of(first)
+            tracked = {index: own_moments(image) for index, image in items if index in self.track}
+        batch = Batch(first_index, len(items), channels, tracked=tracked, probe=probe)
         if not self.reduce:
             batch.groups = [([i for i, _ in group], torch.stack([im for _, im in group]))
                             for group in by_shape.values()]
@@ -374,7 +376,11 @@ class PassResult(NamedTuple):
 
 @contextlib.contextmanager
 def running(loader: DataLoader) -> Iterator[Iterator[Any]]:
-    """The loader's batches; its worker processes are shut down at once when the pass ends or fails."""
+    """The loader's batches; its worker processes are shut down at once when the pass ends or fails.
+
+    DataLoader has no public close: its iterator shuts its workers down when collected, which a traceback that
+    holds the iterator delays, so this calls what that collection calls (and nothing if the name goes away).
+    """
     batches = iter(loader)
     try:
         yield batches
