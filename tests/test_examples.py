@@ -39,6 +39,13 @@ def test_the_modules_with_examples_are_among_those_run():
             "torchnormfit.transform"} <= with_examples
 
 
+def test_the_readme_is_for_users_and_short():
+    """At most 200 lines; how things work, the numbers and their history live in docs/."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    assert "issue " not in readme.lower()
+
+
 def run_quickstart(cache: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, TORCHNORMFIT_CACHE=str(cache))
     return subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--images", "200"],
