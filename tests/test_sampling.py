@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 from reference import truth
 from test_folder import tree  # noqa: F401 (a fixture)
 from torchnormfit import ChannelStats
-from torchnormfit.folder import ImageFiles, to_float_pipeline
+from torchnormfit.cli.folder import ImageFiles, to_float_pipeline
 from torchnormfit.sampling import fit_subset, jackknife, sample_pixels, subset_indices
 
 
