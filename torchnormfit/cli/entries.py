@@ -104,7 +104,7 @@ def _format_ls(path: Path, rows: list[dict[str, Any]]) -> str:
     for row in rows:
         images = "?" if row["num_samples"] is None else f"{row['num_samples']:,}"
         lines.append([row["key"], images, str(row["channels"]), _size(row["bytes"]), _ago(row["created_utc"], now),
-                      _ago(row["last_read"], now), row["source"]])
+                      _ago(row["last_read"], now) if row["last_read"] else "never", row["source"]])
     return "\n".join([f"{path}: {len(rows)} entr{'y' if len(rows) == 1 else 'ies'}", *table(lines, left=(0, 6))])
 
 
