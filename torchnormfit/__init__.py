@@ -23,13 +23,29 @@ _WHERE = {
     "list_entries": "cache",
 }
 
-__all__ = [*_WHERE, "__version__"]
+__all__ = [
+    "BatchNormAccumulator",
+    "CacheEntry",
+    "CacheError",
+    "CacheWarning",
+    "ChannelStats",
+    "FitNormalize",
+    "NotFittedError",
+    "__version__",
+    "default_cache_dir",
+    "list_entries",
+]
 
 if TYPE_CHECKING:
-    from .accumulator import BatchNormAccumulator
-    from .cache import CacheEntry, CacheError, CacheWarning, default_cache_dir, list_entries
-    from .stats import ChannelStats
-    from .transform import FitNormalize, NotFittedError
+    from .accumulator import BatchNormAccumulator as BatchNormAccumulator
+    from .cache import CacheEntry as CacheEntry
+    from .cache import CacheError as CacheError
+    from .cache import CacheWarning as CacheWarning
+    from .cache import default_cache_dir as default_cache_dir
+    from .cache import list_entries as list_entries
+    from .stats import ChannelStats as ChannelStats
+    from .transform import FitNormalize as FitNormalize
+    from .transform import NotFittedError as NotFittedError
 
 
 def __getattr__(name: str) -> Any:

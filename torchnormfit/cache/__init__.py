@@ -5,11 +5,24 @@
 """
 
 from .format import (
-    SCHEMA_VERSION, CacheEntry, CacheError, CacheWarning, NewerEntryError, NotAnEntryError,
+    SCHEMA_VERSION,
+    CacheEntry,
+    CacheError,
+    CacheWarning,
+    NewerEntryError,
+    NotAnEntryError,
 )
 from .store import (
-    check_key, default_cache_dir, delete_entries, entry_name, export_entry, is_entry_file, list_entries,
-    prune_entries, read_entry, write_entry,
+    check_key,
+    default_cache_dir,
+    delete_entries,
+    entry_name,
+    export_entry,
+    is_entry_file,
+    list_entries,
+    prune_entries,
+    read_entry,
+    write_entry,
 )
 
 __all__ = [

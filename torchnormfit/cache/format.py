@@ -24,8 +24,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-__all__ = ["CacheEntry", "CacheError", "CacheWarning", "NotAnEntryError", "NewerEntryError", "SCHEMA_VERSION",
-           "encode", "decode", "check_head", "vectors_of", "check_attrs", "check_arrays", "validate"]
+__all__ = ["SCHEMA_VERSION", "CacheEntry", "CacheError", "CacheWarning", "NewerEntryError", "NotAnEntryError",
+           "check_arrays", "check_attrs", "check_head", "decode", "encode", "validate", "vectors_of"]
 
 MAGIC = b"torchnormfit entry\n"
 USER_BLOCK = 512
@@ -50,7 +50,7 @@ class NotAnEntryError(CacheError):
     """A file the library did not write (or may not read): refused, and never moved, replaced or removed."""
 
 
-class NewerEntryError(CacheError):
+class NewerEntryError(NotAnEntryError):
     """An entry file of a newer schema version: read by a newer torchnormfit only, never replaced by this one."""
 
 
@@ -77,9 +77,11 @@ class CacheEntry:
     @functools.cached_property
     def stats(self) -> Any:
         """The statistics as a :class:`~torchnormfit.ChannelStats` (imports torch on first use)."""
+        import torch
+
         from ..stats import ChannelStats
 
-        return ChannelStats(*(self.vectors[name] for name in ("count", "mean", "m2", "min", "max")))
+        return ChannelStats(*(torch.from_numpy(self.vectors[name]) for name in ("count", "mean", "m2", "min", "max")))
 
 
 def vectors_of(stats: Any) -> dict[str, np.ndarray]:

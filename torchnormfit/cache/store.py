@@ -10,6 +10,7 @@ no lock. See docs/cache.md.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import os
@@ -21,23 +22,32 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import filelock
 import numpy as np
 
 from .format import (
-    USER_BLOCK, CacheEntry, CacheError, CacheWarning, MAX_BYTES, NewerEntryError, NotAnEntryError, check_arrays,
-    check_attrs, check_head, decode, encode, validate, vectors_of,
+    MAX_BYTES,
+    USER_BLOCK,
+    CacheEntry,
+    CacheError,
+    CacheWarning,
+    NotAnEntryError,
+    check_arrays,
+    check_attrs,
+    check_head,
+    decode,
+    encode,
+    validate,
+    vectors_of,
 )
 
-__all__ = ["default_cache_dir", "check_key", "entry_name", "read_entry", "write_entry", "list_entries",
-           "delete_entries", "prune_entries", "export_entry", "is_entry_file"]
+__all__ = ["check_key", "default_cache_dir", "delete_entries", "entry_name", "export_entry", "is_entry_file",
+           "list_entries", "prune_entries", "read_entry", "write_entry"]
 
-LOCK_NAME = ".torchnormfit.lock"
-TMP_DIR = ".torchnormfit-tmp"
-LOCK_TIMEOUT_S = 60.0
-_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+LOCK_NAME, TMP_DIR, LOCK_TIMEOUT_S = ".torchnormfit.lock", ".torchnormfit-tmp", 60.0
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _NOATIME = getattr(os, "O_NOATIME", 0)
 
 
@@ -64,19 +74,19 @@ def check_key(key: str) -> str:
 
 
 def entry_name(key: str) -> str:
-    """The file name of entry ``key``: ``<key>.h5`` for a plain key (letters, digits, ``._-``), else the key
-    with other characters as ``_`` and 12 hex digits of its SHA-256, so that names stay distinct.
+    """The file name of entry ``key``: ``<key>.h5`` for a plain key (ASCII letters, digits, ``._-``), else the
+    key with other characters as ``_`` and 12 hex digits of its SHA-256, so that names stay distinct.
 
     >>> entry_name("ImageFolder-3f2a9c1b0d4e5f60718a"), entry_name("my data")
     ('ImageFolder-3f2a9c1b0d4e5f60718a.h5', 'my_data-b2167b0aa7ef.h5')
     """
-    safe = _SAFE.sub("_", check_key(key))
+    safe = _UNSAFE.sub("_", check_key(key))
     if safe == key and len(key) <= 120 and not key.startswith("."):
         return f"{key}.h5"
     return f"{safe.lstrip('.')[:80]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.h5"
 
 
-def _where(cache: str | os.PathLike | None) -> tuple[Path, bool]:
+def _where(cache: str | os.PathLike[str] | None) -> tuple[Path, bool]:
     """The cache path and whether it is one entry file (an existing file) rather than a folder."""
     path = Path(cache).expanduser() if cache is not None else default_cache_dir()
     try:
@@ -88,56 +98,48 @@ def _where(cache: str | os.PathLike | None) -> tuple[Path, bool]:
     return path, stat.S_ISREG(mode)
 
 
-def is_entry_file(path: str | os.PathLike) -> bool:
+def is_entry_file(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is an existing file (which a fit only reads) rather than a cache folder."""
     return Path(path).expanduser().is_file()
 
 
-def _open(file: Path) -> int:
-    """A read-only descriptor of ``file`` that leaves its access time alone where the system allows it (the
-    owner's O_NOATIME) and never blocks (a FIFO); a file this process may not read is left as it is."""
+@contextlib.contextmanager
+def _opened(file: Path) -> Iterator[tuple[BinaryIO, bytes, os.stat_result]]:
+    """``file`` open for reading, its header checked: it must be a regular file that begins like an entry
+    file. Opened without blocking (a FIFO) and, where the owner may, without changing its access time."""
     for extra in dict.fromkeys((_NOATIME, 0)):
-        try:
-            return os.open(file, os.O_RDONLY | os.O_NONBLOCK | extra)
-        except PermissionError:
-            continue
-    raise NotAnEntryError(f"The cache file {file} is not readable (permission denied); it is left as it is.")
-
-
-def _read_file(file: Path, touch: bool = False, whole: bool = True) -> tuple[bytes, CacheEntry | None]:
-    """The bytes and entry of an entry file (only its header is read and checked without ``whole``);
-    ``touch`` records the read in the file's access time."""
-    with open(_open(file), "rb") as handle:
-        info = os.fstat(handle.fileno())
+        with contextlib.suppress(PermissionError):
+            fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | extra)
+            break
+    else:
+        raise NotAnEntryError(f"The cache file {file} is not readable (permission denied); it is left as it is.")
+    with open(fd, "rb") as handle:
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise NotAnEntryError(f"The cache path {file} is not a regular file; it is left untouched.")
         head = handle.read(USER_BLOCK)
         check_head(head, str(file))
-        if not whole:
-            return head, None
         if info.st_size > MAX_BYTES:
             raise CacheError(f"{file} has {info.st_size} bytes; an entry file has at most {MAX_BYTES}.")
-        data = head + handle.read(MAX_BYTES)
-        entry = decode(data, str(file))
+        yield handle, head, info
+
+
+def _read(file: Path, touch: bool = False) -> CacheEntry:
+    """The validated entry of an entry file; ``touch`` records the read in the file's access time."""
+    with _opened(file) as (handle, head, info):
+        entry = decode(head + handle.read(MAX_BYTES), str(file))
         if touch:
             with contextlib.suppress(OSError, NotImplementedError):
                 os.utime(handle.fileno(), ns=(time.time_ns(), info.st_mtime_ns))
     last_read = info.st_atime if info.st_atime > info.st_mtime else None  # else never read since written
-    return data, CacheEntry(entry.key, entry.vectors, entry.attrs, entry.arrays, file, len(data), last_read)
+    return dataclasses.replace(entry, path=file, size=info.st_size, last_read=last_read)
 
 
-def _entry(file: Path, touch: bool = False) -> CacheEntry:
-    entry = _read_file(file, touch)[1]
-    assert entry is not None
-    return entry
+def read_entry(cache: str | os.PathLike[str] | None, key: str | None) -> CacheEntry | None:
+    """The validated entry ``key`` of cache folder ``cache`` (None: the default), None if there is none.
 
-
-def read_entry(cache: str | os.PathLike | None, key: str | None) -> CacheEntry | None:
-    """The validated entry ``key`` of cache folder ``cache`` (None: the default), None if it has none.
-
-    ``cache`` may also be one entry file (an existing file): its entry is returned whatever ``key`` is,
-    for a file handed over from another machine holds another fingerprint. The read is recorded in the
-    file's access time (``last_read``).
+    ``cache`` may also be one entry file (an existing file): its entry is returned whatever ``key`` is, for
+    a file handed over holds the fingerprint of other paths. The read is recorded (``last_read``).
 
     Raises
     ------
@@ -146,12 +148,12 @@ def read_entry(cache: str | os.PathLike | None, key: str | None) -> CacheEntry |
     """
     path, is_file = _where(cache)
     if is_file:
-        return _entry(path, touch=True)
+        return _read(path, touch=True)
     if key is None:
         raise ValueError(f"{path} is a cache folder: give the key of the entry to read (see 'torchnormfit ls').")
     file = path / entry_name(key)
     try:
-        entry = _entry(file, touch=True)
+        entry = _read(file, touch=True)
     except (FileNotFoundError, NotADirectoryError):
         return None
     if entry.key != key:
@@ -159,19 +161,19 @@ def read_entry(cache: str | os.PathLike | None, key: str | None) -> CacheEntry |
     return entry
 
 
-def list_entries(cache: str | os.PathLike | None = None) -> list[CacheEntry]:
+def list_entries(cache: str | os.PathLike[str] | None = None) -> list[CacheEntry]:
     """Every valid entry of a cache folder (default: :func:`default_cache_dir`) or entry file, by key.
 
     A file that cannot be used is skipped with a :class:`CacheWarning`. Listing does not change ``last_read``.
     """
     path, is_file = _where(cache)
     if is_file:
-        return [_entry(path)]
+        return [_read(path)]
     found = []
     for name in sorted(os.listdir(path)) if path.is_dir() else []:
         if name.endswith(".h5") and not name.startswith("."):
             try:
-                found.append(_entry(path / name))
+                found.append(_read(path / name))
             except FileNotFoundError:  # removed since the folder was listed
                 continue
             except CacheError as error:
@@ -179,7 +181,7 @@ def list_entries(cache: str | os.PathLike | None = None) -> list[CacheEntry]:
     return sorted(found, key=lambda entry: entry.key)
 
 
-def write_entry(cache: str | os.PathLike | None, key: str, stats: Any, attrs: Mapping[str, Any],
+def write_entry(cache: str | os.PathLike[str] | None, key: str, stats: Any, attrs: Mapping[str, Any],
                 arrays: Mapping[str, np.ndarray] | None = None) -> Path:
     """Add or replace entry ``key`` atomically in its own file of folder ``cache``; returns the file.
 
@@ -189,14 +191,12 @@ def write_entry(cache: str | os.PathLike | None, key: str, stats: Any, attrs: Ma
     Raises
     ------
     OSError
-        The folder cannot be created or written (the operating system's reason); nothing changed.
+        The folder cannot be created or written (the operating system's reason, at once); nothing changed.
     CacheError
         ``cache`` is a file (an entry file is only read), or the key's file is not the library's or newer.
     ValueError
         ``key``, ``attrs``, ``arrays`` or ``stats`` cannot be stored.
 
-    Examples
-    --------
     >>> write_entry("/tmp/stats", "demo", stats, {"dataset": "demo"})  # doctest: +SKIP
     PosixPath('/tmp/stats/demo.h5')
     """
@@ -211,22 +211,17 @@ def write_entry(cache: str | os.PathLike | None, key: str, stats: Any, attrs: Ma
                          f"give a folder (for example {folder.parent / 'torchnormfit-cache'}).")
     with _locked(folder):
         target = folder / name
-        _check_replaceable(target, key)
-        _atomic_write(folder / TMP_DIR, target, data)
+        try:
+            _read(target)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except NotAnEntryError as error:  # another program's file, or a newer torchnormfit's
+            raise type(error)(f"{error} The entry {key!r} was not saved.") from None
+        except CacheError as error:  # the library's own file, damaged
+            aside = _keep_aside(target)
+            warnings.warn(f"{error} It was moved to {aside}; the new entry replaces it.", CacheWarning, stacklevel=2)
+        _atomic_write(folder / TMP_DIR, target, data, stat.S_IMODE(folder.stat().st_mode) & 0o666)
     return target
-
-
-def _check_replaceable(target: Path, key: str) -> None:
-    """Let the library's own file be replaced; move a damaged one aside; refuse anything else."""
-    try:
-        _read_file(target)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    except (NotAnEntryError, NewerEntryError) as error:
-        raise type(error)(f"{error} The entry {key!r} was not saved.") from None
-    except CacheError as error:
-        aside = _keep_aside(target)
-        warnings.warn(f"{error} It was moved to {aside}; the new entry replaces it.", CacheWarning, stacklevel=3)
 
 
 def _keep_aside(path: Path) -> Path:
@@ -254,38 +249,33 @@ def _locked(folder: Path) -> Iterator[None]:
         timeout = float(value)
     except ValueError:
         raise ValueError(f"TORCHNORMFIT_CACHE_LOCK_TIMEOUT must be a number of seconds. Got {value!r}.") from None
-    lock = filelock.FileLock(folder / LOCK_NAME, timeout=timeout)
     try:
-        lock.acquire()
+        lock = filelock.FileLock(folder / LOCK_NAME, timeout=timeout).acquire()
     except filelock.Timeout as error:
         raise OSError(errno.ETIMEDOUT, f"Could not lock {folder / LOCK_NAME} within {timeout:g} s: another live "
                       "process is writing this cache. Wait for it, or raise $TORCHNORMFIT_CACHE_LOCK_TIMEOUT.") from error
-    try:
+    with lock:
         for item in os.scandir(folder / TMP_DIR):  # under the lock, every temporary file is a dead writer's
             if item.name.startswith("entry-") and item.name.endswith(".tmp"):
                 with contextlib.suppress(OSError):
                     os.unlink(item.path)
         yield
-    finally:
-        lock.release()
 
 
-def _atomic_write(temp_dir: Path, target: Path, data: bytes, mode: int | None = None, prefix: str = "entry-") -> None:
+def _atomic_write(temp_dir: Path, target: Path, data: bytes, mode: int, prefix: str = "entry-") -> None:
     """Write ``data`` to a temporary file in ``temp_dir``, fsync it and move it onto ``target``."""
     fd, temp = tempfile.mkstemp(dir=temp_dir, prefix=prefix, suffix=".tmp")
     try:
         with open(fd, "wb") as out:
             out.write(data)
             out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temp, stat.S_IMODE(target.parent.stat().st_mode) & 0o666 if mode is None else mode)
+            os.fsync(fd)
+        os.chmod(temp, mode)
         os.replace(temp, target)
         with contextlib.suppress(OSError):  # not every platform or file system syncs a folder
             folder = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+            os.fsync(folder)
+            os.close(folder)
     except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(temp)
@@ -294,7 +284,7 @@ def _atomic_write(temp_dir: Path, target: Path, data: bytes, mode: int | None = 
         raise
 
 
-def delete_entries(cache: str | os.PathLike | None, keys: Iterable[str]) -> list[str]:
+def delete_entries(cache: str | os.PathLike[str] | None, keys: Iterable[str]) -> list[str]:
     """Remove the entry files of ``keys`` from a cache folder; returns the keys that were there, in order.
 
     A file at an entry's name that is not the library's is refused (:class:`NotAnEntryError`), not removed.
@@ -303,20 +293,18 @@ def delete_entries(cache: str | os.PathLike | None, keys: Iterable[str]) -> list
     folder, is_file = _where(cache)
     if is_file:
         raise CacheError(f"The cache path {folder} is an entry file; remove it as any file, or give a folder.")
+    removed: list[str] = []
     if not folder.is_dir():
-        return []
-    removed = []
+        return removed
     with _locked(folder):
         for key in keys:
-            file = folder / entry_name(key)
-            with contextlib.suppress(FileNotFoundError):
-                _read_file(file, whole=False)
-                os.unlink(file)
+            with contextlib.suppress(FileNotFoundError), _opened(folder / entry_name(key)):
+                os.unlink(folder / entry_name(key))
                 removed.append(key)
     return removed
 
 
-def prune_entries(cache: str | os.PathLike | None, *, older_than: float | None = None,
+def prune_entries(cache: str | os.PathLike[str] | None, *, older_than: float | None = None,
                   keep_last: int | None = None, now: float | None = None) -> list[str]:
     """Remove every entry no rule keeps: ``older_than`` keeps those created at most that many seconds before
     ``now``, ``keep_last`` the newest N. An entry's time is its ``created_utc``, else its file's. Returns the
@@ -337,31 +325,31 @@ def prune_entries(cache: str | os.PathLike | None, *, older_than: float | None =
 
 def _created(entry: CacheEntry) -> float:
     with contextlib.suppress(TypeError, ValueError):
-        moment = datetime.fromisoformat(entry.attrs.get("created_utc"))
+        moment = datetime.fromisoformat(entry.attrs.get("created_utc"))  # type: ignore[arg-type]
         return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
     return os.stat(entry.path).st_mtime if entry.path else 0.0
 
 
-def export_entry(cache: str | os.PathLike | None, key: str | None, destination: str | os.PathLike) -> Path:
-    """Copy entry ``key`` of ``cache`` to ``destination`` (a file, or a folder to put it in) as one
-    self-contained entry file, atomically; a file already there is replaced only if it is the library's.
+def export_entry(cache: str | os.PathLike[str] | None, key: str | None, destination: str | os.PathLike[str]) -> Path:
+    """Copy entry ``key`` of ``cache`` (any key of an entry file) to ``destination``, a file or a folder to put
+    it in, as one self-contained entry file, atomically; a file already there is replaced only if it is an
+    entry file.
 
     >>> export_entry(None, "ImageFolder-3f2a9c1b0d4e5f60718a", "stats.h5")  # doctest: +SKIP
     PosixPath('stats.h5')
     """
     source, is_file = _where(cache)
     if not is_file:
-        if key is None:
-            raise ValueError(f"{source} is a cache folder: give the key of the entry to export.")
-        source = source / entry_name(key)
+        source = source / entry_name(check_key(key or ""))
     try:
-        data, entry = _read_file(source)
+        with _opened(source) as (handle, head, _):
+            data = head + handle.read(MAX_BYTES)
     except (FileNotFoundError, NotADirectoryError):
         raise CacheError(f"No entry {key!r} in {cache or default_cache_dir()} (see 'torchnormfit ls').") from None
-    assert entry is not None
+    entry = decode(data, str(source))  # the bytes written are the bytes checked
     target = Path(destination).expanduser()
     target = target / entry_name(entry.key) if target.is_dir() else target
-    with contextlib.suppress(FileNotFoundError):
-        _read_file(target, whole=False)
-    _atomic_write(target.parent, target, data, mode=0o644, prefix=f".{target.name}.")
+    with contextlib.suppress(FileNotFoundError), _opened(target):
+        pass
+    _atomic_write(target.parent, target, data, 0o644, prefix=f".{target.name}.")
     return target

@@ -31,7 +31,7 @@ from typing import Any
 
 from .. import __version__
 
-__all__ = ["main", "build_parser", "CliError", "MODES", "PROG", "EXIT_OK", "EXIT_FAILURE", "PLOT_EXTRA"]
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "MODES", "PLOT_EXTRA", "PROG", "CliError", "build_parser", "main"]
 
 EXIT_OK, EXIT_FAILURE = 0, 1  # usage errors exit 2, through argparse
 PROG = "torchnormfit"

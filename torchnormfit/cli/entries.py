@@ -15,12 +15,28 @@ from pathlib import Path
 from typing import Any
 
 from ..cache import (
-    CacheEntry, default_cache_dir, delete_entries, export_entry, list_entries, prune_entries, read_entry,
+    CacheEntry,
+    default_cache_dir,
+    delete_entries,
+    export_entry,
+    list_entries,
+    prune_entries,
+    read_entry,
 )
 from . import EXIT_OK, PROG, CliError
-from .report import channel_names, described, floats, normalize_line, numbers, numbers_lines, subset, summary, table
+from .report import (
+    channel_names,
+    described,
+    floats,
+    normalize_line,
+    numbers,
+    numbers_lines,
+    subset,
+    summary,
+    table,
+)
 
-__all__ = ["cache_path", "run_ls", "run_show", "run_export", "run_rm"]
+__all__ = ["cache_path", "run_export", "run_ls", "run_rm", "run_show"]
 
 _HIDDEN_ATTRS = {"format", "schema_version", "key"}
 _SHOWN_CHARS = 300
@@ -112,7 +128,9 @@ def _format_ls(path: Path, rows: list[dict[str, Any]]) -> str:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from ..transform import FitNormalize  # torch: the Normalize numbers with the transform's policy applied
+    from ..transform import (
+        FitNormalize,  # torch: the Normalize numbers with the transform's policy applied
+    )
     from .plots import check_plot, plot_normal
 
     if args.plot is not None:
@@ -182,7 +200,9 @@ def run_export(args: argparse.Namespace) -> int:
     if args.output is not None:
         print(export_entry(path, entry.key, args.output))
         return EXIT_OK
-    from ..transform import FitNormalize  # torch: the numbers with the transform's policy (constant channels)
+    from ..transform import (
+        FitNormalize,  # torch: the numbers with the transform's policy (constant channels)
+    )
 
     norm = FitNormalize.from_cache(path, entry.key)
     mean, std = norm.mean, norm.std

@@ -21,9 +21,14 @@ from ..fitting import default_num_workers
 from ..sampling import sample_pixels
 from ..transform import FitNormalize
 from . import EXIT_FAILURE, EXIT_OK, PROG, CliError
-from .folder import ImageFiles, find_unreadable, to_float_pipeline, unreadable_file_message
-from .plots import check_plot, plot_pixels
 from .entries import cache_path
+from .folder import (
+    ImageFiles,
+    find_unreadable,
+    to_float_pipeline,
+    unreadable_file_message,
+)
+from .plots import check_plot, plot_pixels
 from .report import channel_names, numbers, numbers_lines, subset, summary
 
 __all__ = ["check_usage", "run_fit"]

@@ -10,7 +10,7 @@ import torch
 
 from . import PLOT_EXTRA, CliError
 
-__all__ = ["check_plot", "plot_pixels", "plot_normal"]
+__all__ = ["check_plot", "plot_normal", "plot_pixels"]
 
 _COLORS = {"R": "tab:red", "G": "tab:green", "B": "tab:blue", "L": "0.3"}
 

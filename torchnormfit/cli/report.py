@@ -10,8 +10,18 @@ from typing import Any
 
 from . import MODES
 
-__all__ = ["numbers", "subset", "described", "summary", "channel_names", "floats", "g", "normalize_line",
-           "numbers_lines", "table"]
+__all__ = [
+    "channel_names",
+    "described",
+    "floats",
+    "g",
+    "normalize_line",
+    "numbers",
+    "numbers_lines",
+    "subset",
+    "summary",
+    "table",
+]
 
 _CONVERT_MODE = re.compile(r"ConvertMode\(mode='(\w+)'\)")  # folder.ConvertMode's repr in a cached pipeline
 
