@@ -15,14 +15,13 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
-from torchvision.transforms.v2._transform import Transform
+from torchvision.transforms.v2 import Transform
 
 from ._warn import warn
 from . import cache as _cache
-from . import resolve
+from . import statistics
 from .images import TO_FLOAT_FIX, validate_image
-from .samples import Capture
-from .sampling import StandardErrors
+from .passes import Capture, StandardErrors
 from .stats import ChannelStats
 
 __all__ = ["FitNormalize", "NotFittedError", "DEFAULT_CACHE"]
@@ -79,7 +78,7 @@ class FitNormalize(v2.Normalize):
     'pass'
     """
 
-    _record: resolve.FitRecord | None = None  # class defaults: objects pickled by 0.1 lack these
+    _record: statistics.FitRecord | None = None  # class defaults: objects pickled by 0.1 lack these
     _capture: Capture | None = None
 
     def __init__(
@@ -127,7 +126,7 @@ class FitNormalize(v2.Normalize):
         return self._key if self._key is not None else self._fitted_key
 
     @property
-    def fit_record(self) -> resolve.FitRecord | None:
+    def fit_record(self) -> statistics.FitRecord | None:
         """How the last :meth:`fit` got its statistics: cache or pass, key, verification, write."""
         return self._record
 
@@ -272,7 +271,7 @@ class FitNormalize(v2.Normalize):
             ``self``, fitted; :attr:`fit_record` says how.
         """
         self._fitted_key = None
-        record = resolve.fit_dataset(
+        record = statistics.fit_dataset(
             dataset, self, self._capturing, cache_path=self._cache_path(), key=self._key, refit=refit, verify=verify,
             image=image, max_samples=max_samples, seed=seed, process_group=process_group, batch_size=batch_size,
             num_workers=num_workers, progress=progress, device=device, pin_memory=pin_memory,
@@ -303,9 +302,9 @@ class FitNormalize(v2.Normalize):
                 "Start from fit(), partial_fit() or from_cache()."
             )
         if isinstance(data, Tensor):
-            stats, num_samples = resolve.tensor_stats(data)
+            stats, num_samples = statistics.tensor_stats(data)
         else:
-            stats, num_samples = resolve.pass_stats(data, self._capturing, **fit_options)
+            stats, num_samples = statistics.pass_stats(data, self._capturing, **fit_options)
         merged = stats if self._stats is None else self._stats.merge(stats)
         self._use_stats(merged, self._num_samples + num_samples)
         return self
@@ -322,7 +321,7 @@ class FitNormalize(v2.Normalize):
         path = self._cache_path()
         if key is None or path is None:
             raise ValueError("save() needs a cache folder and a key: pass key= here or to FitNormalize(key=..., cache=...).")
-        resolve.save_stats(path, _cache.check_key(key), self._stats, self._num_samples)
+        statistics.save_stats(path, _cache.check_key(key), self._stats, self._num_samples)
         return key
 
     @classmethod
@@ -337,7 +336,7 @@ class FitNormalize(v2.Normalize):
         >>> norm = FitNormalize.from_cache("stats.h5")  # doctest: +SKIP
         """
         path = Path(path).expanduser() if path is not None else _cache.default_cache_dir()
-        entry = resolve.load_entry(path, key)
+        entry = statistics.load_entry(path, key)
         norm = cls(cache=path, key=entry.key, inplace=inplace)
         norm._use_stats(entry.stats, entry.num_samples, entry.standard_errors)
         return norm

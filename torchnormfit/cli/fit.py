@@ -17,8 +17,7 @@ from torch.utils.data import Dataset, IterableDataset
 from torchvision.transforms import v2
 
 from ..fingerprint import describe_dataset, describe_pipeline
-from ..fitting import default_num_workers
-from ..sampling import sample_pixels
+from ..passes import default_num_workers, sample_pixels
 from ..transform import FitNormalize
 from . import EXIT_FAILURE, EXIT_OK, PROG, CliError
 from .entries import cache_path
