@@ -211,7 +211,7 @@ def test_any_json_attribute_and_any_numeric_array_round_trip(tmp_path):
     """Other parts of the library add fields through attrs and arrays only: stored generically."""
     attrs = {"deterministic": True, "gaps": ["a", "b"], "nothing": None, "settings": {"clip": [0.5, 99.5]},
              "mean_se": [0.1, 0.2, float("nan")], "levels": [[1, 2], [3, 4]], "empty": [], "text": "a\x00b",
-             "big": 2**70, "ratio": 0.25, "unicode": "ключ ✓"}
+             "big": 2**70, "ratio": 0.25, "unicode": "ключ ✓", "ragged": [[1, 2], [3]], "flags": [True, False]}
     arrays = {"counts": np.arange(12, dtype=np.uint16).reshape(3, 4), "clip_low": np.float32([1.5, 2.5]),
               "cube": np.zeros((2, 2, 2), np.int8), "value_counts": np.arange(256 * 3, dtype=np.int64)}
     write_entry(tmp_path, "k", make_stats(1), attrs, arrays=arrays)

@@ -9,6 +9,7 @@ the bytes that were checked. A file that does not begin with the first line is n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -147,9 +148,9 @@ def _storable(value: Any) -> Any:
     if isinstance(value, (float, np.floating)):
         return np.float64(value)
     if isinstance(value, (list, tuple, np.ndarray)) and len(value):
-        array = np.asarray(value) if not isinstance(value, np.ndarray) else value
-        if array.dtype.kind in "iuf" and array.ndim <= 4:
-            return array
+        with contextlib.suppress(ValueError):  # a ragged list
+            array = np.asarray(value)
+            return array if array.dtype.kind in "iuf" and array.ndim <= 4 else None
     return None
 
 
