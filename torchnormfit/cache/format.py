@@ -1,10 +1,8 @@
 """The entry file: one cache entry in one small HDF5 file that plain ``h5py`` opens (layout: docs/cache.md).
 
-Its first 512 bytes are an HDF5 user block that HDF5 skips and this module fills with three text lines:
-``torchnormfit entry``, ``schema_version 1`` and ``sha256 <hex>``, the SHA-256 of every byte after the
-block. A file is read whole, its digest checked, and only then handed to HDF5, from memory: damage on disk
-never reaches HDF5's parser (HDF5 2.0 loops forever on some damaged files), and the bytes HDF5 parses are
-the bytes that were checked. A file that does not begin with the first line is not an entry file.
+Its 512-byte HDF5 user block holds ``torchnormfit entry``, ``schema_version 1`` and ``sha256 <hex>`` (of every
+byte after the block). A file is read whole, its digest checked, and only then parsed by HDF5, from those
+bytes in memory: damage on disk never reaches HDF5's parser (HDF5 2.0 loops forever on some damaged files).
 """
 
 from __future__ import annotations
@@ -168,18 +166,21 @@ def check_attrs(key: str, attrs: Mapping[str, Any]) -> None:
                                  f"string, a list of numbers nor JSON ({error}); convert it.") from None
 
 
+def _array_ok(name: Any, dtype: np.dtype, shape: tuple[int, ...] | None) -> bool:
+    """An array an entry holds: a lowercase name, numeric, 1 to 4 dimensions, at most 2**24 elements."""
+    return isinstance(name, str) and _ARRAY_NAME.fullmatch(name) is not None and dtype.kind in "iuf" \
+        and shape is not None and 1 <= len(shape) <= 4 and math.prod(shape) <= MAX_ARRAY_ELEMENTS
+
+
 def check_arrays(key: str, arrays: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
     """The arrays as little-endian C-ordered numpy arrays, or a ValueError saying what cannot be stored."""
     checked = {}
     for name, value in (arrays or {}).items():
         array = np.asarray(value)
-        if not isinstance(name, str) or not _ARRAY_NAME.fullmatch(name):
-            raise ValueError(f"Array names must be lowercase identifiers ([a-z][a-z0-9_]*, at most 64 characters). "
-                             f"Got {name!r} for entry {key!r}.")
-        if array.dtype.kind not in "iuf" or not 1 <= array.ndim <= 4 or array.size > MAX_ARRAY_ELEMENTS:
+        if not _array_ok(name, array.dtype, array.shape):
             raise ValueError(f"Array {name!r} of entry {key!r} has dtype {array.dtype} and shape {array.shape}; the "
-                             f"cache stores numeric arrays of 1 to 4 dimensions, at most {MAX_ARRAY_ELEMENTS} "
-                             "elements (convert it, for example with .astype(np.float32)).")
+                             "cache stores numeric arrays of 1 to 4 dimensions, at most 2**24 elements, named by "
+                             "lowercase identifiers ([a-z][a-z0-9_]*, at most 64 characters).")
         checked[name] = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
     return checked
 
@@ -209,15 +210,21 @@ def _read(handle: h5py.File, where: str) -> CacheEntry:
         raise CacheError(f"{where} has no key attribute.")
     for name in json.loads(attrs.get("json_attrs", "[]")):
         attrs[name] = json.loads(attrs[name])
-    vectors = {name: _vector(handle, name, where) for name in VECTORS}
+    vectors = {}
+    for name in VECTORS:  # each checked by its metadata before its data is read
+        dataset = _member(handle, name, h5py.Dataset, where)
+        if dataset.dtype != np.float64 or dataset.shape is None or not 1 <= len(dataset) <= MAX_CHANNELS \
+                or dataset.ndim != 1:
+            raise CacheError(f"{where}: {name!r} is {dataset.dtype} of shape {dataset.shape}, expected float64 "
+                             f"(C,), 1 <= C <= {MAX_CHANNELS}.")
+        vectors[name] = np.asarray(dataset[()], dtype=np.float64)
     validate(vectors, where)
     arrays = {}
     if handle.get(ARRAYS, getlink=True) is not None:
         group = _member(handle, ARRAYS, h5py.Group, where)
         for name in sorted(group):
             dataset = _member(group, name, h5py.Dataset, where)
-            if not _ARRAY_NAME.fullmatch(name) or dataset.dtype.kind not in "iuf" or dataset.shape is None \
-                    or not 1 <= dataset.ndim <= 4 or dataset.size > MAX_ARRAY_ELEMENTS:
+            if not _array_ok(name, dataset.dtype, dataset.shape):
                 raise CacheError(f"{where}: array {name!r} ({dataset.dtype}, shape {dataset.shape}) is not a "
                                  "lowercase-named numeric array of 1 to 4 dimensions.")
             arrays[name] = dataset[()]
@@ -234,16 +241,6 @@ def _member(group: h5py.Group, name: str, kind: type, where: str) -> Any:
     if not isinstance(item, kind) or (isinstance(item, h5py.Dataset) and (item.is_virtual or item.external)):
         raise CacheError(f"{where}: {name!r} is not a {kind.__name__.lower()} stored in the file.")
     return item
-
-
-def _vector(handle: h5py.File, name: str, where: str) -> np.ndarray:
-    """One (C,) float64 dataset, checked by its metadata before its data is read."""
-    dataset = _member(handle, name, h5py.Dataset, where)
-    if dataset.dtype != np.float64 or dataset.shape is None or len(dataset.shape) != 1 \
-            or not 1 <= dataset.shape[0] <= MAX_CHANNELS:
-        raise CacheError(f"{where}: {name!r} is {dataset.dtype} of shape {dataset.shape}, expected float64 (C,), "
-                         f"1 <= C <= {MAX_CHANNELS}.")
-    return np.asarray(dataset[()], dtype=np.float64)
 
 
 def _plain(value: Any) -> Any:

@@ -174,8 +174,8 @@ def _format_show(report: dict[str, Any]) -> str:
     lines = [
         f"key: {report['key']}",
         f"cache: {report['cache']}",
-        f"images: {report['num_samples']:,}   pixels per channel: {report['pixels_per_channel']:,}   "
-        f"channels: {len(report['channels'])}",
+        (f"images: {report['num_samples']:,}   pixels per channel: {report['pixels_per_channel']:,}   "
+         f"channels: {len(report['channels'])}"),
         *numbers_lines(report),
         "",
         "provenance:",
