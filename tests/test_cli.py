@@ -258,6 +258,9 @@ def test_subset_standard_error_covers_the_full_pass(tmp_path, capsys):
         assert 0 < subset["mean_se"][c] < 0.1 and 0 < subset["std_se"][c] < 0.1
         assert abs(report["mean"][c] - full_mean[c]) <= 3 * subset["mean_se"][c]
         assert abs(report["std"][c] - full_std[c]) <= 3 * subset["std_se"][c]
+    code, out, err = call(capsys, "fit", root, "--max-samples", 40, "--seed", 7, "--cache", tmp_path / "cache",
+                          "--workers", 0)  # the human table, standard errors included (a cache hit)
+    assert code == 0 and "(se)" in out and f"± {subset['mean_se'][0]:.2g}" in out, err
     chosen = [paths[i] for i in subset_indices(90, 40, seed=7)]  # the subset is the documented one
     mean, std, _ = reference(chosen, "RGB")
     np.testing.assert_allclose(report["mean"], mean, rtol=0, atol=TOLERANCE)

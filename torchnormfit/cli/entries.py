@@ -106,7 +106,7 @@ def _ago(text: str | None, now: float) -> str:
     return "just now"
 
 
-def _size(count: int) -> str:
+def _size(count: float) -> str:
     for unit in ("B", "KB", "MB"):
         if count < 1024 or unit == "MB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
@@ -128,9 +128,8 @@ def _format_ls(path: Path, rows: list[dict[str, Any]]) -> str:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from ..transform import (
-        FitNormalize,  # torch: the Normalize numbers with the transform's policy applied
-    )
+    # torch: the Normalize numbers with the transform's policy applied
+    from ..transform import FitNormalize
     from .plots import check_plot, plot_normal
 
     if args.plot is not None:
@@ -138,6 +137,7 @@ def run_show(args: argparse.Namespace) -> int:
     path = cache_path(args.cache)
     attrs = _read(path, args.key).attrs
     norm = FitNormalize.from_cache(path, attrs["key"])
+    assert norm.mean is not None and norm.stats is not None  # from_cache sets them or raises
     source = described(attrs)
     names = channel_names(source, attrs.get("pipeline", ""), len(norm.mean))
     report = {
@@ -200,12 +200,11 @@ def run_export(args: argparse.Namespace) -> int:
     if args.output is not None:
         print(export_entry(path, entry.key, args.output))
         return EXIT_OK
-    from ..transform import (
-        FitNormalize,  # torch: the numbers with the transform's policy (constant channels)
-    )
+    # torch: the numbers with the transform's policy (a constant channel's std is 1)
+    from ..transform import FitNormalize
 
     norm = FitNormalize.from_cache(path, entry.key)
-    mean, std = norm.mean, norm.std
+    mean, std = norm.mean or [], norm.std or []
     if args.format == "normalize":
         print(normalize_line(mean, std))
     elif args.format == "json":

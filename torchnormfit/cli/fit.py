@@ -101,6 +101,7 @@ def run_fit(args: argparse.Namespace) -> int:
     norm = FitNormalize(cache=path, key=args.key)
     dataset, skipped = _fit(norm, _open_source(args, norm), args)
     record = norm.fit_record
+    assert record is not None and norm.mean is not None and norm.std is not None  # fit() sets them or raises
     cached, saved = record.source == "cache", record.written
     stream = isinstance(dataset, IterableDataset)
     described = describe_dataset(dataset)
@@ -181,7 +182,7 @@ def _open_shards(args: argparse.Namespace, norm: FitNormalize) -> Dataset:
             .to_tuple(_IMAGE_ENTRIES).map_tuple(pipeline))
 
 
-def _fit(norm: FitNormalize, dataset: Dataset, args: argparse.Namespace) -> tuple[Dataset, list[str]]:
+def _fit(norm: FitNormalize, dataset: Any, args: argparse.Namespace) -> tuple[Any, list[str]]:
     """``norm.fit(dataset)``; with --skip-bad, an unreadable file makes it fit the readable files instead.
 
     Returns the dataset fitted and the paths of the files skipped.

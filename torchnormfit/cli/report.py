@@ -14,7 +14,6 @@ __all__ = [
     "channel_names",
     "described",
     "floats",
-    "g",
     "normalize_line",
     "numbers",
     "numbers_lines",
@@ -87,16 +86,16 @@ def floats(values: Any) -> list[float | None]:
     return [None if math.isnan(v) else float(v) for v in items]
 
 
-def g(value: float | None) -> str:
+def _g(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.8g}"
 
 
-def se(value: float | None) -> str:
+def _se(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"± {value:.2g}"
 
 
 def normalize_line(mean: Sequence[float], std: Sequence[float]) -> str:
-    return f"transforms.Normalize(mean=[{', '.join(map(g, mean))}], std=[{', '.join(map(g, std))}])"
+    return f"transforms.Normalize(mean=[{', '.join(map(_g, mean))}], std=[{', '.join(map(_g, std))}])"
 
 
 def numbers_lines(report: dict[str, Any]) -> list[str]:
@@ -105,11 +104,11 @@ def numbers_lines(report: dict[str, Any]) -> list[str]:
     se = ["(se)"] if subset else []
     rows = [["channel", "mean", *se, "std", *se, "min", "max"]]
     for c, name in enumerate(report["channels"]):
-        row = [name, g(report["mean"][c])]
-        row += [se(subset["mean_se"][c])] if subset else []
-        row += [g(report["std"][c])]
-        row += [se(subset["std_se"][c])] if subset else []
-        rows.append(row + [g(report["min"][c]), g(report["max"][c])])
+        row = [name, _g(report["mean"][c])]
+        row += [_se(subset["mean_se"][c])] if subset else []
+        row += [_g(report["std"][c])]
+        row += [_se(subset["std_se"][c])] if subset else []
+        rows.append(row + [_g(report["min"][c]), _g(report["max"][c])])
     note = ["(± se: standard error of the subset's value against the full pass)"] if subset else []
     return ["", *table(rows), *note, "", report["normalize"]]
 
