@@ -36,8 +36,7 @@ import h5py
 import numpy as np
 import torch
 
-from torchnormfit import ChannelStats
-from torchnormfit import cache
+from torchnormfit import ChannelStats, cache
 
 FORK = multiprocessing.get_context("fork")
 
@@ -85,11 +84,11 @@ def section_entries(sizes: list[int], rounds: int, tmp: Path) -> list[dict]:
     for round_ in range(rounds):  # interleaved: every size once per round
         for size in sizes:
             path = caches[size]
-            saves[size].append(_timed(lambda: cache.write_entry(path, "probe", stats_for(10**6 + round_),
-                                                                attrs_for(round_))))
+            saves[size].append(_timed(lambda path=path, round_=round_: cache.write_entry(
+                path, "probe", stats_for(10**6 + round_), attrs_for(round_))))
             cache.delete_entries(path, ["probe"])
             key = f"key-{rng.randrange(size):05d}"
-            hits[size].append(_timed(lambda: cache.read_entry(path, key)))
+            hits[size].append(_timed(lambda path=path, key=key: cache.read_entry(path, key)))
     base_save, base_hit = statistics.median(saves[sizes[0]]), statistics.median(hits[sizes[0]])
     rows = []
     for size in sizes:
@@ -105,7 +104,7 @@ def section_listing(sizes: list[int], tmp: Path) -> list[dict]:
     times: dict[int, list[float]] = {size: [] for size in sizes}
     for _ in range(3):
         for size in sizes:
-            times[size].append(_timed(lambda: cache.list_entries(tmp / f"entries-{size}")))
+            times[size].append(_timed(lambda size=size: cache.list_entries(tmp / f"entries-{size}")))
     rows = []
     for size in sizes:
         seconds = statistics.median(times[size])
@@ -173,7 +172,7 @@ def section_foreign(size: int, rounds: int, tmp: Path) -> list[dict]:
             results[path].append(_in_child(path, warm))
     base = statistics.median(r["s"] for r in results[small])
     rows = []
-    for name, path in (("1 MiB", small), (f"{path.stat().st_size / 2**30:.2f} GiB", large)):
+    for name, path in (("1 MiB", small), (f"{large.stat().st_size / 2**30:.2f} GiB", large)):
         seconds = statistics.median(r["s"] for r in results[path])
         rows.append({"file": name, "bytes": path.stat().st_size, "refused": all(r["refused"] for r in results[path]),
                      "ms": seconds * 1000, "x": seconds / base,

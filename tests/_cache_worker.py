@@ -37,8 +37,7 @@ from pathlib import Path
 import filelock
 import torch
 
-from torchnormfit import ChannelStats
-from torchnormfit import cache
+from torchnormfit import ChannelStats, cache
 
 
 def make_stats(seed: int, channels: int = 3, pixels: int = 1000) -> ChannelStats:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -39,12 +38,19 @@ import torch
 import torchnormfit
 from torchnormfit import CacheError, CacheWarning, ChannelStats, FitNormalize, cache
 from torchnormfit.cache import (
-    check_key, default_cache_dir, delete_entries, entry_name, export_entry, list_entries, read_entry, write_entry,
+    check_key,
+    default_cache_dir,
+    delete_entries,
+    entry_name,
+    export_entry,
+    list_entries,
+    read_entry,
+    write_entry,
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _cache_worker  # noqa: E402
-from _cache_worker import entry_attrs, entry_file, make_stats, temp_names  # noqa: E402
+from _cache_worker import entry_attrs, make_stats, temp_names  # noqa: E402
 from datasets_for_tests import CountingDataset  # noqa: E402
 
 WORKER = Path(__file__).with_name("_cache_worker.py")

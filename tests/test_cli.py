@@ -25,10 +25,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-
-from reference import truth
 from _cache_worker import entry_attrs, entry_file, make_stats
+from reference import truth
 from test_folder import random_image, tree, write_image  # noqa: F401 (tree: a fixture)
+
 from torchnormfit import list_entries
 from torchnormfit.cache import write_entry
 from torchnormfit.cli import main

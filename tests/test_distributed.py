@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from datasets_for_tests import CountingDataset, FailingDataset
+
 from torchnormfit import FitNormalize, NotFittedError, list_entries
 
 TESTS = str(Path(__file__).parent)

@@ -6,15 +6,14 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import h5py
 import pytest
 import torch
+from datasets_for_tests import CountingDataset
 from torchvision.transforms import v2
 
-from datasets_for_tests import CountingDataset
 from torchnormfit import CacheError, CacheWarning, FitNormalize, list_entries
 
 TESTS = Path(__file__).parent
@@ -22,7 +21,7 @@ TESTS = Path(__file__).parent
 
 def run_python(code, **env):
     """Run code in a fresh interpreter (a new 'run' of a user's script); return its JSON output."""
-    script = "import sys, json; sys.path.insert(0, %r)\n" % str(TESTS) + textwrap.dedent(code)
+    script = f"import sys, json; sys.path.insert(0, {str(TESTS)!r})\n" + textwrap.dedent(code)
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, **env}, timeout=300
     )

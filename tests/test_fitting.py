@@ -1,20 +1,19 @@
 """The fit pass: exact statistics through real DataLoaders, in-pipeline capture, bad input."""
 
 import multiprocessing
-import warnings
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from torch.utils.data import Dataset, Subset, TensorDataset
+from datasets_for_tests import CountingDataset, FailingDataset
+from reference import truth
+from torch.utils.data import Dataset, TensorDataset
 from torchvision import transforms as v1
 from torchvision import tv_tensors
 from torchvision.datasets import FakeData, ImageFolder
 from torchvision.transforms import v2
 
-from datasets_for_tests import CountingDataset, FailingDataset
-from reference import truth
 from torchnormfit import FitNormalize, NotFittedError
 from torchnormfit.passes import default_batch_size
 
@@ -67,7 +66,6 @@ def test_order_does_not_matter():
 
 def test_mixed_size_png_folder_weighs_every_pixel_the_same(tmp_path):
     rng = np.random.default_rng(1)
-    images = []
     for index, (w, h) in enumerate([(5, 7), (16, 3), (9, 9), (31, 17), (5, 7), (2, 40)]):
         folder = tmp_path / f"class{index % 2}"
         folder.mkdir(exist_ok=True)
@@ -292,7 +290,7 @@ def test_keyboard_interrupt_leaves_it_unfitted_and_uncached(tmp_path):
 def _peak_growth_mib(num_images: int, conn) -> None:
     """In a forked child: how far the peak RSS rises above the RSS before a fit of ``num_images`` 3x64x64 images."""
     def status(field):
-        line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
+        line = next(row for row in open("/proc/self/status") if row.startswith(field + ":"))
         return int(line.split()[1]) / 1024
 
     with open("/proc/self/clear_refs", "w") as f:

@@ -13,7 +13,13 @@ import PIL.Image
 import pytest
 import torch
 
-from torchnormfit.cli.folder import BadImageError, ImageFiles, find_unreadable, to_float_pipeline, unreadable_file_message
+from torchnormfit.cli.folder import (
+    BadImageError,
+    ImageFiles,
+    find_unreadable,
+    to_float_pipeline,
+    unreadable_file_message,
+)
 
 
 def random_image(rng: np.random.Generator, size: tuple[int, int], channels: int, brightness: float) -> np.ndarray:

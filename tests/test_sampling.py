@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
-
 from reference import truth
 from test_folder import tree  # noqa: F401 (a fixture)
+from torch.utils.data import TensorDataset
+
 from torchnormfit import ChannelStats
 from torchnormfit.cli.folder import ImageFiles, to_float_pipeline
 from torchnormfit.passes import run_pass

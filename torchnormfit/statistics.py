@@ -30,9 +30,10 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,10 +41,11 @@ import torchvision
 from torch.utils.data import Dataset
 
 from . import cache
+from ._version import __version__
 from ._warn import warn
 from .distributed import current_ranks, on_root
 from .fingerprint import describe_dataset, describe_pipeline, fingerprint
-from .passes import Capture, PassResult, StandardErrors, rereading, run_pass, tensor_stats
+from .passes import Capture, PassResult, StandardErrors, dataset_length, rereading, run_pass, tensor_stats
 from .stats import ChannelStats
 from .verification import DEFAULT_VERIFY, MAX_VERIFY, Verification, image_moments, threshold, verify_in_stages
 
@@ -51,7 +53,7 @@ __all__ = ["FitRecord", "fit_dataset", "pass_stats", "save_stats", "load_entry",
 
 logger = logging.getLogger("torchnormfit")
 
-Capturing = Callable[[], ContextManager[Capture]]
+Capturing = Callable[[], AbstractContextManager[Capture]]
 """Puts the FitNormalize being fitted in capture mode for the duration of a ``with``."""
 
 
@@ -103,9 +105,11 @@ def fit_dataset(
     settings: dict[str, Any] = {"image": image, "ddof": 0, "statistic": "per-channel population mean/std"}
     if max_samples is not None:
         settings.update(max_samples=max_samples, seed=seed)
-    printed = fingerprint(dataset, norm, settings) if key is None else None
-    key = key if printed is None else printed.key
-    gaps = () if printed is None else printed.gaps
+    if key is None:
+        printed = fingerprint(dataset, norm, settings)
+        key, gaps = printed.key, printed.gaps
+    else:
+        printed, gaps = None, ()
     ranks = current_ranks(process_group)
     note = "refit=True" if refit else ("no cache (cache=None)" if cache_path is None else "")
     verification = None
@@ -117,6 +121,8 @@ def fit_dataset(
         verification, note = lookup.verification, lookup.note
     result, errors = _pass(dataset, capturing, image, max_samples, seed, process_group, loader,
                            track=cache_path is not None)
+    stats = result.stats
+    assert stats is not None  # run_pass raises when it read no image
     if printed is not None and not printed.found_norm and result.captured:
         warn(
             f"The FitNormalize being fitted measured the images inside {type(dataset).__name__}'s pipeline, but the "
@@ -127,11 +133,12 @@ def fit_dataset(
     if cache_path is not None:
         attrs = {**_provenance(dataset, norm, result.num_samples, gaps),
                  **_subset_provenance(dataset, max_samples, seed, errors)}
-        written = on_root(ranks, lambda: _save(cache_path, key, result.stats, attrs, _arrays(result.tracked)))
+        written = on_root(ranks, lambda: _save(cache_path, key, stats, attrs, _arrays(result.tracked)))
         if not written:
-            why = "cache= names a file, which a fit only reads" if cache.is_entry_file(cache_path) else "it could not be written"
+            why = ("cache= names a file, which a fit only reads" if cache.is_entry_file(cache_path)
+                   else "it could not be written")
             note = "; ".join(filter(None, [note, f"not saved: {why}"]))
-    return FitRecord("pass", key, cache_path, verification, written, note, gaps, result.stats, result.num_samples, errors)
+    return FitRecord("pass", key, cache_path, verification, written, note, gaps, stats, result.num_samples, errors)
 
 
 def pass_stats(
@@ -140,6 +147,7 @@ def pass_stats(
     """One pass with no cache involved (``partial_fit``): statistics and the number of images."""
     result, _ = _pass(dataset, capturing, options.pop("image", None), options.pop("max_samples", None),
                       options.pop("seed", 0), options.pop("process_group", None), options)
+    assert result.stats is not None  # run_pass raises when it read no image
     return result.stats, result.num_samples
 
 
@@ -205,7 +213,7 @@ def _verify(
     """Read up to ``verify`` of the entry's tracked images again (a fresh random draw; a stream's first
     images, in order) and test them against it, in :func:`~torchnormfit.verification.stages`."""
     channels = entry.stats.num_channels
-    with capturing() as capture, rereading(dataset, samples["index"], verify, capture, image) as (rows, read):
+    with capturing() as capture, rereading(dataset, samples["index"].tolist(), verify, capture, image) as (rows, read):
         try:
             return verify_in_stages(
                 torch.from_numpy(np.asarray(samples["mean"][rows], dtype=np.float64)),
@@ -287,8 +295,6 @@ def _save(path: Path, key: str, stats: ChannelStats, attrs: dict[str, Any], arra
 
 
 def _provenance(dataset: Dataset | None, norm: Any, num_samples: int, gaps: Sequence[str]) -> dict[str, Any]:
-    from . import __version__
-
     return {
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch_version": str(torch.__version__),
@@ -319,7 +325,7 @@ def _subset_provenance(
     return {
         "max_samples": max_samples,
         "seed": seed,
-        "population": len(dataset),
+        "population": dataset_length(dataset),
         "mean_se": errors.mean.tolist(),
         "std_se": errors.std.tolist(),
     }

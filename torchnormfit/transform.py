@@ -14,12 +14,12 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2 import Transform
+from torchvision.transforms.v2 import functional as F
 
-from ._warn import warn
 from . import cache as _cache
 from . import statistics
+from ._warn import warn
 from .images import TO_FLOAT_FIX, validate_image
 from .passes import Capture, StandardErrors
 from .stats import ChannelStats
@@ -194,6 +194,8 @@ class FitNormalize(v2.Normalize):
 
     def _check(self, image: Tensor) -> None:
         """What v2's kernel cannot know: fitted statistics are for one channel count; a std may underflow."""
+        if self.mean is None or self.std is None:  # not fitted: __call__ said so
+            return
         if self._stats is not None and image.shape[-3] != len(self.mean):
             raise ValueError(
                 f"{type(self).__name__} has statistics for {len(self.mean)} channels, but the input has "
@@ -320,7 +322,8 @@ class FitNormalize(v2.Normalize):
         key = key if key is not None else self._key
         path = self._cache_path()
         if key is None or path is None:
-            raise ValueError("save() needs a cache folder and a key: pass key= here or to FitNormalize(key=..., cache=...).")
+            raise ValueError(
+                "save() needs a cache folder and a key: pass key= here or to FitNormalize(key=..., cache=...).")
         statistics.save_stats(path, _cache.check_key(key), self._stats, self._num_samples)
         return key
 
@@ -383,6 +386,7 @@ class FitNormalize(v2.Normalize):
         """
         mean, std = self._per_channel()
         bn = _FrozenBatchNorm2d(len(mean), eps=0.0, momentum=0.0, affine=False)
+        assert bn.running_mean is not None and bn.running_var is not None  # track_running_stats=True
         with torch.no_grad():
             bn.running_mean.copy_(torch.tensor(mean))
             bn.running_var.copy_(torch.tensor(std, dtype=torch.float64).square())

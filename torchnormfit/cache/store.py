@@ -253,7 +253,8 @@ def _locked(folder: Path) -> Iterator[None]:
         lock = filelock.FileLock(folder / LOCK_NAME, timeout=timeout).acquire()
     except filelock.Timeout as error:
         raise OSError(errno.ETIMEDOUT, f"Could not lock {folder / LOCK_NAME} within {timeout:g} s: another live "
-                      "process is writing this cache. Wait for it, or raise $TORCHNORMFIT_CACHE_LOCK_TIMEOUT.") from error
+                      "process is writing this cache. Wait for it, or raise $TORCHNORMFIT_CACHE_LOCK_TIMEOUT.") \
+            from error
     with lock:
         for item in os.scandir(folder / TMP_DIR):  # under the lock, every temporary file is a dead writer's
             if item.name.startswith("entry-") and item.name.endswith(".tmp"):
@@ -330,7 +331,9 @@ def _created(entry: CacheEntry) -> float:
     return os.stat(entry.path).st_mtime if entry.path else 0.0
 
 
-def export_entry(cache: str | os.PathLike[str] | None, key: str | None, destination: str | os.PathLike[str]) -> Path:
+def export_entry(
+    cache: str | os.PathLike[str] | None, key: str | None, destination: str | os.PathLike[str]
+) -> Path:
     """Copy entry ``key`` of ``cache`` (any key of an entry file) to ``destination``, a file or a folder to put
     it in, as one self-contained entry file, atomically; a file already there is replaced only if it is an
     entry file.

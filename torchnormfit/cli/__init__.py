@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "MODES", "PLOT_EXTRA", "PROG", "CliError", "build_parser", "main"]
 

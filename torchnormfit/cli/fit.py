@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, IterableDataset
 from torchvision.transforms import v2
 
 from ..fingerprint import describe_dataset, describe_pipeline
-from ..passes import default_num_workers, sample_pixels
+from ..passes import sample_pixels
 from ..transform import FitNormalize
 from . import EXIT_FAILURE, EXIT_OK, PROG, CliError
 from .entries import cache_path
@@ -165,7 +165,7 @@ def _is_shards(source: str) -> bool:
 def _open_shards(args: argparse.Namespace, norm: FitNormalize) -> Dataset:
     """The shards as a WebDataset: the first image entry of each sample, decoded to float in [0, 1].
 
-    Also caps ``--workers`` at the number of shards: a worker without a shard would only idle.
+    The fit caps ``--workers`` at the number of shards (a worker without a shard would only idle).
     """
     try:
         import webdataset as wds
@@ -176,7 +176,6 @@ def _open_shards(args: argparse.Namespace, norm: FitNormalize) -> Dataset:
     if missing:
         raise CliError(f"{len(missing)} of the {len(urls)} shards of {args.source!r} do not exist, "
                        f"for example {missing[0]}. Check the path and the {{first..last}} range.")
-    args.workers = min(len(urls), args.workers if args.workers is not None else default_num_workers())
     pipeline = _ending_in(norm, to_float_pipeline(args.mode or "RGB", args.resize, args.center_crop))
     return (wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil")
             .to_tuple(_IMAGE_ENTRIES).map_tuple(pipeline))
@@ -205,7 +204,7 @@ def _fit(norm: FitNormalize, dataset: Any, args: argparse.Namespace) -> tuple[An
     print(f"{PROG}: found an unreadable file; checking every file (--skip-bad)", file=sys.stderr)
     bad = find_unreadable(dataset, **loader)
     for _, message in bad:
-        warnings.warn(f"skipped: {message}", UserWarning)
+        warnings.warn(f"skipped: {message}", UserWarning, stacklevel=2)
     if len(bad) == len(dataset):
         raise CliError(f"None of the {len(dataset)} image files could be read.")
     readable = dataset.without(index for index, _ in bad)
