@@ -1,6 +1,6 @@
 """Worker processes for tests/test_cache.py: real writers, lock holders and fault injection.
 
-A cache is a folder of entry files (torchnormfit/cache, docs/cache.md); ``path`` below is that folder.
+A cache is a folder of entry files (torchnormfit/cache, docs/cache-format.md); ``path`` below is that folder.
 
 Run as ``python tests/_cache_worker.py MODE '<json options>'``. Every mode ends by
 printing one JSON line (its result) on stdout. The helpers at the top

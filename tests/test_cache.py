@@ -1,10 +1,10 @@
-"""The cache folder (torchnormfit/cache, docs/cache.md): entry files, hostile files, crashes and concurrency.
+"""The cache folder (torchnormfit/cache, docs/cache-format.md): entry files, hostile files, crashes and concurrency.
 
 Everything here uses real files on disk and real processes; nothing is mocked. Processes come in two
 kinds: children forked from this test process (they start in milliseconds, so the default run can afford
 dozens of kills and writers) and fresh interpreters started with ``sys.executable tests/_cache_worker.py``
 (each pays for its imports, so the default run starts only a few and the ``slow`` rounds the rest).
-The figures docs/cache.md quotes are printed by the tests (run with ``-s`` to see them).
+The figures docs/cache-format.md quotes are printed by the tests (run with ``-s`` to see them).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def seal(path: Path) -> None:
 
 
 def write_by_hand(path: Path, key: str, stats: ChannelStats, change=None, **attrs) -> Path:
-    """An entry file written with plain h5py following docs/cache.md, ``change(handle)`` applied, then sealed."""
+    """An entry file written with plain h5py following docs/cache-format.md, ``change(handle)`` applied, then sealed."""
     with h5py.File(path, "w", userblock_size=512) as f:
         f.attrs.update({"format": "torchnormfit.entry", "schema_version": 1, "key": key, **attrs})
         values = {**stats.to_dict(), "std": stats.std}
@@ -178,7 +178,7 @@ def test_round_trip_keeps_values_bit_for_bit_and_provenance(tmp_path):
 
 
 def test_entry_file_is_plain_hdf5_with_the_documented_header(tmp_path):
-    """What docs/cache.md promises a person with plain h5py, and a reader without torchnormfit."""
+    """What docs/cache-format.md promises a person with plain h5py, and a reader without torchnormfit."""
     path = tmp_path / "cache"
     stats = make_stats(7, channels=4)
     arrays = {"index": np.arange(5), "mean": np.random.default_rng(0).random((5, 4))}

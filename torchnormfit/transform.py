@@ -62,7 +62,7 @@ class FitNormalize(v2.Normalize):
         The folder that keeps fitted statistics across runs, one HDF5 file per
         entry (created on the first save); ``None`` disables it. An existing
         file is one entry file (``torchnormfit export``), which a fit reads and
-        verifies like any entry but never writes (see docs/cache.md).
+        verifies like any entry but never writes (see docs/cache-format.md).
     key : str, optional
         Cache entry name; by default a fingerprint of the dataset and the
         transforms before this one.

@@ -1,7 +1,7 @@
 """The statistics cache: a folder of small HDF5 entry files, one per key, that plain ``h5py`` opens.
 
 ``format`` is the entry file (schema, digest checked before HDF5 parses it); ``store`` is the folder
-(names, lock, atomic writes, removal, export). The layout is documented in docs/cache.md.
+(names, lock, atomic writes, removal, export). The layout is documented in docs/cache-format.md.
 """
 
 from .format import (

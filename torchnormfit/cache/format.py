@@ -1,4 +1,4 @@
-"""The entry file: one cache entry in one small HDF5 file that plain ``h5py`` opens (layout: docs/cache.md).
+"""The entry file: one cache entry in one small HDF5 file that plain ``h5py`` opens (layout: docs/cache-format.md).
 
 Its 512-byte HDF5 user block holds ``torchnormfit entry``, ``schema_version 1`` and ``sha256 <hex>`` (of every
 byte after the block). A file is read whole, its digest checked, and only then parsed by HDF5, from those

@@ -4,7 +4,7 @@ Writers hold ``<folder>/.torchnormfit.lock`` (an flock the OS releases when its 
 its file into ``<folder>/.torchnormfit-tmp/``, fsyncs it and ``os.replace``-s it onto its name: a crash
 leaves the old entry or the new one, and under the lock every temporary file is a dead writer's. Only files
 that begin with the entry header (the library's) are ever replaced, moved aside or removed. Readers take
-no lock. See docs/cache.md.
+no lock. See docs/cache-format.md.
 """
 
 from __future__ import annotations
