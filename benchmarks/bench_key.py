@@ -37,8 +37,8 @@ from torchvision.transforms import v2
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from torchnormfit import FitNormalize
-from torchnormfit.key import fingerprint
+from torchnormfit import FitNormalize  # noqa: E402 (this checkout, not an installed copy)
+from torchnormfit.key import fingerprint  # noqa: E402
 
 
 def old_fingerprint(revision: str) -> Any:

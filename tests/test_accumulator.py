@@ -14,10 +14,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import truth
 from torch import nn
 
-from torchnormfit import BatchNormAccumulator, ChannelStats, accumulator
+from reference import truth
+from torchnormfit import BatchNormAccumulator, ChannelStats
+from torchnormfit import accumulator
 from torchnormfit.accumulator import batch_stats
 
 C = 3

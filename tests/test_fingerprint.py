@@ -15,7 +15,7 @@ import torch
 from datasets_for_tests import CountingDataset, FileList, Holder, Store
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
+from torch.utils.data import ConcatDataset, Subset, TensorDataset
 from torchvision import transforms as v1
 from torchvision.datasets import FakeData, ImageFolder
 from torchvision.transforms import v2

@@ -6,13 +6,7 @@ import pytest
 import torch
 
 from torchnormfit.verification import (
-    EARLY_PASS_T,
-    FALSE_ALARM_BOUND,
-    FIRST_STAGE_SHARE,
-    compare,
-    image_moments,
-    stages,
-    threshold,
+    EARLY_PASS_T, FALSE_ALARM_BOUND, FIRST_STAGE_SHARE, compare, image_moments, stages, threshold,
     verify_in_stages,
 )
 

@@ -71,6 +71,11 @@ class ChannelStats:
     """
 
     __slots__ = _FIELDS
+    count: Tensor
+    mean: Tensor
+    m2: Tensor
+    min: Tensor
+    max: Tensor
 
     def __init__(self, count: Tensor, mean: Tensor, m2: Tensor, min: Tensor, max: Tensor):
         # Copies, so that no caller's tensor (an accumulator's buffers, a dict it handed in) aliases ours.

@@ -53,11 +53,11 @@ PATH_MAX = 4096  # longer text names no file
 _PLAIN = frozenset({str, int, float, bool})  # the items of a file list or labels, described as text lines
 
 
-class Multiset(list):  # type: ignore[type-arg]
+class Multiset(list[Any]):
     """Items described as a multiset: their order cannot change the statistics."""
 
 
-class Whole(list):  # type: ignore[type-arg]
+class Whole(list[Any]):
     """Items described in order, every one (a stream's stages: none is skipped after the FitNormalize)."""
 
 
@@ -537,7 +537,8 @@ def describe_dataset(dataset: Any) -> dict[str, Any]:
             described[name] = describe_dataset(value)
         elif isinstance(value, (bool, int, float)):
             described[name] = value
-        elif isinstance(value, (list, tuple)) and len(value) <= _SHOWN and all(isinstance(v, (int, float)) for v in value):
+        elif isinstance(value, (list, tuple)) and len(value) <= _SHOWN and all(
+                isinstance(v, (int, float)) for v in value):
             described[name] = list(value)
     return described
 

@@ -186,7 +186,8 @@ class _Walk:
             return _sha(b"tensor", _text(str(value.dtype)), _text(str(tuple(value.shape))), _tensor_bytes(value, whole))
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject or value.dtype.kind == "U":  # file lists among them
-                return _sha(b"object array", _text(str(value.shape)), self._sequence(value.ravel().tolist(), where, data))
+                items = self._sequence(value.ravel().tolist(), where, data)
+                return _sha(b"object array", _text(str(value.shape)), items)
             whole = not data and value.nbytes <= _WHOLE_BYTES
             return _sha(b"ndarray", _text(str(value.shape)), _array_bytes_np(value, whole))
         if isinstance(value, os.PathLike):
@@ -338,7 +339,8 @@ class _Walk:
         roots = folders(attributes) if data else []
         self.files.roots.extend(roots)
         try:
-            parts = [_text(name) + self._attribute(attributes[name], f"{where}.{name}", data) for name in sorted(attributes)]
+            parts = [_text(name) + self._attribute(attributes[name], f"{where}.{name}", data)
+                     for name in sorted(attributes)]
         finally:
             del self.files.roots[len(self.files.roots) - len(roots):]
         return _sha(b"object", self._class(kind, where), *parts)
