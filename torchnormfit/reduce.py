@@ -1,0 +1,344 @@
+"""The reduction kernel: a batch of images (with a mask and ignored values) -> exact per-channel statistics.
+
+Three paths, picked by what the batch is:
+
+- float, every pixel kept: rows of pixels summed in their own dtype over short chunks, centred only where
+  their spread is small against their mean (:func:`_dense_stats`);
+- float with a mask or ignored values: two passes over the kept pixels, the second around the first's mean
+  (:func:`_masked_stats`);
+- integer (uint8, int8, int16, uint16, int32): counted per value (:class:`~torchnormfit.values.ValueCounts`),
+  so count, mean, M2, min and max come from exact integer counts, in the data's own units.
+
+All three pool their rows per channel in float64 with Chan's formula; see :func:`batch_stats`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from .stats import ChannelStats
+from .values import ValueCounts
+
+__all__ = ["batch_stats", "reuse_buffer", "ignore_values", "pixel_rows", "INTEGER_DTYPES", "Ignore"]
+
+Ignore = Union[float, Sequence[float], Tensor, None]
+"""``ignore=``: one value for every channel, one per channel, or NaN (NaN pixels); None keeps every pixel."""
+
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32)
+"""Integer image dtypes fitted in their own units (counted per value)."""
+
+_BLOCK_BYTES = 1 << 20  # rows are reduced ~1 MiB at a time, so each block is still in the CPU cache for all its sums
+_CHUNK = 128  # pixels per float partial sum; bounds the rounding of each (see batch_stats)
+_UNCENTRED = 5.0  # a row is reduced uncentred when its sum of squares is at most this many times its M2
+_SCRATCH = threading.local()  # each thread's buffer for the rows it centres
+
+
+def batch_stats(
+    images: Tensor,
+    *,
+    ignore: Ignore = None,
+    mask: Tensor | None = None,
+    spatial_dims: int = 2,
+    values: bool = False,
+) -> ChannelStats:
+    """Exact per-channel statistics of a batch ``(..., C, *spatial)`` of the pixels it keeps.
+
+    Parameters
+    ----------
+    images : Tensor
+        Float or integer (:data:`INTEGER_DTYPES`) images; ``spatial_dims`` trailing dimensions are pixels
+        (2: ``(..., C, H, W)``; 3: ``(..., C, D, H, W)``).
+    ignore : float, sequence of float, Tensor or None
+        Pixels equal to this value (one for all channels or one per channel; NaN: NaN pixels) are left out.
+    mask : Tensor, optional
+        Boolean (or 0/1) ``(..., 1 or C, *spatial)``: only pixels where it is true are counted.
+    values : bool
+        Also count each value (integers) or narrow range of values (floats) per channel, for percentiles
+        (:attr:`ChannelStats.values`).
+
+    Returns
+    -------
+    ChannelStats
+        Per channel: the number of pixels kept, their mean, M2, min and max (float64).
+
+    Notes
+    -----
+    A float image channel (a row of ``n`` pixels) is reduced in its own dtype around a centre ``c`` (0, or
+    a guess of its mean) -- sum and sum of squares of ``d = x - c`` over chunks of ``_CHUNK`` pixels, added
+    in float64, min and max -- with the corrected two-pass formula (Chan, Golub & LeVeque 1983)::
+
+        mean = c + sum(d) / n
+        M2   = sum(d**2) - sum(d)**2 / n
+
+    Its rounding error is that of the sums times ``k = sum(d**2) / M2 = 1 + (mean - c)**2 / var``: for
+    float32, M2 within ~3.7 k * 2**-24 relative (``python benchmarks/accumulator_variants.py --bound``). A
+    row is kept when ``k <= _UNCENTRED`` (std within ~6e-7); any other is reduced around its mean. Whether a
+    row needs centring is first guessed from a sample of it (:func:`_guess_centre`); a row's centre depends
+    on that row alone, so its statistics are the same in whatever batch it comes. Rows with a mask or
+    ignored pixels take two passes: the mean of the kept pixels, then their deviations from it. Integer
+    rows are counted per value and their moments taken from the counts in float64: exact to its rounding.
+    float16 and bfloat16 batches are reduced in float32.
+
+    Examples
+    --------
+    >>> x = torch.tensor([[[[0, 2], [4, 0]]]], dtype=torch.uint16)  # (N, C, H, W), 0 is nodata
+    >>> batch_stats(x, ignore=0).mean.tolist()
+    [3.0]
+    """
+    pixels, keep = pixel_rows(images, mask, spatial_dims)
+    channels = pixels.shape[1]
+    drop = ignore_values(ignore, channels)
+    if pixels.numel() == 0:
+        return ChannelStats.empty(channels, device=images.device).with_values(
+            ValueCounts.empty(channels, "float" if images.is_floating_point() else "int") if values else None)
+    if not pixels.is_floating_point():
+        return _integer_stats(pixels, keep, drop, values)
+    if pixels.dtype in (torch.float16, torch.bfloat16):
+        pixels = pixels.float()
+    if drop is not None:
+        keep = _kept(pixels, keep, drop)
+    if keep is None:
+        stats = _dense_stats(pixels.reshape(-1, pixels.shape[-1]), channels)
+    else:
+        stats = _masked_stats(pixels, keep)
+    return stats.with_values(ValueCounts.count(pixels, keep) if values else None)
+
+
+def pixel_rows(images: Tensor, mask: Tensor | None, spatial_dims: int) -> tuple[Tensor, Tensor | None]:
+    """``images`` as ``(N, C, P)`` pixels and ``mask`` as ``(N, 1 or C, P)`` booleans (or None), checked."""
+    if images.dtype.is_complex or images.dtype == torch.bool or (
+            not images.is_floating_point() and images.dtype not in INTEGER_DTYPES):
+        raise TypeError(
+            f"Statistics need a float image batch or integers of {', '.join(str(d) for d in INTEGER_DTYPES)}. "
+            f"Got dtype {images.dtype}. Convert it first, e.g. with v2.ToDtype(torch.float32, scale=True) (or "
+            "ToTensor()) for images stored as integers 0-255, or .to(torch.int32) for other integers."
+        )
+    if spatial_dims not in (1, 2, 3):
+        raise ValueError(f"spatial_dims must be 1, 2 or 3. Got {spatial_dims}.")
+    if images.ndim < spatial_dims + 1:
+        layout = {1: "(..., C, L)", 2: "(..., C, H, W)", 3: "(..., C, D, H, W)"}[spatial_dims]
+        raise ValueError(f"Expected images of shape {layout}. Got a tensor of shape {tuple(images.shape)}.")
+    images = images.detach()
+    spatial = images.shape[images.ndim - spatial_dims:]
+    channels = images.shape[-spatial_dims - 1]
+    pixels = images.reshape(math.prod(images.shape[: -spatial_dims - 1]), channels, math.prod(spatial))
+    if mask is None:
+        return pixels, None
+    return pixels, _mask_rows(torch.as_tensor(mask, device=images.device), images.shape, spatial_dims)
+
+
+def _mask_rows(mask: Tensor, shape: torch.Size, spatial_dims: int) -> Tensor:
+    """A mask ``(..., 1 or C, *spatial)`` (leading dimensions broadcast) as ``(N, 1 or C, P)`` booleans."""
+    mask = mask.detach()
+    if mask.dtype != torch.bool:
+        mask = mask != 0
+    while mask.ndim < len(shape):
+        mask = mask[None]
+    channels, spatial = shape[-spatial_dims - 1], tuple(shape[len(shape) - spatial_dims:])
+    mask_channels = mask.shape[-spatial_dims - 1]
+    if tuple(mask.shape[mask.ndim - spatial_dims:]) != spatial or mask_channels not in (1, channels):
+        raise ValueError(
+            f"The mask must be shaped like the images with 1 or {channels} channels: (..., 1 or {channels}, "
+            f"{', '.join(map(str, spatial))}). Got a mask of shape {tuple(mask.shape)} for images {tuple(shape)}."
+        )
+    try:
+        mask = mask.expand(*shape[: -spatial_dims - 1], mask_channels, *spatial)
+    except RuntimeError as error:
+        raise ValueError(f"The mask {tuple(mask.shape)} does not fit the images {tuple(shape)}: {error}") from None
+    return mask.reshape(math.prod(shape[: -spatial_dims - 1]), mask_channels, math.prod(spatial))
+
+
+def ignore_values(ignore: Ignore, channels: int) -> list[float] | None:
+    """``ignore=`` as one float per channel (None: nothing ignored), checked."""
+    if ignore is None:
+        return None
+    values = torch.as_tensor(ignore, dtype=torch.float64).flatten().tolist()
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels:
+        raise ValueError(f"ignore= needs one value or one per channel ({channels}). Got {len(values)}: {values}.")
+    return values
+
+
+def _kept(pixels: Tensor, keep: Tensor | None, drop: Sequence[float]) -> Tensor:
+    """Where a float pixel is kept: in the mask, not equal to its channel's ignored value, not NaN if NaN is."""
+    values = torch.tensor(drop, dtype=pixels.dtype, device=pixels.device)[:, None]
+    nan = [math.isnan(v) for v in drop]
+    if all(nan):
+        kept = ~torch.isnan(pixels)
+    else:
+        kept = pixels != values
+        if any(nan):
+            kept &= ~(torch.isnan(pixels) & torch.tensor(nan, device=pixels.device)[:, None])
+    return kept if keep is None else kept & keep
+
+
+# --- integers: counted per value --------------------------------------------------------------------------
+
+
+def _integer_stats(pixels: Tensor, keep: Tensor | None, drop: list[float] | None, values: bool) -> ChannelStats:
+    """Statistics of integer pixels from their exact counts per value (float64 from int32 if they are too wide)."""
+    counts = ValueCounts.count(pixels, keep)
+    if drop is not None:
+        if counts.exact:
+            counts = counts.drop(drop)
+        else:
+            keep = _kept(pixels.double(), keep, drop)
+            counts = ValueCounts.count(pixels, keep)
+    if counts.exact:
+        stats = ChannelStats._owned(*counts.moments())
+    else:  # too wide to count per value within MAX_BINS: float64 holds every int32 exactly
+        wide = pixels.double()
+        stats = _masked_stats(wide, keep) if keep is not None else _dense_stats(wide.view(-1, wide.shape[-1]),
+                                                                                 pixels.shape[1])
+    return stats.with_values(counts if values else None)
+
+
+# --- float, masked: two passes over the kept pixels ----------------------------------------------------------
+
+
+def _masked_stats(pixels: Tensor, keep: Tensor) -> ChannelStats:
+    """Per-channel statistics of the pixels of ``(N, C, P)`` where ``keep`` ``(N, 1 or C, P)`` is true.
+
+    The mean of each row's kept pixels first (chunked float sums, float64 total), then the sum and sum of
+    squares of their deviations from it: the corrected two-pass formula, the rows pooled by their counts.
+    """
+    rows, channels, n = pixels.shape[0] * pixels.shape[1], pixels.shape[1], pixels.shape[2]
+    keep = keep.expand(pixels.shape)
+    count = keep.sum(dim=-1).reshape(-1).double()
+    safe = count.clamp_min(1)
+    kept = torch.where(keep, pixels, 0).view(rows, n)
+    total = _sums(kept)[0]
+    first = (total / safe).to(pixels.dtype)
+    deviations = torch.where(keep, pixels - first.view(-1, channels, 1), 0).view(rows, n)
+    dev_sum, dev_squares = _sums(deviations)
+    mean = first.double() + dev_sum / safe
+    m2 = (dev_squares - dev_sum.square() / safe).clamp_min_(0)
+    low = torch.where(keep, pixels, math.inf).amin(dim=-1).double().view(-1, channels)
+    high = torch.where(keep, pixels, -math.inf).amax(dim=-1).double().view(-1, channels)
+    return _pool(count.view(-1, channels), mean.view(-1, channels), m2.view(-1, channels),
+                 low.amin(dim=0), high.amax(dim=0))
+
+
+def _sums(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Float64 sum and sum of squares of each row of ``rows`` ``(R, n)``, over float chunks of ``_CHUNK``."""
+    chunks = -(-rows.shape[1] // _CHUNK)
+    sums = torch.empty(2, rows.shape[0], chunks, dtype=rows.dtype, device=rows.device)
+    _chunk_sums(rows, sums[0], sums[1])
+    sums = sums.double()
+    return sums[0].sum(dim=1), sums[1].square_().sum(dim=1)
+
+
+def _pool(count: Tensor, mean: Tensor, m2: Tensor, low: Tensor, high: Tensor) -> ChannelStats:
+    """Rows ``(R, C)`` of count, mean and M2 pooled per channel (Chan's formula for many parts at once)."""
+    total = count.sum(dim=0)
+    safe = total.clamp_min(1)
+    pooled = (count * mean).sum(dim=0) / safe
+    pooled = torch.where(total > 0, pooled.clamp(min=low, max=high), 0.0)  # rounding never leaves [min, max]
+    m2 = m2.sum(dim=0) + (count * (mean - pooled).square()).sum(dim=0)
+    return ChannelStats._owned(total, pooled, torch.where(total > 0, m2, 0.0), low, high)
+
+
+# --- float, every pixel: centred only where needed -----------------------------------------------------------
+
+
+def _dense_stats(rows: Tensor, channels: int) -> ChannelStats:
+    """Per-channel statistics of float rows ``(R, n)``, ``R`` a multiple of ``channels`` (see batch_stats)."""
+    n = rows.shape[1]
+    dev_sum, dev_squares, low, high, centre = _reduce(rows, _guess_centre(rows))
+    mean = centre + dev_sum / n
+    m2 = torch.addcmul(dev_squares, dev_sum, dev_sum, value=-1 / n)
+    redo = (dev_squares > _UNCENTRED * m2).nonzero().squeeze(1)
+    if redo.numel():
+        # Around the mean: exactly the value of a constant row (c + one ulp's deviation), whose M2 is then 0.
+        dev_sum, dev_squares, _, _, centre = _reduce(rows, mean[redo].to(rows.dtype), index=redo)
+        mean[redo] = centre + dev_sum / n
+        m2[redo] = torch.addcmul(dev_squares, dev_sum, dev_sum, value=-1 / n).clamp_min_(0)
+
+    mean, m2 = mean.view(-1, channels), m2.view(-1, channels)
+    low, high = low.view(-1, channels).amin(dim=0), high.view(-1, channels).amax(dim=0)
+    pooled = mean.mean(dim=0).clamp_(min=low, max=high)  # rounding never leaves [min, max]
+    m2 = m2.sum(dim=0).add_((mean - pooled).square_().sum(dim=0), alpha=n)
+    return ChannelStats._owned(torch.full_like(pooled, float(mean.shape[0] * n)), pooled, m2, low, high)
+
+
+def _guess_centre(rows: Tensor) -> Tensor | None:
+    """The centre of each row as its middle ``_CHUNK`` pixels say: their mean where the row needs
+    centring, else 0; None when no row needs it.
+
+    A row is said to need it when the sample's ``sum(x**2) / M2`` is above
+    twice ``_UNCENTRED``: a sample of 128 pixels misjudges it by less than
+    that, so rows that can stay uncentred are rarely centred for nothing. A
+    row's centre depends on that row alone, and so do its statistics: the
+    same whatever batch it comes in.
+    """
+    start = max(0, (rows.shape[1] - _CHUNK) // 2)
+    sample = rows[:, start : start + _CHUNK]
+    total, squares = sample.sum(dim=-1), torch.linalg.vector_norm(sample, dim=-1).square_()
+    mean = total / sample.shape[1]
+    needs = squares > 2 * _UNCENTRED * torch.addcmul(squares, total, mean, value=-1)
+    return mean.masked_fill_(~needs, 0) if bool(needs.any()) else None
+
+
+def _reduce(rows: Tensor, centre: Tensor | None, index: Tensor | None = None) -> tuple[Tensor, ...]:
+    """Float64 sum of deviations from ``centre`` (0 if None), sum of their squares, min and max of each
+    row of ``rows`` ``(R, n)``, and the centre, in float64.
+
+    The rows are walked in blocks of ``_BLOCK_BYTES``; with a centre, each
+    block is subtracted into a scratch buffer first. With ``index``, only
+    those rows are reduced, and not their min and max (the values returned
+    in their place are meaningless). Sums are taken over chunks of
+    ``_CHUNK`` pixels in the rows' dtype (``vector_norm`` for the squares:
+    no temporary) and the chunks added in float64, so their rounding does
+    not grow with the image size.
+    """
+    n = rows.shape[1]
+    count = rows.shape[0] if index is None else index.numel()
+    per_block = max(1, _BLOCK_BYTES // (n * rows.element_size()))
+    if centre is not None or index is not None:
+        _SCRATCH.work = work = reuse_buffer(getattr(_SCRATCH, "work", None), min(count, per_block) * n, rows)
+    chunks = -(-n // _CHUNK)
+    out = torch.empty(count * (2 * chunks + 2), dtype=rows.dtype, device=rows.device)
+    sums, norms = out[: 2 * count * chunks].view(2, count, chunks)
+    low, high = out[2 * count * chunks :].view(2, count)
+    for start in range(0, count, per_block):
+        stop = min(count, start + per_block)
+        if index is None:
+            block = rows[start:stop]
+            torch.amin(block, dim=-1, out=low[start:stop])
+            torch.amax(block, dim=-1, out=high[start:stop])
+        else:
+            block = torch.index_select(rows, 0, index[start:stop], out=work[: (stop - start) * n].view(-1, n))
+        if centre is not None:
+            block = torch.sub(block, centre[start:stop, None], out=work[: (stop - start) * n].view(-1, n))
+        _chunk_sums(block, sums[start:stop], norms[start:stop])
+    out = out.double()
+    sums, squares = out[: 2 * count * chunks].view(2, count, chunks)
+    centre = torch.zeros_like(out[:count]) if centre is None else centre.double()
+    return sums.sum(dim=1), squares.square_().sum(dim=1), *out[2 * count * chunks :].view(2, count), centre
+
+
+def _chunk_sums(block: Tensor, sums: Tensor, norms: Tensor) -> None:
+    """Sums and norms of ``block``'s rows over chunks of ``_CHUNK`` pixels, into ``(R, chunks)`` tensors."""
+    n = block.shape[1]
+    whole = n - n % _CHUNK
+    if whole:
+        chunks = block[:, :whole].unflatten(-1, (-1, _CHUNK))
+        torch.sum(chunks, dim=-1, out=sums[:, : whole // _CHUNK])
+        torch.linalg.vector_norm(chunks, dim=-1, out=norms[:, : whole // _CHUNK])
+    if whole < n:
+        torch.sum(block[:, whole:], dim=-1, keepdim=True, out=sums[:, -1:])
+        torch.linalg.vector_norm(block[:, whole:], dim=-1, keepdim=True, out=norms[:, -1:])
+
+
+def reuse_buffer(work: Tensor | None, numel: int, like: Tensor) -> Tensor:
+    """``work`` if it holds ``numel`` elements of ``like``'s dtype and device, else a new 1-D buffer."""
+    if work is None or work.dtype != like.dtype or work.device != like.device or work.numel() < numel:
+        work = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return work
