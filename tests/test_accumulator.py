@@ -251,7 +251,7 @@ def test_uncentred_rows_are_within_the_documented_bound(ratio):
     (k = sum(x**2) / M2; the docstring says ~3.7, measured), so rows kept at k <= _UNCENTRED have their
     std within 1e-6. With _UNCENTRED at 20 (or chunks of 1024 pixels) this fails."""
     rows = rows_with_ratio(ratio, 10_000, seed=22).view(10_000, -1)
-    total, squares, _, _, _ = reduce._reduce(rows, None)
+    total, squares, _, _ = reduce._reduce(rows, None)
     m2 = squares - total.square() / rows.shape[1]
     var, _ = torch.var_mean(rows.double(), dim=1, correction=0)
     k = squares / m2

@@ -251,15 +251,21 @@ def _pool(count: Tensor, mean: Tensor, m2: Tensor, low: Tensor, high: Tensor) ->
 def _dense_stats(rows: Tensor, channels: int) -> ChannelStats:
     """Per-channel statistics of float rows ``(R, n)``, ``R`` a multiple of ``channels`` (see batch_stats)."""
     n = rows.shape[1]
-    dev_sum, dev_squares, low, high, centre = _reduce(rows, _guess_centre(rows))
-    mean = centre + dev_sum / n
-    m2 = torch.addcmul(dev_squares, dev_sum, dev_sum, value=-1 / n)
-    redo = (dev_squares > _UNCENTRED * m2).nonzero().squeeze(1)
+    centre = _guess_centre(rows)
+    dev_sum, dev_squares, low, high = _reduce(rows, centre)
+    mean = dev_sum / n
+    m2 = torch.addcmul(dev_squares, dev_sum, mean, value=-1)
+    if centre is not None:
+        mean += centre
+    redo = torch.gt(dev_squares, m2.mul(_UNCENTRED)).nonzero().squeeze_(1)
     if redo.numel():
-        # Around the mean: exactly the value of a constant row (c + one ulp's deviation), whose M2 is then 0.
-        dev_sum, dev_squares, _, _, centre = _reduce(rows, mean[redo].to(rows.dtype), index=redo)
-        mean[redo] = centre + dev_sum / n
-        m2[redo] = torch.addcmul(dev_squares, dev_sum, dev_sum, value=-1 / n).clamp_min_(0)
+        # Few rows (a guess that missed): two passes in float64. A constant row gets exactly its value, M2 0.
+        again = rows[redo].double()
+        first = again.mean(dim=1, keepdim=True)
+        again -= first
+        deviation, squares = again.sum(dim=1), torch.linalg.vector_norm(again, dim=1).square_()
+        mean[redo] = deviation.div(n).add_(first.squeeze(1))
+        m2[redo] = torch.addcmul(squares, deviation, deviation, value=-1 / n).clamp_min_(0)
 
     mean, m2 = mean.view(-1, channels), m2.view(-1, channels)
     low, high = low.view(-1, channels).amin(dim=0), high.view(-1, channels).amax(dim=0)
@@ -268,27 +274,34 @@ def _dense_stats(rows: Tensor, channels: int) -> ChannelStats:
     return ChannelStats._owned(torch.full_like(pooled, float(mean.shape[0] * n)), pooled, m2, low, high)
 
 
+_GUESS = 1.2
+"""A row is centred when its sample's ``sum(x**2) / M2`` is above this times _UNCENTRED (see _guess_centre)."""
+
+
 def _guess_centre(rows: Tensor) -> Tensor | None:
     """The centre of each row as its middle ``_CHUNK`` pixels say: their mean where the row needs
     centring, else 0; None when no row needs it.
 
-    A row is said to need it when the sample's ``sum(x**2) / M2`` is above
-    twice ``_UNCENTRED``: a sample of 128 pixels misjudges it by less than
-    that, so rows that can stay uncentred are rarely centred for nothing. A
-    row's centre depends on that row alone, and so do its statistics: the
-    same whatever batch it comes in.
+    A row is said to need it when the sample's ``k = sum(x**2) / M2`` is above
+    ``_GUESS`` (1.2 ``_UNCENTRED``): ``k > T`` is ``sum(x)**2 * T / ((T - 1) m)
+    > sum(x**2)`` for a sample of ``m`` pixels. Rows that stay uncentred but
+    have ``k > _UNCENTRED`` are reduced again. A row's centre depends on that
+    row alone, and so do its statistics: the same whatever batch it comes in.
     """
     start = max(0, (rows.shape[1] - _CHUNK) // 2)
     sample = rows[:, start : start + _CHUNK]
+    m = sample.shape[1]
     total, squares = sample.sum(dim=-1), torch.linalg.vector_norm(sample, dim=-1).square_()
-    mean = total / sample.shape[1]
-    needs = squares > 2 * _UNCENTRED * torch.addcmul(squares, total, mean, value=-1)
-    return mean.masked_fill_(~needs, 0) if bool(needs.any()) else None
+    threshold = _GUESS * _UNCENTRED
+    needs = torch.gt(total.square().mul_(threshold / ((threshold - 1) * m)), squares)
+    if not bool(needs.any()):
+        return None
+    return total.div_(m).mul_(needs)
 
 
 def _reduce(rows: Tensor, centre: Tensor | None, index: Tensor | None = None) -> tuple[Tensor, ...]:
     """Float64 sum of deviations from ``centre`` (0 if None), sum of their squares, min and max of each
-    row of ``rows`` ``(R, n)``, and the centre, in float64.
+    row of ``rows`` ``(R, n)``.
 
     The rows are walked in blocks of ``_BLOCK_BYTES``; with a centre, each
     block is subtracted into a scratch buffer first. With ``index``, only
@@ -301,40 +314,49 @@ def _reduce(rows: Tensor, centre: Tensor | None, index: Tensor | None = None) ->
     n = rows.shape[1]
     count = rows.shape[0] if index is None else index.numel()
     per_block = max(1, _BLOCK_BYTES // (n * rows.element_size()))
-    if centre is not None or index is not None:
-        _SCRATCH.work = work = reuse_buffer(getattr(_SCRATCH, "work", None), min(count, per_block) * n, rows)
     chunks = -(-n // _CHUNK)
     out = torch.empty(count * (2 * chunks + 2), dtype=rows.dtype, device=rows.device)
     sums, norms = out[: 2 * count * chunks].view(2, count, chunks)
     low, high = out[2 * count * chunks :].view(2, count)
-    for start in range(0, count, per_block):
-        stop = min(count, start + per_block)
+    blocks = -(-count // per_block)
+    if centre is not None or index is not None:
+        _SCRATCH.work = work = reuse_buffer(getattr(_SCRATCH, "work", None), min(count, per_block) * n, rows)
+    pieces = zip(
+        rows.split(per_block) if index is None else index.split(per_block),
+        sums.split(per_block), norms.split(per_block), low.split(per_block), high.split(per_block),
+        [None] * blocks if centre is None else centre[:, None].split(per_block),
+    )
+    for block, block_sums, block_norms, block_low, block_high, block_centre in pieces:
         if index is None:
-            block = rows[start:stop]
-            torch.amin(block, dim=-1, out=low[start:stop])
-            torch.amax(block, dim=-1, out=high[start:stop])
+            torch.amin(block, dim=-1, out=block_low)
+            torch.amax(block, dim=-1, out=block_high)
         else:
-            block = torch.index_select(rows, 0, index[start:stop], out=work[: (stop - start) * n].view(-1, n))
-        if centre is not None:
-            block = torch.sub(block, centre[start:stop, None], out=work[: (stop - start) * n].view(-1, n))
-        _chunk_sums(block, sums[start:stop], norms[start:stop])
-    out = out.double()
-    sums, squares = out[: 2 * count * chunks].view(2, count, chunks)
-    centre = torch.zeros_like(out[:count]) if centre is None else centre.double()
-    return sums.sum(dim=1), squares.square_().sum(dim=1), *out[2 * count * chunks :].view(2, count), centre
+            block = torch.index_select(rows, 0, block, out=work[: block.numel() * n].view(-1, n))
+        if block_centre is not None:
+            block = torch.sub(block, block_centre, out=work[: block.numel()].view(-1, n))
+        _chunk_sums(block, block_sums, block_norms)
+    # The chunks' sums added in float64, their norms too (sqrt(sum(norm**2)) squared again: an ulp of float64).
+    dev_sum = torch.sum(sums, dim=1, dtype=torch.float64)
+    dev_squares = torch.linalg.vector_norm(norms, dim=1, dtype=torch.float64).square_()
+    extremes = out[2 * count * chunks :].view(2, count).double()
+    return dev_sum, dev_squares, extremes[0], extremes[1]
 
 
 def _chunk_sums(block: Tensor, sums: Tensor, norms: Tensor) -> None:
     """Sums and norms of ``block``'s rows over chunks of ``_CHUNK`` pixels, into ``(R, chunks)`` tensors."""
     n = block.shape[1]
     whole = n - n % _CHUNK
+    if whole == n:
+        chunks = block.unflatten(-1, (-1, _CHUNK))
+        torch.sum(chunks, dim=-1, out=sums)
+        torch.linalg.vector_norm(chunks, dim=-1, out=norms)
+        return
     if whole:
         chunks = block[:, :whole].unflatten(-1, (-1, _CHUNK))
         torch.sum(chunks, dim=-1, out=sums[:, : whole // _CHUNK])
         torch.linalg.vector_norm(chunks, dim=-1, out=norms[:, : whole // _CHUNK])
-    if whole < n:
-        torch.sum(block[:, whole:], dim=-1, keepdim=True, out=sums[:, -1:])
-        torch.linalg.vector_norm(block[:, whole:], dim=-1, keepdim=True, out=norms[:, -1:])
+    torch.sum(block[:, whole:], dim=-1, keepdim=True, out=sums[:, -1:])
+    torch.linalg.vector_norm(block[:, whole:], dim=-1, keepdim=True, out=norms[:, -1:])
 
 
 def reuse_buffer(work: Tensor | None, numel: int, like: Tensor) -> Tensor:
