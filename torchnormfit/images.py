@@ -10,7 +10,9 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 from torchvision import tv_tensors
 
-__all__ = ["TO_FLOAT_FIX", "find_image", "check_image", "validate_image"]
+from .values import INTEGER_DTYPES
+
+__all__ = ["INTEGER_DTYPES", "TO_FLOAT_FIX", "check_image", "find_image", "layout", "validate_image"]
 
 TO_FLOAT_FIX = "Add ToTensor() or v2.ToDtype(torch.float32, scale=True) before it."
 
@@ -41,27 +43,38 @@ def _leaves(sample: Any) -> Sequence[Any]:
     return tree_flatten(sample)[0]
 
 
-def check_image(image: Any, where: str = "") -> Tensor:
+_LAYOUTS = {1: "(..., C, L)", 2: "(..., C, H, W)", 3: "(..., C, D, H, W)"}
+
+
+def layout(spatial_dims: int) -> str:
+    """``"(..., C, H, W)"`` and its kin: the image layout for ``spatial_dims`` pixel dimensions."""
+    return _LAYOUTS[spatial_dims]
+
+
+def check_image(image: Any, where: str = "", *, integer: bool = False, spatial_dims: int = 2) -> Tensor:
     """Reject what Normalize rejects, with the fix; return the image as a plain tensor.
 
-    ``where`` (for example ``"Sample 7: "``) starts each message.
+    ``where`` (for example ``"Sample 7: "``) starts each message. ``integer`` also accepts the integer dtypes of
+    :data:`INTEGER_DTYPES` (statistics in the data's own units); ``spatial_dims=3`` wants volumes
+    ``(..., C, D, H, W)``.
     """
-    return validate_image(image, where).as_subclass(Tensor)
+    return validate_image(image, where, integer=integer, spatial_dims=spatial_dims).as_subclass(Tensor)
 
 
-def validate_image(image: Any, where: str = "") -> Any:
+def validate_image(image: Any, where: str = "", *, integer: bool = False, spatial_dims: int = 2) -> Any:
     """:func:`check_image` without the conversion: returns ``image`` itself (no graph break under compile)."""
     if isinstance(image, PIL.Image.Image):
         raise TypeError(f"{where}FitNormalize() does not support PIL images. {TO_FLOAT_FIX}")
     if not isinstance(image, Tensor):
         raise TypeError(
-            f"{where}Expected an image tensor of size (..., C, H, W), got {type(image).__name__}. "
+            f"{where}Expected an image tensor of size {layout(spatial_dims)}, got {type(image).__name__}. "
             "If the image is elsewhere in the sample, pass image=lambda sample: ... to fit()."
         )
-    if not image.is_floating_point():
-        raise TypeError(f"{where}Input tensor should be a float tensor. Got {image.dtype}. {TO_FLOAT_FIX}")
-    if image.ndim < 3:
+    if not image.is_floating_point() and not (integer and image.dtype in INTEGER_DTYPES):
+        allowed = f" or an integer tensor ({', '.join(str(d) for d in INTEGER_DTYPES)})" if integer else ""
+        raise TypeError(f"{where}Input tensor should be a float tensor{allowed}. Got {image.dtype}. {TO_FLOAT_FIX}")
+    if image.ndim < spatial_dims + 1:
         raise ValueError(
-            f"{where}Expected tensor to be a tensor image of size (..., C, H, W). Got {tuple(image.shape)}."
+            f"{where}Expected tensor to be a tensor image of size {layout(spatial_dims)}. Got {tuple(image.shape)}."
         )
     return image

@@ -17,21 +17,18 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 from torch import Tensor
 
 from .stats import ChannelStats
-from .values import ValueCounts
+from .values import INTEGER_DTYPES, ValueCounts
 
-__all__ = ["batch_stats", "reuse_buffer", "ignore_values", "pixel_rows", "INTEGER_DTYPES", "Ignore"]
+__all__ = ["Ignore", "batch_stats", "check_finite", "ignore_values", "pixel_rows", "reuse_buffer", "tensor_stats"]
 
-Ignore = Union[float, Sequence[float], Tensor, None]
+Ignore = float | Sequence[float] | Tensor | None
 """``ignore=``: one value for every channel, one per channel, or NaN (NaN pixels); None keeps every pixel."""
 
-INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32)
-"""Integer image dtypes fitted in their own units (counted per value)."""
 
 _BLOCK_BYTES = 1 << 20  # rows are reduced ~1 MiB at a time, so each block is still in the CPU cache for all its sums
 _CHUNK = 128  # pixels per float partial sum; bounds the rounding of each (see batch_stats)
@@ -110,6 +107,29 @@ def batch_stats(
     return stats.with_values(ValueCounts.count(pixels, keep) if values else None)
 
 
+def tensor_stats(images: Tensor, *, ignore: Ignore = None, mask: Tensor | None = None, spatial_dims: int = 2,
+                 values: bool = False) -> tuple[ChannelStats, int]:
+    """:func:`batch_stats` of one batch ``(..., C, *spatial)`` and its number of images; NaN or Inf pixels
+    that are not left out raise, naming the image."""
+    stats = batch_stats(images, ignore=ignore, mask=mask, spatial_dims=spatial_dims, values=values)
+    count = math.prod(images.shape[: -spatial_dims - 1])
+    check_finite(stats, list(range(count)), images, spatial_dims)
+    return stats, count
+
+
+def check_finite(stats: ChannelStats, indices: list[int], images: Tensor, spatial_dims: int = 2) -> None:
+    """Raise if NaN or Inf pixels reached the statistics, naming the first sample of ``indices`` that has them."""
+    if bool(torch.isfinite(stats.mean).all() and torch.isfinite(stats.m2).all()):
+        return
+    per_image = images.reshape(len(indices), -1) if indices else images.reshape(1, -1)
+    finite = torch.isfinite(per_image).all(dim=1) if per_image.is_floating_point() else torch.ones(len(per_image), dtype=torch.bool)
+    bad = indices[int((~finite).nonzero()[0])] if not bool(finite.all()) and indices else (indices or [0])[0]
+    raise ValueError(
+        f"Sample {bad} contains NaN or Inf pixel values. Statistics need finite pixels: fix or drop the sample, "
+        "or pass ignore=float('nan') to leave NaN pixels out."
+    )
+
+
 def pixel_rows(images: Tensor, mask: Tensor | None, spatial_dims: int) -> tuple[Tensor, Tensor | None]:
     """``images`` as ``(N, C, P)`` pixels and ``mask`` as ``(N, 1 or C, P)`` booleans (or None), checked."""
     if images.dtype.is_complex or images.dtype == torch.bool or (
@@ -122,8 +142,8 @@ def pixel_rows(images: Tensor, mask: Tensor | None, spatial_dims: int) -> tuple[
     if spatial_dims not in (1, 2, 3):
         raise ValueError(f"spatial_dims must be 1, 2 or 3. Got {spatial_dims}.")
     if images.ndim < spatial_dims + 1:
-        layout = {1: "(..., C, L)", 2: "(..., C, H, W)", 3: "(..., C, D, H, W)"}[spatial_dims]
-        raise ValueError(f"Expected images of shape {layout}. Got a tensor of shape {tuple(images.shape)}.")
+        shape = {1: "(..., C, L)", 2: "(..., C, H, W)", 3: "(..., C, D, H, W)"}[spatial_dims]
+        raise ValueError(f"Expected images of shape {shape}. Got a tensor of shape {tuple(images.shape)}.")
     images = images.detach()
     spatial = images.shape[images.ndim - spatial_dims:]
     channels = images.shape[-spatial_dims - 1]

@@ -85,6 +85,11 @@ class ChannelStats:
 
     __slots__ = (*_FIELDS, "values")
 
+    count: Tensor
+    mean: Tensor
+    m2: Tensor
+    min: Tensor
+    max: Tensor
     values: ValueCounts | None
     """Per-channel counts of each value (integer data) or of narrow value ranges (float data), for
     percentiles; None unless asked for (``batch_stats(..., values=True)``). Merged with the rest."""
@@ -194,7 +199,8 @@ class ChannelStats:
     def to(self, device: torch.device | str | None) -> ChannelStats:
         if device is None or self.mean.device == torch.device(device):
             return self
-        return ChannelStats(*(getattr(self, name).to(device) for name in _FIELDS), self.values)
+        return ChannelStats(self.count.to(device), self.mean.to(device), self.m2.to(device), self.min.to(device),
+                            self.max.to(device), self.values)
 
     def to_dict(self) -> dict[str, Tensor]:
         """The five float64 tensors by name (``count``, ``mean``, ``m2``, ``min``, ``max``), as copies."""
@@ -205,7 +211,7 @@ class ChannelStats:
         missing = [name for name in _FIELDS if name not in values]
         if missing:
             raise KeyError(f"ChannelStats needs the fields {list(_FIELDS)}; missing {missing}.")
-        return cls(*(values[name] for name in _FIELDS), counts)
+        return cls(values["count"], values["mean"], values["m2"], values["min"], values["max"], counts)
 
     def __setattr__(self, name, value):
         raise AttributeError("ChannelStats is immutable; merge() returns a new object.")

@@ -22,7 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ValueCounts", "MAX_BINS", "FLOAT_SHIFT", "float_keys"]
+__all__ = ["FLOAT_SHIFT", "INTEGER_DTYPES", "MAX_BINS", "ValueCounts", "float_keys"]
+
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32)
+"""Integer image dtypes fitted in their own units: counted per value, so their statistics are exact."""
 
 MAX_BINS = 1 << 22
 """Counters held at once by one ValueCounts, all channels together (32 MiB of int64)."""
@@ -65,7 +68,11 @@ class ValueCounts:
     [[2.0]]
     """
 
-    __slots__ = ("kind", "shift", "offset", "counts")
+    __slots__ = ("counts", "kind", "offset", "shift")
+    kind: str
+    shift: int
+    offset: Tensor
+    counts: Tensor
 
     def __init__(self, kind: str, shift: int, offset: Tensor, counts: Tensor) -> None:
         if kind not in _KINDS:
