@@ -63,7 +63,7 @@ from torchvision.transforms import ToTensor
 
 import torchnormfit
 from torchnormfit import FitNormalize
-from torchnormfit import fitting as _fitting
+from torchnormfit.passes import loader as passes_loader
 
 HERE = Path(__file__).resolve().parent
 for _path in (HERE, HERE.parent / "tests"):  # tests/reference.py: the float64 truth the tests use too
@@ -80,7 +80,7 @@ ITEM_IMAGES = 64  # images per item of the "uint8 batches" workload
 
 
 def default_workers() -> int:
-    fn = getattr(_fitting, "default_num_workers", None)
+    fn = getattr(passes_loader, "default_num_workers", None)
     return fn() if fn is not None else min(8, len(os.sched_getaffinity(0)))
 
 
@@ -295,7 +295,7 @@ def _fit(ds, mixed, bs, nw, cache=None):
 
 def _fit_previous(ds, mixed, bs, nw):
     """The fit with the library's batch_stats from before issue 14 (in this forked process and its workers)."""
-    _fitting.batch_stats = variants.previous
+    passes_loader.batch_stats = variants.previous
     return _fit(ds, mixed, bs, nw)
 
 
@@ -324,7 +324,7 @@ def library_batch_size(ds: Dataset, num_workers: int) -> int:
     """The batch size the fit picks for ``ds`` when given none (from its first image and length)."""
     sample = ds[0]
     image = sample[0] if isinstance(sample, (tuple, list)) else sample
-    return _fitting.default_batch_size(image, len(ds), num_workers)
+    return passes_loader.default_batch_size(image, len(ds), num_workers)
 
 
 def _measure_method(method: str, spec: dict[str, Any], batch_size: int | None = None,

@@ -37,8 +37,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from torchnormfit import FitNormalize  # noqa: E402
-from torchnormfit.fitting import default_batch_size  # noqa: E402
-from torchnormfit.streams import first_images  # noqa: E402
+from torchnormfit.passes import default_batch_size, first_images  # noqa: E402
 
 
 def write_shards(folder: Path, kind: str, n: int, size: int, shards: int) -> str:

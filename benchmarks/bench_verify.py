@@ -10,7 +10,7 @@
 ``sim``: false alarms and detection, with the library's own test.
     Each *kind* is a dataset of small uint8 images and a v2 pipeline. The fit is simulated as the
     library does it: pooled statistics over one pipeline draw of the whole dataset (``tensor_stats``),
-    the tracked images chosen by ``resolve._tracked_indices`` and their moments by
+    the tracked images chosen by ``passes.mapped.tracked_indices`` and their moments by
     ``verification.image_moments``. A hit draws ``verify`` tracked rows at random and calls
     ``verification.verify_in_stages`` with their stored moments and those of a fresh pipeline draw. To make
     tens of thousands of hits affordable, each tracked image gets a pool of ``--views`` independent
@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from torchnormfit import verification
-from torchnormfit.fitting import tensor_stats
-from torchnormfit.resolve import _tracked_indices
+from torchnormfit.passes import tensor_stats
+from torchnormfit.passes.mapped import tracked_indices
 
 CHANGES = [(f"shift {d} std", d, 1.0, 1.0) for d in (0.05, 0.1, 0.25, 0.5)] + [
     (f"std x{s}", 0.0, s, 1.0) for s in (1.05, 1.1, 1.25)
@@ -130,7 +130,7 @@ def _view(pipeline: Callable, image: torch.Tensor) -> torch.Tensor:
 def simulate_fit(images: torch.Tensor, pipeline: Callable) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Pooled mean and variance over one pipeline draw of every image, and the tracked indices."""
     stats, _ = tensor_stats(torch.stack([_view(pipeline, im) for im in images]))
-    return stats.mean, stats.var, _tracked_indices(range(len(images)))
+    return stats.mean, stats.var, tracked_indices(range(len(images)))
 
 
 def view_moments(

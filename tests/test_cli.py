@@ -33,7 +33,7 @@ from test_folder import random_image, tree, write_image  # noqa: F401 (tree: a f
 from torchnormfit import list_entries
 from torchnormfit.cache import write_entry
 from torchnormfit.cli import main
-from torchnormfit.sampling import subset_indices
+from torchnormfit.passes import subset_indices
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-6

@@ -19,7 +19,7 @@ import torchnormfit
 from reference import truth
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = sorted(info.name for info in pkgutil.iter_modules(torchnormfit.__path__, "torchnormfit."))
+MODULES = sorted(info.name for info in pkgutil.walk_packages(torchnormfit.__path__, "torchnormfit."))
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -34,7 +34,8 @@ def test_the_modules_with_examples_are_among_those_run():
     finder = doctest.DocTestFinder()
     with_examples = {name for name in MODULES
                      if any(test.examples for test in finder.find(importlib.import_module(name)))}
-    assert {"torchnormfit.accumulator", "torchnormfit.sampling", "torchnormfit.stats",
+    assert {"torchnormfit.accumulator", "torchnormfit.passes", "torchnormfit.passes.mapped",
+            "torchnormfit.passes.streamed", "torchnormfit.stats",
             "torchnormfit.transform"} <= with_examples
 
 

@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 from datasets_for_tests import CountingDataset, FailingDataset
 from reference import truth
 from torchnormfit import FitNormalize, NotFittedError
-from torchnormfit.fitting import default_batch_size
+from torchnormfit.passes import default_batch_size
 
 TO_FLOAT = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
 

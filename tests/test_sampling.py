@@ -1,4 +1,4 @@
-"""torchnormfit.sampling: seeded subsets, jackknife standard errors, subset fits and pixel samples."""
+"""torchnormfit.passes.mapped: seeded subsets, jackknife standard errors, subset fits and pixel samples."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from reference import truth
 from test_folder import tree  # noqa: F401 (a fixture)
 from torchnormfit import ChannelStats
 from torchnormfit.folder import ImageFiles, to_float_pipeline
-from torchnormfit.sampling import fit_subset, jackknife, sample_pixels, subset_indices
+from torchnormfit.passes import run_pass
+from torchnormfit.passes.mapped import jackknife, sample_pixels, subset_indices
 
 
 def test_subset_indices_are_seeded_uniform_and_nested():
@@ -38,7 +39,7 @@ def test_jackknife_equals_the_closed_form_for_equal_groups():
 
 def test_fit_subset_of_everything_has_zero_error(tree):
     dataset = ImageFiles(tree["root"] / "cat", transform=to_float_pipeline())
-    result, errors = fit_subset(dataset, 100, seed=0, num_workers=0, progress=False)
+    result, errors = run_pass(dataset, max_samples=100, seed=0, num_workers=0, progress=False)
     num_samples = result.num_samples
     assert num_samples == 3 and bool((errors.mean == 0).all()) and bool((errors.std == 0).all())
     pixels = sample_pixels(dataset, max_pixels=90, max_images=3)
@@ -67,7 +68,7 @@ def coverage(images: torch.Tensor, seeds: int) -> tuple[float, float]:
     dataset = TensorDataset(images)
     within = torch.zeros(2)
     for seed in range(seeds):
-        (stats, *_), se = fit_subset(dataset, 90, seed=seed, num_workers=0, progress=False)
+        (stats, *_), se = run_pass(dataset, max_samples=90, seed=seed, num_workers=0, progress=False)
         within[0] += ((stats.mean - want["mean"]).abs() <= 2 * se.mean).sum()
         within[1] += ((stats.std - want["std"]).abs() <= 2 * se.std).sum()
     return tuple((within / (seeds * images.shape[1])).tolist())

@@ -23,9 +23,10 @@ import torch.multiprocessing as mp
 import streams_for_tests as st
 from torchnormfit import FitNormalize
 from torchnormfit.cli import main
-from torchnormfit.samples import Capture
+from torchnormfit.passes import Capture
 from torchnormfit.fingerprint import describe_dataset, fingerprint
-from torchnormfit.streams import describe_source, first_images
+from torchnormfit.passes import first_images
+from torchnormfit.streams import describe_source
 
 pytest.importorskip("webdataset")
 pytest.importorskip("datasets")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .reduce import batch_stats, reuse_buffer  # noqa: F401 - reuse_buffer: old import path, until passes/ import reduce
+from .reduce import batch_stats
 from .stats import ChannelStats, ValueCounts
 
 __all__ = ["BatchNormAccumulator"]

@@ -47,9 +47,8 @@ from .cache import (
     read_entry,
 )
 from .fingerprint import describe_dataset, describe_pipeline
-from .fitting import default_num_workers
 from .folder import MODES, ImageFiles, find_unreadable, to_float_pipeline, unreadable_file_message
-from .sampling import StandardErrors, sample_pixels
+from .passes import StandardErrors, default_num_workers, sample_pixels
 from .transform import FitNormalize
 
 __all__ = ["main", "build_parser"]

@@ -21,7 +21,7 @@ from torchvision.datasets import VisionDataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from .fitting import DEFAULT_BATCH_SIZE, default_num_workers
+from .passes import DEFAULT_BATCH_SIZE, default_num_workers
 
 __all__ = [
     "IMAGE_EXTENSIONS",

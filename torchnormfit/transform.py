@@ -15,15 +15,14 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
-from torchvision.transforms.v2._transform import Transform
+from torchvision.transforms.v2 import Transform
 
 from . import cache as _cache
-from . import resolve
+from . import statistics
 from ._warn import warn
 from .images import TO_FLOAT_FIX, layout, validate_image
+from .passes import Capture, StandardErrors
 from .reduce import Ignore, tensor_stats
-from .samples import Capture
-from .sampling import StandardErrors
 from .stats import ChannelStats
 
 __all__ = ["DEFAULT_CACHE", "FitNormalize", "NotFittedError"]
@@ -98,7 +97,7 @@ class FitNormalize(v2.Normalize):
     'pass'
     """
 
-    _record: resolve.FitRecord | None = None  # class defaults: objects pickled by 0.1 lack these
+    _record: statistics.FitRecord | None = None  # class defaults: objects pickled by 0.1 lack these
     _capture: Capture | None = None
 
     def __init__(
@@ -160,7 +159,7 @@ class FitNormalize(v2.Normalize):
         return self._key if self._key is not None else self._fitted_key
 
     @property
-    def fit_record(self) -> resolve.FitRecord | None:
+    def fit_record(self) -> statistics.FitRecord | None:
         """How the last :meth:`fit` got its statistics: cache or pass, key, verification, write."""
         return self._record
 
@@ -365,7 +364,7 @@ class FitNormalize(v2.Normalize):
             ``self``, fitted; :attr:`fit_record` says how.
         """
         self._fitted_key = None
-        record = resolve.fit_dataset(
+        record = statistics.fit_dataset(
             dataset, self, self._capturing, cache_path=self._cache_path(), key=self._key, refit=refit, verify=verify,
             image=image, max_samples=max_samples, seed=seed, process_group=process_group, batch_size=batch_size,
             num_workers=num_workers, progress=progress, device=device, pin_memory=pin_memory,
@@ -405,7 +404,7 @@ class FitNormalize(v2.Normalize):
             if mask is not None or not self._is_plain():
                 raise NotImplementedError("partial_fit(dataset) with mask=, ignore=, clip= or spatial_dims=3 is not "
                                           "wired yet: pass batches as tensors.")
-            stats, num_samples = resolve.pass_stats(data, self._capturing, **fit_options)
+            stats, num_samples = statistics.pass_stats(data, self._capturing, **fit_options)
             integer = False
         if self._stats is not None and self._num_samples and integer != self.integer_input:
             units = {True: "integer", False: "float"}
@@ -427,7 +426,7 @@ class FitNormalize(v2.Normalize):
         path = self._cache_path()
         if key is None or path is None:
             raise ValueError("save() needs a cache file and a key: pass key= here or to FitNormalize(key=..., cache=...).")
-        resolve.save_stats(path, _cache.check_key(key), self._stats, self._num_samples)
+        statistics.save_stats(path, _cache.check_key(key), self._stats, self._num_samples)
         return key
 
     @classmethod
@@ -437,7 +436,7 @@ class FitNormalize(v2.Normalize):
         Raises :class:`~torchnormfit.CacheError` if the entry is missing or invalid.
         """
         path = Path(path) if path is not None else _cache.default_cache_path()
-        entry = resolve.load_entry(path, key)
+        entry = statistics.load_entry(path, key)
         norm = cls(cache=path, key=key, inplace=inplace)
         norm._use_stats(entry.stats, entry.num_samples, entry.standard_errors)
         return norm

@@ -25,13 +25,10 @@ imports the transform.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import itertools
 import json
 import logging
 import math
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,20 +37,15 @@ from typing import Any, ContextManager
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset
 
-from ._warn import warn
 from . import cache
+from ._warn import warn
 from .distributed import current_ranks, on_root
 from .fingerprint import describe_dataset, describe_pipeline, fingerprint
-from .fitting import PassResult, fit_stats, tensor_stats
-from .samples import Capture, read_images
-from .sampling import StandardErrors, fit_subset, subset_indices
+from .passes import Capture, PassResult, StandardErrors, rereading, run_pass, tensor_stats
 from .stats import ChannelStats
-from .streams import first_images, stream_images
-from .verification import (
-    DEFAULT_VERIFY, MAX_VERIFY, TRACKED, Verification, image_moments, threshold, verify_in_stages,
-)
+from .verification import DEFAULT_VERIFY, MAX_VERIFY, Verification, image_moments, threshold, verify_in_stages
 
 __all__ = ["FitRecord", "fit_dataset", "pass_stats", "save_stats", "load_entry", "tensor_stats"]
 
@@ -208,19 +200,8 @@ def _verify(
 ) -> Verification:
     """Read up to ``verify`` of the entry's tracked images again (a fresh random draw; a stream's first
     images, in order) and test them against it, in :func:`~torchnormfit.verification.stages`."""
-    tracked, channels = len(samples["index"]), entry.stats.num_channels
-    with capturing() as capture, contextlib.ExitStack() as stack:
-        if isinstance(dataset, IterableDataset):
-            rows = list(range(min(verify, tracked)))
-            stream = stack.enter_context(contextlib.closing(stream_images(dataset, capture, image)))
-
-            def read(start: int, stop: int) -> list[torch.Tensor]:
-                return list(itertools.islice(stream, stop - start))
-        else:
-            rows = random.SystemRandom().sample(range(tracked), min(verify, tracked))
-
-            def read(start: int, stop: int) -> list[torch.Tensor]:
-                return read_images(dataset, [int(samples["index"][row]) for row in rows[start:stop]], capture, image)
+    channels = entry.stats.num_channels
+    with capturing() as capture, rereading(dataset, samples["index"], verify, capture, image) as (rows, read):
         try:
             return verify_in_stages(
                 torch.from_numpy(np.asarray(samples["mean"][rows], dtype=np.float64)),
@@ -270,51 +251,11 @@ def _pass(
 ) -> tuple[PassResult, StandardErrors | None]:
     """One pass with the transform in capture mode; it is left unchanged if the pass fails.
 
-    With ``track``, some images' own moments are kept for the entry (see :func:`_tracked_indices`).
+    With ``track``, some images' own moments are kept for the entry (see :func:`~torchnormfit.passes.run_pass`).
     """
     with capturing() as capture:
-        if isinstance(dataset, IterableDataset):
-            result, errors = _stream_pass(dataset, capture, image, max_samples, process_group, loader, track)
-        elif max_samples is None:
-            track = _tracked_indices(range(len(dataset))) if track else []
-            result: PassResult = fit_stats(dataset, capture=capture, image=image, process_group=process_group,
-                                           track=track, **loader)
-            errors = None
-        else:
-            if current_ranks(process_group) is not None:
-                raise ValueError("max_samples is not supported across a process group: fit the subset on one rank.")
-            track = _tracked_indices(subset_indices(len(dataset), max_samples, seed)) if track else []
-            result, errors = fit_subset(dataset, max_samples, seed, capture=capture, image=image, track=track, **loader)
-    return result, errors
-
-
-def _stream_pass(
-    dataset: IterableDataset, capture: Capture, image: Any, max_samples: int | None, process_group: Any,
-    loader: dict[str, Any], track: bool,
-) -> tuple[PassResult, None]:
-    """A stream's pass; the moments tracked are those of its first images, which a hit reads again.
-
-    They are read here first (DEFAULT_VERIFY more reads, or none under torch.distributed, where each rank's
-    stream is only its own part and rank 0's first images are not the stream's).
-    """
-    tracked: dict[int, tuple[list[float], list[float]]] = {}
-    if track and current_ranks(process_group) is None:
-        first = first_images(dataset, DEFAULT_VERIFY if max_samples is None else min(DEFAULT_VERIFY, max_samples),
-                             capture, image)
-        tracked = {i: tuple(m.tolist() for m in image_moments(im)) for i, im in enumerate(first)}
-    if max_samples is None:
-        result = fit_stats(dataset, capture=capture, image=image, process_group=process_group, **loader)
-    else:
-        result, _ = fit_subset(dataset, max_samples, capture=capture, image=image, process_group=process_group,
-                               **loader)
-    return result._replace(tracked=tracked), None
-
-
-def _tracked_indices(indices: Sequence[int]) -> list[int]:
-    """Up to TRACKED of ``indices``, a fixed random choice, whose images' own moments the entry keeps."""
-    if len(indices) <= TRACKED:
-        return list(indices)
-    return [indices[i] for i in subset_indices(len(indices), TRACKED, seed=0)]
+        return run_pass(dataset, capture, image=image, max_samples=max_samples, seed=seed,
+                        process_group=process_group, track=track, **loader)
 
 
 def _arrays(tracked: dict[int, tuple[list[float], list[float]]]) -> dict[str, np.ndarray]:

@@ -1,0 +1,397 @@
+"""What both passes share: reading one sample, the DataLoader's batches, and merging them exactly.
+
+A sample's image is the one FitNormalize captures in the dataset's pipeline, else the one found in the sample;
+errors are named by sample. The DataLoader workers read samples, group a batch's images by shape and reduce
+them (:class:`Collate`), and send back a few floats per batch (:class:`Batch`); :func:`reduce_batches` merges
+them exactly in this process. Errors raised in the workers travel back as data (:class:`Failure`), so the user
+gets the original exception type and a ``Sample 7: ...`` message instead of DataLoader's wrapper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, NoReturn
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .._warn import warn
+from ..accumulator import BatchNormAccumulator
+from ..reduce import batch_stats, reuse_buffer
+from ..images import check_image, find_image
+from ..stats import ChannelStats
+from ..verification import image_moments
+
+__all__ = [
+    "Capture", "read_image", "read_images", "Failure", "Batch", "Collate", "PassResult", "reduce_batches", "running",
+    "tensor_stats", "default_num_workers", "default_batch_size", "DEFAULT_BATCH_SIZE",
+]
+
+DEFAULT_BATCH_SIZE = 64  # for subsets' groups and the file check; fit() picks its own (default_batch_size)
+_BATCH_BYTES = 64 << 20  # see default_batch_size
+_MAX_BATCH_SIZE = 256
+_BATCHES_PER_WORKER = 16
+_STACK_BYTES = 8 << 20  # images stacked and reduced at a time in a worker
+
+
+class Capture:
+    """Where the FitNormalize being fitted hands over the image it sees in a sample.
+
+    During a fit, the FitNormalize inside the dataset's own pipeline offers each
+    image here instead of normalizing it, and the sample stops right there
+    (:class:`_Captured` unwinds the dataset's ``__getitem__``): the transforms
+    after it cost nothing and cannot change what is measured, and a dataset
+    that memoizes its samples never keeps a pass-through one. The stop is
+    raised once per sample, so a dataset that swallows it (a bare ``except:``
+    that retries) cannot loop.
+
+    A stream's sample cannot be stopped (the exception would end its
+    generator): with ``stop=False`` the image is copied, in case a later
+    transform works in place, and passed on unchanged.
+    """
+
+    def __init__(self, stop: bool = True) -> None:
+        self.stop = stop
+        self.image: Tensor | None = None
+        self.stopped = False
+        self.took = False
+
+    def offer(self, image: Tensor) -> Tensor:
+        if self.image is None:
+            self.image = image if self.stop else image.clone()
+        if self.stop and not self.stopped:
+            self.stopped = True
+            raise _Captured
+        return image
+
+    def take(self) -> Tensor | None:
+        """The image offered since the last take (None if none); ``took`` says whether there was one."""
+        image, self.image, self.stopped = self.image, None, False
+        self.took = image is not None
+        return image
+
+
+class _Captured(BaseException):
+    """Stops reading a sample once the FitNormalize being fitted has its image (not an ``Exception``, so a
+    dataset that catches ``Exception`` to skip bad files lets it through)."""
+
+
+class _RemoteTraceback(Exception):
+    """The traceback of an error raised in a DataLoader worker (as in ``concurrent.futures``)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+@dataclass
+class Failure:
+    """An error raised while reading or reducing samples, sent back as data.
+
+    Raising it in the main process gives the user the original exception type and
+    message (``Sample 7: ...``) instead of DataLoader's worker wrapper, with the
+    worker's traceback attached as the cause.
+    """
+
+    error: Exception
+    traceback: str
+
+    @classmethod
+    def capture(cls, error: Exception) -> Failure:
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        try:
+            pickle.dumps(error)
+        except Exception:  # it must cross the worker queue
+            error = RuntimeError(f"{type(error).__name__}: {error}")
+        return cls(error, text)
+
+    def reraise(self) -> NoReturn:
+        raise self.error from _RemoteTraceback(f'\n"""\n{self.traceback}"""')
+
+
+def read_image(
+    read: Callable[[], Any], where: str, capture: Capture | None, image: Callable[[Any], Any] | None
+) -> Tensor:
+    """Read one sample with ``read()`` and return its image tensor, checked.
+
+    The image a FitNormalize in the pipeline captured, else the one found in
+    the sample (``image(sample)`` or :func:`find_image`). Every error names
+    the sample with ``where`` (``"Sample 7: "``). The map-style and the
+    stream readers both read through here; a stream's ``StopIteration``
+    passes through unchanged.
+    """
+    if capture is not None:
+        capture.take()
+    try:
+        sample = read()
+    except _Captured:  # FitNormalize has the image: the rest of the sample is not built
+        return check_image(capture.take(), where)
+    except StopIteration:
+        raise
+    except Exception as error:
+        named = _naming_sample(error, where)
+        if named is error:
+            raise
+        raise named from error
+    captured = capture.take() if capture is not None else None
+    if captured is not None:
+        if capture.stop:
+            _warn_swallowed_stop()
+        return check_image(captured, where)
+    found = image(sample) if image is not None else find_image(sample)
+    if found is None:
+        raise TypeError(
+            f"{where}found no image tensor in a sample of type {type(sample).__name__}. "
+            "Return a tensor, a tv_tensors.Image or a tuple/dict holding one, or pass image=... to fit()."
+        )
+    return check_image(found, where)
+
+
+def _warn_swallowed_stop() -> None:
+    warn(
+        "The dataset's __getitem__ caught the signal FitNormalize raises to stop a sample once it has its image "
+        "(a bare 'except:' or 'except BaseException:'). The statistics are right, but a dataset that memoizes "
+        "samples may now hold un-normalized ones from this fit: catch Exception instead, or clear its memo.",
+        UserWarning)
+
+
+def _naming_sample(error: Exception, where: str) -> Exception:
+    """The same kind of error, its message starting with the sample index.
+
+    An exception class that cannot be built from one message is kept whole
+    (its own attributes may matter to the caller), with the index in a note.
+    """
+    try:
+        return type(error)(f"{where}reading the dataset failed: {error}")
+    except Exception:
+        if hasattr(error, "add_note"):  # Python >= 3.11
+            error.add_note(f"{where}reading the dataset failed")
+        return error
+
+
+def read_images(
+    dataset: Dataset, indices: Sequence[int], capture: Capture | None = None, image: Callable[[Any], Any] | None = None
+) -> list[Tensor]:
+    """The images of ``dataset[i]`` for ``i`` in ``indices``, read here, one by one (to verify a cache hit)."""
+    return [read_image(lambda: dataset[index], index, capture, image) for index in indices]
+
+
+def default_num_workers() -> int:
+    """Worker processes used when ``num_workers`` is not given: the usable CPUs, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    return min(8, cpus)
+
+
+def default_batch_size(image: Tensor, num_samples: int | None = None, num_workers: int = 0) -> int:
+    """Images per batch when ``batch_size`` is not given, from one image of the dataset.
+
+    64 MiB of images like ``image``, at most 256: small images want large
+    batches (a fixed cost per batch: 256 for 3x32x32), large ones fewer (each
+    worker holds a whole batch: 111 for 3x224x224, 5 for 3x1024x1024). And
+    small enough that each worker gets 16 batches of the ``num_samples``, so
+    that no worker idles long over the last ones. Measured on 2 cores: see
+    benchmarks/README.md.
+    """
+    by_size = _BATCH_BYTES // max(1, image.numel() * image.element_size())
+    by_count = -(-num_samples // (_BATCHES_PER_WORKER * max(1, num_workers))) if num_samples else _MAX_BATCH_SIZE
+    return max(1, min(_MAX_BATCH_SIZE, by_size, by_count))
+
+
+@dataclass
+class Batch:
+    """What a worker sends back for one batch: statistics, or the images themselves."""
+
+    first_index: int
+    num_samples: int
+    channels: int
+    moments: list[list[float]] | None = None  # the batch's ChannelStats as plain floats (see Collate)
+    groups: list[tuple[list[int], Tensor]] | None = None
+    failure: Failure | None = None
+    tracked: dict[int, tuple[list[float], list[float]]] = field(default_factory=dict)
+    """Per-image moments of the batch's tracked images (to verify cache hits)."""
+    captured: int = 0
+    """Images that the FitNormalize being fitted captured (the others were found in the sample)."""
+
+
+class Collate:
+    """Groups a batch's images by shape (so sizes may differ) and reduces them to statistics.
+
+    Runs in the DataLoader workers, so the statistics cost is spread over them and
+    only a few numbers per batch travel back. Each group is stacked and reduced
+    at most ``_STACK_BYTES`` at a time, into a buffer reused from batch to batch.
+    With ``reduce=False`` (an accelerator does the reduction) it returns the
+    stacked groups instead.
+    """
+
+    def __init__(self, reduce: bool, track: frozenset[int] = frozenset()):
+        self.reduce = reduce
+        self.track = track
+        self._stacked: Tensor | None = None
+
+    def __call__(self, items: Sequence[tuple[int, Tensor | Failure, bool]]) -> Batch:
+        for index, item, _ in items:
+            if isinstance(item, Failure):
+                return Batch(index, 0, 0, failure=item)
+        try:
+            batch = self._reduce([(index, image) for index, image, _ in items])
+        except Exception as error:
+            return Batch(items[0][0], 0, 0, failure=Failure.capture(error))
+        batch.captured = sum(captured for _, _, captured in items)
+        return batch
+
+    def _reduce(self, items: Sequence[tuple[int, Tensor]]) -> Batch:
+        first_index, first = items[0]
+        channels = first.shape[-3]
+        by_shape: dict[tuple[int, ...], list[tuple[int, Tensor]]] = {}
+        for index, image in items:
+            if image.shape[-3] != channels:
+                raise ValueError(_channel_mismatch(index, image.shape[-3], channels, first_index))
+            by_shape.setdefault((*image.shape, image.dtype), []).append((index, image))
+        batch = Batch(first_index, len(items), channels)
+        batch.tracked = {
+            index: tuple(moments.tolist() for moments in image_moments(image))
+            for index, image in items if index in self.track
+        }
+        if not self.reduce:
+            batch.groups = [([i for i, _ in group], torch.stack([im for _, im in group])) for group in by_shape.values()]
+            return batch
+        stats = ChannelStats.empty(channels)
+        with _one_thread():
+            for group in by_shape.values():
+                image_bytes = group[0][1].numel() * group[0][1].element_size()
+                step = max(1, _STACK_BYTES // max(1, image_bytes))
+                for start in range(0, len(group), step):
+                    stats = stats.merge(self._piece_stats(group[start : start + step]))
+        # Plain floats, not tensors: a tensor crossing the worker queue costs a shared-memory handle each.
+        batch.moments = [value.tolist() for value in stats.to_dict().values()]
+        return batch
+
+    def _piece_stats(self, piece: list[tuple[int, Tensor]]) -> ChannelStats:
+        """Statistics of images of one shape, stacked into the reused buffer."""
+        images = [image.detach() for _, image in piece]  # stack(out=) refuses tensors that require grad
+        numel = len(images) * images[0].numel()
+        self._stacked = reuse_buffer(self._stacked, numel, images[0])
+        stacked = torch.stack(images, out=self._stacked[:numel].view(len(images), *images[0].shape))
+        piece_stats = batch_stats(stacked)
+        _check_finite(piece_stats, [index for index, _ in piece], stacked)
+        return piece_stats
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Reduce with one torch thread (as DataLoader workers already do).
+
+    In the main process (``num_workers=0``) a multi-threaded kernel on small
+    blocks gains little and, beside a busy core, waits for a time slice.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _channel_mismatch(index: int, got: int, expected: int, first_index: int) -> str:
+    return (
+        f"Sample {index} has {got} channels, but sample {first_index} has {expected}. All images must have "
+        "the same number of channels: convert them in the pipeline (for example v2.Grayscale(num_output_channels=3) "
+        "or PIL's .convert('RGB'))."
+    )
+
+
+def _check_finite(stats: ChannelStats, indices: list[int], images: Tensor) -> None:
+    if bool(torch.isfinite(stats.mean).all() and torch.isfinite(stats.m2).all()):
+        return
+    finite = torch.isfinite(images.reshape(images.shape[0], -1)).all(dim=1)
+    bad = indices[int((~finite).nonzero()[0])] if not bool(finite.all()) else indices[0]
+    raise ValueError(
+        f"Sample {bad} contains NaN or Inf pixel values. Statistics need finite pixels: fix or drop the sample."
+    )
+
+
+class PassResult(NamedTuple):
+    """What a pass found: the statistics (None if it read nothing), the images read, the tracked images' moments,
+    how many images FitNormalize captured, and for a stream a digest of its first images (see streamed.py)."""
+
+    stats: ChannelStats | None
+    num_samples: int
+    tracked: dict[int, tuple[list[float], list[float]]]
+    captured: int = 0
+    first: str | None = None
+
+
+@contextlib.contextmanager
+def running(loader: DataLoader) -> Iterator[Iterator[Any]]:
+    """The loader's batches; its worker processes are shut down at once when the pass ends or fails."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def reduce_batches(
+    batches: Iterable[Batch],
+    device: torch.device,
+    on_batch: Callable[[ChannelStats], None] | None,
+    bar: Any,
+) -> PassResult:
+    """Merge each batch into one accumulator; a failure is raised as it was."""
+    accumulator: BatchNormAccumulator | None = None
+    first: Batch | None = None
+    num_samples, captured = 0, 0
+    tracked: dict[int, tuple[list[float], list[float]]] = {}
+    for batch in batches:
+        if batch.failure is not None:
+            batch.failure.reraise()
+        if first is None:
+            first, accumulator = batch, BatchNormAccumulator(batch.channels, device=device)
+        elif batch.channels != first.channels:
+            raise ValueError(_channel_mismatch(batch.first_index, batch.channels, first.channels, first.first_index))
+        one_batch = _accumulate(accumulator, batch, device)
+        if on_batch is not None:
+            on_batch(one_batch)
+        num_samples += batch.num_samples
+        captured += batch.captured
+        tracked.update(batch.tracked)
+        bar.update(batch.num_samples)
+    return PassResult(None if accumulator is None else accumulator.stats.to("cpu"), num_samples, tracked, captured)
+
+
+def tensor_stats(images: Tensor) -> tuple[ChannelStats, int]:
+    """Exact statistics of one float batch ``(..., C, H, W)`` and its number of images."""
+    images = check_image(images)
+    with _one_thread():
+        stats = batch_stats(images)
+    count = images.reshape(-1, *images.shape[-3:]).shape[0]
+    _check_finite(stats, list(range(count)), images.reshape(count, -1))
+    return stats, count
+
+
+def _accumulate(accumulator: BatchNormAccumulator, batch: Batch, device: torch.device) -> ChannelStats:
+    """Merge one batch into the accumulator; return the batch's own statistics."""
+    if batch.moments is not None:
+        stats = ChannelStats(*(torch.tensor(values, dtype=torch.float64) for values in batch.moments))
+        accumulator.merge(stats.to(device))
+        return stats
+    stats = ChannelStats.empty(batch.channels, device=device)
+    for indices, images in batch.groups:
+        images = images.to(device, non_blocking=True)
+        group_stats = accumulator.update(images)
+        _check_finite(group_stats, indices, images)
+        stats = stats.merge(group_stats)
+    return stats
