@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,7 +26,7 @@ from torch import Tensor
 from .stats import ChannelStats
 from .values import INTEGER_DTYPES, ValueCounts
 
-__all__ = ["Ignore", "batch_stats", "check_finite", "ignore_values", "pixel_rows", "reuse_buffer", "tensor_stats"]
+__all__ = ["Ignore", "Reduction", "batch_stats", "check_finite", "ignore_values", "pixel_rows", "reuse_buffer", "tensor_stats"]
 
 Ignore = float | Sequence[float] | Tensor | None
 """``ignore=``: one value for every channel, one per channel, or NaN (NaN pixels); None keeps every pixel."""
@@ -105,6 +107,42 @@ def batch_stats(
     else:
         stats = _masked_stats(pixels, keep)
     return stats.with_values(ValueCounts.count(pixels, keep) if values else None)
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """What a pass leaves out of its statistics and what more it keeps; the same in every worker and rank.
+
+    ``ignore`` as :func:`batch_stats`; ``values`` counts values (for percentiles); ``spatial_dims`` 3 reads
+    volumes; ``mask`` says where a sample's mask is (:data:`~torchnormfit.images.MaskSource`): the pass then
+    carries it as the image's last channel, so stacking, grouping and transport stay as for images.
+    """
+
+    ignore: float | tuple[float, ...] | None = None
+    values: bool = False
+    spatial_dims: int = 2
+    mask: Any = None
+
+    @property
+    def masked(self) -> bool:
+        return self.mask is not None
+
+    @property
+    def plain(self) -> bool:
+        return self.ignore is None and not self.values and self.spatial_dims == 2 and self.mask is None
+
+    def stats(self, images: Tensor) -> ChannelStats:
+        """:func:`batch_stats` of a stacked batch ``(N, C (+ 1 mask channel), H, W)``."""
+        mask = None
+        if self.masked:
+            images, mask = images[:, :-1], images[:, -1:]
+        return batch_stats(images, ignore=self.ignore, mask=mask, values=self.values)
+
+    def settings(self) -> dict[str, Any]:
+        """What a cache key must see: the options that change the statistics (none when plain)."""
+        if self.plain:
+            return {}
+        return {"ignore": self.ignore, "values": self.values, "spatial_dims": self.spatial_dims, "mask": self.mask}
 
 
 def tensor_stats(images: Tensor, *, ignore: Ignore = None, mask: Tensor | None = None, spatial_dims: int = 2,

@@ -20,8 +20,8 @@ from torchvision.transforms.v2 import Transform
 from . import cache as _cache
 from . import statistics
 from ._warn import warn
-from .images import TO_FLOAT_FIX, layout, validate_image
-from .passes import Capture, StandardErrors
+from .images import TO_FLOAT_FIX, MaskSource, find_mask, layout, validate_image
+from .passes import Capture, Reduction, StandardErrors
 from .reduce import Ignore, tensor_stats
 from .stats import ChannelStats
 
@@ -319,6 +319,7 @@ class FitNormalize(v2.Normalize):
         process_group: Any = None,
         max_samples: int | None = None,
         seed: int = 0,
+        mask: MaskSource = None,
     ) -> FitNormalize:
         """Fit mean and std on ``dataset`` in one exact pass, or take them from the cache, verified.
 
@@ -344,7 +345,15 @@ class FitNormalize(v2.Normalize):
             ``key=`` given by hand; 0 never reads a sample (very slow sources).
         image : callable, optional
             ``sample -> image tensor`` when the image cannot be found in a sample
-            the way v2 transforms find it.
+            the way v2 transforms find it (a dictionary's ``"image"``, else the
+            first ``tv_tensors.Image``, else the first plain tensor).
+        mask : callable, tv_tensors.Mask or str, optional
+            Statistics of the pixels where the sample's mask is nonzero (nnU-Net's
+            foreground): ``sample -> mask`` (shaped like the image's pixels, one
+            channel), ``tv_tensors.Mask`` (the sample's Mask), or a key of a
+            dictionary sample (torchgeo's ``"mask"``). When this transform sits in
+            the dataset's pipeline, the mask is looked for in what reaches it (so it
+            went through the same crops and flips as the image).
         device : torch.device or str, optional
             Where to reduce the statistics; ``"cuda"`` moves the batches there.
         pin_memory : bool, optional
@@ -368,12 +377,13 @@ class FitNormalize(v2.Normalize):
             dataset, self, self._capturing, cache_path=self._cache_path(), key=self._key, refit=refit, verify=verify,
             image=image, max_samples=max_samples, seed=seed, process_group=process_group, batch_size=batch_size,
             num_workers=num_workers, progress=progress, device=device, pin_memory=pin_memory,
+            reduction=self._reduction(mask),
         )
-        self._use_stats(record.stats, record.num_samples, record.standard_errors)
+        self._use_stats(record.stats, record.num_samples, record.standard_errors, integer=record.integer)
         self._fitted_key, self._record = record.key, record
         return self
 
-    def partial_fit(self, data: Tensor | Dataset, mask: Tensor | None = None, **fit_options: Any) -> FitNormalize:
+    def partial_fit(self, data: Tensor | Dataset, mask: Any = None, **fit_options: Any) -> FitNormalize:
         """Add a batch ``(..., C, H, W)`` (with ``mask`` ``(..., 1 or C, H, W)``, optional) or a dataset to the
         current statistics, exactly.
 
@@ -401,11 +411,8 @@ class FitNormalize(v2.Normalize):
             stats, num_samples = tensor_stats(images, ignore=self.ignore, mask=mask, spatial_dims=self.spatial_dims,
                                               values=self.clip is not None)
         else:
-            if mask is not None or not self._is_plain():
-                raise NotImplementedError("partial_fit(dataset) with mask=, ignore=, clip= or spatial_dims=3 is not "
-                                          "wired yet: pass batches as tensors.")
-            stats, num_samples = statistics.pass_stats(data, self._capturing, **fit_options)
-            integer = False
+            stats, num_samples, integer = statistics.pass_stats(data, self._capturing, self._reduction(mask),
+                                                                **fit_options)
         if self._stats is not None and self._num_samples and integer != self.integer_input:
             units = {True: "integer", False: "float"}
             raise ValueError(f"This FitNormalize was fitted on {units[self.integer_input]} images; these are "
@@ -426,7 +433,7 @@ class FitNormalize(v2.Normalize):
         path = self._cache_path()
         if key is None or path is None:
             raise ValueError("save() needs a cache file and a key: pass key= here or to FitNormalize(key=..., cache=...).")
-        statistics.save_stats(path, _cache.check_key(key), self._stats, self._num_samples)
+        statistics.save_stats(path, _cache.check_key(key), self._stats, self._num_samples, self.integer_input)
         return key
 
     @classmethod
@@ -438,8 +445,20 @@ class FitNormalize(v2.Normalize):
         path = Path(path) if path is not None else _cache.default_cache_path()
         entry = statistics.load_entry(path, key)
         norm = cls(cache=path, key=key, inplace=inplace)
-        norm._use_stats(entry.stats, entry.num_samples, entry.standard_errors)
+        norm._use_stats(entry.stats, entry.num_samples, entry.standard_errors, integer=entry.integer)
         return norm
+
+    def _reduction(self, mask: MaskSource = None) -> Reduction:
+        """What a pass of this transform leaves out and keeps (see :class:`~torchnormfit.reduce.Reduction`)."""
+        ignore = tuple(self.ignore) if isinstance(self.ignore, list) else self.ignore
+        return Reduction(ignore=ignore, values=self.clip is not None, spatial_dims=self.spatial_dims, mask=mask)
+
+    def forward(self, *inputs: Any) -> Any:
+        capture = self._capture
+        if capture is not None and capture.mask_source is not None:  # fit(mask=...): the mask beside the image
+            sample = inputs if len(inputs) > 1 else inputs[0]
+            capture.mask = find_mask(sample, capture.mask_source)
+        return super().forward(*inputs)
 
     @contextlib.contextmanager
     def _capturing(self) -> Iterator[Capture]:

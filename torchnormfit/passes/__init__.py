@@ -23,13 +23,27 @@ from torch.utils.data import Dataset, IterableDataset
 
 from .._warn import warn
 from ..distributed import Ranks, agree, current_ranks, gather_merge, shard
+from ..images import moment_image
+from ..reduce import Reduction
 from ..stats import ChannelStats
 from ..verification import DEFAULT_VERIFY, image_moments
 from .loader import (
-    DEFAULT_BATCH_SIZE, Capture, PassResult, default_batch_size, default_num_workers, read_images, tensor_stats,
+    DEFAULT_BATCH_SIZE,
+    Capture,
+    PassResult,
+    default_batch_size,
+    default_num_workers,
+    read_images,
+    tensor_stats,
 )
 from .mapped import (
-    StandardErrors, check_dataset, group_batch_size, map_pass, sample_pixels, subset_errors, subset_indices,
+    StandardErrors,
+    check_dataset,
+    group_batch_size,
+    map_pass,
+    sample_pixels,
+    subset_errors,
+    subset_indices,
     tracked_indices,
 )
 from .streamed import check_split_across_ranks, first_images, stream_images, stream_pass
@@ -40,6 +54,7 @@ __all__ = [
     "PassResult",
     "StandardErrors",
     "Capture",
+    "Reduction",
     "tensor_stats",
     "subset_indices",
     "sample_pixels",
@@ -62,6 +77,7 @@ def run_pass(
     process_group: Any = None,
     track: bool = False,
     progress: bool | None = None,
+    reduction: Reduction | None = None,
     **loader: Any,
 ) -> tuple[PassResult, StandardErrors | None]:
     """One pass over ``dataset``: its exact per-channel statistics, and their standard errors after a subset.
@@ -88,6 +104,9 @@ def run_pass(
         map-style dataset, the first ``DEFAULT_VERIFY`` of a stream.
     progress : bool, optional
         A progress bar (default: when stderr is a terminal).
+    reduction : Reduction, optional
+        What to leave out (``ignore``, ``mask``), whether to count values
+        (percentiles), and ``spatial_dims``; default every pixel of images.
     **loader
         ``batch_size``, ``num_workers``, ``device``, ``pin_memory``.
 
@@ -111,9 +130,9 @@ def run_pass(
     loader = {"batch_size": None, "num_workers": None, "device": None, "pin_memory": None, **loader}
     errors = None
     if isinstance(dataset, IterableDataset):
-        tracked = _first_moments(dataset, capture, image, max_samples) if track and ranks is None else {}
+        tracked = _first_moments(dataset, capture, image, max_samples, reduction) if track and ranks is None else {}
         result = _on_ranks(ranks, progress, lambda show: stream_pass(
-            dataset, capture, image, None, show, max_samples=max_samples, **loader))
+            dataset, capture, image, None, show, max_samples=max_samples, reduction=reduction, **loader))
         result = result._replace(tracked=tracked)
     else:
         check_dataset(dataset)
@@ -128,7 +147,7 @@ def run_pass(
         local = indices if ranks is None else shard(indices, ranks)
         on_batch = None if max_samples is None else groups.append
         result = _on_ranks(ranks, progress, lambda show: map_pass(
-            dataset, local, capture, image, on_batch, show, chosen, **loader))
+            dataset, local, capture, image, on_batch, show, chosen, reduction=reduction, **loader))
     if result.stats is None:
         what = "the stream" if isinstance(dataset, IterableDataset) else "the subset of"
         raise ValueError(f"No samples to fit: {what} {type(dataset).__name__} is empty.")
@@ -139,7 +158,8 @@ def run_pass(
 
 
 def _first_moments(
-    dataset: IterableDataset, capture: Capture | None, image: Callable[[Any], Any] | None, max_samples: int | None
+    dataset: IterableDataset, capture: Capture | None, image: Callable[[Any], Any] | None, max_samples: int | None,
+    reduction: Reduction | None = None,
 ) -> dict[int, tuple[list[float], list[float]]]:
     """The moments of a stream's first images, which a hit reads again (``DEFAULT_VERIFY`` more reads).
 
@@ -147,8 +167,9 @@ def _first_moments(
     the stream's.
     """
     count = DEFAULT_VERIFY if max_samples is None else min(DEFAULT_VERIFY, max_samples)
-    first = first_images(dataset, count, capture, image)
-    return {i: tuple(m.tolist() for m in image_moments(im)) for i, im in enumerate(first)}
+    first = first_images(dataset, count, capture, image, reduction)
+    masked = reduction is not None and reduction.masked
+    return {i: tuple(m.tolist() for m in image_moments(moment_image(im, masked))) for i, im in enumerate(first)}
 
 
 def _on_ranks(ranks: Ranks | None, progress: bool, run_local: Callable[[bool], PassResult]) -> PassResult:
@@ -182,7 +203,7 @@ def _ranked_pass(ranks: Ranks, run_local: Callable[[], PassResult]) -> PassResul
     parts = [part for _, part in outcomes]
     tracked = {index: moments for part in parts for index, moments in part.tracked.items()}
     return PassResult(gather_merge(ranks, stats), sum(p.num_samples for p in parts), tracked,
-                      sum(p.captured for p in parts))
+                      sum(p.captured for p in parts), integer=any(p.integer for p in parts))
 
 
 @contextlib.contextmanager
@@ -192,6 +213,7 @@ def rereading(
     count: int,
     capture: Capture | None,
     image: Callable[[Any], Any] | None,
+    reduction: Reduction | None = None,
 ) -> Iterator[tuple[list[int], Callable[[int, int], list[Tensor]]]]:
     """Read tracked images again, in this process, to verify a cache hit.
 
@@ -203,12 +225,12 @@ def rereading(
     """
     count = min(count, len(indices))
     if isinstance(dataset, IterableDataset):
-        with contextlib.closing(stream_images(dataset, capture, image)) as stream:
+        with contextlib.closing(stream_images(dataset, capture, image, reduction)) as stream:
             yield list(range(count)), lambda start, stop: list(itertools.islice(stream, stop - start))
         return
     rows = random.SystemRandom().sample(range(len(indices)), count)
     yield rows, lambda start, stop: read_images(dataset, [int(indices[row]) for row in rows[start:stop]], capture,
-                                                image)
+                                                image, reduction)
 
 
 def _warn_if_0_255(stats: ChannelStats) -> None:
