@@ -153,7 +153,8 @@ def run_pass(
         raise ValueError(f"No samples to fit: {what} {type(dataset).__name__} is empty.")
     if max_samples is not None and not isinstance(dataset, IterableDataset):
         errors = subset_errors(groups, result.num_samples, len(dataset))
-    _warn_if_0_255(result.stats)
+    if not result.integer:  # integer images are fitted in their own units: any range is theirs
+        _warn_if_0_255(result.stats)
     return result, errors
 
 

@@ -186,8 +186,6 @@ def read_image(
 
 def _with_mask(found: Any, mask: Any, where: str, reduction: Reduction) -> Tensor:
     """The checked image, planar, with its mask as a last channel when the reduction wants one."""
-    if reduction.plain:
-        return check_image(found, where)
     image = check_image(found, where, integer=True, spatial_dims=reduction.spatial_dims)
     if not reduction.masked:
         return planar(image, reduction.spatial_dims)
