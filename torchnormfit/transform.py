@@ -455,9 +455,12 @@ class FitNormalize(v2.Normalize):
 
     def forward(self, *inputs: Any) -> Any:
         capture = self._capture
-        if capture is not None and capture.mask_source is not None:  # fit(mask=...): the mask beside the image
+        if capture is not None:  # being fitted
             sample = inputs if len(inputs) > 1 else inputs[0]
-            capture.mask = find_mask(sample, capture.mask_source)
+            if capture.mask_source is not None:  # fit(mask=...): the mask beside the image
+                capture.mask = find_mask(sample, capture.mask_source)
+            if isinstance(sample, Tensor):  # an image alone: hand it over without v2's walk of the sample
+                return self.transform(sample, {})
         return super().forward(*inputs)
 
     @contextlib.contextmanager
