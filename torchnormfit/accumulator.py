@@ -13,6 +13,21 @@ __all__ = ["BatchNormAccumulator"]
 _EXACT_BUFFERS = ("pixel_count", "pixel_mean", "pixel_m2", "pixel_min", "pixel_max")  # float64 whatever .to() says
 
 
+def _merge_values(own: ValueCounts | None, values: ValueCounts | None, counted: bool,
+                  incoming: bool) -> ValueCounts | None:
+    """An accumulator's value counts with ``values`` added: in place into its own copy when they fit its grid.
+
+    As :meth:`ChannelStats.merge`: counts are kept only while every part with pixels has them.
+    """
+    if values is None:
+        return own if not incoming else None
+    if own is None:
+        return None if counted else values.copy()
+    if own.add_(values):
+        return own
+    return own.merge(values)
+
+
 class BatchNormAccumulator(nn.BatchNorm2d):
     """A ``BatchNorm2d`` whose running statistics are the exact pooled statistics.
 
@@ -67,7 +82,7 @@ class BatchNormAccumulator(nn.BatchNorm2d):
     def stats(self) -> ChannelStats:
         """The pooled statistics so far, as a :class:`ChannelStats` (a snapshot, not a view)."""
         return ChannelStats(self.pixel_count, self.pixel_mean, self.pixel_m2, self.pixel_min, self.pixel_max,
-                            self._values)
+                            None if self._values is None else self._values.copy())
 
     def forward(self, input: Tensor) -> Tensor:
         if not (self.training and self.exact):
@@ -89,8 +104,10 @@ class BatchNormAccumulator(nn.BatchNorm2d):
     def merge(self, other: BatchNormAccumulator | ChannelStats) -> BatchNormAccumulator:
         """Add another accumulator's (or a :class:`ChannelStats`') pixels to this one, exactly."""
         stats = other.stats if isinstance(other, BatchNormAccumulator) else other
-        merged = self.stats.merge(stats)
-        self._values = merged.values
+        before = ChannelStats(self.pixel_count, self.pixel_mean, self.pixel_m2, self.pixel_min, self.pixel_max)
+        merged = before.merge(stats.with_values(None))
+        self._values = _merge_values(self._values, stats.values, counted=bool((self.pixel_count > 0).any()),
+                                     incoming=bool((stats.count > 0).any()))
         with torch.no_grad():
             for name, value in merged.to_dict().items():
                 getattr(self, f"pixel_{name}").copy_(value)

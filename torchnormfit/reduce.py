@@ -245,7 +245,7 @@ def _integer_stats(pixels: Tensor, keep: Tensor | None, drop: list[float] | None
     counts = ValueCounts.count(pixels, keep)
     if drop is not None:
         if counts.exact:
-            counts = counts.drop(drop)
+            counts = counts.drop(drop, in_place=True)  # counted just now: no one else holds them
         else:
             keep = _kept(pixels.double(), keep, drop)
             counts = ValueCounts.count(pixels, keep)

@@ -15,6 +15,7 @@ fits (``shift`` grows by one) and the counts stop being exact; :attr:`ValueCount
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ FLOAT_SHIFT = 12
 """Bits of a float32 key pooled into one bucket: 11 mantissa bits kept, buckets ``2**-11`` of the value wide."""
 _KINDS = ("int", "float")
 _INT32_MAX = (1 << 31) - 1
+_SCRATCH = threading.local()  # each thread's int32 buffer for the keys it counts
 
 
 def float_keys(images: Tensor) -> Tensor:
@@ -88,6 +90,14 @@ class ValueCounts:
         object.__setattr__(self, "offset", offset)
         object.__setattr__(self, "counts", counts)
 
+    @classmethod
+    def _of(cls, kind: str, shift: int, offset: Tensor, counts: Tensor) -> ValueCounts:
+        """Counts built here (valid by construction): no checks, no copies."""
+        made = object.__new__(cls)
+        for name, value in (("kind", kind), ("shift", shift), ("offset", offset), ("counts", counts)):
+            object.__setattr__(made, name, value)
+        return made
+
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("ValueCounts is immutable; merge() returns a new object.")
 
@@ -128,7 +138,12 @@ class ValueCounts:
         if images.ndim != 3:
             raise ValueError(f"ValueCounts.count expects (N, C, P) pixels. Got {tuple(images.shape)}.")
         kind = "float" if images.is_floating_point() else "int"
-        keys = float_keys(images) if kind == "float" else images.to(torch.int32)
+        if kind == "float":
+            keys = float_keys(images)
+        else:  # into a buffer reused from batch to batch: a fresh one costs its page faults every time
+            _SCRATCH.keys = reuse(getattr(_SCRATCH, "keys", None), images.numel(), images.device)
+            keys = _SCRATCH.keys[: images.numel()].view(images.shape)
+            keys.copy_(images)
         channels = images.shape[1]
         if keys.numel() == 0:
             return cls.empty(channels, kind)
@@ -142,24 +157,28 @@ class ValueCounts:
         shift, first, length = _grid(0 if kind == "int" else FLOAT_SHIFT, low, high, channels)
         base = (torch.arange(channels, dtype=torch.int64) * length - first).to(torch.int32).to(keys.device)
         if shift:
-            keys = keys >> shift
-        index = keys.add_(base[:, None]) if keys is not images else keys + base[:, None]
+            keys = keys.bitwise_right_shift_(shift)
+        index = keys.add_(base[:, None])
         if keep is not None:
             index.masked_fill_(~keep, channels * length)
         counts = torch.bincount(index.view(-1), minlength=channels * length + 1)[: channels * length]
-        return cls(kind, shift, first, counts.view(channels, length))
+        return cls._of(kind, shift, first, counts.view(channels, length).cpu())
 
-    def drop(self, values: Sequence[float]) -> ValueCounts:
-        """These counts without one value per channel (NaN: none), for ``ignore=`` on exact integer counts."""
+    def drop(self, values: Sequence[float], *, in_place: bool = False) -> ValueCounts:
+        """These counts without one value per channel (NaN: none), for ``ignore=`` on exact integer counts.
+
+        ``in_place`` zeroes them in these counts (only for counts no one else holds yet) and returns them.
+        """
         if not self.exact:
             raise ValueError("Only exact integer counts can drop a value after counting; mask the pixels instead.")
-        counts = self.counts.clone()
-        for channel, value in enumerate(values):
-            if math.isfinite(value) and float(value).is_integer():
-                column = int(value) - int(self.offset[channel])
-                if 0 <= column < counts.shape[1]:
-                    counts[channel, column] = 0
-        return ValueCounts(self.kind, self.shift, self.offset, counts)
+        counts = self.counts if in_place else self.counts.clone()
+        value = torch.tensor([v if math.isfinite(v) and float(v).is_integer() else math.nan for v in values],
+                             dtype=torch.float64)
+        column = value - self.offset.double()
+        rows = ((column >= 0) & (column < counts.shape[1])).nonzero().squeeze(1)
+        if rows.numel():
+            counts[rows, column[rows].long()] = 0
+        return self if in_place else ValueCounts._of(self.kind, self.shift, self.offset, counts)
 
     # --- merging ---------------------------------------------------------------------------------------
 
@@ -177,17 +196,38 @@ class ValueCounts:
         low = torch.minimum(*(p.offset >> (shift - p.shift) for p in parts))
         high = torch.maximum(*((p.offset + p.counts.shape[1] - 1) >> (shift - p.shift) for p in parts))
         shift, first, length = _grid(shift, low << shift, (high << shift) | ((1 << shift) - 1), self.num_channels)
-        total = torch.zeros(self.num_channels * length, dtype=torch.int64)
+        total = torch.zeros(self.num_channels, length, dtype=torch.int64)
         for part in parts:
-            part._add_into(total, shift, first, length)
-        return ValueCounts(self.kind, shift, first, total.view(self.num_channels, length))
+            part._add_into(total, shift, first)
+        return ValueCounts._of(self.kind, shift, first, total)
 
-    def _add_into(self, total: Tensor, shift: int, first: Tensor, length: int) -> None:
-        """Add these counts into ``total`` ``(C * length,)``, a grid of ``shift`` starting at ``first``."""
+    def add_(self, other: ValueCounts) -> bool:
+        """Add ``other`` into these counts in place if it fits their grid (same kind and shift, within each
+        channel's range); False (nothing changed) if not. Only for counts no one else holds: an accumulator's own."""
+        width = self.counts.shape[1]
+        if (other.kind != self.kind or other.shift != self.shift or other.num_channels != self.num_channels
+                or other.counts.shape[1] > width):
+            return False
+        start = other.offset - self.offset
+        if bool((start < 0).any()) or bool((start + other.counts.shape[1] > width).any()):
+            return False
+        if other.counts.shape[1]:
+            columns = torch.arange(other.counts.shape[1], dtype=torch.int64)
+            self.counts.scatter_add_(1, columns + start[:, None], other.counts)
+        return True
+
+    def copy(self) -> ValueCounts:
+        """Counts of one's own (for :meth:`add_`)."""
+        return ValueCounts._of(self.kind, self.shift, self.offset.clone(), self.counts.clone())
+
+    def _add_into(self, total: Tensor, shift: int, first: Tensor) -> None:
+        """Add these counts into ``total`` ``(C, L)``, a grid of ``shift`` whose channels start at ``first``."""
         columns = torch.arange(self.counts.shape[1], dtype=torch.int64)
-        buckets = (self.offset[:, None] + columns) >> (shift - self.shift)
-        index = buckets - first[:, None] + torch.arange(self.num_channels)[:, None] * length
-        total.index_add_(0, index.view(-1), self.counts.view(-1))
+        if shift == self.shift:  # the usual case: the same grid, shifted per channel
+            total.scatter_add_(1, columns + (self.offset - first)[:, None], self.counts)
+            return
+        buckets = ((self.offset[:, None] + columns) >> (shift - self.shift)) - first[:, None]
+        total.scatter_add_(1, buckets, self.counts)
 
     # --- reading -----------------------------------------------------------------------------------------
 
@@ -195,13 +235,16 @@ class ValueCounts:
         """Float64 count, mean, M2, min and max per channel from exact counts (two passes over the values)."""
         if not self.exact:
             raise ValueError("Moments need exact counts per value.")
-        values = self.offset[:, None] + torch.arange(self.counts.shape[1], dtype=torch.int64)
+        columns = torch.arange(self.counts.shape[1], dtype=torch.float64)
+        counts = self.counts.double()  # exact: counts below 2**53
         n = self.counts.sum(dim=1)
         safe = n.clamp_min(1).double()
-        mean = (self.counts * values).sum(dim=1).double() / safe
-        deviation = values.double() - mean[:, None]
-        weighted = self.counts.double() * deviation
-        m2 = (weighted * deviation).sum(dim=1) - weighted.sum(dim=1).square() / safe
+        # Around each channel's first value: exact float64 sums of integers below 2**53 (|v - offset| < 2**32).
+        mean = torch.mv(counts, columns) / safe
+        deviation = columns - mean[:, None]
+        weighted = counts * deviation
+        m2 = torch.linalg.vecdot(weighted, deviation) - weighted.sum(dim=1).square() / safe
+        mean = mean + self.offset.double()
         seen = self.counts > 0
         first = seen.int().argmax(dim=1)
         last = self.counts.shape[1] - 1 - seen.flip(1).int().argmax(dim=1)
@@ -286,6 +329,13 @@ class ValueCounts:
             return None
         return cls(str(attrs["value_kind"]), int(attrs["value_shift"]), torch.from_numpy(np.asarray(arrays["value_offset"])),
                    torch.from_numpy(np.asarray(arrays["value_counts"])))
+
+
+def reuse(work: Tensor | None, numel: int, device: torch.device) -> Tensor:
+    """``work`` if it holds ``numel`` int32 elements on ``device``, else a new buffer (a little larger)."""
+    if work is None or work.device != device or work.numel() < numel:
+        work = torch.empty(numel + numel // 8, dtype=torch.int32, device=device)
+    return work
 
 
 def _grid(shift: int, low: Tensor, high: Tensor, channels: int) -> tuple[int, Tensor, int]:
