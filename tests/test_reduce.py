@@ -304,3 +304,16 @@ def test_any_integers_any_mask_any_split_match_numpy(data):
             assert got[:, c].tolist() == [float(np.percentile(p, q)) for q in (0.5, 50.0, 99.5)]
         else:
             assert torch.isnan(got[:, c]).all()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+def test_masked_rows_whose_sample_misleads_the_centre_are_redone(dtype, tol):
+    """The centre of a masked row comes from its middle pixels; where they differ from the rest of the row by
+    far more than its spread, the row is reduced again in float64 (a white-box case for that path)."""
+    x = 0.01 * torch.rand(6, 2, 32, 32, generator=gen(30), dtype=torch.float64)
+    x[:, :, 14:18] += 1000.0  # the middle rows of each image: the sample the centre comes from
+    x = x.to(dtype)
+    mask = torch.rand(6, 1, 32, 32, generator=gen(31)) > 0.3
+    mask[0] = False  # an image with nothing kept
+    stats = batch_stats(x, mask=mask, ignore=[float("nan"), 5.0])
+    assert_stats(stats, kept_pixels(x, mask=mask.numpy()), tol=tol)

@@ -106,7 +106,7 @@ def batch_stats(
         stats = _dense_stats(pixels.reshape(-1, pixels.shape[-1]), channels)
     else:
         stats = _masked_stats(pixels, keep)
-    return stats.with_values(ValueCounts.count(pixels, keep) if values else None)
+    return stats.with_values(ValueCounts.count(pixels, keep, (stats.min, stats.max)) if values else None)
 
 
 @dataclass(frozen=True)
@@ -264,24 +264,51 @@ def _integer_stats(pixels: Tensor, keep: Tensor | None, drop: list[float] | None
 def _masked_stats(pixels: Tensor, keep: Tensor) -> ChannelStats:
     """Per-channel statistics of the pixels of ``(N, C, P)`` where ``keep`` ``(N, 1 or C, P)`` is true.
 
-    The mean of each row's kept pixels first (chunked float sums, float64 total), then the sum and sum of
-    squares of their deviations from it: the corrected two-pass formula, the rows pooled by their counts.
+    Each row's dropped pixels are filled with a kept value ``c`` of that row (the mean of the kept pixels of its
+    sample, else its first kept pixel), and the row is reduced around ``c``: filled pixels add exactly 0 to
+    the sums of deviations and of their squares, and ``c`` lies within the kept pixels' range, so min and max
+    are theirs. Then :func:`_centred_stats` with each row's count of kept pixels.
     """
     rows, channels, n = pixels.shape[0] * pixels.shape[1], pixels.shape[1], pixels.shape[2]
     keep = keep.expand(pixels.shape)
-    count = keep.sum(dim=-1).reshape(-1).double()
+    count = keep.sum(dim=-1).view(rows).double()
+    flat, kept = pixels.reshape(rows, n), keep.reshape(rows, n)
+    start = max(0, (n - _CHUNK) // 2)
+    sample, sample_kept = flat[:, start : start + _CHUNK], kept[:, start : start + _CHUNK]
+    in_sample = sample_kept.sum(dim=1)
+    centre = torch.where(sample_kept, sample, 0).sum(dim=1) / in_sample.clamp_min(1)
+    first = flat.gather(1, kept.to(torch.uint8).argmax(dim=1, keepdim=True)).squeeze(1)
+    centre = torch.where(in_sample > 0, centre, first)
+    # A mean of kept float values can round an ulp past their range: clamp it into the sample's kept range.
+    low = torch.where(sample_kept, sample, math.inf).amin(dim=1)
+    high = torch.where(sample_kept, sample, -math.inf).amax(dim=1)
+    centre = torch.where(in_sample > 0, torch.minimum(torch.maximum(centre, low), high), first)
+    filled = torch.where(kept, flat, centre[:, None])
+    return _centred_stats(filled, centre, count, channels)
+
+
+def _centred_stats(rows: Tensor, centre: Tensor, count: Tensor, channels: int) -> ChannelStats:
+    """Statistics of rows ``(R, n)`` reduced around ``centre``, each holding ``count`` pixels of its own (the
+    others equal to its centre); a row too far from its centre (``k > _UNCENTRED``) again in float64."""
+    n = rows.shape[1]
+    dev_sum, dev_squares, low, high = _reduce(rows, centre)
     safe = count.clamp_min(1)
-    kept = torch.where(keep, pixels, 0).view(rows, n)
-    total = _sums(kept)[0]
-    first = (total / safe).to(pixels.dtype)
-    deviations = torch.where(keep, pixels - first.view(-1, channels, 1), 0).view(rows, n)
-    dev_sum, dev_squares = _sums(deviations)
-    mean = first.double() + dev_sum / safe
-    m2 = (dev_squares - dev_sum.square() / safe).clamp_min_(0)
-    low = torch.where(keep, pixels, math.inf).amin(dim=-1).double().view(-1, channels)
-    high = torch.where(keep, pixels, -math.inf).amax(dim=-1).double().view(-1, channels)
+    mean = dev_sum / safe
+    m2 = torch.addcmul(dev_squares, dev_sum, mean, value=-1).clamp_min_(0)
+    mean += centre
+    redo = torch.gt(dev_squares, m2.mul(_UNCENTRED)).nonzero().squeeze_(1)
+    if redo.numel():  # two passes in float64 on these rows; the filled pixels' part taken out exactly
+        dropped = n - count[redo]
+        gap = centre[redo].double() - mean[redo]
+        again = rows[redo].double() - mean[redo, None]
+        deviation = again.sum(dim=1) - dropped * gap
+        squares = torch.linalg.vector_norm(again, dim=1).square_() - dropped * gap.square()
+        mean[redo] += deviation / safe[redo]
+        m2[redo] = (squares - deviation.square() / safe[redo]).clamp_min_(0)
+    empty = count == 0
+    low, high = low.masked_fill(empty, math.inf), high.masked_fill(empty, -math.inf)
     return _pool(count.view(-1, channels), mean.view(-1, channels), m2.view(-1, channels),
-                 low.amin(dim=0), high.amax(dim=0))
+                 low.view(-1, channels).amin(dim=0), high.view(-1, channels).amax(dim=0))
 
 
 def _sums(rows: Tensor) -> tuple[Tensor, Tensor]:

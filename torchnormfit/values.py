@@ -130,24 +130,30 @@ class ValueCounts:
         return cls(kind, shift, torch.zeros(num_channels, dtype=torch.int64), torch.zeros(num_channels, 0, dtype=torch.int64))
 
     @classmethod
-    def count(cls, images: Tensor, keep: Tensor | None = None) -> ValueCounts:
+    def count(cls, images: Tensor, keep: Tensor | None = None, bounds: tuple[Tensor, Tensor] | None = None,
+              ) -> ValueCounts:
         """Count the values of ``images`` ``(N, C, P)`` per channel, where ``keep`` ``(N, 1 or C, P)`` is true.
 
-        Integer images are counted per value; float images per bucket of their float32 key.
+        Integer images are counted per value; float images per bucket of their float32 key. ``bounds``: each
+        channel's min and max kept value when known (a :class:`ChannelStats`'), which saves two passes.
         """
         if images.ndim != 3:
             raise ValueError(f"ValueCounts.count expects (N, C, P) pixels. Got {tuple(images.shape)}.")
         kind = "float" if images.is_floating_point() else "int"
+        # Keys into a buffer reused from batch to batch: a fresh one costs its page faults every time.
+        _SCRATCH.keys = reuse(getattr(_SCRATCH, "keys", None), images.numel(), images.device)
+        keys = _SCRATCH.keys[: images.numel()].view(images.shape)
         if kind == "float":
-            keys = float_keys(images)
-        else:  # into a buffer reused from batch to batch: a fresh one costs its page faults every time
-            _SCRATCH.keys = reuse(getattr(_SCRATCH, "keys", None), images.numel(), images.device)
-            keys = _SCRATCH.keys[: images.numel()].view(images.shape)
+            bits = images.to(torch.float32).contiguous().view(torch.int32)
+            torch.bitwise_right_shift(bits, 31, out=keys).bitwise_and_(_INT32_MAX).bitwise_xor_(bits)
+        else:
             keys.copy_(images)
         channels = images.shape[1]
         if keys.numel() == 0:
             return cls.empty(channels, kind)
-        if keep is None:
+        if bounds is not None:
+            low, high = (_bound_keys(bound, kind, images.device) for bound in bounds)
+        elif keep is None:
             low, high = keys.amin(dim=(0, 2)), keys.amax(dim=(0, 2))
         else:
             low = torch.where(keep, keys, _INT32_MAX).amin(dim=(0, 2))
@@ -329,6 +335,15 @@ class ValueCounts:
             return None
         return cls(str(attrs["value_kind"]), int(attrs["value_shift"]), torch.from_numpy(np.asarray(arrays["value_offset"])),
                    torch.from_numpy(np.asarray(arrays["value_counts"])))
+
+
+def _bound_keys(bound: Tensor, kind: str, device: torch.device) -> Tensor:
+    """The keys of per-channel min or max values (float64; +-inf where a channel kept nothing)."""
+    finite = torch.isfinite(bound)
+    if kind == "int":
+        limits = torch.where(bound > 0, float(_INT32_MAX), float(-_INT32_MAX - 1))
+        return torch.where(finite, bound, limits).to(device=device, dtype=torch.int32)
+    return float_keys(bound.to(device))  # +inf min and -inf max (nothing kept) order as low > high
 
 
 def reuse(work: Tensor | None, numel: int, device: torch.device) -> Tensor:
