@@ -145,7 +145,10 @@ class ValueCounts:
         keys = _SCRATCH.keys[: images.numel()].view(images.shape)
         if kind == "float":
             bits = images.to(torch.float32).contiguous().view(torch.int32)
-            torch.bitwise_right_shift(bits, 31, out=keys).bitwise_and_(_INT32_MAX).bitwise_xor_(bits)
+            if bounds is not None and bool((bounds[0] >= 0).all()):  # kept values >= 0: their bits already order
+                keys.copy_(bits)
+            else:
+                torch.bitwise_right_shift(bits, 31, out=keys).bitwise_and_(_INT32_MAX).bitwise_xor_(bits)
         else:
             keys.copy_(images)
         channels = images.shape[1]
