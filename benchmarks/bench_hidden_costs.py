@@ -56,7 +56,7 @@ def section_main_process(n: int, size: int, rounds: int) -> dict:
     to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
 
     def floor():
-        for batch, _ in DataLoader(ImageFolder(tmp, transform=v2.Compose(to_float)), batch_size=128, num_workers=0):
+        for _batch, _ in DataLoader(ImageFolder(tmp, transform=v2.Compose(to_float)), batch_size=128, num_workers=0):
             pass
 
     def floor_stats():

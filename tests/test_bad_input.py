@@ -1,5 +1,7 @@
 """Every bad input tried, and what the user sees: a table (mirrored in the README's "Errors you may see")."""
 
+import warnings
+
 import PIL.Image
 import pytest
 import torch
@@ -56,15 +58,17 @@ FIT_ERRORS = [
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_fit_rejects_bad_input_naming_what_and_the_fix(name, items, error, message, num_workers, tmp_path):
     dataset = items if isinstance(items, Dataset) else Items(items)
-    norm = FitNormalize(cache=tmp_path / "stats.h5")
+    norm = FitNormalize(cache=tmp_path / "cache")
     with pytest.raises(error, match=message):
         norm.fit(dataset, num_workers=num_workers, batch_size=4, progress=False)
     assert norm.mean is None
-    assert not (tmp_path / "stats.h5").exists() and not (tmp_path / "stats.h5.d").exists()
+    assert not (tmp_path / "cache").exists()
 
 
 FIT_WARNINGS = [
     ("0-255 float data", images(scale=255.0), "the data looks scaled to 0-255, not 0-1"),
+    ("0-255 whole numbers", [torch.randint(0, 256, (3, 4, 4)).float() for _ in range(6)],
+     r"reach \d+ and \d+% of those checked are above 1, all whole numbers: the data looks scaled to 0-255"),
     ("constant channel", [torch.stack([im[0], torch.full((4, 4), 0.3), im[2]]) for im in images()],
      r"Channel\(s\) \[1\] have \(near\) zero variance: their std is set to 1.0"),
 ]
@@ -75,6 +79,23 @@ def test_fit_warns_on_suspicious_data_and_still_gives_finite_stats(name, items, 
     with pytest.warns(UserWarning, match=message):
         norm = FitNormalize(cache=None).fit(Items(items), num_workers=0, progress=False)
     assert all(torch.isfinite(torch.tensor(norm.mean + norm.std))) and min(norm.std) > 0
+
+
+NOT_0_255 = [
+    ("floats up to 2.99", images(scale=2.99)),
+    ("whole numbers mostly 0 and 1", [torch.randint(0, 2, (3, 4, 4)).float() + (i == 0) for i in range(6)]),
+    ("0-1 data", images()),
+]
+
+
+@pytest.mark.parametrize("name, items", NOT_0_255, ids=[row[0] for row in NOT_0_255])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_data_above_1_that_is_not_plausibly_0_255_fits_without_a_warning(name, items, num_workers):
+    """The 0-255 warning needs most pixels above 1 and whole numbers (or a maximum far above 1)."""
+    assert max(float(im.max()) for im in items) > 1 or name == "0-1 data"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FitNormalize(cache=None).fit(Items(items), num_workers=num_workers, batch_size=2, progress=False)
 
 
 def test_constant_channel_keeps_its_true_statistics():

@@ -1,20 +1,19 @@
 """The fit pass: exact statistics through real DataLoaders, in-pipeline capture, bad input."""
 
 import multiprocessing
-import warnings
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from torch.utils.data import Dataset, Subset, TensorDataset
+from datasets_for_tests import CountingDataset, FailingDataset
+from reference import truth
+from torch.utils.data import Dataset, TensorDataset
 from torchvision import transforms as v1
 from torchvision import tv_tensors
 from torchvision.datasets import FakeData, ImageFolder
 from torchvision.transforms import v2
 
-from datasets_for_tests import CountingDataset, FailingDataset
-from reference import truth
 from torchnormfit import FitNormalize, NotFittedError
 from torchnormfit.passes import default_batch_size
 
@@ -67,7 +66,6 @@ def test_order_does_not_matter():
 
 def test_mixed_size_png_folder_weighs_every_pixel_the_same(tmp_path):
     rng = np.random.default_rng(1)
-    images = []
     for index, (w, h) in enumerate([(5, 7), (16, 3), (9, 9), (31, 17), (5, 7), (2, 40)]):
         folder = tmp_path / f"class{index % 2}"
         folder.mkdir(exist_ok=True)
@@ -270,7 +268,7 @@ def test_channel_count_change_names_the_sample(batch_size):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_exception_mid_pass_leaves_it_unfitted_uncached_and_without_workers(tmp_path, num_workers):
-    cache = tmp_path / "stats.h5"
+    cache = tmp_path / "cache"
     norm = FitNormalize(cache=cache)
     dataset = FailingDataset(fail_at=13, n=30, transform=norm)
     with pytest.raises(RuntimeError, match="Sample 13: reading the dataset failed: broken sample 13"):
@@ -282,7 +280,7 @@ def test_exception_mid_pass_leaves_it_unfitted_uncached_and_without_workers(tmp_
 
 
 def test_keyboard_interrupt_leaves_it_unfitted_and_uncached(tmp_path):
-    cache = tmp_path / "stats.h5"
+    cache = tmp_path / "cache"
     norm = FitNormalize(cache=cache)
     with pytest.raises(KeyboardInterrupt):
         fit(FailingDataset(fail_at=5, error=KeyboardInterrupt, n=12, transform=norm), norm, batch_size=4)
@@ -292,7 +290,7 @@ def test_keyboard_interrupt_leaves_it_unfitted_and_uncached(tmp_path):
 def _peak_growth_mib(num_images: int, conn) -> None:
     """In a forked child: how far the peak RSS rises above the RSS before a fit of ``num_images`` 3x64x64 images."""
     def status(field):
-        line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
+        line = next(row for row in open("/proc/self/status") if row.startswith(field + ":"))
         return int(line.split()[1]) / 1024
 
     with open("/proc/self/clear_refs", "w") as f:
@@ -314,3 +312,25 @@ def test_memory_stays_bounded_by_the_batch():
         process.join()
         assert process.exitcode == 0
     assert growth[2000] - growth[200] < 8, growth  # a batch of 10 images is 1.5 MB
+
+
+def _fit_large_images(conn):
+    images = torch.rand(4, 3, 128, 128, generator=torch.Generator().manual_seed(0))  # above torch's parallel grain
+    norm = FitNormalize(cache=None).fit(TensorDataset(images), num_workers=0, batch_size=2, progress=False)
+    conn.send(norm.mean)
+
+
+def test_a_fit_in_a_process_forked_after_torch_used_threads_finishes():
+    """A forked child inherits no usable OpenMP pool: a fit in it that ran a multi-threaded op would wait forever
+    (as torch.distributed ranks and test harnesses fork). The pass reduces with one thread."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs torch to use 2 or more threads here")
+    torch.rand(1000, 1000).round().sum()  # the parent's thread pool is started
+    parent, child = multiprocessing.Pipe()
+    process = multiprocessing.get_context("fork").Process(target=_fit_large_images, args=(child,))
+    process.start()
+    process.join(timeout=60)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    assert process.exitcode == 0 and parent.poll() and len(parent.recv()) == 3

@@ -16,16 +16,15 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+import streams_for_tests as st
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import streams_for_tests as st
 from torchnormfit import FitNormalize
 from torchnormfit.cli import main
-from torchnormfit.passes import Capture
 from torchnormfit.fingerprint import describe_dataset, fingerprint
-from torchnormfit.passes import first_images
+from torchnormfit.passes import Capture, first_images, stream_workers
 from torchnormfit.streams import describe_source
 
 pytest.importorskip("webdataset")
@@ -94,9 +93,24 @@ def test_own_iterable_dataset_split_with_get_worker_info_is_exact(workers):
     assert_exact(fit(lambda norm: st.Stream(range(N), transform=norm), workers, batch_size=5), range(N))
 
 
-def test_a_worker_with_an_empty_part_is_fine(shards):
-    # 1 shard for 2 workers: worker 1 gets none
-    assert_exact(fit(lambda norm: st.webdataset(shards[:1], norm), 2), range(6))
+def test_a_worker_with_an_empty_part_is_fine():
+    # 1 sample for 2 workers: worker 1 gets none
+    assert_exact(fit(lambda norm: st.Stream(range(1), transform=norm), 2), range(1))
+
+
+@pytest.mark.parametrize("workers", [None, 2, 3])
+def test_a_webdataset_with_one_shard_works_under_any_worker_count(shards, workers):
+    """WebDataset refuses a worker that finds no samples (its empty_check, on by default): the pass starts no more
+    workers than shards, the default worker count included."""
+    assert_exact(fit(lambda norm: st.webdataset(shards[:1], norm, empty_check=True), workers), range(6))
+
+
+def test_workers_are_capped_at_the_shards_a_stream_says_it_has(shards):
+    assert stream_workers(st.webdataset(shards), 8) == SHARDS
+    assert stream_workers(st.webdataset(shards[:1]), None) == 1
+    assert stream_workers(st.hf_iterable(N, shards=3), 8) == 3
+    assert stream_workers(st.Stream(range(N)), 8) == 8  # says nothing: as asked
+    assert stream_workers(st.webdataset(shards), 0) == 0
 
 
 @pytest.mark.parametrize("make", [st.unsplit_webdataset, lambda urls: st.Stream(range(N), split=False)])
@@ -157,7 +171,7 @@ norm.fit(st.Stream(range(5000), transform=slow), num_workers=2, batch_size=8, pr
 def test_ctrl_c_during_a_stream_fit_writes_nothing_and_leaves_no_worker(tmp_path):
     from test_interrupts import processes_in_group
 
-    cache = tmp_path / "stats.h5"
+    cache = tmp_path / "cache"
     child = subprocess.Popen([sys.executable, "-c", SLOW_STREAM.format(tests=TESTS, cache=str(cache))],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     assert child.stdout.readline().strip() == "started"
@@ -231,7 +245,7 @@ print(json.dumps({{"key": norm.cache_key, "mean": norm.mean, "std": norm.std, "s
 
 @pytest.mark.parametrize("kind", ["webdataset", "huggingface"])
 def test_a_second_process_hits_the_cache_without_key(shards, tmp_path, kind):
-    script = HIT.format(tests=TESTS, cache=str(tmp_path / "stats.h5"), shards=shards, kind=kind, n=N)
+    script = HIT.format(tests=TESTS, cache=str(tmp_path / "cache"), shards=shards, kind=kind, n=N)
 
     def run(*verify, **env):
         done = subprocess.run([sys.executable, "-c", script, *verify], capture_output=True, text=True,
@@ -316,7 +330,7 @@ def test_cli_fits_shard_patterns_like_the_same_images_in_a_folder(tmp_path, caps
                 sink.write({"__key__": f"{s}-{i}", "png": picture, "cls": i})
                 picture.save(tmp_path / "folder" / f"{s}-{i}.png")
     pattern = str(tmp_path / "shards" / "train-{000000..000001}.tar")
-    options = ["--cache", str(tmp_path / "stats.h5"), "--json", "--no-progress", "--workers", "2"]
+    options = ["--cache", str(tmp_path / "cache"), "--json", "--no-progress", "--workers", "2"]
     reports = []
     for source in (pattern, str(tmp_path / "folder"), pattern):
         assert main(["fit", source, *options]) == 0

@@ -82,7 +82,7 @@ class BatchNormAccumulator(nn.BatchNorm2d):
     def stats(self) -> ChannelStats:
         """The pooled statistics so far, as a :class:`ChannelStats` (a snapshot, not a view)."""
         return ChannelStats(self.pixel_count, self.pixel_mean, self.pixel_m2, self.pixel_min, self.pixel_max,
-                            None if self._values is None else self._values.copy())
+                            values=None if self._values is None else self._values.copy())
 
     def forward(self, input: Tensor) -> Tensor:
         if not (self.training and self.exact):

@@ -116,7 +116,8 @@ def check_mask(mask: Any, image: Tensor, where: str = "", spatial_dims: int = 2)
         raise TypeError(f"{where}the mask is None; expected a tensor shaped like the image's pixels.")
     mask = mask.as_subclass(Tensor).detach()
     spatial = tuple(image.shape[image.ndim - spatial_dims:])
-    if tuple(mask.shape[mask.ndim - spatial_dims:]) != spatial or math.prod(mask.shape[: mask.ndim - spatial_dims]) != 1:
+    leading = math.prod(mask.shape[: mask.ndim - spatial_dims])
+    if tuple(mask.shape[mask.ndim - spatial_dims:]) != spatial or leading != 1:
         raise ValueError(f"{where}the mask has shape {tuple(mask.shape)}; expected {spatial} or "
                          f"(1, {', '.join(map(str, spatial))}) for an image of shape {tuple(image.shape)}.")
     return (mask != 0).reshape(1, *spatial)

@@ -26,7 +26,8 @@ from torch import Tensor
 from .stats import ChannelStats
 from .values import INTEGER_DTYPES, ValueCounts
 
-__all__ = ["Ignore", "Reduction", "batch_stats", "check_finite", "ignore_values", "pixel_rows", "reuse_buffer", "tensor_stats"]
+__all__ = ["Ignore", "Reduction", "batch_stats", "check_finite", "ignore_values", "pixel_rows", "reuse_buffer",
+           "tensor_stats"]
 
 Ignore = float | Sequence[float] | Tensor | None
 """``ignore=``: one value for every channel, one per channel, or NaN (NaN pixels); None keeps every pixel."""
@@ -160,7 +161,10 @@ def check_finite(stats: ChannelStats, indices: list[int], images: Tensor, spatia
     if bool(torch.isfinite(stats.mean).all() and torch.isfinite(stats.m2).all()):
         return
     per_image = images.reshape(len(indices), -1) if indices else images.reshape(1, -1)
-    finite = torch.isfinite(per_image).all(dim=1) if per_image.is_floating_point() else torch.ones(len(per_image), dtype=torch.bool)
+    if per_image.is_floating_point():
+        finite = torch.isfinite(per_image).all(dim=1)
+    else:
+        finite = torch.ones(len(per_image), dtype=torch.bool)
     bad = indices[int((~finite).nonzero()[0])] if not bool(finite.all()) and indices else (indices or [0])[0]
     raise ValueError(
         f"Sample {bad} contains NaN or Inf pixel values. Statistics need finite pixels: fix or drop the sample, "

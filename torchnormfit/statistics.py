@@ -30,9 +30,10 @@ import json
 import logging
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,11 +41,12 @@ import torchvision
 from torch.utils.data import Dataset
 
 from . import cache
+from ._version import __version__
 from ._warn import warn
 from .distributed import current_ranks, on_root
 from .fingerprint import describe_dataset, describe_pipeline, fingerprint
 from .images import moment_image
-from .passes import Capture, PassResult, Reduction, StandardErrors, rereading, run_pass, tensor_stats
+from .passes import Capture, PassResult, Reduction, StandardErrors, dataset_length, rereading, run_pass, tensor_stats
 from .stats import ChannelStats, ValueCounts
 from .verification import DEFAULT_VERIFY, MAX_VERIFY, Verification, image_moments, threshold, verify_in_stages
 
@@ -52,7 +54,7 @@ __all__ = ["FitRecord", "fit_dataset", "pass_stats", "save_stats", "load_entry",
 
 logger = logging.getLogger("torchnormfit")
 
-Capturing = Callable[[], ContextManager[Capture]]
+Capturing = Callable[[], AbstractContextManager[Capture]]
 """Puts the FitNormalize being fitted in capture mode for the duration of a ``with``."""
 
 
@@ -112,9 +114,11 @@ def fit_dataset(
                                 **reduction.settings()}
     if max_samples is not None:
         settings.update(max_samples=max_samples, seed=seed)
-    printed = fingerprint(dataset, norm, settings) if key is None else None
-    key = key if printed is None else printed.key
-    gaps = () if printed is None else printed.gaps
+    if key is None:
+        printed = fingerprint(dataset, norm, settings)
+        key, gaps = printed.key, printed.gaps
+    else:
+        printed, gaps = None, ()
     ranks = current_ranks(process_group)
     note = "refit=True" if refit else ("no cache (cache=None)" if cache_path is None else "")
     verification = None
@@ -126,6 +130,8 @@ def fit_dataset(
         verification, note = lookup.verification, lookup.note
     result, errors = _pass(dataset, capturing, image, max_samples, seed, process_group, loader,
                            track=cache_path is not None, reduction=reduction)
+    stats = result.stats
+    assert stats is not None  # run_pass raises when it read no image
     if printed is not None and not printed.found_norm and result.captured:
         warn(
             f"The FitNormalize being fitted measured the images inside {type(dataset).__name__}'s pipeline, but the "
@@ -137,14 +143,16 @@ def fit_dataset(
         attrs = {**_provenance(dataset, norm, result.num_samples, gaps),
                  **_subset_provenance(dataset, max_samples, seed, errors), **_units(result.integer)}
         arrays = _arrays(result.tracked)
-        if result.stats.values is not None:
-            value_attrs, value_arrays = result.stats.values.to_arrays()
+        if stats.values is not None:
+            value_attrs, value_arrays = stats.values.to_arrays()
             attrs.update(value_attrs)
             arrays.update(value_arrays)
-        written = on_root(ranks, lambda: _save(cache_path, key, result.stats, attrs, arrays))
+        written = on_root(ranks, lambda: _save(cache_path, key, stats, attrs, arrays))
         if not written:
-            note = "; ".join(filter(None, [note, "the cache could not be written"]))
-    return FitRecord("pass", key, cache_path, verification, written, note, gaps, result.stats, result.num_samples, errors,
+            why = ("cache= names a file, which a fit only reads" if cache.is_entry_file(cache_path)
+                   else "it could not be written")
+            note = "; ".join(filter(None, [note, f"not saved: {why}"]))
+    return FitRecord("pass", key, cache_path, verification, written, note, gaps, stats, result.num_samples, errors,
                      result.integer)
 
 
@@ -154,12 +162,14 @@ def pass_stats(
     """One pass with no cache involved (``partial_fit``): statistics, the number of images, whether integers."""
     result, _ = _pass(dataset, capturing, options.pop("image", None), options.pop("max_samples", None),
                       options.pop("seed", 0), options.pop("process_group", None), options, reduction=reduction)
+    assert result.stats is not None  # run_pass raises when it read no image
     return result.stats, result.num_samples, result.integer
 
 
 def save_stats(cache_path: Path, key: str, stats: ChannelStats, num_samples: int, integer: bool = False) -> None:
     """Write statistics built by hand (``partial_fit``) under ``key``; such an entry cannot be verified."""
-    attrs, arrays = {**_provenance(None, None, num_samples, ()), **_units(integer)}, {}
+    attrs: dict[str, Any] = {**_provenance(None, None, num_samples, ()), **_units(integer)}
+    arrays: dict[str, np.ndarray] = {}
     if stats.values is not None:
         value_attrs, arrays = stats.values.to_arrays()
         attrs.update(value_attrs)
@@ -171,14 +181,17 @@ def _units(integer: bool) -> dict[str, Any]:
     return {"integer_input": True} if integer else {}
 
 
-def load_entry(cache_path: Path, key: str) -> FitRecord:
-    """The entry ``key`` as read (not verified), or :class:`~torchnormfit.CacheError` naming the entries there."""
+def load_entry(cache_path: Path, key: str | None) -> FitRecord:
+    """The entry ``key`` (any key in an entry file) as read, not verified; else a
+    :class:`~torchnormfit.CacheError` naming the entries there."""
     entry = cache.read_entry(cache_path, key)
     if entry is None:
-        there = cache_path.is_file() or cache.entry_folder(cache_path).is_dir()
-        known = [e.key for e in cache.list_entries(cache_path)] if there else []
+        known = [e.key for e in cache.list_entries(cache_path)] if cache_path.is_dir() else []
         raise cache.CacheError(f"No cache entry {key!r} in {cache_path}. Entries there: {known}.")
-    return _entry_record(entry, key, cache_path, None, "loaded by key, not verified", ())
+    if key is not None and entry.key != key:
+        raise cache.CacheError(f"The entry file {cache_path} holds {entry.key!r}, not {key!r}; leave out the key "
+                               "to load it.")
+    return _entry_record(entry, entry.key, cache_path, None, "loaded by key, not verified", ())
 
 
 # --- the hit -------------------------------------------------------------------------------------
@@ -226,7 +239,8 @@ def _verify(
     """Read up to ``verify`` of the entry's tracked images again (a fresh random draw; a stream's first
     images, in order) and test them against it, in :func:`~torchnormfit.verification.stages`."""
     channels = entry.stats.num_channels
-    with capturing() as capture, rereading(dataset, samples["index"], verify, capture, image, reduction) as (rows, read):
+    with capturing() as capture, rereading(dataset, samples["index"].tolist(), verify, capture, image,
+                                           reduction) as (rows, read):
         try:
             return verify_in_stages(
                 torch.from_numpy(np.asarray(samples["mean"][rows], dtype=np.float64)),
@@ -300,6 +314,9 @@ def _arrays(tracked: dict[int, tuple[list[float], list[float]]]) -> dict[str, np
 
 
 def _save(path: Path, key: str, stats: ChannelStats, attrs: dict[str, Any], arrays: dict[str, np.ndarray]) -> bool:
+    if cache.is_entry_file(path):
+        logger.info("not saved: the cache %s is a file, which a fit only reads", path)
+        return False
     try:
         cache.write_entry(path, key, stats, attrs, arrays=arrays)
     except (OSError, cache.CacheError) as error:
@@ -310,8 +327,6 @@ def _save(path: Path, key: str, stats: ChannelStats, attrs: dict[str, Any], arra
 
 
 def _provenance(dataset: Dataset | None, norm: Any, num_samples: int, gaps: Sequence[str]) -> dict[str, Any]:
-    from . import __version__
-
     return {
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch_version": str(torch.__version__),
@@ -342,7 +357,7 @@ def _subset_provenance(
     return {
         "max_samples": max_samples,
         "seed": seed,
-        "population": len(dataset),
+        "population": dataset_length(dataset),
         "mean_se": errors.mean.tolist(),
         "std_se": errors.std.tolist(),
     }

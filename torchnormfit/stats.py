@@ -52,6 +52,12 @@ def _within(mean: Tensor, min: Tensor, max: Tensor) -> Tensor:
     return torch.where(min <= max, torch.minimum(torch.maximum(mean, min), max), mean)
 
 
+def _rebuild(count: Tensor, mean: Tensor, m2: Tensor, min: Tensor, max: Tensor,
+             values: ValueCounts | None = None) -> ChannelStats:
+    """Unpickle a ChannelStats (its values keyword-only)."""
+    return ChannelStats(count, mean, m2, min, max, values=values)
+
+
 def _merge_values(a: ChannelStats, b: ChannelStats) -> ValueCounts | None:
     """Both sides' value counts added; a side of no pixels counts as none; a side that kept none loses them."""
     if a.values is not None and b.values is not None:
@@ -94,7 +100,7 @@ class ChannelStats:
     """Per-channel counts of each value (integer data) or of narrow value ranges (float data), for
     percentiles; None unless asked for (``batch_stats(..., values=True)``). Merged with the rest."""
 
-    def __init__(self, count: Tensor, mean: Tensor, m2: Tensor, min: Tensor, max: Tensor,
+    def __init__(self, count: Tensor, mean: Tensor, m2: Tensor, min: Tensor, max: Tensor, *,
                  values: ValueCounts | None = None):
         # Copies, so that no caller's tensor (an accumulator's buffers, a dict it handed in) aliases ours.
         fields = [torch.as_tensor(v, dtype=torch.float64).detach().clone() for v in (count, mean, m2, min, max)]
@@ -170,11 +176,11 @@ class ChannelStats:
         other = other.to(self.mean.device)
         count, mean, m2 = _chan_merge(self.count, self.mean, self.m2, other.count, other.mean, other.m2)
         low, high = torch.minimum(self.min, other.min), torch.maximum(self.max, other.max)
-        return ChannelStats(count, _within(mean, low, high), m2, low, high, _merge_values(self, other))
+        return ChannelStats(count, _within(mean, low, high), m2, low, high, values=_merge_values(self, other))
 
     def with_values(self, values: ValueCounts | None) -> ChannelStats:
         """The same statistics with ``values`` (per-value counts for percentiles) attached."""
-        return ChannelStats(self.count, self.mean, self.m2, self.min, self.max, values)
+        return ChannelStats(self.count, self.mean, self.m2, self.min, self.max, values=values)
 
     def percentiles(self, q: tuple[float, ...] | list[float]) -> Tensor:
         """Per-channel percentiles ``(len(q), C)`` in float64, as ``numpy.percentile(..., method="linear")``.
@@ -200,7 +206,7 @@ class ChannelStats:
         if device is None or self.mean.device == torch.device(device):
             return self
         return ChannelStats(self.count.to(device), self.mean.to(device), self.m2.to(device), self.min.to(device),
-                            self.max.to(device), self.values)
+                            self.max.to(device), values=self.values)
 
     def to_dict(self) -> dict[str, Tensor]:
         """The five float64 tensors by name (``count``, ``mean``, ``m2``, ``min``, ``max``), as copies."""
@@ -211,7 +217,7 @@ class ChannelStats:
         missing = [name for name in _FIELDS if name not in values]
         if missing:
             raise KeyError(f"ChannelStats needs the fields {list(_FIELDS)}; missing {missing}.")
-        return cls(values["count"], values["mean"], values["m2"], values["min"], values["max"], counts)
+        return cls(values["count"], values["mean"], values["m2"], values["min"], values["max"], values=counts)
 
     def __setattr__(self, name, value):
         raise AttributeError("ChannelStats is immutable; merge() returns a new object.")
@@ -220,7 +226,7 @@ class ChannelStats:
         raise AttributeError("ChannelStats is immutable; merge() returns a new object.")
 
     def __reduce__(self):
-        return (ChannelStats, (*(getattr(self, name) for name in _FIELDS), self.values))
+        return (_rebuild, (*(getattr(self, name) for name in _FIELDS), self.values))
 
     def __repr__(self) -> str:
         def fmt(t: Tensor) -> str:

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2 import Transform
+from torchvision.transforms.v2 import functional as F
 
 from . import cache as _cache
 from . import statistics
@@ -38,7 +38,8 @@ class _DefaultCache:
 
 
 DEFAULT_CACHE: Any = _DefaultCache()
-"""The ``cache=`` default: ``$TORCHNORMFIT_CACHE`` or ``$XDG_CACHE_HOME/torchnormfit/stats.h5``, read at fit time."""
+"""The ``cache=`` default: the folder ``$TORCHNORMFIT_CACHE``, else ``$XDG_CACHE_HOME/torchnormfit``, else
+``~/.cache/torchnormfit``, read at fit time."""
 
 
 class FitNormalize(v2.Normalize):
@@ -59,7 +60,10 @@ class FitNormalize(v2.Normalize):
     inplace : bool
         Normalize in place, as in ``v2.Normalize``.
     cache : path, None or DEFAULT_CACHE
-        HDF5 file that keeps fitted statistics across runs; ``None`` disables it.
+        The folder that keeps fitted statistics across runs, one HDF5 file per
+        entry (created on the first save); ``None`` disables it. An existing
+        file is one entry file (``torchnormfit export``), which a fit reads and
+        verifies like any entry but never writes (see docs/cache-format.md).
     key : str, optional
         Cache entry name; by default a fingerprint of the dataset and the
         transforms before this one.
@@ -255,7 +259,9 @@ class FitNormalize(v2.Normalize):
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         image = isinstance(inpt, (tv_tensors.Image, tv_tensors.Video)) or not isinstance(inpt, tv_tensors.TVTensor)
         if self._capture is not None:  # being fitted: hand the image over, change nothing
-            return self._capture.offer(validate_image(inpt, integer=True, spatial_dims=self.spatial_dims)) if image else inpt
+            if not image:
+                return inpt
+            return self._capture.offer(validate_image(inpt, integer=True, spatial_dims=self.spatial_dims))
         if self.mean is None:
             raise NotFittedError(
                 f"This {type(self).__name__} has no statistics yet. Call .fit(dataset) first, "
@@ -282,6 +288,8 @@ class FitNormalize(v2.Normalize):
 
     def _check(self, image: Tensor) -> None:
         """What v2's kernel cannot know: fitted statistics are for one channel count; a std may underflow."""
+        if self.mean is None or self.std is None:  # not fitted: __call__ said so
+            return
         channels = image.shape[-self.spatial_dims - 1]
         if self._stats is not None and channels != len(self.mean):
             raise ValueError(
@@ -432,19 +440,25 @@ class FitNormalize(v2.Normalize):
         key = key if key is not None else self._key
         path = self._cache_path()
         if key is None or path is None:
-            raise ValueError("save() needs a cache file and a key: pass key= here or to FitNormalize(key=..., cache=...).")
+            raise ValueError(
+                "save() needs a cache folder and a key: pass key= here or to FitNormalize(key=..., cache=...).")
         statistics.save_stats(path, _cache.check_key(key), self._stats, self._num_samples, self.integer_input)
         return key
 
     @classmethod
-    def from_cache(cls, path: str | os.PathLike | None, key: str, *, inplace: bool = False) -> FitNormalize:
-        """A FitNormalize with the statistics of entry ``key`` in cache file ``path`` (None: the default file).
+    def from_cache(
+        cls, path: str | os.PathLike | None = None, key: str | None = None, *, inplace: bool = False
+    ) -> FitNormalize:
+        """A FitNormalize with the statistics of entry ``key`` of cache folder ``path`` (None: the default
+        folder), or of the entry file ``path`` (``torchnormfit export KEY -o stats.h5``; key optional).
 
         Raises :class:`~torchnormfit.CacheError` if the entry is missing or invalid.
+
+        >>> norm = FitNormalize.from_cache("stats.h5")  # doctest: +SKIP
         """
-        path = Path(path) if path is not None else _cache.default_cache_path()
+        path = Path(path).expanduser() if path is not None else _cache.default_cache_dir()
         entry = statistics.load_entry(path, key)
-        norm = cls(cache=path, key=key, inplace=inplace)
+        norm = cls(cache=path, key=entry.key, inplace=inplace)
         norm._use_stats(entry.stats, entry.num_samples, entry.standard_errors, integer=entry.integer)
         return norm
 
@@ -475,14 +489,7 @@ class FitNormalize(v2.Normalize):
     def _cache_path(self) -> Path | None:
         if self._cache is None:
             return None
-        path = _cache.default_cache_path() if isinstance(self._cache, _DefaultCache) else Path(self._cache).expanduser()
-        if path.is_dir():
-            warn(
-                f"The cache path {path} is a directory: statistics are neither read from nor saved to it. "
-                f"Give a file path such as {path / 'stats.h5'}.",
-                _cache.CacheWarning)
-            return None
-        return path
+        return _cache.default_cache_dir() if isinstance(self._cache, _DefaultCache) else Path(self._cache).expanduser()
 
     # --- companions --------------------------------------------------------------------------
 
@@ -524,6 +531,7 @@ class FitNormalize(v2.Normalize):
         self._plain_companion("A BatchNorm2d")
         mean, std = self._per_channel()
         bn = _FrozenBatchNorm2d(len(mean), eps=0.0, momentum=0.0, affine=False)
+        assert bn.running_mean is not None and bn.running_var is not None  # track_running_stats=True
         with torch.no_grad():
             bn.running_mean.copy_(torch.tensor(mean))
             bn.running_var.copy_(torch.tensor(std, dtype=torch.float64).square())
@@ -541,7 +549,8 @@ def normalize_fitted(
     spatial_dims: int = 2,
     inplace: bool = False,
 ) -> Tensor:
-    """``(clamp(x, low, high) - mean) / std`` per channel of ``(..., C, *spatial)``; FitNormalize's kernel for its options.
+    """``(clamp(x, low, high) - mean) / std`` per channel of ``(..., C, *spatial)``: FitNormalize's kernel for
+    its options.
 
     Integer images come out as float32 (never in place). Pixels equal to their channel's ``ignore`` value
     become 0; NaN pixels stay NaN.
@@ -554,7 +563,8 @@ def normalize_fitted(
     shape = (-1,) + (1,) * spatial_dims
     dropped = None
     if ignore is not None:
-        values = torch.as_tensor(ignore, dtype=torch.float64, device=image.device).view(shape if isinstance(ignore, list) else ())
+        values = torch.as_tensor(ignore, dtype=torch.float64, device=image.device)
+        values = values.view(shape if isinstance(ignore, list) else ())
         dropped = source == values
     if low is not None and high is not None:
         image.clamp_(min=torch.as_tensor(low, dtype=image.dtype, device=image.device).view(shape),

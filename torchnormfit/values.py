@@ -79,7 +79,8 @@ class ValueCounts:
     def __init__(self, kind: str, shift: int, offset: Tensor, counts: Tensor) -> None:
         if kind not in _KINDS:
             raise ValueError(f"ValueCounts kind must be one of {_KINDS}. Got {kind!r}.")
-        offset, counts = torch.as_tensor(offset, dtype=torch.int64).cpu(), torch.as_tensor(counts, dtype=torch.int64).cpu()
+        offset = torch.as_tensor(offset, dtype=torch.int64).cpu()
+        counts = torch.as_tensor(counts, dtype=torch.int64).cpu()
         if offset.ndim != 1 or counts.ndim != 2 or counts.shape[0] != offset.shape[0]:
             raise ValueError(f"ValueCounts needs offset (C,) and counts (C, L). Got {tuple(offset.shape)} and "
                              f"{tuple(counts.shape)}.")
@@ -127,7 +128,8 @@ class ValueCounts:
     @classmethod
     def empty(cls, num_channels: int, kind: str = "int") -> ValueCounts:
         shift = 0 if kind == "int" else FLOAT_SHIFT
-        return cls(kind, shift, torch.zeros(num_channels, dtype=torch.int64), torch.zeros(num_channels, 0, dtype=torch.int64))
+        offset = torch.zeros(num_channels, dtype=torch.int64)
+        return cls(kind, shift, offset, torch.zeros(num_channels, 0, dtype=torch.int64))
 
     @classmethod
     def count(cls, images: Tensor, keep: Tensor | None = None, bounds: tuple[Tensor, Tensor] | None = None,
@@ -327,7 +329,8 @@ class ValueCounts:
     # --- storing -----------------------------------------------------------------------------------------
 
     def to_arrays(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """``(attrs, arrays)`` for a cache entry: ``value_kind``, ``value_shift``; ``value_offset``, ``value_counts``."""
+        """``(attrs, arrays)`` for a cache entry: attrs ``value_kind``, ``value_shift``; arrays ``value_offset``,
+        ``value_counts``."""
         return ({"value_kind": self.kind, "value_shift": self.shift},
                 {"value_offset": self.offset.numpy(), "value_counts": self.counts.numpy()})
 
@@ -336,7 +339,8 @@ class ValueCounts:
         """The counts :meth:`to_arrays` stored, or None where an entry has none."""
         if "value_counts" not in arrays:
             return None
-        return cls(str(attrs["value_kind"]), int(attrs["value_shift"]), torch.from_numpy(np.asarray(arrays["value_offset"])),
+        offset = torch.from_numpy(np.asarray(arrays["value_offset"]))
+        return cls(str(attrs["value_kind"]), int(attrs["value_shift"]), offset,
                    torch.from_numpy(np.asarray(arrays["value_counts"])))
 
 

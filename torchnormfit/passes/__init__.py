@@ -26,13 +26,16 @@ from ..distributed import Ranks, agree, current_ranks, gather_merge, shard
 from ..images import moment_image
 from ..reduce import Reduction
 from ..stats import ChannelStats
-from ..verification import DEFAULT_VERIFY, image_moments
+from ..verification import DEFAULT_VERIFY
 from .loader import (
     DEFAULT_BATCH_SIZE,
     Capture,
     PassResult,
+    ScaleProbe,
+    dataset_length,
     default_batch_size,
     default_num_workers,
+    own_moments,
     read_images,
     tensor_stats,
 )
@@ -46,7 +49,7 @@ from .mapped import (
     subset_indices,
     tracked_indices,
 )
-from .streamed import check_split_across_ranks, first_images, stream_images, stream_pass
+from .streamed import check_split_across_ranks, first_images, stream_images, stream_pass, stream_workers
 
 __all__ = [
     "run_pass",
@@ -56,15 +59,18 @@ __all__ = [
     "Capture",
     "Reduction",
     "tensor_stats",
+    "dataset_length",
     "subset_indices",
     "sample_pixels",
     "first_images",
+    "stream_workers",
     "default_num_workers",
     "default_batch_size",
     "DEFAULT_BATCH_SIZE",
 ]
 
-_LOOKS_0_255 = 1.5
+_FAR_ABOVE_ONE = 10.0
+"""A maximum this far above 1 with most pixels above 1 looks like 0-255 even in fractions (resized, blurred)."""
 
 
 def run_pass(
@@ -135,27 +141,36 @@ def run_pass(
             dataset, capture, image, None, show, max_samples=max_samples, reduction=reduction, **loader))
         result = result._replace(tracked=tracked)
     else:
-        check_dataset(dataset)
-        if max_samples is not None and ranks is not None:
-            raise ValueError("max_samples is not supported across a process group: fit the subset on one rank.")
-        indices: Sequence[int] = range(len(dataset))
-        groups: list[ChannelStats] = []
-        if max_samples is not None:
-            indices = subset_indices(len(dataset), max_samples, seed)
-            loader["batch_size"] = group_batch_size(len(indices), loader["batch_size"])
-        chosen = frozenset(tracked_indices(indices) if track else ())
-        local = indices if ranks is None else shard(indices, ranks)
-        on_batch = None if max_samples is None else groups.append
-        result = _on_ranks(ranks, progress, lambda show: map_pass(
-            dataset, local, capture, image, on_batch, show, chosen, reduction=reduction, **loader))
+        result, errors = _map_style(dataset, capture, image, max_samples, seed, ranks, track, progress, loader,
+                                    reduction)
     if result.stats is None:
         what = "the stream" if isinstance(dataset, IterableDataset) else "the subset of"
         raise ValueError(f"No samples to fit: {what} {type(dataset).__name__} is empty.")
-    if max_samples is not None and not isinstance(dataset, IterableDataset):
-        errors = subset_errors(groups, result.num_samples, len(dataset))
     if not result.integer:  # integer images are fitted in their own units: any range is theirs
-        _warn_if_0_255(result.stats)
+        _warn_if_0_255(result.stats, result.probe)
     return result, errors
+
+
+def _map_style(
+    dataset: Dataset, capture: Capture | None, image: Callable[[Any], Any] | None, max_samples: int | None, seed: int,
+    ranks: Ranks | None, track: bool, progress: bool, loader: dict[str, Any], reduction: Reduction | None = None,
+) -> tuple[PassResult, StandardErrors | None]:
+    """The pass over all of a map-style dataset, or over a random subset with its standard errors."""
+    length = check_dataset(dataset)
+    if max_samples is None:
+        indices: Sequence[int] = range(length)
+    elif ranks is not None:
+        raise ValueError("max_samples is not supported across a process group: fit the subset on one rank.")
+    else:
+        indices = subset_indices(length, max_samples, seed)
+        loader = {**loader, "batch_size": group_batch_size(len(indices), loader["batch_size"])}
+    chosen = frozenset(tracked_indices(indices) if track else ())
+    local = indices if ranks is None else shard(indices, ranks)
+    groups: list[ChannelStats] = []
+    on_batch = None if max_samples is None else groups.append
+    result = _on_ranks(ranks, progress, lambda show: map_pass(
+        dataset, local, capture, image, on_batch, show, chosen, reduction=reduction, **loader))
+    return result, subset_errors(groups, result.num_samples, length) if groups else None
 
 
 def _first_moments(
@@ -170,7 +185,7 @@ def _first_moments(
     count = DEFAULT_VERIFY if max_samples is None else min(DEFAULT_VERIFY, max_samples)
     first = first_images(dataset, count, capture, image, reduction)
     masked = reduction is not None and reduction.masked
-    return {i: tuple(m.tolist() for m in image_moments(moment_image(im, masked))) for i, im in enumerate(first)}
+    return {i: own_moments(moment_image(im, masked)) for i, im in enumerate(first)}
 
 
 def _on_ranks(ranks: Ranks | None, progress: bool, run_local: Callable[[bool], PassResult]) -> PassResult:
@@ -203,8 +218,11 @@ def _ranked_pass(ranks: Ranks, run_local: Callable[[], PassResult]) -> PassResul
     stats = local.stats if local.stats is not None else ChannelStats.empty(channels.pop())
     parts = [part for _, part in outcomes]
     tracked = {index: moments for part in parts for index, moments in part.tracked.items()}
+    probe = ScaleProbe()
+    for part in parts:
+        probe = probe.merge(part.probe)
     return PassResult(gather_merge(ranks, stats), sum(p.num_samples for p in parts), tracked,
-                      sum(p.captured for p in parts), integer=any(p.integer for p in parts))
+                      sum(p.captured for p in parts), probe=probe, integer=any(p.integer for p in parts))
 
 
 @contextlib.contextmanager
@@ -234,9 +252,19 @@ def rereading(
                                                 image, reduction)
 
 
-def _warn_if_0_255(stats: ChannelStats) -> None:
-    if float(stats.max.max()) > _LOOKS_0_255:
+def looks_0_255(stats: ChannelStats, probe: ScaleProbe) -> bool:
+    """Whether the data plausibly is scaled to 0-255: most pixels probed are above 1, and they are whole numbers or
+    the maximum is far above 1 (float data that merely exceeds 1, say up to 2.99, is not)."""
+    if 2 * probe.above_one <= probe.pixels:
+        return False
+    return probe.fractional == 0 or float(stats.max.max()) > _FAR_ABOVE_ONE
+
+
+def _warn_if_0_255(stats: ChannelStats, probe: ScaleProbe) -> None:
+    if looks_0_255(stats, probe):
+        whole = ", all whole numbers" if probe.fractional == 0 else ""
         warn(
-            f"The pixel values reach {float(stats.max.max()):g}: the data looks scaled to 0-255, not 0-1. "
+            f"The pixel values reach {float(stats.max.max()):g} and {probe.above_one / probe.pixels:.0%} of those "
+            f"checked are above 1{whole}: the data looks scaled to 0-255, not 0-1. "
             "If that is not intended, use ToTensor() or v2.ToDtype(torch.float32, scale=True).",
             UserWarning)

@@ -10,12 +10,14 @@ gets the original exception type and a ``Sample 7: ...`` message instead of Data
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 import os
 import pickle
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn, cast
 
 import torch
 from torch import Tensor
@@ -42,8 +44,11 @@ __all__ = [
     "Collate",
     "Failure",
     "PassResult",
+    "ScaleProbe",
+    "dataset_length",
     "default_batch_size",
     "default_num_workers",
+    "own_moments",
     "read_image",
     "read_images",
     "reduce_batches",
@@ -161,6 +166,7 @@ def read_image(
     try:
         sample = read()
     except _Captured:  # FitNormalize has the image: the rest of the sample is not built
+        assert capture is not None  # only a Capture raises it
         return _with_mask(capture.take(), capture.taken_mask, where, reduction)
     except StopIteration:
         raise
@@ -170,7 +176,7 @@ def read_image(
             raise
         raise named from error
     captured = capture.take() if capture is not None else None
-    if captured is not None:
+    if capture is not None and captured is not None:
         if capture.stop:
             _warn_swallowed_stop()
         return _with_mask(captured, capture.taken_mask, where, reduction)
@@ -222,7 +228,20 @@ def read_images(
     reduction: Reduction | None = None,
 ) -> list[Tensor]:
     """The images of ``dataset[i]`` for ``i`` in ``indices``, read here, one by one (to verify a cache hit)."""
-    return [read_image(lambda: dataset[index], index, capture, image, reduction) for index in indices]
+    return [read_image(functools.partial(operator.getitem, dataset, index), f"Sample {index}: ", capture, image,
+                       reduction)
+            for index in indices]
+
+
+def dataset_length(dataset: Dataset) -> int:
+    """``len(dataset)`` of a map-style dataset (torch's ``Dataset`` does not declare ``__len__``)."""
+    return len(cast(Sized, dataset))
+
+
+def own_moments(image: Tensor) -> tuple[list[float], list[float]]:
+    """An image's own per-channel mean and variance, as plain floats (kept to verify cache hits)."""
+    mean, var = image_moments(image)
+    return mean.tolist(), var.tolist()
 
 
 def default_num_workers() -> int:
@@ -249,6 +268,29 @@ def default_batch_size(image: Tensor, num_samples: int | None = None, num_worker
     return max(1, min(_MAX_BATCH_SIZE, by_size, by_count))
 
 
+class ScaleProbe(NamedTuple):
+    """Pixels of a few images (the first of each batch): how many, how many above 1, how many not whole numbers.
+
+    Enough to tell data scaled to 0-255 (most pixels above 1, and whole numbers or far above 1) from float data
+    that merely exceeds 1 somewhere, at the cost of one image a batch.
+    """
+
+    pixels: int = 0
+    above_one: int = 0
+    fractional: int = 0
+
+    @classmethod
+    def of(cls, image: Tensor) -> ScaleProbe:
+        """The counts of one image."""
+        flat = image.detach().reshape(-1)
+        fractional = int((flat != flat.round()).sum()) if flat.is_floating_point() else 0
+        return cls(flat.numel(), int((flat > 1).sum()), fractional)
+
+    def merge(self, other: ScaleProbe) -> ScaleProbe:
+        """The counts of both."""
+        return ScaleProbe(*(a + b for a, b in zip(self, other)))
+
+
 @dataclass
 class Batch:
     """What a worker sends back for one batch: statistics, or the images themselves."""
@@ -263,6 +305,8 @@ class Batch:
     """Per-image moments of the batch's tracked images (to verify cache hits)."""
     captured: int = 0
     """Images that the FitNormalize being fitted captured (the others were found in the sample)."""
+    probe: ScaleProbe = ScaleProbe()
+    """The scale of the batch's first image (see :class:`ScaleProbe`)."""
     values: ValueCounts | None = None
     """The batch's value counts, when the reduction counts values (clip=)."""
     integer: bool = False
@@ -290,7 +334,7 @@ class Collate:
             if isinstance(item, Failure):
                 return Batch(index, 0, 0, failure=item)
         try:
-            batch = self._reduce([(index, image) for index, image, _ in items])
+            batch = self._reduce([(index, image) for index, image, _ in items if not isinstance(image, Failure)])
         except Exception as error:
             return Batch(items[0][0], 0, 0, failure=Failure.capture(error))
         batch.captured = sum(captured for _, _, captured in items)
@@ -299,7 +343,7 @@ class Collate:
     def _reduce(self, items: Sequence[tuple[int, Tensor]]) -> Batch:
         first_index, first = items[0]
         channels = first.shape[-3] - self.reduction.masked
-        by_shape: dict[tuple[int, ...], list[tuple[int, Tensor]]] = {}
+        by_shape: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}
         for index, image in items:
             if image.shape[-3] - self.reduction.masked != channels:
                 raise ValueError(_channel_mismatch(index, image.shape[-3] - self.reduction.masked, channels,
@@ -307,13 +351,15 @@ class Collate:
             if image.is_floating_point() != first.is_floating_point():
                 raise ValueError(_units_mismatch(index, image, first_index, first))
             by_shape.setdefault((*image.shape, image.dtype), []).append((index, image))
-        batch = Batch(first_index, len(items), channels, integer=not first.is_floating_point())
-        batch.tracked = {
-            index: tuple(moments.tolist() for moments in image_moments(moment_image(image, self.reduction.masked)))
-            for index, image in items if index in self.track
-        }
+        masked = self.reduction.masked
+        with _one_thread():  # a few images: threads gain nothing, and a forked process may have no thread pool
+            probe = ScaleProbe.of(moment_image(first, masked)) if first.is_floating_point() else ScaleProbe()
+            tracked = {index: own_moments(moment_image(image, masked)) for index, image in items if index in self.track}
+        batch = Batch(first_index, len(items), channels, tracked=tracked, probe=probe,
+                      integer=not first.is_floating_point())
         if not self.reduce:
-            batch.groups = [([i for i, _ in group], torch.stack([im for _, im in group])) for group in by_shape.values()]
+            batch.groups = [([i for i, _ in group], torch.stack([im for _, im in group]))
+                            for group in by_shape.values()]
             return batch
         stats = ChannelStats.empty(channels)
         with _one_thread():
@@ -373,20 +419,25 @@ def _units_mismatch(index: int, image: Tensor, first_index: int, first: Tensor) 
 
 class PassResult(NamedTuple):
     """What a pass found: the statistics (None if it read nothing), the images read, the tracked images' moments,
-    how many images FitNormalize captured, for a stream a digest of its first images (see streamed.py), and whether
-    the images were integers."""
+    how many images FitNormalize captured, for a stream a digest of its first images (see streamed.py), the
+    :class:`ScaleProbe` of the first image of each batch, and whether the images were integers."""
 
     stats: ChannelStats | None
     num_samples: int
     tracked: dict[int, tuple[list[float], list[float]]]
     captured: int = 0
     first: str | None = None
+    probe: ScaleProbe = ScaleProbe()
     integer: bool = False
 
 
 @contextlib.contextmanager
 def running(loader: DataLoader) -> Iterator[Iterator[Any]]:
-    """The loader's batches; its worker processes are shut down at once when the pass ends or fails."""
+    """The loader's batches; its worker processes are shut down at once when the pass ends or fails.
+
+    DataLoader has no public close: its iterator shuts its workers down when collected, which a traceback that
+    holds the iterator delays, so this calls what that collection calls (and nothing if the name goes away).
+    """
     batches = iter(loader)
     try:
         yield batches
@@ -407,12 +458,12 @@ def reduce_batches(
     reduction = reduction or Reduction()
     accumulator: BatchNormAccumulator | None = None
     first: Batch | None = None
-    num_samples, captured = 0, 0
+    num_samples, captured, probe = 0, 0, ScaleProbe()
     tracked: dict[int, tuple[list[float], list[float]]] = {}
     for batch in batches:
         if batch.failure is not None:
             batch.failure.reraise()
-        if first is None:
+        if first is None or accumulator is None:
             first, accumulator = batch, BatchNormAccumulator(batch.channels, device=device)
         elif batch.channels != first.channels:
             raise ValueError(_channel_mismatch(batch.first_index, batch.channels, first.channels, first.first_index))
@@ -427,10 +478,11 @@ def reduce_batches(
             on_batch(one_batch)
         num_samples += batch.num_samples
         captured += batch.captured
+        probe = probe.merge(batch.probe)
         tracked.update(batch.tracked)
         bar.update(batch.num_samples)
-    return PassResult(None if accumulator is None else accumulator.stats.to("cpu"), num_samples, tracked, captured,
-                      integer=first is not None and first.integer)
+    stats = None if accumulator is None else accumulator.stats.to("cpu")
+    return PassResult(stats, num_samples, tracked, captured, probe=probe, integer=first is not None and first.integer)
 
 
 def tensor_stats(images: Tensor) -> tuple[ChannelStats, int]:
@@ -448,11 +500,11 @@ def _accumulate(accumulator: BatchNormAccumulator, batch: Batch, device: torch.d
     """Merge one batch into the accumulator; return the batch's own statistics."""
     if batch.moments is not None:
         count, mean, m2, low, high = (torch.tensor(values, dtype=torch.float64) for values in batch.moments)
-        stats = ChannelStats(count, mean, m2, low, high, batch.values)
+        stats = ChannelStats(count, mean, m2, low, high, values=batch.values)
         accumulator.merge(stats.to(device))
         return stats
     stats = ChannelStats.empty(batch.channels, device=device)
-    for indices, images in batch.groups or []:
+    for indices, images in batch.groups or ():
         images = images.to(device, non_blocking=True)
         group_stats = reduction.stats(images)
         check_finite(group_stats, indices, images)

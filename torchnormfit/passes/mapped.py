@@ -34,6 +34,7 @@ from .loader import (
     Collate,
     Failure,
     PassResult,
+    dataset_length,
     default_batch_size,
     default_num_workers,
     read_image,
@@ -169,7 +170,7 @@ def sample_pixels(dataset: Dataset, *, max_pixels: int = 200_000, max_images: in
     O(max_pixels) whatever the dataset. Samples that fail to load are passed over.
     """
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(dataset), generator=generator).tolist()
+    order = torch.randperm(dataset_length(dataset), generator=generator).tolist()
     per_image = max(1, max_pixels // max_images)
     parts: list[Tensor] = []
     for index in order:
@@ -201,7 +202,7 @@ class _SampleReader(Dataset):
         self.reduction = reduction
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return dataset_length(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[int, Tensor | Failure, bool]:
         """``(index, image or failure, whether FitNormalize captured the image)``."""
@@ -263,8 +264,10 @@ def _loader(
     probed: list[Batch] = []
     if batch_size is None and len(indices) > 0:
         index, item, captured = reader[indices[0]]
+        if isinstance(item, Failure):  # before any worker process is started
+            item.reraise()
         probed = [collate([(index, item, captured)])]
-        if probed[0].failure is not None:  # before any worker process is started
+        if probed[0].failure is not None:
             probed[0].failure.reraise()
         batch_size, indices = default_batch_size(item, len(indices), num_workers), indices[1:]
     loader = DataLoader(
@@ -278,16 +281,17 @@ def _loader(
     return probed, loader
 
 
-def check_dataset(dataset: Dataset) -> None:
-    """Raise unless ``dataset`` is a map-style dataset with at least one sample."""
+def check_dataset(dataset: Dataset) -> int:
+    """The length of ``dataset``; raises unless it is a map-style dataset with at least one sample."""
     if not hasattr(dataset, "__getitem__"):
         raise TypeError(
             f"fit() needs a map-style dataset (with __len__ and __getitem__) or a torch.utils.data.IterableDataset. "
             f"Got {type(dataset).__name__}."
         )
     try:
-        length = len(dataset)
+        length = dataset_length(dataset)
     except TypeError as error:
         raise TypeError(f"fit() needs a dataset with __len__. Got {type(dataset).__name__}: {error}") from error
     if length == 0:
         raise ValueError(f"The dataset {type(dataset).__name__} is empty: there are no pixels to fit statistics on.")
+    return length

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from .loader import (
     Collate,
     Failure,
     PassResult,
+    dataset_length,
     default_batch_size,
     default_num_workers,
     read_image,
@@ -40,7 +41,7 @@ from .loader import (
     running,
 )
 
-__all__ = ["stream_pass", "first_images", "stream_images", "check_split_across_ranks"]
+__all__ = ["stream_pass", "stream_workers", "num_shards", "first_images", "stream_images", "check_split_across_ranks"]
 
 logger = logging.getLogger("torchnormfit")
 
@@ -69,17 +70,15 @@ def stream_pass(
     worker are compared with the others' to refuse a stream that is not split
     across workers. ``max_samples`` reads the first ``max_samples`` of the
     stream in this process (no workers), so they are the same whatever
-    ``num_workers``.
+    ``num_workers``; else :func:`stream_workers` caps them at the shards.
     """
-    num_workers = default_num_workers() if num_workers is None else num_workers
-    if max_samples is not None:
-        num_workers = 0
+    num_workers = 0 if max_samples is not None else stream_workers(dataset, num_workers)
     device = torch.device(device) if device is not None else torch.device("cpu")
     length = _length(dataset, max_samples)
     reader = _StreamReader(dataset, capture, image, batch_size, max_samples, length, num_workers, reduction)
     loader = DataLoader(
         reader, batch_size=None, num_workers=num_workers,
-        collate_fn=_StreamCollate(reduce=device.type == "cpu", reduction=reduction),
+        collate_fn=_StreamCollate(reduce=device.type == "cpu", reduction=reduction),  # type: ignore[arg-type]
         pin_memory=(device.type != "cpu") if pin_memory is None else pin_memory,
     )
     logger.info("fitting the stream %s: %s samples, batch_size=%s, num_workers=%d, device=%s",
@@ -91,10 +90,52 @@ def stream_pass(
     return result._replace(first=next(iter(firsts), None))
 
 
+def stream_workers(dataset: IterableDataset, num_workers: int | None = None) -> int:
+    """The DataLoader workers of a pass over ``dataset``: ``num_workers`` (default :func:`default_num_workers`), at
+    most its number of shards (:func:`num_shards`), since a worker without a shard would only idle (and WebDataset
+    refuses a worker that finds no samples).
+
+    Examples
+    --------
+    >>> class Stream(torch.utils.data.IterableDataset):
+    ...     num_shards = 2
+    ...     def __iter__(self):
+    ...         return iter(())
+    >>> stream_workers(Stream(), 8), stream_workers(Stream(), 1)
+    (2, 1)
+    """
+    workers = default_num_workers() if num_workers is None else num_workers
+    shards = num_shards(dataset)
+    if shards is not None and shards < workers:
+        logger.info("%d DataLoader workers for the %d shard(s) of %s", shards, shards, type(dataset).__name__)
+        return shards
+    return workers
+
+
+def num_shards(dataset: IterableDataset) -> int | None:
+    """How many parts a stream splits into across workers; None when it does not say.
+
+    A stream's own ``num_shards`` (a Hugging Face ``IterableDataset``), or the
+    length of the shard list that starts a pipeline (``wds.WebDataset``, a
+    ``wds.DataPipeline`` beginning with ``SimpleShardList``; resampled shards
+    have no length: any number of workers can draw from them).
+    """
+    shards = getattr(dataset, "num_shards", None)
+    if isinstance(shards, int) and not isinstance(shards, bool):
+        return shards
+    stages = getattr(dataset, "pipeline", None)
+    if isinstance(stages, list) and stages and hasattr(stages[0], "urls"):
+        try:
+            return len(stages[0])
+        except TypeError:
+            return None
+    return None
+
+
 def _length(dataset: IterableDataset, max_samples: int | None) -> int | None:
     """The stream's ``len()`` (capped by ``max_samples``), or None when it has none."""
     try:
-        length = len(dataset)
+        length = dataset_length(dataset)
     except TypeError:  # an IterableDataset without __len__
         return max_samples
     return length if max_samples is None else min(length, max_samples)
@@ -103,7 +144,7 @@ def _length(dataset: IterableDataset, max_samples: int | None) -> int | None:
 def _samples(
     dataset: IterableDataset, capture: Capture | None, image: Callable[[Any], Any] | None, where: Callable[[int], str],
     reduction: Reduction | None = None,
-) -> Iterator[Tensor]:
+) -> Generator[Tensor, None, None]:
     """The image of each sample of the stream, read through :func:`~torchnormfit.passes.loader.read_image`."""
     if capture is not None:
         capture.stop = False  # an exception would end the stream's generator: FitNormalize only hands over
@@ -156,7 +197,8 @@ class _StreamReader(IterableDataset):
         info = get_worker_info()
         worker = None if info is None else info.id
         samples = _samples(self.dataset, self.capture, self.image, _where(worker), self.reduction)
-        size, batch, position = self.batch_size, [], 0
+        size, position = self.batch_size, 0
+        batch: list[tuple[int, Tensor | Failure]] = []
         while self.max_samples is None or position < self.max_samples:
             try:
                 item = next(samples)
@@ -256,6 +298,6 @@ def first_images(
 def stream_images(
     dataset: IterableDataset, capture: Capture | None = None, image: Callable[[Any], Any] | None = None,
     reduction: Reduction | None = None,
-) -> Iterator[Tensor]:
+) -> Generator[Tensor, None, None]:
     """The images of a stream's samples in order, read in this process as :func:`first_images` reads them."""
     return _samples(dataset, capture, image, _where(None), reduction)
