@@ -68,21 +68,30 @@ class BatchNormAccumulator(nn.BatchNorm2d):
     def _apply(self, fn, recurse=True):
         # .half(), .float(), .to(dtype) convert every floating point buffer; the exact state must stay
         # float64 (a float32 count is exact only up to 2**24 pixels), so only its device follows.
-        exact = {name: self._buffers[name] for name in _EXACT_BUFFERS}
+        exact = {name: self._exact(name) for name in _EXACT_BUFFERS}
         super()._apply(fn, recurse)
         for name, before in exact.items():
-            after = self._buffers[name]
+            after = self._exact(name)
             if after.dtype != torch.float64:
                 self._buffers[name] = before.to(device=after.device)
         return self
+
+    def _exact(self, name: str) -> Tensor:
+        """The exact-state buffer ``name`` (``pixel_count``, ...), typed."""
+        buffer = self._buffers[name]
+        assert buffer is not None  # registered in __init__
+        return buffer
+
+    def _exact_stats(self, values: ValueCounts | None = None) -> ChannelStats:
+        count, mean, m2, low, high = (self._exact(name) for name in _EXACT_BUFFERS)
+        return ChannelStats(count, mean, m2, low, high, values=values)
 
     _values: ValueCounts | None = None  # per-value counts (percentiles), merged beside the buffers
 
     @property
     def stats(self) -> ChannelStats:
         """The pooled statistics so far, as a :class:`ChannelStats` (a snapshot, not a view)."""
-        return ChannelStats(self.pixel_count, self.pixel_mean, self.pixel_m2, self.pixel_min, self.pixel_max,
-                            values=None if self._values is None else self._values.copy())
+        return self._exact_stats(None if self._values is None else self._values.copy())
 
     def forward(self, input: Tensor) -> Tensor:
         if not (self.training and self.exact):
@@ -104,22 +113,22 @@ class BatchNormAccumulator(nn.BatchNorm2d):
     def merge(self, other: BatchNormAccumulator | ChannelStats) -> BatchNormAccumulator:
         """Add another accumulator's (or a :class:`ChannelStats`') pixels to this one, exactly."""
         stats = other.stats if isinstance(other, BatchNormAccumulator) else other
-        before = ChannelStats(self.pixel_count, self.pixel_mean, self.pixel_m2, self.pixel_min, self.pixel_max)
+        before = self._exact_stats()
         merged = before.merge(stats.with_values(None))
-        self._values = _merge_values(self._values, stats.values, counted=bool((self.pixel_count > 0).any()),
+        self._values = _merge_values(self._values, stats.values, counted=bool((before.count > 0).any()),
                                      incoming=bool((stats.count > 0).any()))
         with torch.no_grad():
             for name, value in merged.to_dict().items():
-                getattr(self, f"pixel_{name}").copy_(value)
-            self.running_mean.copy_(merged.mean)
-            self.running_var.copy_(merged.var.nan_to_num(nan=1.0))
-            self.num_batches_tracked.add_(1)
+                self._exact(f"pixel_{name}").copy_(value)
+            for name, value in (("running_mean", merged.mean), ("running_var", merged.var.nan_to_num(nan=1.0))):
+                self._exact(name).copy_(value)
+            self._exact("num_batches_tracked").add_(1)
         return self
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
         self._values = None
-        if hasattr(self, "pixel_count"):
-            empty = ChannelStats.empty(self.num_features, device=self.pixel_count.device)
+        if "pixel_count" in self._buffers:
+            empty = ChannelStats.empty(self.num_features, device=self._exact("pixel_count").device)
             for name, value in empty.to_dict().items():
-                getattr(self, f"pixel_{name}").copy_(value)
+                self._exact(f"pixel_{name}").copy_(value)
