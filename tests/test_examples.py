@@ -39,6 +39,13 @@ def test_the_modules_with_examples_are_among_those_run():
             "torchnormfit.transform"} <= with_examples
 
 
+def test_the_readme_is_for_users_and_short():
+    """At most 200 lines; how things work, the numbers and their history live in docs/."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    assert "issue " not in readme.lower()
+
+
 def run_quickstart(cache: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, TORCHNORMFIT_CACHE=str(cache))
     return subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--images", "200"],
@@ -47,7 +54,7 @@ def run_quickstart(cache: Path) -> subprocess.CompletedProcess:
 
 def test_quickstart_fits_then_hits_the_cache(tmp_path):
     """The README's quickstart, at 200 images: a pass that writes the cache, then a hit with the same numbers."""
-    first, second = run_quickstart(tmp_path / "stats.h5"), run_quickstart(tmp_path / "stats.h5")
+    first, second = run_quickstart(tmp_path / "cache"), run_quickstart(tmp_path / "cache")
     assert "torchnormfit: fitting FakeData: 200 samples" in first.stderr and "torchnormfit: cached" in first.stderr
     assert "torchnormfit: cache hit:" in second.stderr and "torchnormfit: fitting" not in second.stderr
     numbers = [re.search(r"FitNormalize\(mean=\[(.*)\], std=\[(.*)\], inplace=False\)", run.stdout) for run in (first, second)]

@@ -268,7 +268,7 @@ def test_channel_count_change_names_the_sample(batch_size):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_exception_mid_pass_leaves_it_unfitted_uncached_and_without_workers(tmp_path, num_workers):
-    cache = tmp_path / "stats.h5"
+    cache = tmp_path / "cache"
     norm = FitNormalize(cache=cache)
     dataset = FailingDataset(fail_at=13, n=30, transform=norm)
     with pytest.raises(RuntimeError, match="Sample 13: reading the dataset failed: broken sample 13"):
@@ -280,7 +280,7 @@ def test_exception_mid_pass_leaves_it_unfitted_uncached_and_without_workers(tmp_
 
 
 def test_keyboard_interrupt_leaves_it_unfitted_and_uncached(tmp_path):
-    cache = tmp_path / "stats.h5"
+    cache = tmp_path / "cache"
     norm = FitNormalize(cache=cache)
     with pytest.raises(KeyboardInterrupt):
         fit(FailingDataset(fail_at=5, error=KeyboardInterrupt, n=12, transform=norm), norm, batch_size=4)
@@ -312,3 +312,25 @@ def test_memory_stays_bounded_by_the_batch():
         process.join()
         assert process.exitcode == 0
     assert growth[2000] - growth[200] < 8, growth  # a batch of 10 images is 1.5 MB
+
+
+def _fit_large_images(conn):
+    images = torch.rand(4, 3, 128, 128, generator=torch.Generator().manual_seed(0))  # above torch's parallel grain
+    norm = FitNormalize(cache=None).fit(TensorDataset(images), num_workers=0, batch_size=2, progress=False)
+    conn.send(norm.mean)
+
+
+def test_a_fit_in_a_process_forked_after_torch_used_threads_finishes():
+    """A forked child inherits no usable OpenMP pool: a fit in it that ran a multi-threaded op would wait forever
+    (as torch.distributed ranks and test harnesses fork). The pass reduces with one thread."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs torch to use 2 or more threads here")
+    torch.rand(1000, 1000).round().sum()  # the parent's thread pool is started
+    parent, child = multiprocessing.Pipe()
+    process = multiprocessing.get_context("fork").Process(target=_fit_large_images, args=(child,))
+    process.start()
+    process.join(timeout=60)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    assert process.exitcode == 0 and parent.poll() and len(parent.recv()) == 3

@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from torchnormfit.verification import (
-    EARLY_PASS_T, FALSE_ALARM_BOUND, FIRST_STAGE_SHARE, ROUNDING, compare, identical, image_moments,
-    readings_per_image, stages, threshold, verify_in_stages,
+    EARLY_PASS_T,
+    FALSE_ALARM_BOUND,
+    FIRST_STAGE_SHARE,
+    ROUNDING,
+    compare,
+    identical,
+    image_moments,
+    readings_per_image,
+    stages,
+    threshold,
+    verify_in_stages,
 )
 
 C = 3

@@ -38,15 +38,26 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from . import cache
 from ._version import __version__
 from ._warn import warn
 from .distributed import current_ranks, on_root
-from .fingerprint import describe_dataset, describe_pipeline, fingerprint
-from .passes import Capture, PassResult, Reading, StandardErrors, dataset_length, rereading, run_pass, tensor_stats
-from .stats import ChannelStats
+from .images import moment_image
+from .key import describe_dataset, describe_pipeline, fingerprint
+from .passes import (
+    Capture,
+    PassResult,
+    Reading,
+    Reduction,
+    StandardErrors,
+    dataset_length,
+    rereading,
+    run_pass,
+    tensor_stats,
+)
+from .stats import ChannelStats, ValueCounts
 from .verification import (
     DEFAULT_VERIFY,
     MAX_VERIFY,
@@ -84,6 +95,8 @@ class FitRecord:
     stats: ChannelStats
     num_samples: int
     standard_errors: StandardErrors | None = None
+    integer: bool = False
+    """Whether the images were integers (statistics in their own units)."""
 
 
 @dataclass(frozen=True)
@@ -106,15 +119,21 @@ def fit_dataset(
     max_samples: int | None = None,
     seed: int = 0,
     process_group: Any = None,
+    reduction: Reduction | None = None,
     **loader: Any,
 ) -> FitRecord:
-    """Statistics of ``dataset`` as seen by ``norm``: a verified cache hit, or a pass (then written)."""
+    """Statistics of ``dataset`` as seen by ``norm``: a verified cache hit, or a pass (then written).
+
+    ``reduction`` (ignore, mask, value counts for clip, volumes) goes into the key's settings and the pass.
+    """
     verify = _check_verify(verify, explicit_key=key is not None)
-    settings: dict[str, Any] = {"image": image, "ddof": 0, "statistic": "per-channel population mean/std"}
+    reduction = reduction or Reduction()
+    settings: dict[str, Any] = {"image": image, "ddof": 0, "statistic": "per-channel population mean/std",
+                                **reduction.settings()}
     if max_samples is not None:
         settings.update(max_samples=max_samples, seed=seed)
     if key is None:
-        printed = fingerprint(dataset, norm, settings)
+        printed = fingerprint(dataset, norm, settings, cache=cache_path)
         key, gaps = printed.key, printed.gaps
     else:
         printed, gaps = None, ()
@@ -122,13 +141,15 @@ def fit_dataset(
     note = "refit=True" if refit else ("no cache (cache=None)" if cache_path is None else "")
     verification = None
     if cache_path is not None and not refit:
-        lookup = on_root(ranks, lambda: _lookup(dataset, capturing, image, cache_path, key, verify, gaps))
+        length = _length_check(dataset, max_samples) if printed is not None else None
+        lookup = on_root(ranks, lambda: _lookup(dataset, capturing, image, cache_path, key, verify, gaps, reduction,
+                                                length))
         if lookup.entry is not None:
             logger.info("cache hit: %r in %s (%s)", key, cache_path, lookup.note or "verified")
             return _entry_record(lookup.entry, key, cache_path, lookup.verification, lookup.note, gaps)
         verification, note = lookup.verification, lookup.note
     result, errors = _pass(dataset, capturing, image, max_samples, seed, process_group, loader,
-                           track=cache_path is not None)
+                           track=cache_path is not None, reduction=reduction)
     stats = result.stats
     assert stats is not None  # run_pass raises when it read no image
     if printed is not None and not printed.found_norm and result.captured:
@@ -140,37 +161,58 @@ def fit_dataset(
     written = False
     if cache_path is not None:
         attrs = {**_provenance(dataset, norm, result.num_samples, gaps),
-                 **_subset_provenance(dataset, max_samples, seed, errors)}
+                 **_subset_provenance(dataset, max_samples, seed, errors), **_units(result.integer)}
         arrays, verdict = _tracked_fields(result.tracked, stats)
-        written = on_root(ranks, lambda: _save(cache_path, key, stats, {**attrs, **verdict}, arrays))
+        attrs.update(verdict)
+        if stats.values is not None:
+            value_attrs, value_arrays = stats.values.to_arrays()
+            attrs.update(value_attrs)
+            arrays.update(value_arrays)
+        written = on_root(ranks, lambda: _save(cache_path, key, stats, attrs, arrays))
         if not written:
-            note = "; ".join(filter(None, [note, "the cache could not be written"]))
-    return FitRecord("pass", key, cache_path, verification, written, note, gaps, stats, result.num_samples, errors)
+            why = ("cache= names a file, which a fit only reads" if cache.is_entry_file(cache_path)
+                   else "it could not be written")
+            note = "; ".join(filter(None, [note, f"not saved: {why}"]))
+    return FitRecord("pass", key, cache_path, verification, written, note, gaps, stats, result.num_samples, errors,
+                     result.integer)
 
 
 def pass_stats(
-    dataset: Dataset, capturing: Capturing, **options: Any
-) -> tuple[ChannelStats, int]:
-    """One pass with no cache involved (``partial_fit``): statistics and the number of images."""
+    dataset: Dataset, capturing: Capturing, reduction: Reduction | None = None, **options: Any
+) -> tuple[ChannelStats, int, bool]:
+    """One pass with no cache involved (``partial_fit``): statistics, the number of images, whether integers."""
     result, _ = _pass(dataset, capturing, options.pop("image", None), options.pop("max_samples", None),
-                      options.pop("seed", 0), options.pop("process_group", None), options)
+                      options.pop("seed", 0), options.pop("process_group", None), options, reduction=reduction)
     assert result.stats is not None  # run_pass raises when it read no image
-    return result.stats, result.num_samples
+    return result.stats, result.num_samples, result.integer
 
 
-def save_stats(cache_path: Path, key: str, stats: ChannelStats, num_samples: int) -> None:
+def save_stats(cache_path: Path, key: str, stats: ChannelStats, num_samples: int, integer: bool = False) -> None:
     """Write statistics built by hand (``partial_fit``) under ``key``; such an entry cannot be verified."""
-    cache.write_entry(cache_path, key, stats, _provenance(None, None, num_samples, ()))
+    attrs: dict[str, Any] = {**_provenance(None, None, num_samples, ()), **_units(integer)}
+    arrays: dict[str, np.ndarray] = {}
+    if stats.values is not None:
+        value_attrs, arrays = stats.values.to_arrays()
+        attrs.update(value_attrs)
+    cache.write_entry(cache_path, key, stats, attrs, arrays=arrays)
 
 
-def load_entry(cache_path: Path, key: str) -> FitRecord:
-    """The entry ``key`` as read (not verified), or :class:`~torchnormfit.CacheError` naming the entries there."""
+def _units(integer: bool) -> dict[str, Any]:
+    """The entry attribute that says the images were integers (absent for float images, as in 0.1)."""
+    return {"integer_input": True} if integer else {}
+
+
+def load_entry(cache_path: Path, key: str | None) -> FitRecord:
+    """The entry ``key`` (any key in an entry file) as read, not verified; else a
+    :class:`~torchnormfit.CacheError` naming the entries there."""
     entry = cache.read_entry(cache_path, key)
     if entry is None:
-        there = cache_path.is_file() or cache.entry_folder(cache_path).is_dir()
-        known = [e.key for e in cache.list_entries(cache_path)] if there else []
+        known = [e.key for e in cache.list_entries(cache_path)] if cache_path.is_dir() else []
         raise cache.CacheError(f"No cache entry {key!r} in {cache_path}. Entries there: {known}.")
-    return _entry_record(entry, key, cache_path, None, "loaded by key, not verified", ())
+    if key is not None and entry.key != key:
+        raise cache.CacheError(f"The entry file {cache_path} holds {entry.key!r}, not {key!r}; leave out the key "
+                               "to load it.")
+    return _entry_record(entry, entry.key, cache_path, None, "loaded by key, not verified", ())
 
 
 # --- the hit -------------------------------------------------------------------------------------
@@ -185,9 +227,11 @@ def _check_verify(verify: int | None, explicit_key: bool) -> int:
 
 
 def _lookup(
-    dataset: Dataset, capturing: Capturing, image: Any, path: Path, key: str, verify: int, gaps: Sequence[str]
+    dataset: Dataset, capturing: Capturing, image: Any, path: Path, key: str, verify: int, gaps: Sequence[str],
+    reduction: Reduction, length: tuple[str, int] | None = None,
 ) -> _Lookup:
-    """The entry if it is there and passes verification; else why not (runs on rank 0)."""
+    """The entry if it is there, has the dataset's length (``length``: see :func:`_length_check`) and passes
+    verification; else why not (runs on rank 0)."""
     try:
         entry = cache.read_entry(path, key)
     except cache.CacheError as error:
@@ -195,6 +239,10 @@ def _lookup(
         return _Lookup(None, None, f"the entry could not be used: {error}")
     if entry is None:
         return _Lookup(None, None, "no entry for this key")
+    mismatch = _length_mismatch(entry, length)
+    if mismatch:
+        logger.info("cache entry %r in %s not used: %s", key, path, mismatch)
+        return _Lookup(None, None, mismatch)
     samples = getattr(entry, "arrays", {}) or {}
     fitted_under = str(entry.attrs.get("torchvision_version", torchvision.__version__))
     if verify == 0 and fitted_under != torchvision.__version__:
@@ -205,7 +253,7 @@ def _lookup(
         return _Lookup(entry, None, "not verified (verify=0)" + (f"; the key has gaps: {list(gaps)}" if gaps else ""))
     if not {"index", "mean", "var"} <= set(samples):
         return _Lookup(entry, None, "not verified: the entry holds no per-image moments (partial_fit/save or 0.1)")
-    verification = _verify(dataset, capturing, image, entry, samples, verify)
+    verification = _verify(dataset, capturing, image, entry, samples, verify, reduction)
     if verification.passed:
         return _Lookup(entry, verification, "")
     warn(f"The cache entry {key!r} in {path} does not match the data: {verification.detail}. Fitting again and "
@@ -213,9 +261,32 @@ def _lookup(
     return _Lookup(None, verification, "the entry failed verification")
 
 
+def _length_check(dataset: Dataset, max_samples: int | None) -> tuple[str, int] | None:
+    """``(entry attribute, len(dataset))`` to compare on a hit: the sample count of a full fit, the population
+    of a subset fit. None for a stream or a dataset without a length."""
+    if isinstance(dataset, IterableDataset):
+        return None
+    try:
+        length = dataset_length(dataset)
+    except Exception:  # no __len__, or one that fails: nothing to compare
+        return None
+    return ("num_samples" if max_samples is None else "population", int(length))
+
+
+def _length_mismatch(entry: cache.CacheEntry, length: tuple[str, int] | None) -> str:
+    """Why an entry fitted on another number of samples is a miss ("" when the counts agree or are unknown)."""
+    if length is None or length[0] not in entry.attrs:
+        return ""
+    name, now = length
+    then = int(entry.attrs[name])
+    if then == now:
+        return ""
+    return f"a miss: the dataset has {now} samples now, the entry was fitted on {then} ({name})"
+
+
 def _verify(
     dataset: Dataset, capturing: Capturing, image: Any, entry: cache.CacheEntry, samples: dict[str, np.ndarray],
-    verify: int,
+    verify: int, reduction: Reduction,
 ) -> Verification:
     """Read up to ``verify`` of the entry's tracked images again (a fresh random draw; a stream's first
     images, in order) and test them against it, in :func:`~torchnormfit.verification.stages`."""
@@ -225,13 +296,14 @@ def _verify(
         return torch.from_numpy(np.asarray(samples[name][rows], dtype=np.float64))
 
     indices = samples["index"].tolist()
-    with capturing() as capture, rereading(dataset, indices, verify, capture, image) as (rows, read):
+    with capturing() as capture, rereading(dataset, indices, verify, capture, image, reduction) as (rows, read):
         again = (rows_of("mean_again", rows), rows_of("var_again", rows)) if "mean_again" in samples else None
         try:
             return verify_in_stages(
                 rows_of("mean", rows), rows_of("var", rows),
-                lambda start, stop: _moments(read(start, stop), channels, start), entry.stats.mean, entry.stats.var,
-                again=again, deterministic=again is not None and bool(entry.attrs.get("deterministic", 0)))
+                lambda start, stop: _moments(read(start, stop), channels, start, reduction.masked), entry.stats.mean,
+                entry.stats.var, again=again,
+                deterministic=again is not None and bool(entry.attrs.get("deterministic", 0)))
         except _ChannelMismatch as mismatch:
             limit = threshold(channels)
             return Verification(mismatch.read, False, math.inf, limit, str(mismatch), failed=("channels",))
@@ -248,9 +320,10 @@ class _ChannelMismatch(Exception):
         self.read = read
 
 
-def _moments(images: list[torch.Tensor], channels: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _moments(images: list[torch.Tensor], channels: int, start: int, masked: bool = False,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """The images' own means and variances, ``(n, C)`` each (``start``: the images read before these)."""
-    pairs = [image_moments(im) for im in images]
+    pairs = [image_moments(moment_image(im, masked)) for im in images]
     other = sorted({mean.numel() for mean, _ in pairs} - {channels})
     if other:
         raise _ChannelMismatch(f"the images have {other} channels, the entry {channels}", start + len(images))
@@ -268,7 +341,10 @@ def _entry_record(
         errors = StandardErrors(torch.tensor(entry.attrs["mean_se"], dtype=torch.float64),
                                 torch.tensor(entry.attrs["std_se"], dtype=torch.float64))
     num_samples = int(entry.attrs.get("num_samples", 0))
-    return FitRecord("cache", key, path, verification, False, note, gaps, entry.stats, num_samples, errors)
+    values = ValueCounts.from_arrays(entry.attrs, getattr(entry, "arrays", {}) or {})
+    stats = entry.stats if values is None else entry.stats.with_values(values)
+    return FitRecord("cache", key, path, verification, False, note, gaps, stats, num_samples, errors,
+                     bool(entry.attrs.get("integer_input", False)))
 
 
 # --- the pass and the write ----------------------------------------------------------------------
@@ -276,7 +352,7 @@ def _entry_record(
 
 def _pass(
     dataset: Dataset, capturing: Capturing, image: Any, max_samples: int | None, seed: int, process_group: Any,
-    loader: dict[str, Any], track: bool = False,
+    loader: dict[str, Any], track: bool = False, reduction: Reduction | None = None,
 ) -> tuple[PassResult, StandardErrors | None]:
     """One pass with the transform in capture mode; it is left unchanged if the pass fails.
 
@@ -284,7 +360,7 @@ def _pass(
     """
     with capturing() as capture:
         return run_pass(dataset, capture, image=image, max_samples=max_samples, seed=seed,
-                        process_group=process_group, track=track, **loader)
+                        process_group=process_group, track=track, reduction=reduction, **loader)
 
 
 def _tracked_fields(
@@ -312,6 +388,9 @@ def _tracked_fields(
 
 
 def _save(path: Path, key: str, stats: ChannelStats, attrs: dict[str, Any], arrays: dict[str, np.ndarray]) -> bool:
+    if cache.is_entry_file(path):
+        logger.info("not saved: the cache %s is a file, which a fit only reads", path)
+        return False
     try:
         cache.write_entry(path, key, stats, attrs, arrays=arrays)
     except (OSError, cache.CacheError) as error:

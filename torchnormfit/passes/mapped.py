@@ -23,7 +23,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from ..images import find_image
+from ..images import find_image, moment_image
+from ..reduce import Reduction
 from ..stats import ChannelStats
 from ..verification import TRACKED, readings_per_image
 from .loader import (
@@ -34,6 +35,7 @@ from .loader import (
     Failure,
     Item,
     PassResult,
+    Reading,
     dataset_length,
     default_batch_size,
     default_num_workers,
@@ -201,10 +203,11 @@ class _SampleReader(Dataset):
     """
 
     def __init__(self, dataset: Dataset, capture: Capture | None, image: Callable[[Any], Any] | None,
-                 track: frozenset[int] = frozenset()):
+                 reduction: Reduction | None = None, track: frozenset[int] = frozenset()):
         self.dataset = dataset
         self.capture = capture
         self.image = image
+        self.reduction = reduction
         self.track = track
         self.readings = readings_per_image(len(track))
 
@@ -216,13 +219,16 @@ class _SampleReader(Dataset):
         try:
             image = self._read(index)
             captured = self.capture is not None and self.capture.took
-            again = [own_moments(self._read(index)) for _ in range(self.readings - 1)] if index in self.track else []
+            again = [self._moments(self._read(index)) for _ in range(self.readings - 1)] if index in self.track else []
         except Exception as error:
             return index, Failure.capture(error), False, []
         return index, image, captured, again
 
     def _read(self, index: int) -> Tensor:
-        return read_image(lambda: self.dataset[index], f"Sample {index}: ", self.capture, self.image)
+        return read_image(lambda: self.dataset[index], f"Sample {index}: ", self.capture, self.image, self.reduction)
+
+    def _moments(self, image: Tensor) -> Reading:
+        return own_moments(moment_image(image, self.reduction is not None and self.reduction.masked))
 
 
 def map_pass(
@@ -238,16 +244,18 @@ def map_pass(
     num_workers: int | None,
     device: torch.device | str | None,
     pin_memory: bool | None,
+    reduction: Reduction | None = None,
 ) -> PassResult:
-    """The DataLoader pass over ``indices``."""
+    """The DataLoader pass over ``indices`` (reduced as ``reduction`` says)."""
     num_workers = default_num_workers() if num_workers is None else num_workers
     device = torch.device(device) if device is not None else torch.device("cpu")
-    probed, loader = _loader(dataset, indices, capture, image, track, batch_size, num_workers, device, pin_memory)
+    probed, loader = _loader(dataset, indices, capture, image, track, batch_size, num_workers, device, pin_memory,
+                             reduction)
     logger.info("fitting %s: %d samples, batch_size=%d, num_workers=%d, device=%s",
                 type(dataset).__name__, len(indices), loader.batch_size, num_workers, device)
     bar = tqdm(total=len(indices), unit="img", desc="torchnormfit", disable=not progress)
     with bar, running(loader) as batches:
-        return reduce_batches(itertools.chain(probed, batches), device, on_batch, bar)
+        return reduce_batches(itertools.chain(probed, batches), device, on_batch, bar, reduction)
 
 
 def _loader(
@@ -260,6 +268,7 @@ def _loader(
     num_workers: int,
     device: torch.device,
     pin_memory: bool | None,
+    reduction: Reduction | None = None,
 ) -> tuple[list[Batch], DataLoader]:
     """The DataLoader of the pass, and the batches read before it.
 
@@ -267,7 +276,8 @@ def _loader(
     batch size (:func:`default_batch_size`) and it is the first batch, so no
     sample is read twice.
     """
-    reader, collate = _SampleReader(dataset, capture, image, track), Collate(reduce=device.type == "cpu", track=track)
+    reader = _SampleReader(dataset, capture, image, reduction, track)
+    collate = Collate(reduce=device.type == "cpu", track=track, reduction=reduction)
     probed: list[Batch] = []
     if batch_size is None and len(indices) > 0:
         first = reader[indices[0]]

@@ -30,6 +30,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from ..images import moment_image
+from ..reduce import Reduction
 from ..stats import ChannelStats
 from ..verification import readings_per_image
 from .loader import (
@@ -74,6 +76,7 @@ def stream_pass(
     device: torch.device | str | None,
     pin_memory: bool | None,
     max_samples: int | None,
+    reduction: Reduction | None = None,
 ) -> PassResult:
     """One DataLoader pass over this process's part of a stream.
 
@@ -88,10 +91,10 @@ def stream_pass(
     num_workers = 0 if max_samples is not None else stream_workers(dataset, num_workers)
     device = torch.device(device) if device is not None else torch.device("cpu")
     length = _length(dataset, max_samples)
-    reader = _StreamReader(dataset, capture, image, batch_size, max_samples, length, num_workers)
+    reader = _StreamReader(dataset, capture, image, batch_size, max_samples, length, num_workers, reduction)
     loader = DataLoader(
         reader, batch_size=None, num_workers=num_workers,
-        collate_fn=_StreamCollate(reduce=device.type == "cpu"),  # type: ignore[arg-type]  # batch_size=None: one item
+        collate_fn=_StreamCollate(reduce=device.type == "cpu", reduction=reduction),  # type: ignore[arg-type]
         pin_memory=(device.type != "cpu") if pin_memory is None else pin_memory,
     )
     logger.info("fitting the stream %s: %s samples, batch_size=%s, num_workers=%d, device=%s",
@@ -99,7 +102,7 @@ def stream_pass(
     bar = tqdm(total=length, unit="img", desc="torchnormfit", disable=not progress)
     firsts: dict[str, int | None] = {}
     with bar, running(loader) as batches:
-        result = reduce_batches(_split_checked(batches, num_workers, firsts), device, on_batch, bar)
+        result = reduce_batches(_split_checked(batches, num_workers, firsts), device, on_batch, bar, reduction)
     return result._replace(first=next(iter(firsts), None))
 
 
@@ -155,7 +158,8 @@ def _length(dataset: IterableDataset, max_samples: int | None) -> int | None:
 
 
 def _samples(
-    dataset: IterableDataset, capture: Capture | None, image: Callable[[Any], Any] | None, where: Callable[[int], str]
+    dataset: IterableDataset, capture: Capture | None, image: Callable[[Any], Any] | None, where: Callable[[int], str],
+    reduction: Reduction | None = None,
 ) -> Generator[Tensor, None, None]:
     """The image of each sample of the stream, read through :func:`~torchnormfit.passes.loader.read_image`."""
     if capture is not None:
@@ -171,7 +175,7 @@ def _samples(
     position = 0
     while True:
         try:
-            found = read_image(read, where(position), capture, image)
+            found = read_image(read, where(position), capture, image, reduction)
         except StopIteration:
             return
         yield found
@@ -200,14 +204,15 @@ class _StreamReader(IterableDataset):
         max_samples: int | None,
         length: int | None,
         num_workers: int,
+        reduction: Reduction | None = None,
     ):
-        self.dataset, self.capture, self.image = dataset, capture, image
+        self.dataset, self.capture, self.image, self.reduction = dataset, capture, image, reduction
         self.batch_size, self.max_samples, self.length, self.num_workers = batch_size, max_samples, length, num_workers
 
     def __iter__(self) -> Iterator[tuple[int | None, list[tuple[int, Tensor | Failure]]]]:
         info = get_worker_info()
         worker = None if info is None else info.id
-        samples = _samples(self.dataset, self.capture, self.image, _where(worker))
+        samples = _samples(self.dataset, self.capture, self.image, _where(worker), self.reduction)
         size, position = self.batch_size, 0
         batch: list[tuple[int, Tensor | Failure]] = []
         while self.max_samples is None or position < self.max_samples:
@@ -231,8 +236,8 @@ class _StreamReader(IterableDataset):
 class _StreamCollate:
     """:class:`~torchnormfit.passes.loader.Collate` on a worker's batch, with a digest of the worker's first images."""
 
-    def __init__(self, reduce: bool):
-        self.collate = Collate(reduce)
+    def __init__(self, reduce: bool, reduction: Reduction | None = None):
+        self.collate = Collate(reduce, reduction=reduction)
 
     def __call__(self, tagged: tuple[int | None, list[tuple[int, Any]]]) -> tuple[int | None, str | None, Batch]:
         worker, items = tagged
@@ -285,7 +290,8 @@ def check_split_across_ranks(firsts: list[str | None]) -> None:
 
 
 def first_images(
-    dataset: IterableDataset, n: int, capture: Capture | None = None, image: Callable[[Any], Any] | None = None
+    dataset: IterableDataset, n: int, capture: Capture | None = None, image: Callable[[Any], Any] | None = None,
+    reduction: Reduction | None = None,
 ) -> list[Tensor]:
     """The images of the first ``n`` samples of a stream, read in this process (no workers).
 
@@ -302,14 +308,15 @@ def first_images(
     >>> len(first_images(Stream(), 2))
     2
     """
-    return list(itertools.islice(stream_images(dataset, capture, image), n))
+    return list(itertools.islice(stream_images(dataset, capture, image, reduction), n))
 
 
 def stream_images(
-    dataset: IterableDataset, capture: Capture | None = None, image: Callable[[Any], Any] | None = None
+    dataset: IterableDataset, capture: Capture | None = None, image: Callable[[Any], Any] | None = None,
+    reduction: Reduction | None = None,
 ) -> Generator[Tensor, None, None]:
     """The images of a stream's samples in order, read in this process as :func:`first_images` reads them."""
-    return _samples(dataset, capture, image, _where(None))
+    return _samples(dataset, capture, image, _where(None), reduction)
 
 
 # --- the images a cache hit reads again ----------------------------------------------------------
@@ -344,7 +351,7 @@ def _one_url(dataset: Any, url: str) -> IterableDataset:
 
 def tracked_images(
     dataset: IterableDataset, count: int, capture: Capture | None, image: Callable[[Any], Any] | None,
-    sharded: bool = True,
+    sharded: bool = True, reduction: Reduction | None = None,
 ) -> dict[int, list[Reading]]:
     """The readings of the images of a stream that a cache hit reads again, read here, each
     :func:`~torchnormfit.verification.readings_per_image` times.
@@ -360,10 +367,11 @@ def tracked_images(
         chosen = sorted(random.SystemRandom().sample(range(total), min(total, _TRACKED_SHARDS)))
         per_shard = math.ceil(count / len(chosen))
         parts = [(shard * SHARD_SPAN, functools.partial(open_shard, shard), per_shard) for shard in chosen]
-    readings = readings_per_image(count)
+    readings, masked = readings_per_image(count), reduction is not None and reduction.masked
     tracked: dict[int, list[Reading]] = {}
     for offset, source, n in parts:
-        runs = [[own_moments(im) for im in first_images(source(), n, capture, image)] for _ in range(readings)]
+        runs = [[own_moments(moment_image(im, masked)) for im in first_images(source(), n, capture, image, reduction)]
+                for _ in range(readings)]
         for position in range(min(map(len, runs))):
             tracked[offset + position] = [run[position] for run in runs]
     return tracked
@@ -372,7 +380,7 @@ def tracked_images(
 @contextlib.contextmanager
 def rereading_stream(
     dataset: IterableDataset, keys: Sequence[int], count: int, capture: Capture | None,
-    image: Callable[[Any], Any] | None,
+    image: Callable[[Any], Any] | None, reduction: Reduction | None = None,
 ) -> Iterator[tuple[list[int], Callable[[int, int], list[Tensor]]]]:
     """Read a stream's tracked images again (``keys`` as :func:`tracked_images` made them): yields ``(rows, read)``,
     ``count`` rows of ``keys`` and ``read(start, stop)`` the images of ``rows[start:stop]``, called in order.
@@ -383,7 +391,7 @@ def rereading_stream(
     split = shards(dataset) if any(int(key) >= SHARD_SPAN for key in keys) else None
     with contextlib.ExitStack() as stack:
         if split is None:
-            stream = stack.enter_context(contextlib.closing(stream_images(dataset, capture, image)))
+            stream = stack.enter_context(contextlib.closing(stream_images(dataset, capture, image, reduction)))
             rows = sorted(range(len(keys)), key=lambda row: keys[row])[:count]
             yield rows, lambda start, stop: list(itertools.islice(stream, stop - start))
             return
@@ -396,7 +404,8 @@ def rereading_stream(
         def image_at(key: int) -> Tensor:
             shard, position = divmod(key, SHARD_SPAN)
             if shard not in open_streams:
-                opened = stack.enter_context(contextlib.closing(stream_images(split[1](shard), capture, image)))
+                opened = stack.enter_context(
+                    contextlib.closing(stream_images(split[1](shard), capture, image, reduction)))
                 open_streams[shard] = (opened, [0])
             stream, at = open_streams[shard]
             found = next(itertools.islice(stream, position - at[0], None), None)
