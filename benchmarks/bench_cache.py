@@ -1,15 +1,15 @@
-"""What the cache costs as it grows, and what a large foreign file costs before it is refused (issue 14).
+"""What the cache folder costs as it grows, and what a large foreign file costs before it is refused.
 
-Two sections, each printed as a markdown table with ratios against a baseline measured in the same run:
+Three sections, each printed as a markdown table with ratios against a baseline measured in the same run:
 
-1. **Save and hit vs entries.** Caches of 1, 100, 1,000 and 10,000 entries are filled first (each entry
-   with ``write_entry``, as fits write them). Then, round after round, each cache in turn gets one save of
-   a new key (``write_entry``: lock, entry file built in memory, written, fsynced, renamed; the key is
-   removed again between rounds, untimed) and one hit (``read_entry`` of one of its keys, at random).
-   Medians; ratios against the 1-entry cache. Also, once per size up to 1,000: rewriting a single file
-   of that many entries (``delete_entries`` on one of its keys), the cost every save had when a cache
-   was one file.
-2. **A foreign file.** ``read_entry`` on a ~1.5 GB HDF5 file of another format (its root attributes
+1. **Save and hit vs entries.** Cache folders of 1, 100, 1,000 and 10,000 entries are filled first (each
+   entry with ``write_entry``, as fits write them). Then, round after round, each folder in turn gets one
+   save of a new key (``write_entry``: lock, entry file built in memory, written, fsynced, renamed; the key
+   is removed again between rounds, untimed) and one hit (``read_entry`` of one of its keys, at random).
+   Medians; ratios against the 1-entry folder.
+2. **Listing** (what ``torchnormfit ls`` reads): ``list_entries`` of each folder, once per size; the time per
+   entry against the 1-entry folder's.
+3. **A foreign file.** ``read_entry`` on a ~1.5 GB HDF5 file of another format (its root attributes
    written last, so their global heap sits at the end of the file) and on a small one, alternately,
    each call in a forked child after a warm-up: the time, the growth of the child's peak RSS and the
    bytes it read (``rchar`` of ``/proc/self/io``).
@@ -36,8 +36,7 @@ import h5py
 import numpy as np
 import torch
 
-from torchnormfit import ChannelStats
-from torchnormfit import cache
+from torchnormfit import ChannelStats, cache
 
 FORK = multiprocessing.get_context("fork")
 
@@ -76,7 +75,7 @@ def section_entries(sizes: list[int], rounds: int, tmp: Path) -> list[dict]:
     caches = {}
     fill_s = {}
     for size in sizes:
-        caches[size] = tmp / f"entries-{size}" / "stats.h5"
+        caches[size] = tmp / f"entries-{size}"
         fill_s[size] = fill(caches[size], size)
         print(f"filled {size} entries: {fill_s[size] * 1000:.1f} ms per write", file=sys.stderr, flush=True)
     saves = {size: [] for size in sizes}
@@ -85,11 +84,11 @@ def section_entries(sizes: list[int], rounds: int, tmp: Path) -> list[dict]:
     for round_ in range(rounds):  # interleaved: every size once per round
         for size in sizes:
             path = caches[size]
-            saves[size].append(_timed(lambda: cache.write_entry(path, "probe", stats_for(10**6 + round_),
-                                                                attrs_for(round_))))
-            cache.delete_entry(path, "probe")
+            saves[size].append(_timed(lambda path=path, round_=round_: cache.write_entry(
+                path, "probe", stats_for(10**6 + round_), attrs_for(round_))))
+            cache.delete_entries(path, ["probe"])
             key = f"key-{rng.randrange(size):05d}"
-            hits[size].append(_timed(lambda: cache.read_entry(path, key)))
+            hits[size].append(_timed(lambda path=path, key=key: cache.read_entry(path, key)))
     base_save, base_hit = statistics.median(saves[sizes[0]]), statistics.median(hits[sizes[0]])
     rows = []
     for size in sizes:
@@ -99,20 +98,17 @@ def section_entries(sizes: list[int], rounds: int, tmp: Path) -> list[dict]:
     return rows
 
 
-def single_file_rewrite(sizes: list[int], tmp: Path) -> list[dict]:
-    """Removing one key from a single file of N entries rewrites all N: the cost every save had before."""
+def section_listing(sizes: list[int], tmp: Path) -> list[dict]:
+    """``list_entries`` of each folder built by :func:`section_entries` (median of 3, interleaved): ms in all
+    and per entry."""
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    for _ in range(3):
+        for size in sizes:
+            times[size].append(_timed(lambda size=size: cache.list_entries(tmp / f"entries-{size}")))
     rows = []
     for size in sizes:
-        source = tmp / f"entries-{size}" / "stats.h5"
-        single = tmp / f"single-{size}.h5"
-        with h5py.File(single, "w") as out:
-            out.attrs["format"], out.attrs["schema_version"] = cache.FILE_FORMAT, cache.SCHEMA_VERSION
-            for file in sorted(cache.entry_folder(source).iterdir()):
-                with h5py.File(file, "r") as entry:
-                    for key in entry:
-                        entry.copy(entry[key], out, name=key)
-        seconds = _timed(lambda: cache.delete_entries(single, ["key-00000"]))
-        rows.append({"entries": size, "rewrite_ms": seconds * 1000})
+        seconds = statistics.median(times[size])
+        rows.append({"entries": size, "list_ms": seconds * 1000, "ms_per_entry": seconds * 1000 / size})
     return rows
 
 
@@ -168,7 +164,7 @@ def section_foreign(size: int, rounds: int, tmp: Path) -> list[dict]:
     make_foreign(large, size)
     os.sync()  # no dirty pages being written back while the reads are timed
     print(f"wrote {large.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    warm = tmp / "warm.h5"
+    warm = tmp / "warm"
     cache.write_entry(warm, "k", stats_for(0), attrs_for(0))
     results = {small: [], large: []}
     for _ in range(rounds):
@@ -176,7 +172,7 @@ def section_foreign(size: int, rounds: int, tmp: Path) -> list[dict]:
             results[path].append(_in_child(path, warm))
     base = statistics.median(r["s"] for r in results[small])
     rows = []
-    for name, path in (("1 MiB", small), (f"{path.stat().st_size / 2**30:.2f} GiB", large)):
+    for name, path in (("1 MiB", small), (f"{large.stat().st_size / 2**30:.2f} GiB", large)):
         seconds = statistics.median(r["s"] for r in results[path])
         rows.append({"file": name, "bytes": path.stat().st_size, "refused": all(r["refused"] for r in results[path]),
                      "ms": seconds * 1000, "x": seconds / base,
@@ -196,7 +192,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-cache-", dir=args.tmpdir))
     try:
         entries = section_entries(sizes, args.rounds, tmp)
-        rewrite = single_file_rewrite([s for s in sizes if s <= 1000], tmp)
+        listing = section_listing(sizes, tmp)
         foreign = section_foreign(2**26 if args.quick else 3 * 2**29, max(3, args.rounds // 6), tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -206,11 +202,12 @@ def main() -> None:
     for r in entries:
         print(f"| {r['entries']:,} | {r['save_ms']:.2f} | {r['save_x']:.2f} | {r['hit_ms']:.2f} | {r['hit_x']:.2f} | "
               f"{r['fill_ms_per_write']:.2f} |")
-    print("\n## Rewriting a single file (what every save cost when a cache was one file)\n")
-    print("| entries | rewrite ms | x the 1-entry save above |")
-    print("|---:|---:|---:|")
-    for r in rewrite:
-        print(f"| {r['entries']:,} | {r['rewrite_ms']:.1f} | {r['rewrite_ms'] / entries[0]['save_ms']:.1f} |")
+    print("\n## Listing the folder (list_entries, what ls reads; x: ms per entry against the 1-entry folder)\n")
+    print("| entries | list ms | ms per entry | x |")
+    print("|---:|---:|---:|---:|")
+    for r in listing:
+        print(f"| {r['entries']:,} | {r['list_ms']:.1f} | {r['ms_per_entry']:.2f} | "
+              f"{r['ms_per_entry'] / listing[0]['ms_per_entry']:.2f} |")
     print("\n## A foreign HDF5 file refused (read_entry in a forked child; median time, max peak-RSS growth)\n")
     print("| file | refused | ms | x the small file | peak RSS growth MiB | bytes read |")
     print("|---|---|---:|---:|---:|---:|")
@@ -218,7 +215,7 @@ def main() -> None:
         print(f"| {r['file']} | {r['refused']} | {r['ms']:.2f} | {r['x']:.2f} | {r['rss_growth_mib']:.1f} | "
               f"{r['bytes_read']:,} |")
     if args.json:
-        args.json.write_text(json.dumps({"entries": entries, "rewrite": rewrite, "foreign": foreign}, indent=1))
+        args.json.write_text(json.dumps({"entries": entries, "listing": listing, "foreign": foreign}, indent=1))
 
 
 if __name__ == "__main__":

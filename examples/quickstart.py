@@ -1,7 +1,7 @@
 """Fit exact normalization statistics on an embedded dataset, cache them, and reuse them.
 
 Run it twice: the first run makes one pass over the data and writes the cache
-(by default ~/.cache/torchnormfit/stats.h5, or $TORCHNORMFIT_CACHE); the second
+(by default the folder ~/.cache/torchnormfit, or $TORCHNORMFIT_CACHE); the second
 run finds the statistics in the cache and checks them against 64 of the images
 it was fitted on (read again), instead of reading all of them.
 

@@ -1,5 +1,7 @@
 """Worker processes for tests/test_cache.py: real writers, lock holders and fault injection.
 
+A cache is a folder of entry files (torchnormfit/cache, docs/cache-format.md); ``path`` below is that folder.
+
 Run as ``python tests/_cache_worker.py MODE '<json options>'``. Every mode ends by
 printing one JSON line (its result) on stdout. The helpers at the top
 (:func:`make_stats`, :func:`entry_attrs`) are imported by the tests too, so a
@@ -13,8 +15,8 @@ hold_lock   take the cache's write lock the way write_entry does, say so, and sl
 loop        write entries forever, logging "b <i>" before and "d <i>" after each write (kill -9 target).
 concurrent  ``writers`` writers in ``rounds`` rounds started together through a file barrier; this
             process is one writer of them (the tests start several).
-fuzz        damage a valid cache file at random offsets; read, list and write each damaged copy and
-            classify what happened. Progress goes to stderr so a hang can be located.
+fuzz        damage one entry file of a valid cache at random offsets; read, list and write each damaged
+            copy and classify what happened. Progress goes to stderr so a hang can be located.
 """
 
 from __future__ import annotations
@@ -32,11 +34,10 @@ import traceback
 import warnings
 from pathlib import Path
 
-import h5py
+import filelock
 import torch
 
-from torchnormfit import ChannelStats
-from torchnormfit import cache
+from torchnormfit import ChannelStats, cache
 
 
 def make_stats(seed: int, channels: int = 3, pixels: int = 1000) -> ChannelStats:
@@ -60,34 +61,22 @@ def entry_attrs(seed: int, pad: int = 0, **extra) -> dict:
 
 
 def entry_file(path: Path, key: str) -> Path:
-    """Where the documented layout puts entry ``key`` of cache ``path``: ``<path>.d/<sha256 of the key>.h5``."""
-    return Path(f"{path}.d") / f"{hashlib.sha256(key.encode()).hexdigest()}.h5"
+    """Where the documented layout puts entry ``key`` of cache folder ``path``: ``<path>/<key>.h5`` for a plain key."""
+    return Path(path) / cache.entry_name(key)
 
 
-def single_file(path: Path, seeds: dict[str, int], pad: int = 0, arrays: dict | None = None, **extra) -> Path:
-    """A single-file cache at ``path`` (the format torchnormfit 0.1 wrote, kept for sharing) with an entry per
-    key (with ``arrays[key]`` if given), written by write_entry into a scratch cache and gathered with h5py."""
-    scratch = path.parent / f"scratch-{path.name}"
-    for key, seed in seeds.items():
-        attrs = entry_attrs(seed, pad=pad, **extra)
-        cache.write_entry(scratch, key, make_stats(seed), attrs, arrays=(arrays or {}).get(key))
-    with h5py.File(path, "w") as out:
-        out.attrs["format"] = cache.FILE_FORMAT
-        out.attrs["schema_version"] = cache.SCHEMA_VERSION
-        for key in seeds:
-            with h5py.File(entry_file(scratch, key), "r") as source:
-                source.copy(source[key], out, name=key)
-    shutil.rmtree(f"{scratch}.d")
-    os.unlink(f"{scratch}.lock")
-    return path
+def temp_names(path: Path) -> list[str]:
+    """The temporary files in the cache's temporary folder (a writer's, or a dead writer's)."""
+    folder = Path(path) / ".torchnormfit-tmp"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
 def store_digest(path: Path) -> str:
-    """SHA-256 over the names and bytes of every file of cache ``path`` (the single file, the entry files)."""
+    """SHA-256 over the names and bytes of every file of cache folder ``path`` (the lock file excepted)."""
     digest = hashlib.sha256()
-    for file in [Path(path), *sorted(Path(f"{path}.d").glob("*"))]:
-        if file.exists():
-            digest.update(f"{file.name}\n".encode() + file.read_bytes())
+    for file in sorted(Path(path).rglob("*")):
+        if file.is_file() and file.name != ".torchnormfit.lock":
+            digest.update(f"{file.relative_to(path)}\n".encode() + file.read_bytes())
     return digest.hexdigest()
 
 
@@ -133,17 +122,23 @@ def mode_fsize(o: dict) -> None:
         outcome |= {
             "limit": limit,
             "sha256": store_digest(path),
-            "temp_files": sorted(p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")),
-            "aside": sorted(p.name for p in path.parent.glob(f"{path.name}.corrupt-*")),
+            "temp_files": temp_names(path),
+            "aside": sorted(p.name for p in path.glob("*.corrupt-*")),
         }
         outcomes.append(outcome)
     _result(outcomes=outcomes)
 
 
-def mode_hold_lock(o: dict) -> None:
-    with cache._locked(Path(o["path"])):
+def hold_lock(path: str) -> None:
+    """Take the cache folder's documented write lock (``.torchnormfit.lock``, an flock) and keep it until killed."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(Path(path) / ".torchnormfit.lock"):
         print("locked", flush=True)
         time.sleep(3600)
+
+
+def mode_hold_lock(o: dict) -> None:
+    hold_lock(o["path"])
 
 
 def mode_loop(o: dict) -> None:
@@ -282,7 +277,7 @@ def _fuzz_trial(path: Path, damaged_file: Path, damaged: bytes, how: str, truth:
     outcomes: list[str] = []
     bad: list[str] = []
     _fuzz_reads(path, how, truth, outcomes, bad)
-    written = ["new"] if damaged_file == path else ["new", sorted(truth)[0]]  # a damaged entry file: replaced too
+    written = ["new", sorted(truth)[0]]  # the damaged entry file is written over too
     for key in written:
         more, worse = _fuzz_write(path, damaged_file, damaged, key, how)
         outcomes += more
@@ -293,8 +288,7 @@ def _fuzz_trial(path: Path, damaged_file: Path, damaged: bytes, how: str, truth:
 
 
 def mode_fuzz(o: dict) -> None:
-    """Damage a file of a valid cache ``trials`` times: its single file (``layout="single"``) or one of its entry
-    files (``"entry"``, the first key's). Whatever the damage: reading raises CacheError or returns the exact
+    """Damage the first key's entry file of a valid cache folder ``trials`` times. Whatever the damage: reading raises CacheError or returns the exact
     original values; writing succeeds (the entry reads back; a damaged file untouched, or moved aside with a
     CacheWarning) or refuses a file that no longer looks like a cache (CacheError); nothing else ever happens:
     no other exception, no crash, no hang (each trial runs in a forked child with a deadline of
@@ -303,7 +297,7 @@ def mode_fuzz(o: dict) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         truth = {entry.key: entry.stats for entry in cache.list_entries(valid)}
-    target = valid if o["layout"] == "single" else entry_file(valid, sorted(truth)[0])
+    target = entry_file(valid, sorted(truth)[0])
     original = target.read_bytes()
     rng = random.Random(o["seed"])
     work = Path(o["work"])
@@ -316,11 +310,8 @@ def mode_fuzz(o: dict) -> None:
         folder = work / f"t{trial}"
         folder.mkdir()
         path = folder / valid.name
-        if valid.exists():
-            shutil.copy(valid, path)
-        if cache.entry_folder(valid).exists():
-            shutil.copytree(cache.entry_folder(valid), cache.entry_folder(path))
-        damaged_file = path if target == valid else cache.entry_folder(path) / target.name
+        shutil.copytree(valid, path)
+        damaged_file = path / target.name
         damaged, how = _corrupt(original, rng)
         damaged_file.write_bytes(damaged)
         (folder / "damaged.bin").write_bytes(damaged)  # kept for a post-mortem

@@ -57,11 +57,11 @@ FIT_ERRORS = [
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_fit_rejects_bad_input_naming_what_and_the_fix(name, items, error, message, num_workers, tmp_path):
     dataset = items if isinstance(items, Dataset) else Items(items)
-    norm = FitNormalize(cache=tmp_path / "stats.h5")
+    norm = FitNormalize(cache=tmp_path / "cache")
     with pytest.raises(error, match=message):
         norm.fit(dataset, num_workers=num_workers, batch_size=4, progress=False)
     assert norm.mean is None
-    assert not (tmp_path / "stats.h5").exists() and not (tmp_path / "stats.h5.d").exists()
+    assert not (tmp_path / "cache").exists()
 
 
 FIT_WARNINGS = [

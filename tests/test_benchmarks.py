@@ -23,7 +23,7 @@ METHODS = ("floor", "fit", "BatchNorm2d(0.1)", "forum mean/std", "stack+std_mean
 
 def quick_run(tmp: Path, workloads: tuple[str, ...], scale: float) -> tuple[str, dict]:
     out_json = tmp / "results.json"
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TORCHNORMFIT_CACHE=str(tmp / "default-cache.h5"))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TORCHNORMFIT_CACHE=str(tmp / "default-cache"))
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--scale", str(scale), "--workloads", ",".join(workloads),
          "--json", str(out_json), "--tmpdir", str(tmp)],
@@ -95,12 +95,13 @@ def test_cache_benchmark_runs_and_the_foreign_file_is_read_only_as_far_as_needed
         capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"),
     )
     assert proc.returncode == 0, f"bench_cache.py --quick failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    for heading in ("## Save and hit vs entries", "## Rewriting a single file", "## A foreign HDF5 file refused"):
+    for heading in ("## Save and hit vs entries", "## Listing the folder", "## A foreign HDF5 file refused"):
         assert heading in proc.stdout
     results = json.loads(out_json.read_text())
     assert [row["entries"] for row in results["entries"]] == [1, 10, 100]
     assert [row["bytes"] > 2**26 for row in results["foreign"]] == [False, True]
     assert all(row["refused"] and row["bytes_read"] < 2**20 for row in results["foreign"])
+    assert [row["entries"] for row in results["listing"]] == [1, 10, 100]
 
 
 VERIFY_BENCH = BENCH.parent / "bench_verify.py"

@@ -10,7 +10,6 @@ the other checks call ``cli.main`` in this process, to keep the module fast
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,10 +25,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-
+from _cache_worker import entry_attrs, entry_file, make_stats
 from reference import truth
-from _cache_worker import entry_attrs, make_stats, single_file
 from test_folder import random_image, tree, write_image  # noqa: F401 (tree: a fixture)
+
 from torchnormfit import list_entries
 from torchnormfit.cache import write_entry
 from torchnormfit.cli import main
@@ -54,7 +53,7 @@ def run(*args: str, tmp: Path) -> subprocess.CompletedProcess:
     """``python -m torchnormfit ARGS`` as a user runs it; the user's own cache is never touched."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["TORCHNORMFIT_CACHE"] = str(tmp / "default-cache-must-stay-unused.h5")
+    env["TORCHNORMFIT_CACHE"] = str(tmp / "default-cache-must-stay-unused")
     return subprocess.run(
         [sys.executable, "-m", "torchnormfit", *map(str, args)],
         capture_output=True, text=True, env=env, timeout=120,
@@ -99,7 +98,7 @@ def stats_rows(stdout: str, names: list[str]) -> dict[str, list[float]]:
 def fitted(tree, tmp_path_factory) -> dict:
     """One fresh fit (human output, 2 workers) and the same fit again as JSON (a cache hit)."""
     tmp = tmp_path_factory.mktemp("fitted")
-    cache = tmp / "stats.h5"
+    cache = tmp / "cache"
     common = [tree["root"], "--cache", cache, "--skip-bad", "--no-progress"]
     human = run("fit", *common, "--workers", 2, tmp=tmp)
     again = run("fit", *common, "--workers", 0, "--json", tmp=tmp)
@@ -112,12 +111,12 @@ def fitted(tree, tmp_path_factory) -> dict:
 
 
 def test_corrupt_file_fails_with_its_name_and_writes_nothing(tree, tmp_path):
-    result = run("fit", tree["root"], "--cache", tmp_path / "c.h5", "--workers", 2, tmp=tmp_path)
+    result = run("fit", tree["root"], "--cache", tmp_path / "cache", "--workers", 2, tmp=tmp_path)
     assert result.returncode == 1
     assert result.stdout == ""
     assert str(tree["bad"]) in result.stderr and "--skip-bad" in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "c.h5").exists()
+    assert not (tmp_path / "cache").exists()
 
 
 def test_printed_stats_equal_float64_over_the_same_pixels(tree, fitted):
@@ -146,18 +145,49 @@ def test_json_output_and_cache_hit(tree, fitted):
 
 
 @pytest.mark.filterwarnings("default::torchnormfit.CacheWarning")
-def test_the_cache_line_says_loaded_saved_or_not_saved(tree, tmp_path, capsys):
+def test_the_cache_line_says_loaded_saved_or_not_saved_and_not_saved_exits_1(tree, tmp_path, capsys):
     outcomes = []
-    for cache, extra in [("c.h5", []), ("c.h5", []), ("c.h5", ["--refit"]), ("a-folder", [])]:
-        (tmp_path / "a-folder").mkdir(exist_ok=True)
-        code, out, err = call(capsys, "fit", tree["root"] / "cat", "--cache", tmp_path / cache, "--workers", 0,
+    for cache, extra, want in [(tmp_path / "cache", [], 0), (tmp_path / "cache", [], 0),
+                               (tmp_path / "cache", ["--refit"], 0), ("/proc/torchnormfit-cache", [], 1)]:
+        code, out, err = call(capsys, "fit", tree["root"] / "cat", "--cache", cache, "--workers", 0,
                               "--no-progress", *extra)
-        assert code == 0, err
+        assert code == want, err
         outcomes.append(out.splitlines()[-1].split(" (", 1)[1])
     assert outcomes == ["fitted and saved)",
                         "loaded from the cache; --refit fits again; 3 images checked against it: match)",
                         "fitted and saved)", "fitted, NOT saved)"]
-    assert "is a directory" in err
+    assert "No such file or directory" in err and "error: the statistics were fitted but not saved" in err
+
+
+def test_a_file_that_is_not_an_entry_file_is_refused_and_left_byte_for_byte(tree, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\ncat/1.png,0\n")
+    result = run("fit", tree["root"] / "cat", "--cache", labels, "--workers", 0, "--no-progress", tmp=tmp_path)
+    assert result.returncode == 1 and "not a torchnormfit entry file" in result.stderr
+    assert "fitted, NOT saved" in result.stdout and "Traceback" not in result.stderr
+    assert labels.read_text() == "file,label\ncat/1.png,0\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.csv"]
+
+
+def test_help_ls_and_export_import_no_torch(fitted, tmp_path):
+    """``torchnormfit --help`` (the console script's function), ``python -m torchnormfit --help``, ``ls`` and
+    ``export -o`` in fresh interpreters: torch is never imported."""
+    key, cache = fitted["json"]["key"], fitted["cache"]
+    script = ("import runpy, sys; sys.argv = ['torchnormfit', *sys.argv[2:]]\n"
+              "try:\n"
+              "    runpy.run_module('torchnormfit', run_name='__main__') if sys.argv[1] == 'm' else "
+              "__import__('torchnormfit.cli').cli.main()\n"
+              "except SystemExit as exit:\n"
+              "    assert exit.code in (0, None), exit.code\n"
+              "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    for how, *args in [("m", "--help"), ("script", "--help"), ("m", "ls", "--cache", cache),
+                       ("script", "ls", cache, "--json"), ("m", "export", key, "--cache", cache, "-o", tmp_path / "x.h5")]:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        result = subprocess.run([sys.executable, "-c", script, how, *map(str, args)], capture_output=True,
+                                text=True, env=env, timeout=120)
+        assert result.returncode == 0, (args, result.stderr[-2000:])
+        assert ("usage: torchnormfit" in result.stdout) == (args[0] == "--help")
+    assert (tmp_path / "x.h5").is_file()
 
 
 def test_flat_tree_at_any_depth_with_mode_L(tmp_path, capsys):
@@ -168,7 +198,7 @@ def test_flat_tree_at_any_depth_with_mode_L(tmp_path, capsys):
         write_image(root / "a" / "b" / "c" / "deep.JPG", random_image(rng, (16, 8), 3, 0.7)),
         write_image(root / "a" / "mid.tif", random_image(rng, (5, 5), 1, 0.5)),
     ]
-    code, out, err = call(capsys, "fit", root, "--mode", "L", "--cache", tmp_path / "c.h5", "--workers", 0, "--json")
+    code, out, err = call(capsys, "fit", root, "--mode", "L", "--cache", tmp_path / "cache", "--workers", 0, "--json")
     assert code == 0, err
     report = json.loads(out)
     mean, std, count = reference(sorted(paths), "L")
@@ -180,7 +210,7 @@ def test_flat_tree_at_any_depth_with_mode_L(tmp_path, capsys):
 
 def test_resize_and_center_crop_shape_every_image(tree, tmp_path, capsys):
     code, out, err = call(capsys, "fit", tree["root"], "--skip-bad", "--resize", 12, "--center-crop", 10,
-                          "--cache", tmp_path / "c.h5", "--workers", 0, "--json", "--no-progress")
+                          "--cache", tmp_path / "cache", "--workers", 0, "--json", "--no-progress")
     assert code == 0, err
     report = json.loads(out)
     assert report["pixels_per_channel"] == 7 * 10 * 10
@@ -188,7 +218,7 @@ def test_resize_and_center_crop_shape_every_image(tree, tmp_path, capsys):
 
 
 def test_missing_torchvision_dataset_is_a_clear_failure(tmp_path, capsys):
-    code, _, err = call(capsys, "fit", "--dataset", "CIFAR10", "--root", tmp_path / "nothing", "--cache", tmp_path / "c.h5")
+    code, _, err = call(capsys, "fit", "--dataset", "CIFAR10", "--root", tmp_path / "nothing", "--cache", tmp_path / "cache")
     assert code == 1
     assert "CIFAR10" in err and "download=True" in err
     assert "Traceback" not in err
@@ -203,7 +233,7 @@ def test_torchvision_dataset_from_local_files(tmp_path, capsys):
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">iiii", 2051, 12, 28, 28) + images.tobytes())
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, 12) + bytes(12))
     code, out, err = call(capsys, "fit", "--dataset", "mnist", "--root", tmp_path, "--split", "test",
-                          "--cache", tmp_path / "c.h5", "--workers", 0, "--json", "--no-progress")
+                          "--cache", tmp_path / "cache", "--workers", 0, "--json", "--no-progress")
     assert code == 0, err
     report = json.loads(out)
     pixels = images.astype(np.float64) / 255
@@ -217,7 +247,7 @@ def test_subset_standard_error_covers_the_full_pass(tmp_path, capsys):
     root = tmp_path / "many"
     paths = [write_image(root / f"{i:03d}.png", random_image(rng, (8, 6 + i % 5), 3, rng.uniform(0.1, 0.9)))
              for i in range(90)]
-    code, out, err = call(capsys, "fit", root, "--max-samples", 40, "--seed", 7, "--cache", tmp_path / "c.h5",
+    code, out, err = call(capsys, "fit", root, "--max-samples", 40, "--seed", 7, "--cache", tmp_path / "cache",
                           "--workers", 0, "--json")
     assert code == 0, err
     report = json.loads(out)
@@ -228,6 +258,9 @@ def test_subset_standard_error_covers_the_full_pass(tmp_path, capsys):
         assert 0 < subset["mean_se"][c] < 0.1 and 0 < subset["std_se"][c] < 0.1
         assert abs(report["mean"][c] - full_mean[c]) <= 3 * subset["mean_se"][c]
         assert abs(report["std"][c] - full_std[c]) <= 3 * subset["std_se"][c]
+    code, out, err = call(capsys, "fit", root, "--max-samples", 40, "--seed", 7, "--cache", tmp_path / "cache",
+                          "--workers", 0)  # the human table, standard errors included (a cache hit)
+    assert code == 0 and "(se)" in out and f"± {subset['mean_se'][0]:.2g}" in out, err
     chosen = [paths[i] for i in subset_indices(90, 40, seed=7)]  # the subset is the documented one
     mean, std, _ = reference(chosen, "RGB")
     np.testing.assert_allclose(report["mean"], mean, rtol=0, atol=TOLERANCE)
@@ -237,38 +270,55 @@ def test_subset_standard_error_covers_the_full_pass(tmp_path, capsys):
 # --- ls, show, export, rm ----------------------------------------------------------------------
 
 
-def entry_file(cache: Path, key: str) -> Path:
-    """The documented place of entry ``key``: ``<cache>.d/<sha256 of the key>.h5``."""
-    return Path(f"{cache}.d") / f"{hashlib.sha256(key.encode()).hexdigest()}.h5"
-
-
 def h5_entry(cache: Path, key: str) -> dict:
+    """The entry as plain h5py shows it."""
     with h5py.File(entry_file(cache, key), "r") as handle:
-        group = handle[key]
-        return {name: group[name][()] for name in ("mean", "std", "count")} | {"attrs": dict(group.attrs)}
+        return {name: handle[name][()] for name in ("mean", "std", "count")} | {"attrs": dict(handle.attrs)}
 
 
-def test_ls_lists_what_the_file_holds(fitted, capsys):
+def test_ls_lists_what_the_folder_holds(fitted, capsys):
     cache = fitted["cache"]
     keys = []
-    for file in Path(f"{cache}.d").iterdir():
+    for file in cache.glob("*.h5"):
         with h5py.File(file, "r") as handle:
-            keys += list(handle.keys())
+            keys.append(handle.attrs["key"])
     keys.sort()
     code, out, err = call(capsys, "ls", cache)
     assert code == 0, err
-    for key in keys:
-        assert key in out
+    assert all(key in out for key in keys)
     code, out, _ = call(capsys, "ls", "--cache", cache, "--json")
     rows = json.loads(out)
     assert code == 0 and [row["key"] for row in rows] == keys == [e.key for e in list_entries(cache)]
     stored = h5_entry(cache, keys[0])
     assert rows[0]["num_samples"] == stored["attrs"]["num_samples"] == 7
     assert rows[0]["pixels_per_channel"] == stored["count"][0]
-    assert str(fitted["json"]["source"]) == rows[0]["dataset"]
+    assert rows[0]["file"] == str(entry_file(cache, keys[0])) and rows[0]["bytes"] == entry_file(cache, keys[0]).stat().st_size
+    assert str(fitted["json"]["source"]) == rows[0]["source"]
 
 
-def test_show_prints_the_entry_and_its_provenance(fitted, capsys):
+def test_ls_tells_entries_apart(tree, tmp_path, capsys):
+    """Three folders of the same kind fitted into one cache: each row names its folder; reads show up."""
+    roots = []
+    for name in ("train", "val", "test"):
+        roots.append(tmp_path / name)
+        shutil.copytree(tree["root"] / "cat", roots[-1])
+        code, _, err = call(capsys, "fit", roots[-1], "--cache", tmp_path / "cache", "--workers", 0, "--no-progress")
+        assert code == 0, err
+    code, out, _ = call(capsys, "ls", tmp_path / "cache")
+    rows = out.splitlines()[2:]
+    assert code == 0 and len(rows) == 3 and len(set(rows)) == 3
+    assert sorted(next(str(r) for r in roots if f"{r} (" in row) for row in rows) == sorted(map(str, roots))
+    assert all("just now never" in " ".join(row.split()) for row in rows)  # created just now, never read since
+    assert out.splitlines()[1].split() == ["KEY", "IMAGES", "CH", "SIZE", "CREATED", "LAST", "READ", "SOURCE"]
+    code, out, _ = call(capsys, "ls", tmp_path / "cache", "--json")
+    first = json.loads(out)[0]
+    assert first["last_read"] is None
+    call(capsys, "show", first["key"], "--cache", tmp_path / "cache")
+    code, out, _ = call(capsys, "ls", tmp_path / "cache", "--json")
+    assert json.loads(out)[0]["last_read"] is not None and json.loads(out)[1]["last_read"] is None
+
+
+def test_show_prints_the_entry_its_provenance_and_its_pipeline(fitted, capsys):
     key, cache = fitted["json"]["key"], fitted["cache"]
     code, out, err = call(capsys, "show", key, "--cache", cache, "--json")
     assert code == 0, err
@@ -277,8 +327,9 @@ def test_show_prints_the_entry_and_its_provenance(fitted, capsys):
     np.testing.assert_array_equal(shown["std"], stored["std"])
     assert shown["attrs"]["created_utc"] == stored["attrs"]["created_utc"]
     assert shown["attrs"]["pipeline"] == stored["attrs"]["pipeline"]
+    assert "ToImage()" in stored["attrs"]["pipeline"] and "ToDtype" in stored["attrs"]["pipeline"]
     code, out, _ = call(capsys, "show", key, "--cache", cache)
-    assert code == 0 and "provenance:" in out and "torch_version" in out and key in out
+    assert code == 0 and "provenance:" in out and "torch_version" in out and key in out and "ToImage()" in out
 
 
 def test_export_formats_carry_the_stored_numbers(fitted, capsys):
@@ -296,14 +347,31 @@ def test_export_formats_carry_the_stored_numbers(fitted, capsys):
     np.testing.assert_allclose(std, stored["std"], atol=1e-8)
 
 
-def test_rm_removes_the_entry_from_the_file(fitted, tmp_path, capsys):
-    cache = tmp_path / "copy.h5"
-    shutil.copytree(f"{fitted['cache']}.d", f"{cache}.d")
+def test_export_o_writes_one_file_to_hand_over(fitted, tmp_path, capsys):
+    key, cache = fitted["json"]["key"], fitted["cache"]
+    out_file = tmp_path / "stats.h5"
+    code, out, err = call(capsys, "export", key, "--cache", cache, "-o", out_file)
+    assert code == 0 and out.strip() == str(out_file), err
+    assert out_file.read_bytes() == entry_file(cache, key).read_bytes()
+    with h5py.File(out_file, "r") as handle:  # what a colleague sees with plain h5py
+        assert handle.attrs["key"] == key and handle.attrs["num_samples"] == 7
+    code, out, err = call(capsys, "show", "--cache", out_file, key, "--json")
+    assert code == 0 and json.loads(out)["key"] == key, err
+    code, out, _ = call(capsys, "ls", out_file)
+    assert code == 0 and key in out and "1 entry" in out
+    labels = tmp_path / "labels.csv"
+    labels.write_text("a,b\n")
+    code, _, err = call(capsys, "export", key, "--cache", cache, "-o", labels)
+    assert code == 1 and "not a torchnormfit entry file" in err and labels.read_text() == "a,b\n"
+
+
+def test_rm_removes_the_entry_file(fitted, tmp_path, capsys):
+    cache = tmp_path / "copy"
+    shutil.copytree(fitted["cache"], cache)
     key = fitted["json"]["key"]
     assert entry_file(cache, key).exists()
     code, out, err = call(capsys, "rm", key, "--cache", cache)
-    assert code == 0, err
-    assert key in out
+    assert code == 0 and key in out, err
     assert not entry_file(cache, key).exists()
     code, _, err = call(capsys, "rm", key, "--cache", cache)
     assert code == 1 and key in err
@@ -318,29 +386,24 @@ def _write_aged(cache: Path, ages_days: dict[str, float], now: float) -> None:
         write_entry(cache, key, make_stats(seed), entry_attrs(seed, created_utc=created))
 
 
-def test_rm_many_keys_is_one_operation_and_all_or_nothing(tmp_path, capsys):
-    """Keys in entry files and in a single file (rewritten once, without them) go together, or none goes."""
-    cache = single_file(tmp_path / "stats.h5", {"s1": 1, "s2": 2, "s3": 3})
-    _write_aged(cache, {"a": 1, "b": 1}, time.time())
+def test_rm_many_keys_is_all_or_nothing(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    _write_aged(cache, {"a": 1, "b": 1, "s1": 2, "s2": 3}, time.time())
     code, _, err = call(capsys, "rm", "a", "s1", "nope", "--cache", cache)
     assert code == 1 and "nope" in err
-    assert [e.key for e in list_entries(cache)] == ["a", "b", "s1", "s2", "s3"]
-    code, out, err = call(capsys, "rm", "a", "s1", "s2", "--cache", cache, "--json")
+    assert [e.key for e in list_entries(cache)] == ["a", "b", "s1", "s2"]
+    code, out, err = call(capsys, "rm", "a", "s1", "--cache", cache, "--json")
     assert code == 0, err
-    assert json.loads(out)["removed"] == ["a", "s1", "s2"]
-    assert [e.key for e in list_entries(cache)] == ["b", "s3"]
-    with h5py.File(cache, "r") as handle:  # the single file keeps only what was not removed
-        assert list(handle) == ["s3"]
+    assert json.loads(out)["removed"] == ["a", "s1"]
+    assert [e.key for e in list_entries(cache)] == ["b", "s2"]
 
 
 def test_rm_prunes_by_age_and_by_count(tmp_path, capsys):
-    now = time.time()
-    cache = single_file(tmp_path / "stats.h5", {"single-100d": 7},
-                        created_utc=datetime.fromtimestamp(now - 100 * 86400, timezone.utc).isoformat())
+    now, cache = time.time(), tmp_path / "cache"
     _write_aged(cache, {"d1": 1, "d10": 10, "d40": 40, "d400": 400}, now)
     code, out, err = call(capsys, "rm", "--older-than", "30d", "--cache", cache, "--json")
     assert code == 0, err
-    assert sorted(json.loads(out)["removed"]) == ["d40", "d400", "single-100d"]
+    assert sorted(json.loads(out)["removed"]) == ["d40", "d400"]
     assert [e.key for e in list_entries(cache)] == ["d1", "d10"]
     code, out, _ = call(capsys, "rm", "--keep-last", "1", "--cache", cache)
     assert code == 0 and out.strip() == f"removed d10 from {cache}"
@@ -359,12 +422,12 @@ def is_png(path: Path) -> bool:
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib (the plot extra) is not installed")
 def test_plots_are_png_files(tree, tmp_path, capsys):
     plot = tmp_path / "fit.png"
-    code, out, err = call(capsys, "fit", tree["root"], "--skip-bad", "--cache", tmp_path / "c.h5", "--workers", 0,
+    code, out, err = call(capsys, "fit", tree["root"], "--skip-bad", "--cache", tmp_path / "cache", "--workers", 0,
                           "--plot", plot)
     assert code == 0, err
     assert is_png(plot) and f"plot: {plot}" in out
-    key = list_entries(tmp_path / "c.h5")[0].key
-    code, out, err = call(capsys, "show", key, "--cache", tmp_path / "c.h5", "--plot", tmp_path / "show.png")
+    key = list_entries(tmp_path / "cache")[0].key
+    code, out, err = call(capsys, "show", key, "--cache", tmp_path / "cache", "--plot", tmp_path / "show.png")
     assert code == 0, err
     assert is_png(tmp_path / "show.png")
 
@@ -372,17 +435,17 @@ def test_plots_are_png_files(tree, tmp_path, capsys):
 def test_plot_without_matplotlib_names_the_extra(tree, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    code, out, err = call(capsys, "fit", tree["root"], "--cache", tmp_path / "c.h5", "--plot", tmp_path / "p.png")
+    code, out, err = call(capsys, "fit", tree["root"], "--cache", tmp_path / "cache", "--plot", tmp_path / "p.png")
     assert code == 1 and out == ""
     assert "torchnormfit[plot]" in err
-    assert not (tmp_path / "c.h5").exists()  # it fails before the pass
+    assert not (tmp_path / "cache").exists()  # it fails before the pass
 
 
 # --- usage -------------------------------------------------------------------------------------
 
 
 def test_usage_errors_exit_2(tree, tmp_path, capsys):
-    result = run("fit", "--cache", tmp_path / "c.h5", tmp=tmp_path)
+    result = run("fit", "--cache", tmp_path / "cache", tmp=tmp_path)
     assert result.returncode == 2 and "SOURCE" in result.stderr and result.stdout == ""
     for args in [
         ("fit", tree["root"], "--dataset", "CIFAR10"),
@@ -406,12 +469,12 @@ def test_usage_errors_exit_2(tree, tmp_path, capsys):
 
 
 def test_missing_cache_and_folder_are_failures(tmp_path, capsys):
-    code, _, err = call(capsys, "show", "k", "--cache", tmp_path / "none.h5")
+    code, _, err = call(capsys, "show", "k", "--cache", tmp_path / "none")
     assert code == 1 and "There is no cache at" in err
-    code, out, _ = call(capsys, "ls", tmp_path / "none.h5")
+    code, out, _ = call(capsys, "ls", tmp_path / "none")
     assert code == 0 and "no entries" in out
-    code, _, err = call(capsys, "fit", tmp_path / "nowhere", "--cache", tmp_path / "c.h5")
+    code, _, err = call(capsys, "fit", tmp_path / "nowhere", "--cache", tmp_path / "cache")
     assert code == 1 and "nowhere" in err
     (tmp_path / "empty").mkdir()
-    code, _, err = call(capsys, "fit", tmp_path / "empty", "--cache", tmp_path / "c.h5")
+    code, _, err = call(capsys, "fit", tmp_path / "empty", "--cache", tmp_path / "cache")
     assert code == 1 and "no image files" in err.lower()

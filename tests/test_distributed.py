@@ -24,7 +24,7 @@ def _rank_main(rank, world_size, workdir, n, fail_at):
     logging.basicConfig(filename=os.path.join(workdir, f"log{rank}.txt"), level=logging.INFO, force=True)
     dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world_size)
     try:
-        norm = FitNormalize(cache=os.path.join(workdir, "stats.h5"))
+        norm = FitNormalize(cache=os.path.join(workdir, "cache"))
         log = os.path.join(workdir, f"reads{rank}.txt")
         if fail_at is None:
             dataset = CountingDataset(n=n, transform=norm, log=log)
@@ -73,7 +73,7 @@ def test_ranks_agree_with_a_single_process_fit_reading_each_sample_once(tmp_path
     assert reads(tmp_path, world_size) == list(range(n))
     cached = [line for r in range(world_size) for line in (tmp_path / f"log{r}.txt").read_text().splitlines()
               if "cached" in line]
-    assert len(cached) == 1 and len(list_entries(tmp_path / "stats.h5")) == 1
+    assert len(cached) == 1 and len(list_entries(tmp_path / "cache")) == 1
 
 
 def fresh_run(tmp_path, world_size, n):
@@ -93,7 +93,7 @@ def test_second_distributed_fit_is_a_hit_verified_on_rank_0_and_changed_data_ref
     monkeypatch.setenv("TNF_TEST_SHIFT", "0.25")  # the data change under the cache; the key cannot see it
     third = fresh_run(tmp_path, 2, 9)
     assert third[0] == third[1] and third[0]["mean"] == pytest.approx([m + 0.25 for m in first[0]["mean"]])
-    assert len(list_entries(tmp_path / "stats.h5")) == 1 and reads(tmp_path, 2) == sorted([*range(9), *range(9)])
+    assert len(list_entries(tmp_path / "cache")) == 1 and reads(tmp_path, 2) == sorted([*range(9), *range(9)])
 
 
 def test_an_error_on_one_rank_reaches_every_rank_without_hanging(tmp_path):
@@ -101,7 +101,7 @@ def test_an_error_on_one_rank_reaches_every_rank_without_hanging(tmp_path):
     assert "rank 1" in results[1]["error"] and "Sample 4" in results[1]["error"]
     for r in (0, 2):
         assert results[r]["error"].startswith("RuntimeError: The fit failed on rank 1 of 3")
-    assert not (tmp_path / "stats.h5").exists() and not (tmp_path / "stats.h5.d").exists()
+    assert not (tmp_path / "cache").exists()
 
 
 # --- partial fits ----------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def test_partial_fit_over_three_pieces_equals_one_fit():
 
 
 def test_a_cache_entry_can_be_extended_on_another_day(tmp_path):
-    cache = tmp_path / "stats.h5"
+    cache = tmp_path / "cache"
     data = CountingDataset(n=20)
     FitNormalize(cache=cache, key="shards").fit(torch.utils.data.Subset(data, range(12)), num_workers=0)
     later = FitNormalize.from_cache(cache, "shards")
@@ -135,7 +135,7 @@ def test_partial_fit_rejects_hand_given_stats_and_save_needs_stats_and_key():
         FitNormalize([0.5], [0.2], cache=None).partial_fit(torch.rand(2, 1, 3, 3))
     with pytest.raises(NotFittedError):
         FitNormalize(cache=None).save("k")
-    with pytest.raises(ValueError, match="needs a cache file and a key"):
+    with pytest.raises(ValueError, match="needs a cache folder and a key"):
         FitNormalize().partial_fit(torch.rand(2, 1, 3, 3)).save()
 
 

@@ -54,7 +54,7 @@ def run_quickstart(cache: Path) -> subprocess.CompletedProcess:
 
 def test_quickstart_fits_then_hits_the_cache(tmp_path):
     """The README's quickstart, at 200 images: a pass that writes the cache, then a hit with the same numbers."""
-    first, second = run_quickstart(tmp_path / "stats.h5"), run_quickstart(tmp_path / "stats.h5")
+    first, second = run_quickstart(tmp_path / "cache"), run_quickstart(tmp_path / "cache")
     assert "torchnormfit: fitting FakeData: 200 samples" in first.stderr and "torchnormfit: cached" in first.stderr
     assert "torchnormfit: cache hit:" in second.stderr and "torchnormfit: fitting" not in second.stderr
     numbers = [re.search(r"FitNormalize\(mean=\[(.*)\], std=\[(.*)\], inplace=False\)", run.stdout) for run in (first, second)]

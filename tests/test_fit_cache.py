@@ -1,20 +1,19 @@
 """FitNormalize and its HDF5 cache: hits across processes, misses when the pipeline changes, faults."""
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import h5py
 import pytest
 import torch
+from datasets_for_tests import CountingDataset
 from torchvision.transforms import v2
 
-from _cache_worker import entry_file
-from datasets_for_tests import CountingDataset
 from torchnormfit import CacheError, CacheWarning, FitNormalize, list_entries
 
 TESTS = Path(__file__).parent
@@ -22,7 +21,7 @@ TESTS = Path(__file__).parent
 
 def run_python(code, **env):
     """Run code in a fresh interpreter (a new 'run' of a user's script); return its JSON output."""
-    script = "import sys, json; sys.path.insert(0, %r)\n" % str(TESTS) + textwrap.dedent(code)
+    script = f"import sys, json; sys.path.insert(0, {str(TESTS)!r})\n" + textwrap.dedent(code)
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, **env}, timeout=300
     )
@@ -31,7 +30,7 @@ def run_python(code, **env):
 
 
 FIT_SCRIPT = """
-from _cache_worker import entry_file
+
 from datasets_for_tests import CountingDataset
 from torchnormfit import FitNormalize
 from torchvision.transforms import v2
@@ -43,7 +42,7 @@ print(json.dumps({"mean": norm.mean, "std": norm.std}))
 
 
 def test_cache_written_by_one_process_is_hit_by_another_reading_only_the_verified_samples(tmp_path):
-    cache, log = tmp_path / "stats.h5", tmp_path / "reads.log"
+    cache, log = tmp_path / "cache", tmp_path / "reads.log"
     first = run_python(FIT_SCRIPT % (str(cache), str(log), 2, None))
     assert len(log.read_text().split()) == 30 and len(list_entries(cache)) == 1
     unverified = run_python(FIT_SCRIPT % (str(cache), str(log), 2, 0), NO_READS="1")
@@ -54,7 +53,7 @@ def test_cache_written_by_one_process_is_hit_by_another_reading_only_the_verifie
 
 
 def test_default_cache_file_comes_from_the_environment(tmp_path):
-    target = tmp_path / "elsewhere" / "cache.h5"
+    target = tmp_path / "elsewhere" / "cache"
     norm = FitNormalize()
     os.environ["TORCHNORMFIT_CACHE"] = str(target)  # restored by the conftest monkeypatch
     norm.fit(CountingDataset(n=5, transform=norm), num_workers=0, progress=False)
@@ -66,7 +65,7 @@ def fit(norm, dataset, **kwargs):
 
 
 def test_changed_pipeline_misses_and_both_entries_are_kept(tmp_path):
-    cache = tmp_path / "stats.h5"
+    cache = tmp_path / "cache"
     norm = FitNormalize(cache=cache)
     fit(norm, CountingDataset(n=10, transform=norm))
     scaled = FitNormalize(cache=cache)
@@ -77,7 +76,7 @@ def test_changed_pipeline_misses_and_both_entries_are_kept(tmp_path):
 
 
 def test_refit_forces_a_pass_and_replaces_the_entry(tmp_path):
-    cache, log = tmp_path / "stats.h5", tmp_path / "reads.log"
+    cache, log = tmp_path / "cache", tmp_path / "reads.log"
     norm = FitNormalize(cache=cache)
     fit(norm, CountingDataset(n=6, transform=norm, log=log))
     fit(norm, CountingDataset(n=6, transform=norm, log=log), verify=0)
@@ -88,7 +87,7 @@ def test_refit_forces_a_pass_and_replaces_the_entry(tmp_path):
 
 
 def test_user_key_and_from_cache(tmp_path):
-    cache = tmp_path / "stats.h5"
+    cache = tmp_path / "cache"
     norm = fit(FitNormalize(cache=cache, key="my-data"), CountingDataset(n=8))
     loaded = FitNormalize.from_cache(cache, "my-data")
     assert loaded.mean == norm.mean and loaded.std == norm.std
@@ -101,12 +100,12 @@ def test_user_key_and_from_cache(tmp_path):
 
 
 def test_provenance_is_stored_and_readable_with_plain_h5py(tmp_path):
-    cache = tmp_path / "stats.h5"
+    cache = tmp_path / "cache"
     norm = FitNormalize(cache=cache, key="prov")
     fit(norm, CountingDataset(n=9, transform=v2.Compose([v2.Resize(4), norm])))
-    with h5py.File(entry_file(cache, "prov"), "r") as f:
-        group = f["prov"]
-        assert f.attrs["format"] == "torchnormfit.cache" and group.attrs["schema_version"] == 2
+    with h5py.File(cache / "prov.h5", "r") as f:  # the documented name: the key
+        group = f
+        assert f.attrs["format"] == "torchnormfit.entry" and group.attrs["schema_version"] == 1
         assert group.attrs["num_samples"] == 9 and group.attrs["ddof"] == 0
         assert "Resize" in group.attrs["pipeline"] and "CountingDataset" in group.attrs["dataset"]
         for name in ("torch_version", "torchvision_version", "torchnormfit_version", "created_utc"):
@@ -114,24 +113,30 @@ def test_provenance_is_stored_and_readable_with_plain_h5py(tmp_path):
         assert group["mean"][()].tolist() == norm.mean and group["std"].dtype == "float64"
 
 
-def test_corrupt_cache_warns_refits_and_keeps_the_corrupt_file(tmp_path):
-    cache = tmp_path / "stats.h5"
-    cache.write_bytes(b"not an hdf5 file" * 10)
-    norm = FitNormalize(cache=cache)
+def test_corrupt_entry_warns_refits_and_keeps_the_corrupt_file(tmp_path):
+    cache = tmp_path / "cache"
+    norm = fit(FitNormalize(cache=cache, key="k"), CountingDataset(n=5))
+    file = cache / "k.h5"
+    damaged = file.read_bytes()[:-100]
+    file.write_bytes(damaged)
+    norm = FitNormalize(cache=cache, key="k")
     with pytest.warns(CacheWarning) as record:
         fit(norm, CountingDataset(n=5, transform=norm))
     messages = " ".join(str(w.message) for w in record)
-    assert str(cache) in messages and "fitting again" in messages and "moved to" in messages
+    assert str(file) in messages and "fitting again" in messages and "moved to" in messages
     assert norm.mean is not None and len(list_entries(cache)) == 1
-    assert [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert [p.read_bytes() for p in cache.iterdir() if ".corrupt-" in p.name] == [damaged]
 
 
 def test_invalid_entry_is_never_used(tmp_path):
-    cache = tmp_path / "stats.h5"
+    cache = tmp_path / "cache"
     norm = fit(FitNormalize(cache=cache, key="k"), CountingDataset(n=5))
     good = list(norm.mean)
-    with h5py.File(entry_file(cache, "k"), "r+") as f:
-        f["k/mean"][0] = float("nan")
+    with h5py.File(cache / "k.h5", "r+") as f:  # an edit by hand, its digest computed again
+        f["mean"][0] = float("nan")
+    data = bytearray((cache / "k.h5").read_bytes())
+    data[:512] = f"torchnormfit entry\nschema_version 1\nsha256 {hashlib.sha256(data[512:]).hexdigest()}\n".encode().ljust(512, b"\0")
+    (cache / "k.h5").write_bytes(bytes(data))
     again = FitNormalize(cache=cache, key="k")
     with pytest.warns(CacheWarning, match="mean is not finite"):
         fit(again, CountingDataset(n=5))
@@ -147,22 +152,23 @@ def test_unwritable_cache_location_returns_stats_with_one_warning(tmp_path):
     assert len(record) == 1 and norm.mean is not None
 
 
-def test_cache_path_that_is_a_directory_warns_once_and_fits(tmp_path):
+def test_an_existing_folder_is_a_cache_and_keeps_what_else_it_holds(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
     norm = FitNormalize(cache=tmp_path)
-    with pytest.warns(CacheWarning, match="is a directory") as record:
-        fit(norm, CountingDataset(n=5, transform=norm))
-    assert len(record) == 1 and norm.mean is not None
+    fit(norm, CountingDataset(n=5, transform=norm))
+    assert [e.key for e in list_entries(tmp_path)] == [norm.cache_key] and norm.fit_record.written
+    assert (tmp_path / f"{norm.cache_key}.h5").is_file() and (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_no_cache_writes_nothing(tmp_path):
     norm = FitNormalize(cache=None)
     fit(norm, CountingDataset(n=5, transform=norm))
     default = Path(os.environ["TORCHNORMFIT_CACHE"])
-    assert not default.exists() and not Path(f"{default}.d").exists()
+    assert not default.exists()
 
 
 def test_subset_fit_reports_standard_errors_that_cover_the_full_pass_and_caches_them(tmp_path, monkeypatch):
-    cache = tmp_path / "stats.h5"
+    cache = tmp_path / "cache"
     full = FitNormalize(cache=None)
     fit(full, CountingDataset(n=300, transform=full))
     subset = FitNormalize(cache=cache)

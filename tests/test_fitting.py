@@ -268,7 +268,7 @@ def test_channel_count_change_names_the_sample(batch_size):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_exception_mid_pass_leaves_it_unfitted_uncached_and_without_workers(tmp_path, num_workers):
-    cache = tmp_path / "stats.h5"
+    cache = tmp_path / "cache"
     norm = FitNormalize(cache=cache)
     dataset = FailingDataset(fail_at=13, n=30, transform=norm)
     with pytest.raises(RuntimeError, match="Sample 13: reading the dataset failed: broken sample 13"):
@@ -280,7 +280,7 @@ def test_exception_mid_pass_leaves_it_unfitted_uncached_and_without_workers(tmp_
 
 
 def test_keyboard_interrupt_leaves_it_unfitted_and_uncached(tmp_path):
-    cache = tmp_path / "stats.h5"
+    cache = tmp_path / "cache"
     norm = FitNormalize(cache=cache)
     with pytest.raises(KeyboardInterrupt):
         fit(FailingDataset(fail_at=5, error=KeyboardInterrupt, n=12, transform=norm), norm, batch_size=4)

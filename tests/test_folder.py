@@ -1,4 +1,4 @@
-"""torchnormfit.folder: an image folder as a dataset, and finding its unreadable files.
+"""torchnormfit.cli.folder: an image folder as a dataset, and finding its unreadable files.
 
 The ``tree`` fixture and the image writers here are shared with test_cli.py
 and test_mapped.py, which import them.
@@ -13,7 +13,13 @@ import PIL.Image
 import pytest
 import torch
 
-from torchnormfit.folder import BadImageError, ImageFiles, find_unreadable, to_float_pipeline, unreadable_file_message
+from torchnormfit.cli.folder import (
+    BadImageError,
+    ImageFiles,
+    find_unreadable,
+    to_float_pipeline,
+    unreadable_file_message,
+)
 
 
 def random_image(rng: np.random.Generator, size: tuple[int, int], channels: int, brightness: float) -> np.ndarray:

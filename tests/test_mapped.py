@@ -11,7 +11,7 @@ from test_folder import tree  # noqa: F401 (a fixture)
 from torch.utils.data import TensorDataset
 
 from torchnormfit import ChannelStats
-from torchnormfit.folder import ImageFiles, to_float_pipeline
+from torchnormfit.cli.folder import ImageFiles, to_float_pipeline
 from torchnormfit.passes import run_pass
 from torchnormfit.passes.mapped import jackknife, sample_pixels, subset_indices
 

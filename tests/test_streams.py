@@ -171,7 +171,7 @@ norm.fit(st.Stream(range(5000), transform=slow), num_workers=2, batch_size=8, pr
 def test_ctrl_c_during_a_stream_fit_writes_nothing_and_leaves_no_worker(tmp_path):
     from test_interrupts import processes_in_group
 
-    cache = tmp_path / "stats.h5"
+    cache = tmp_path / "cache"
     child = subprocess.Popen([sys.executable, "-c", SLOW_STREAM.format(tests=TESTS, cache=str(cache))],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     assert child.stdout.readline().strip() == "started"
@@ -245,7 +245,7 @@ print(json.dumps({{"key": norm.cache_key, "mean": norm.mean, "std": norm.std, "s
 
 @pytest.mark.parametrize("kind", ["webdataset", "huggingface"])
 def test_a_second_process_hits_the_cache_without_key(shards, tmp_path, kind):
-    script = HIT.format(tests=TESTS, cache=str(tmp_path / "stats.h5"), shards=shards, kind=kind, n=N)
+    script = HIT.format(tests=TESTS, cache=str(tmp_path / "cache"), shards=shards, kind=kind, n=N)
 
     def run(*verify, **env):
         done = subprocess.run([sys.executable, "-c", script, *verify], capture_output=True, text=True,
@@ -330,7 +330,7 @@ def test_cli_fits_shard_patterns_like_the_same_images_in_a_folder(tmp_path, caps
                 sink.write({"__key__": f"{s}-{i}", "png": picture, "cls": i})
                 picture.save(tmp_path / "folder" / f"{s}-{i}.png")
     pattern = str(tmp_path / "shards" / "train-{000000..000001}.tar")
-    options = ["--cache", str(tmp_path / "stats.h5"), "--json", "--no-progress", "--workers", "2"]
+    options = ["--cache", str(tmp_path / "cache"), "--json", "--no-progress", "--workers", "2"]
     reports = []
     for source in (pattern, str(tmp_path / "folder"), pattern):
         assert main(["fit", source, *options]) == 0

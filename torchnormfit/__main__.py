@@ -1,4 +1,5 @@
-"""``python -m torchnormfit``: the same command line as the ``torchnormfit`` console script."""
+"""``python -m torchnormfit``: the same command line as the ``torchnormfit`` console script (no torch import
+before the arguments are parsed)."""
 
 from .cli import main
 

@@ -135,7 +135,9 @@ def fit_dataset(
                  **_subset_provenance(dataset, max_samples, seed, errors)}
         written = on_root(ranks, lambda: _save(cache_path, key, stats, attrs, _arrays(result.tracked)))
         if not written:
-            note = "; ".join(filter(None, [note, "the cache could not be written"]))
+            why = ("cache= names a file, which a fit only reads" if cache.is_entry_file(cache_path)
+                   else "it could not be written")
+            note = "; ".join(filter(None, [note, f"not saved: {why}"]))
     return FitRecord("pass", key, cache_path, verification, written, note, gaps, stats, result.num_samples, errors)
 
 
@@ -154,14 +156,17 @@ def save_stats(cache_path: Path, key: str, stats: ChannelStats, num_samples: int
     cache.write_entry(cache_path, key, stats, _provenance(None, None, num_samples, ()))
 
 
-def load_entry(cache_path: Path, key: str) -> FitRecord:
-    """The entry ``key`` as read (not verified), or :class:`~torchnormfit.CacheError` naming the entries there."""
+def load_entry(cache_path: Path, key: str | None) -> FitRecord:
+    """The entry ``key`` (any key in an entry file) as read, not verified; else a
+    :class:`~torchnormfit.CacheError` naming the entries there."""
     entry = cache.read_entry(cache_path, key)
     if entry is None:
-        there = cache_path.is_file() or cache.entry_folder(cache_path).is_dir()
-        known = [e.key for e in cache.list_entries(cache_path)] if there else []
+        known = [e.key for e in cache.list_entries(cache_path)] if cache_path.is_dir() else []
         raise cache.CacheError(f"No cache entry {key!r} in {cache_path}. Entries there: {known}.")
-    return _entry_record(entry, key, cache_path, None, "loaded by key, not verified", ())
+    if key is not None and entry.key != key:
+        raise cache.CacheError(f"The entry file {cache_path} holds {entry.key!r}, not {key!r}; leave out the key "
+                               "to load it.")
+    return _entry_record(entry, entry.key, cache_path, None, "loaded by key, not verified", ())
 
 
 # --- the hit -------------------------------------------------------------------------------------
@@ -277,6 +282,9 @@ def _arrays(tracked: dict[int, tuple[list[float], list[float]]]) -> dict[str, np
 
 
 def _save(path: Path, key: str, stats: ChannelStats, attrs: dict[str, Any], arrays: dict[str, np.ndarray]) -> bool:
+    if cache.is_entry_file(path):
+        logger.info("not saved: the cache %s is a file, which a fit only reads", path)
+        return False
     try:
         cache.write_entry(path, key, stats, attrs, arrays=arrays)
     except (OSError, cache.CacheError) as error:

@@ -37,7 +37,8 @@ class _DefaultCache:
 
 
 DEFAULT_CACHE: Any = _DefaultCache()
-"""The ``cache=`` default: ``$TORCHNORMFIT_CACHE`` or ``$XDG_CACHE_HOME/torchnormfit/stats.h5``, read at fit time."""
+"""The ``cache=`` default: the folder ``$TORCHNORMFIT_CACHE``, else ``$XDG_CACHE_HOME/torchnormfit``, else
+``~/.cache/torchnormfit``, read at fit time."""
 
 
 class FitNormalize(v2.Normalize):
@@ -58,7 +59,10 @@ class FitNormalize(v2.Normalize):
     inplace : bool
         Normalize in place, as in ``v2.Normalize``.
     cache : path, None or DEFAULT_CACHE
-        HDF5 file that keeps fitted statistics across runs; ``None`` disables it.
+        The folder that keeps fitted statistics across runs, one HDF5 file per
+        entry (created on the first save); ``None`` disables it. An existing
+        file is one entry file (``torchnormfit export``), which a fit reads and
+        verifies like any entry but never writes (see docs/cache-format.md).
     key : str, optional
         Cache entry name; by default a fingerprint of the dataset and the
         transforms before this one.
@@ -319,19 +323,24 @@ class FitNormalize(v2.Normalize):
         path = self._cache_path()
         if key is None or path is None:
             raise ValueError(
-                "save() needs a cache file and a key: pass key= here or to FitNormalize(key=..., cache=...).")
+                "save() needs a cache folder and a key: pass key= here or to FitNormalize(key=..., cache=...).")
         statistics.save_stats(path, _cache.check_key(key), self._stats, self._num_samples)
         return key
 
     @classmethod
-    def from_cache(cls, path: str | os.PathLike | None, key: str, *, inplace: bool = False) -> FitNormalize:
-        """A FitNormalize with the statistics of entry ``key`` in cache file ``path`` (None: the default file).
+    def from_cache(
+        cls, path: str | os.PathLike | None = None, key: str | None = None, *, inplace: bool = False
+    ) -> FitNormalize:
+        """A FitNormalize with the statistics of entry ``key`` of cache folder ``path`` (None: the default
+        folder), or of the entry file ``path`` (``torchnormfit export KEY -o stats.h5``; key optional).
 
         Raises :class:`~torchnormfit.CacheError` if the entry is missing or invalid.
+
+        >>> norm = FitNormalize.from_cache("stats.h5")  # doctest: +SKIP
         """
-        path = Path(path) if path is not None else _cache.default_cache_path()
+        path = Path(path).expanduser() if path is not None else _cache.default_cache_dir()
         entry = statistics.load_entry(path, key)
-        norm = cls(cache=path, key=key, inplace=inplace)
+        norm = cls(cache=path, key=entry.key, inplace=inplace)
         norm._use_stats(entry.stats, entry.num_samples, entry.standard_errors)
         return norm
 
@@ -347,14 +356,7 @@ class FitNormalize(v2.Normalize):
     def _cache_path(self) -> Path | None:
         if self._cache is None:
             return None
-        path = _cache.default_cache_path() if isinstance(self._cache, _DefaultCache) else Path(self._cache).expanduser()
-        if path.is_dir():
-            warn(
-                f"The cache path {path} is a directory: statistics are neither read from nor saved to it. "
-                f"Give a file path such as {path / 'stats.h5'}.",
-                _cache.CacheWarning)
-            return None
-        return path
+        return _cache.default_cache_dir() if isinstance(self._cache, _DefaultCache) else Path(self._cache).expanduser()
 
     # --- companions --------------------------------------------------------------------------
 

@@ -21,7 +21,8 @@ from torchvision.datasets import VisionDataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from .passes import DEFAULT_BATCH_SIZE, default_num_workers
+from ..passes import DEFAULT_BATCH_SIZE, default_num_workers
+from . import MODES
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -36,9 +37,6 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 """File name endings read as images (any case): JPEG, PNG, WebP, BMP, TIFF."""
-
-MODES = ("RGB", "L", "RGBA", "LA", "CMYK", "YCbCr", "LAB", "HSV")
-"""PIL modes images can be converted to: 8 bits a channel, so ``ToDtype(scale=True)`` maps them to [0, 1]."""
 
 _WIDE_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 _BAD_IMAGE = re.compile(r"BadImageError: (.+)")
