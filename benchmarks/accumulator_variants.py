@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from torchnormfit.accumulator import batch_stats as current
-from torchnormfit.accumulator import reuse_buffer
+from torchnormfit.reduce import batch_stats as current
+from torchnormfit.reduce import reuse_buffer
 from torchnormfit.stats import ChannelStats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -186,7 +186,7 @@ def check_exactness(variants: dict | None = None) -> list[tuple[str, str, float,
 def uncentred_bound(rows: int = 20_000, ratios=(2.0, 5.0, 20.0)) -> list[tuple[str, float, float, float]]:
     """``(distribution, k, largest M2 error / (k * 2**-24), largest std error)`` of float32 rows of 1,024
     pixels reduced uncentred as the library does, k = sum(x**2) / M2 (1 + mean**2 / var)."""
-    from torchnormfit.accumulator import _reduce
+    from torchnormfit.reduce import _reduce
 
     g = torch.Generator().manual_seed(3)
     out = []
@@ -197,7 +197,7 @@ def uncentred_bound(rows: int = 20_000, ratios=(2.0, 5.0, 20.0)) -> list[tuple[s
                         "uint8 levels": torch.randint(0, 256, (rows, 1024), generator=g).double()}.items():
             z = (z - z.mean(dim=1, keepdim=True)) / z.std(dim=1, correction=0, keepdim=True)
             x = (shift + z).float()
-            total, squares, _, _, _ = _reduce(x, None)
+            total, squares, _, _ = _reduce(x, None)
             m2 = squares - total.square() / x.shape[1]
             var = x.double().var(dim=1, correction=0)
             k = squares / m2

@@ -2,159 +2,30 @@
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import Tensor, nn
 
-from .stats import ChannelStats
+from .reduce import batch_stats
+from .stats import ChannelStats, ValueCounts
 
-__all__ = ["BatchNormAccumulator", "batch_stats"]
+__all__ = ["BatchNormAccumulator"]
 
 _EXACT_BUFFERS = ("pixel_count", "pixel_mean", "pixel_m2", "pixel_min", "pixel_max")  # float64 whatever .to() says
-_BLOCK_BYTES = 1 << 20  # rows are reduced ~1 MiB at a time, so each block is still in the CPU cache for all its sums
-_CHUNK = 128  # pixels per float partial sum; bounds the rounding of each (see batch_stats)
-_UNCENTRED = 5.0  # a row is reduced uncentred when its sum of squares is at most this many times its M2
-_SCRATCH = threading.local()  # each thread's buffer for the rows it centres
 
 
-def batch_stats(images: Tensor) -> ChannelStats:
-    """Exact per-channel statistics of a float batch ``(..., C, H, W)``.
+def _merge_values(own: ValueCounts | None, values: ValueCounts | None, counted: bool,
+                  incoming: bool) -> ValueCounts | None:
+    """An accumulator's value counts with ``values`` added: in place into its own copy when they fit its grid.
 
-    Each image channel (a row of ``n = H * W`` pixels) is reduced in its own
-    dtype around a centre ``c`` (0, or a guess of its mean) -- sum and sum of
-    squares of ``d = x - c`` over chunks of ``_CHUNK`` pixels, added in
-    float64, min and max -- with the corrected two-pass formula (Chan, Golub
-    & LeVeque 1983)::
-
-        mean = c + sum(d) / n
-        M2   = sum(d**2) - sum(d)**2 / n
-
-    Its rounding error is that of the sums times ``k = sum(d**2) / M2 =
-    1 + (mean - c)**2 / var``: for float32, M2 within ~3.7 k * 2**-24
-    relative (the largest over 180,000 rows of three distributions:
-    ``python benchmarks/accumulator_variants.py --bound``). A row is kept
-    when ``k <= _UNCENTRED`` (std within ~6e-7); any other is reduced again
-    around its mean (exactly its value when it is constant: its M2 is then
-    exactly 0). So rows whose spread is not small against their mean are
-    reduced as they are, with no subtraction pass; bright or dark rows with
-    little spread, a large offset and flat images are centred. Whether a row
-    needs centring is first guessed from a sample of it (``_guess_centre``);
-    if one does, the batch is walked with a subtraction pass, of its
-    sample's mean from such a row and of 0 from the others (which leaves
-    them as they are). Per-row results are pooled per channel in float64. float16 and bfloat16 batches are reduced in float32.
-
-    The rows are walked in blocks of about 1 MiB, so each block is still in
-    the CPU cache for all its reductions; centring goes through a scratch
-    buffer of one block, one per thread.
+    As :meth:`ChannelStats.merge`: counts are kept only while every part with pixels has them.
     """
-    if images.dtype.is_complex or not images.dtype.is_floating_point:
-        raise TypeError(
-            f"Statistics need a floating point image batch. Got dtype {images.dtype}. Convert it first, e.g. with "
-            "v2.ToDtype(torch.float32, scale=True) (or ToTensor()) for images stored as integers 0-255."
-        )
-    if images.ndim < 3:
-        raise ValueError(f"Expected images of shape (..., C, H, W). Got a tensor of shape {tuple(images.shape)}.")
-    channels, height, width = images.shape[-3:]
-    if images.numel() == 0:
-        return ChannelStats.empty(channels, device=images.device)
-    images = images.detach()
-    if images.dtype in (torch.float16, torch.bfloat16):
-        images = images.float()
-    rows = images.reshape(-1, height * width)
-    n = rows.shape[1]
-
-    dev_sum, dev_squares, low, high, centre = _reduce(rows, _guess_centre(rows))
-    mean = centre + dev_sum / n
-    m2 = torch.addcmul(dev_squares, dev_sum, dev_sum, value=-1 / n)
-    redo = (dev_squares > _UNCENTRED * m2).nonzero().squeeze(1)
-    if redo.numel():
-        # Around the mean: exactly the value of a constant row (c + one ulp's deviation), whose M2 is then 0.
-        dev_sum, dev_squares, _, _, centre = _reduce(rows, mean[redo].to(rows.dtype), index=redo)
-        mean[redo] = centre + dev_sum / n
-        m2[redo] = torch.addcmul(dev_squares, dev_sum, dev_sum, value=-1 / n).clamp_min_(0)
-
-    mean, m2 = mean.view(-1, channels), m2.view(-1, channels)
-    low, high = low.view(-1, channels).amin(dim=0), high.view(-1, channels).amax(dim=0)
-    pooled = mean.mean(dim=0).clamp_(min=low, max=high)  # rounding never leaves [min, max]
-    m2 = m2.sum(dim=0).add_((mean - pooled).square_().sum(dim=0), alpha=n)
-    return ChannelStats._owned(torch.full_like(pooled, float(mean.shape[0] * n)), pooled, m2, low, high)
-
-
-def _guess_centre(rows: Tensor) -> Tensor | None:
-    """The centre of each row as its middle ``_CHUNK`` pixels say: their mean where the row needs
-    centring, else 0; None when no row needs it.
-
-    A row is said to need it when the sample's ``sum(x**2) / M2`` is above
-    twice ``_UNCENTRED``: a sample of 128 pixels misjudges it by less than
-    that, so rows that can stay uncentred are rarely centred for nothing. A
-    row's centre depends on that row alone, and so do its statistics: the
-    same whatever batch it comes in.
-    """
-    start = max(0, (rows.shape[1] - _CHUNK) // 2)
-    sample = rows[:, start : start + _CHUNK]
-    total, squares = sample.sum(dim=-1), torch.linalg.vector_norm(sample, dim=-1).square_()
-    mean = total / sample.shape[1]
-    needs = squares > 2 * _UNCENTRED * torch.addcmul(squares, total, mean, value=-1)
-    return mean.masked_fill_(~needs, 0) if bool(needs.any()) else None
-
-
-def _reduce(rows: Tensor, centre: Tensor | None, index: Tensor | None = None) -> tuple[Tensor, ...]:
-    """Float64 sum of deviations from ``centre`` (0 if None), sum of their squares, min and max of each
-    row of ``rows`` ``(R, n)``, and the centre, in float64.
-
-    The rows are walked in blocks of ``_BLOCK_BYTES``; with a centre, each
-    block is subtracted into a scratch buffer first. With ``index``, only
-    those rows are reduced, and not their min and max (the values returned
-    in their place are meaningless). Sums are taken over chunks of
-    ``_CHUNK`` pixels in the rows' dtype (``vector_norm`` for the squares:
-    no temporary) and the chunks added in float64, so their rounding does
-    not grow with the image size.
-    """
-    n = rows.shape[1]
-    count = rows.shape[0] if index is None else index.numel()
-    per_block = max(1, _BLOCK_BYTES // (n * rows.element_size()))
-    if centre is not None:
-        _SCRATCH.work = work = reuse_buffer(getattr(_SCRATCH, "work", None), min(count, per_block) * n, rows)
-    chunks = -(-n // _CHUNK)
-    out = torch.empty(count * (2 * chunks + 2), dtype=rows.dtype, device=rows.device)
-    sums, norms = out[: 2 * count * chunks].view(2, count, chunks)
-    low, high = out[2 * count * chunks :].view(2, count)
-    for start in range(0, count, per_block):
-        stop = min(count, start + per_block)
-        if index is None:
-            block = rows[start:stop]
-            torch.amin(block, dim=-1, out=low[start:stop])
-            torch.amax(block, dim=-1, out=high[start:stop])
-        else:
-            block = torch.index_select(rows, 0, index[start:stop], out=work[: (stop - start) * n].view(-1, n))
-        if centre is not None:
-            block = torch.sub(block, centre[start:stop, None], out=work[: (stop - start) * n].view(-1, n))
-        _chunk_sums(block, sums[start:stop], norms[start:stop])
-    out = out.double()
-    sums, squares = out[: 2 * count * chunks].view(2, count, chunks)
-    centre = torch.zeros_like(out[:count]) if centre is None else centre.double()
-    return sums.sum(dim=1), squares.square_().sum(dim=1), *out[2 * count * chunks :].view(2, count), centre
-
-
-def _chunk_sums(block: Tensor, sums: Tensor, norms: Tensor) -> None:
-    """Sums and norms of ``block``'s rows over chunks of ``_CHUNK`` pixels, into ``(R, chunks)`` tensors."""
-    n = block.shape[1]
-    whole = n - n % _CHUNK
-    if whole:
-        chunks = block[:, :whole].unflatten(-1, (-1, _CHUNK))
-        torch.sum(chunks, dim=-1, out=sums[:, : whole // _CHUNK])
-        torch.linalg.vector_norm(chunks, dim=-1, out=norms[:, : whole // _CHUNK])
-    if whole < n:
-        torch.sum(block[:, whole:], dim=-1, keepdim=True, out=sums[:, -1:])
-        torch.linalg.vector_norm(block[:, whole:], dim=-1, keepdim=True, out=norms[:, -1:])
-
-
-def reuse_buffer(work: Tensor | None, numel: int, like: Tensor) -> Tensor:
-    """``work`` if it holds ``numel`` elements of ``like``'s dtype and device, else a new 1-D buffer."""
-    if work is None or work.dtype != like.dtype or work.device != like.device or work.numel() < numel:
-        work = torch.empty(numel, dtype=like.dtype, device=like.device)
-    return work
+    if values is None:
+        return own if not incoming else None
+    if own is None:
+        return None if counted else values.copy()
+    if own.add_(values):
+        return own
+    return own.merge(values)
 
 
 class BatchNormAccumulator(nn.BatchNorm2d):
@@ -197,18 +68,30 @@ class BatchNormAccumulator(nn.BatchNorm2d):
     def _apply(self, fn, recurse=True):
         # .half(), .float(), .to(dtype) convert every floating point buffer; the exact state must stay
         # float64 (a float32 count is exact only up to 2**24 pixels), so only its device follows.
-        exact = {name: self._buffers[name] for name in _EXACT_BUFFERS}
+        exact = {name: self._exact(name) for name in _EXACT_BUFFERS}
         super()._apply(fn, recurse)
         for name, before in exact.items():
-            after = self._buffers[name]
+            after = self._exact(name)
             if after.dtype != torch.float64:
                 self._buffers[name] = before.to(device=after.device)
         return self
 
+    def _exact(self, name: str) -> Tensor:
+        """The exact-state buffer ``name`` (``pixel_count``, ...), typed."""
+        buffer = self._buffers[name]
+        assert buffer is not None  # registered in __init__
+        return buffer
+
+    def _exact_stats(self, values: ValueCounts | None = None) -> ChannelStats:
+        count, mean, m2, low, high = (self._exact(name) for name in _EXACT_BUFFERS)
+        return ChannelStats(count, mean, m2, low, high, values=values)
+
+    _values: ValueCounts | None = None  # per-value counts (percentiles), merged beside the buffers
+
     @property
     def stats(self) -> ChannelStats:
         """The pooled statistics so far, as a :class:`ChannelStats` (a snapshot, not a view)."""
-        return ChannelStats(self.pixel_count, self.pixel_mean, self.pixel_m2, self.pixel_min, self.pixel_max)
+        return self._exact_stats(None if self._values is None else self._values.copy())
 
     def forward(self, input: Tensor) -> Tensor:
         if not (self.training and self.exact):
@@ -217,27 +100,35 @@ class BatchNormAccumulator(nn.BatchNorm2d):
         self.update(input.detach())
         return input
 
-    def update(self, images: Tensor) -> ChannelStats:
-        """Merge a float batch ``(..., C, H, W)`` in and return the batch's own statistics."""
-        stats = batch_stats(images)
+    def update(self, images: Tensor, **options) -> ChannelStats:
+        """Merge a batch ``(..., C, H, W)`` in and return the batch's own statistics.
+
+        ``options`` go to :func:`~torchnormfit.reduce.batch_stats` (``ignore``, ``mask``, ``spatial_dims``,
+        ``values``).
+        """
+        stats = batch_stats(images, **options)
         self.merge(stats)
         return stats
 
     def merge(self, other: BatchNormAccumulator | ChannelStats) -> BatchNormAccumulator:
         """Add another accumulator's (or a :class:`ChannelStats`') pixels to this one, exactly."""
         stats = other.stats if isinstance(other, BatchNormAccumulator) else other
-        merged = self.stats.merge(stats)
+        before = self._exact_stats()
+        merged = before.merge(stats.with_values(None))
+        self._values = _merge_values(self._values, stats.values, counted=bool((before.count > 0).any()),
+                                     incoming=bool((stats.count > 0).any()))
         with torch.no_grad():
             for name, value in merged.to_dict().items():
-                getattr(self, f"pixel_{name}").copy_(value)
-            self.running_mean.copy_(merged.mean)
-            self.running_var.copy_(merged.var.nan_to_num(nan=1.0))
-            self.num_batches_tracked.add_(1)
+                self._exact(f"pixel_{name}").copy_(value)
+            for name, value in (("running_mean", merged.mean), ("running_var", merged.var.nan_to_num(nan=1.0))):
+                self._exact(name).copy_(value)
+            self._exact("num_batches_tracked").add_(1)
         return self
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
-        if hasattr(self, "pixel_count"):
-            empty = ChannelStats.empty(self.num_features, device=self.pixel_count.device)
+        self._values = None
+        if "pixel_count" in self._buffers:
+            empty = ChannelStats.empty(self.num_features, device=self._exact("pixel_count").device)
             for name, value in empty.to_dict().items():
-                getattr(self, f"pixel_{name}").copy_(value)
+                self._exact(f"pixel_{name}").copy_(value)

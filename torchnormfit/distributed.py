@@ -77,7 +77,16 @@ def gather_merge(ranks: Ranks, stats: ChannelStats) -> ChannelStats:
     merged = ChannelStats.empty(stats.num_channels)
     for rows in gathered:
         merged = merged.merge(ChannelStats(*rows.cpu().unbind(0)))
-    return merged
+    # Value counts (clip=) are integers, added exactly in any order; a rank that read nothing has none.
+    values: list[Any] = [None] * ranks.world_size
+    dist.all_gather_object(values, stats.values, group=ranks.group)
+    parts = [part for part in values if part is not None]
+    if not parts:
+        return merged
+    total = parts[0]
+    for part in parts[1:]:
+        total = total.merge(part)
+    return merged.with_values(total)
 
 
 def on_root(ranks: Ranks | None, function: Callable[[], T]) -> T:

@@ -38,15 +38,16 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from . import cache
 from ._version import __version__
 from ._warn import warn
 from .distributed import current_ranks, on_root
-from .fingerprint import describe_dataset, describe_pipeline, fingerprint
-from .passes import Capture, PassResult, StandardErrors, dataset_length, rereading, run_pass, tensor_stats
-from .stats import ChannelStats
+from .images import moment_image
+from .key import describe_dataset, describe_pipeline, fingerprint
+from .passes import Capture, PassResult, Reduction, StandardErrors, dataset_length, rereading, run_pass, tensor_stats
+from .stats import ChannelStats, ValueCounts
 from .verification import DEFAULT_VERIFY, MAX_VERIFY, Verification, image_moments, threshold, verify_in_stages
 
 __all__ = ["FitRecord", "fit_dataset", "pass_stats", "save_stats", "load_entry", "tensor_stats"]
@@ -76,6 +77,8 @@ class FitRecord:
     stats: ChannelStats
     num_samples: int
     standard_errors: StandardErrors | None = None
+    integer: bool = False
+    """Whether the images were integers (statistics in their own units)."""
 
 
 @dataclass(frozen=True)
@@ -98,15 +101,21 @@ def fit_dataset(
     max_samples: int | None = None,
     seed: int = 0,
     process_group: Any = None,
+    reduction: Reduction | None = None,
     **loader: Any,
 ) -> FitRecord:
-    """Statistics of ``dataset`` as seen by ``norm``: a verified cache hit, or a pass (then written)."""
+    """Statistics of ``dataset`` as seen by ``norm``: a verified cache hit, or a pass (then written).
+
+    ``reduction`` (ignore, mask, value counts for clip, volumes) goes into the key's settings and the pass.
+    """
     verify = _check_verify(verify, explicit_key=key is not None)
-    settings: dict[str, Any] = {"image": image, "ddof": 0, "statistic": "per-channel population mean/std"}
+    reduction = reduction or Reduction()
+    settings: dict[str, Any] = {"image": image, "ddof": 0, "statistic": "per-channel population mean/std",
+                                **reduction.settings()}
     if max_samples is not None:
         settings.update(max_samples=max_samples, seed=seed)
     if key is None:
-        printed = fingerprint(dataset, norm, settings)
+        printed = fingerprint(dataset, norm, settings, cache=cache_path)
         key, gaps = printed.key, printed.gaps
     else:
         printed, gaps = None, ()
@@ -114,13 +123,15 @@ def fit_dataset(
     note = "refit=True" if refit else ("no cache (cache=None)" if cache_path is None else "")
     verification = None
     if cache_path is not None and not refit:
-        lookup = on_root(ranks, lambda: _lookup(dataset, capturing, image, cache_path, key, verify, gaps))
+        length = _length_check(dataset, max_samples) if printed is not None else None
+        lookup = on_root(ranks, lambda: _lookup(dataset, capturing, image, cache_path, key, verify, gaps, reduction,
+                                                length))
         if lookup.entry is not None:
             logger.info("cache hit: %r in %s (%s)", key, cache_path, lookup.note or "verified")
             return _entry_record(lookup.entry, key, cache_path, lookup.verification, lookup.note, gaps)
         verification, note = lookup.verification, lookup.note
     result, errors = _pass(dataset, capturing, image, max_samples, seed, process_group, loader,
-                           track=cache_path is not None)
+                           track=cache_path is not None, reduction=reduction)
     stats = result.stats
     assert stats is not None  # run_pass raises when it read no image
     if printed is not None and not printed.found_norm and result.captured:
@@ -132,28 +143,44 @@ def fit_dataset(
     written = False
     if cache_path is not None:
         attrs = {**_provenance(dataset, norm, result.num_samples, gaps),
-                 **_subset_provenance(dataset, max_samples, seed, errors)}
-        written = on_root(ranks, lambda: _save(cache_path, key, stats, attrs, _arrays(result.tracked)))
+                 **_subset_provenance(dataset, max_samples, seed, errors), **_units(result.integer)}
+        arrays = _arrays(result.tracked)
+        if stats.values is not None:
+            value_attrs, value_arrays = stats.values.to_arrays()
+            attrs.update(value_attrs)
+            arrays.update(value_arrays)
+        written = on_root(ranks, lambda: _save(cache_path, key, stats, attrs, arrays))
         if not written:
             why = ("cache= names a file, which a fit only reads" if cache.is_entry_file(cache_path)
                    else "it could not be written")
             note = "; ".join(filter(None, [note, f"not saved: {why}"]))
-    return FitRecord("pass", key, cache_path, verification, written, note, gaps, stats, result.num_samples, errors)
+    return FitRecord("pass", key, cache_path, verification, written, note, gaps, stats, result.num_samples, errors,
+                     result.integer)
 
 
 def pass_stats(
-    dataset: Dataset, capturing: Capturing, **options: Any
-) -> tuple[ChannelStats, int]:
-    """One pass with no cache involved (``partial_fit``): statistics and the number of images."""
+    dataset: Dataset, capturing: Capturing, reduction: Reduction | None = None, **options: Any
+) -> tuple[ChannelStats, int, bool]:
+    """One pass with no cache involved (``partial_fit``): statistics, the number of images, whether integers."""
     result, _ = _pass(dataset, capturing, options.pop("image", None), options.pop("max_samples", None),
-                      options.pop("seed", 0), options.pop("process_group", None), options)
+                      options.pop("seed", 0), options.pop("process_group", None), options, reduction=reduction)
     assert result.stats is not None  # run_pass raises when it read no image
-    return result.stats, result.num_samples
+    return result.stats, result.num_samples, result.integer
 
 
-def save_stats(cache_path: Path, key: str, stats: ChannelStats, num_samples: int) -> None:
+def save_stats(cache_path: Path, key: str, stats: ChannelStats, num_samples: int, integer: bool = False) -> None:
     """Write statistics built by hand (``partial_fit``) under ``key``; such an entry cannot be verified."""
-    cache.write_entry(cache_path, key, stats, _provenance(None, None, num_samples, ()))
+    attrs: dict[str, Any] = {**_provenance(None, None, num_samples, ()), **_units(integer)}
+    arrays: dict[str, np.ndarray] = {}
+    if stats.values is not None:
+        value_attrs, arrays = stats.values.to_arrays()
+        attrs.update(value_attrs)
+    cache.write_entry(cache_path, key, stats, attrs, arrays=arrays)
+
+
+def _units(integer: bool) -> dict[str, Any]:
+    """The entry attribute that says the images were integers (absent for float images, as in 0.1)."""
+    return {"integer_input": True} if integer else {}
 
 
 def load_entry(cache_path: Path, key: str | None) -> FitRecord:
@@ -181,9 +208,11 @@ def _check_verify(verify: int | None, explicit_key: bool) -> int:
 
 
 def _lookup(
-    dataset: Dataset, capturing: Capturing, image: Any, path: Path, key: str, verify: int, gaps: Sequence[str]
+    dataset: Dataset, capturing: Capturing, image: Any, path: Path, key: str, verify: int, gaps: Sequence[str],
+    reduction: Reduction, length: tuple[str, int] | None = None,
 ) -> _Lookup:
-    """The entry if it is there and passes verification; else why not (runs on rank 0)."""
+    """The entry if it is there, has the dataset's length (``length``: see :func:`_length_check`) and passes
+    verification; else why not (runs on rank 0)."""
     try:
         entry = cache.read_entry(path, key)
     except cache.CacheError as error:
@@ -191,12 +220,16 @@ def _lookup(
         return _Lookup(None, None, f"the entry could not be used: {error}")
     if entry is None:
         return _Lookup(None, None, "no entry for this key")
+    mismatch = _length_mismatch(entry, length)
+    if mismatch:
+        logger.info("cache entry %r in %s not used: %s", key, path, mismatch)
+        return _Lookup(None, None, mismatch)
     samples = getattr(entry, "arrays", {}) or {}
     if verify == 0:
         return _Lookup(entry, None, "not verified (verify=0)" + (f"; the key has gaps: {list(gaps)}" if gaps else ""))
     if not {"index", "mean", "var"} <= set(samples):
         return _Lookup(entry, None, "not verified: the entry holds no per-image moments (partial_fit/save or 0.1)")
-    verification = _verify(dataset, capturing, image, entry, samples, verify)
+    verification = _verify(dataset, capturing, image, entry, samples, verify, reduction)
     if verification.passed:
         return _Lookup(entry, verification, "")
     warn(
@@ -206,19 +239,44 @@ def _lookup(
     return _Lookup(None, verification, "the entry failed verification")
 
 
+def _length_check(dataset: Dataset, max_samples: int | None) -> tuple[str, int] | None:
+    """``(entry attribute, len(dataset))`` to compare on a hit: the sample count of a full fit, the population
+    of a subset fit. None for a stream or a dataset without a length."""
+    if isinstance(dataset, IterableDataset):
+        return None
+    try:
+        length = dataset_length(dataset)
+    except Exception:  # no __len__, or one that fails: nothing to compare
+        return None
+    return ("num_samples" if max_samples is None else "population", int(length))
+
+
+def _length_mismatch(entry: cache.CacheEntry, length: tuple[str, int] | None) -> str:
+    """Why an entry fitted on another number of samples is a miss ("" when the counts agree or are unknown)."""
+    if length is None or length[0] not in entry.attrs:
+        return ""
+    name, now = length
+    then = int(entry.attrs[name])
+    if then == now:
+        return ""
+    return f"a miss: the dataset has {now} samples now, the entry was fitted on {then} ({name})"
+
+
 def _verify(
     dataset: Dataset, capturing: Capturing, image: Any, entry: cache.CacheEntry, samples: dict[str, np.ndarray],
-    verify: int,
+    verify: int, reduction: Reduction,
 ) -> Verification:
     """Read up to ``verify`` of the entry's tracked images again (a fresh random draw; a stream's first
     images, in order) and test them against it, in :func:`~torchnormfit.verification.stages`."""
     channels = entry.stats.num_channels
-    with capturing() as capture, rereading(dataset, samples["index"].tolist(), verify, capture, image) as (rows, read):
+    with capturing() as capture, rereading(dataset, samples["index"].tolist(), verify, capture, image,
+                                           reduction) as (rows, read):
         try:
             return verify_in_stages(
                 torch.from_numpy(np.asarray(samples["mean"][rows], dtype=np.float64)),
                 torch.from_numpy(np.asarray(samples["var"][rows], dtype=np.float64)),
-                lambda start, stop: _moments(read(start, stop), channels, start), entry.stats.mean, entry.stats.var)
+                lambda start, stop: _moments(read(start, stop), channels, start, reduction.masked), entry.stats.mean,
+                entry.stats.var)
         except _ChannelMismatch as mismatch:
             return Verification(mismatch.read, False, math.inf, threshold(channels), str(mismatch))
 
@@ -231,9 +289,10 @@ class _ChannelMismatch(Exception):
         self.read = read
 
 
-def _moments(images: list[torch.Tensor], channels: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _moments(images: list[torch.Tensor], channels: int, start: int, masked: bool = False,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """The images' own means and variances, ``(n, C)`` each (``start``: the images read before these)."""
-    pairs = [image_moments(im) for im in images]
+    pairs = [image_moments(moment_image(im, masked)) for im in images]
     other = sorted({mean.numel() for mean, _ in pairs} - {channels})
     if other:
         raise _ChannelMismatch(f"the images have {other} channels, the entry {channels}", start + len(images))
@@ -251,7 +310,10 @@ def _entry_record(
         errors = StandardErrors(torch.tensor(entry.attrs["mean_se"], dtype=torch.float64),
                                 torch.tensor(entry.attrs["std_se"], dtype=torch.float64))
     num_samples = int(entry.attrs.get("num_samples", 0))
-    return FitRecord("cache", key, path, verification, False, note, gaps, entry.stats, num_samples, errors)
+    values = ValueCounts.from_arrays(entry.attrs, getattr(entry, "arrays", {}) or {})
+    stats = entry.stats if values is None else entry.stats.with_values(values)
+    return FitRecord("cache", key, path, verification, False, note, gaps, stats, num_samples, errors,
+                     bool(entry.attrs.get("integer_input", False)))
 
 
 # --- the pass and the write ----------------------------------------------------------------------
@@ -259,7 +321,7 @@ def _entry_record(
 
 def _pass(
     dataset: Dataset, capturing: Capturing, image: Any, max_samples: int | None, seed: int, process_group: Any,
-    loader: dict[str, Any], track: bool = False,
+    loader: dict[str, Any], track: bool = False, reduction: Reduction | None = None,
 ) -> tuple[PassResult, StandardErrors | None]:
     """One pass with the transform in capture mode; it is left unchanged if the pass fails.
 
@@ -267,7 +329,7 @@ def _pass(
     """
     with capturing() as capture:
         return run_pass(dataset, capture, image=image, max_samples=max_samples, seed=seed,
-                        process_group=process_group, track=track, **loader)
+                        process_group=process_group, track=track, reduction=reduction, **loader)
 
 
 def _arrays(tracked: dict[int, tuple[list[float], list[float]]]) -> dict[str, np.ndarray]:

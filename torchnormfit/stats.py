@@ -12,7 +12,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["ChannelStats"]
+from .values import ValueCounts
+
+__all__ = ["ChannelStats", "ValueCounts"]
 
 _FIELDS = ("count", "mean", "m2", "min", "max")
 
@@ -50,6 +52,23 @@ def _within(mean: Tensor, min: Tensor, max: Tensor) -> Tensor:
     return torch.where(min <= max, torch.minimum(torch.maximum(mean, min), max), mean)
 
 
+def _rebuild(count: Tensor, mean: Tensor, m2: Tensor, min: Tensor, max: Tensor,
+             values: ValueCounts | None = None) -> ChannelStats:
+    """Unpickle a ChannelStats (its values keyword-only)."""
+    return ChannelStats(count, mean, m2, min, max, values=values)
+
+
+def _merge_values(a: ChannelStats, b: ChannelStats) -> ValueCounts | None:
+    """Both sides' value counts added; a side of no pixels counts as none; a side that kept none loses them."""
+    if a.values is not None and b.values is not None:
+        return a.values.merge(b.values)
+    if a.values is None and not bool((a.count > 0).any()):
+        return b.values
+    if b.values is None and not bool((b.count > 0).any()):
+        return a.values
+    return None
+
+
 class ChannelStats:
     """Exact per-channel pixel statistics: count, mean, M2, min and max in float64.
 
@@ -70,31 +89,41 @@ class ChannelStats:
     True
     """
 
-    __slots__ = _FIELDS
+    __slots__ = (*_FIELDS, "values")
+
     count: Tensor
     mean: Tensor
     m2: Tensor
     min: Tensor
     max: Tensor
+    values: ValueCounts | None
+    """Per-channel counts of each value (integer data) or of narrow value ranges (float data), for
+    percentiles; None unless asked for (``batch_stats(..., values=True)``). Merged with the rest."""
 
-    def __init__(self, count: Tensor, mean: Tensor, m2: Tensor, min: Tensor, max: Tensor):
+    def __init__(self, count: Tensor, mean: Tensor, m2: Tensor, min: Tensor, max: Tensor, *,
+                 values: ValueCounts | None = None):
         # Copies, so that no caller's tensor (an accumulator's buffers, a dict it handed in) aliases ours.
-        values = [torch.as_tensor(v, dtype=torch.float64).detach().clone() for v in (count, mean, m2, min, max)]
-        shapes = {tuple(v.shape) for v in values}
+        fields = [torch.as_tensor(v, dtype=torch.float64).detach().clone() for v in (count, mean, m2, min, max)]
+        shapes = {tuple(v.shape) for v in fields}
         if len(shapes) != 1 or len(next(iter(shapes))) != 1:
             raise ValueError(
                 "ChannelStats expects count, mean, m2, min and max as 1-D tensors of one length "
-                f"(one value per channel). Got shapes {[tuple(v.shape) for v in values]}."
+                f"(one value per channel). Got shapes {[tuple(v.shape) for v in fields]}."
             )
-        for name, value in zip(_FIELDS, values):
+        for name, value in zip(_FIELDS, fields):
             object.__setattr__(self, name, value)
+        if values is not None and values.num_channels != self.mean.numel():
+            raise ValueError(f"ChannelStats of {self.mean.numel()} channels got value counts of {values.num_channels}.")
+        object.__setattr__(self, "values", values)
 
     @classmethod
-    def _owned(cls, count: Tensor, mean: Tensor, m2: Tensor, min: Tensor, max: Tensor) -> ChannelStats:
+    def _owned(cls, count: Tensor, mean: Tensor, m2: Tensor, min: Tensor, max: Tensor,
+               values: ValueCounts | None = None) -> ChannelStats:
         """Wrap five 1-D float64 tensors of one length that no one else holds, without copying them."""
         stats = object.__new__(cls)
         for name, value in zip(_FIELDS, (count, mean, m2, min, max)):
             object.__setattr__(stats, name, value)
+        object.__setattr__(stats, "values", values)
         return stats
 
     @classmethod
@@ -147,7 +176,21 @@ class ChannelStats:
         other = other.to(self.mean.device)
         count, mean, m2 = _chan_merge(self.count, self.mean, self.m2, other.count, other.mean, other.m2)
         low, high = torch.minimum(self.min, other.min), torch.maximum(self.max, other.max)
-        return ChannelStats(count, _within(mean, low, high), m2, low, high)
+        return ChannelStats(count, _within(mean, low, high), m2, low, high, values=_merge_values(self, other))
+
+    def with_values(self, values: ValueCounts | None) -> ChannelStats:
+        """The same statistics with ``values`` (per-value counts for percentiles) attached."""
+        return ChannelStats(self.count, self.mean, self.m2, self.min, self.max, values=values)
+
+    def percentiles(self, q: tuple[float, ...] | list[float]) -> Tensor:
+        """Per-channel percentiles ``(len(q), C)`` in float64, as ``numpy.percentile(..., method="linear")``.
+
+        Exact for integer data (counts per value); for float data within the
+        resolution :attr:`ValueCounts.rank_error` states. Needs :attr:`values`.
+        """
+        if self.values is None:
+            raise ValueError("These statistics hold no value counts: fit with clip=(low, high) to get percentiles.")
+        return self.values.percentiles(q, self.min, self.max)
 
     def constant_channels(self) -> Tensor:
         """Channels whose variance is zero up to float64 rounding.
@@ -162,18 +205,19 @@ class ChannelStats:
     def to(self, device: torch.device | str | None) -> ChannelStats:
         if device is None or self.mean.device == torch.device(device):
             return self
-        return ChannelStats(*(getattr(self, name).to(device) for name in _FIELDS))
+        return ChannelStats(self.count.to(device), self.mean.to(device), self.m2.to(device), self.min.to(device),
+                            self.max.to(device), values=self.values)
 
     def to_dict(self) -> dict[str, Tensor]:
         """The five float64 tensors by name (``count``, ``mean``, ``m2``, ``min``, ``max``), as copies."""
         return {name: getattr(self, name).clone() for name in _FIELDS}
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Tensor]) -> ChannelStats:
+    def from_dict(cls, values: Mapping[str, Tensor], counts: ValueCounts | None = None) -> ChannelStats:
         missing = [name for name in _FIELDS if name not in values]
         if missing:
             raise KeyError(f"ChannelStats needs the fields {list(_FIELDS)}; missing {missing}.")
-        return cls(*(values[name] for name in _FIELDS))
+        return cls(values["count"], values["mean"], values["m2"], values["min"], values["max"], values=counts)
 
     def __setattr__(self, name, value):
         raise AttributeError("ChannelStats is immutable; merge() returns a new object.")
@@ -182,7 +226,7 @@ class ChannelStats:
         raise AttributeError("ChannelStats is immutable; merge() returns a new object.")
 
     def __reduce__(self):
-        return (ChannelStats, tuple(getattr(self, name) for name in _FIELDS))
+        return (_rebuild, (*(getattr(self, name) for name in _FIELDS), self.values))
 
     def __repr__(self) -> str:
         def fmt(t: Tensor) -> str:

@@ -23,6 +23,8 @@ from torch.utils.data import Dataset, IterableDataset
 
 from .._warn import warn
 from ..distributed import Ranks, agree, current_ranks, gather_merge, shard
+from ..images import moment_image
+from ..reduce import Reduction
 from ..stats import ChannelStats
 from ..verification import DEFAULT_VERIFY
 from .loader import (
@@ -55,6 +57,7 @@ __all__ = [
     "PassResult",
     "StandardErrors",
     "Capture",
+    "Reduction",
     "tensor_stats",
     "dataset_length",
     "subset_indices",
@@ -80,6 +83,7 @@ def run_pass(
     process_group: Any = None,
     track: bool = False,
     progress: bool | None = None,
+    reduction: Reduction | None = None,
     **loader: Any,
 ) -> tuple[PassResult, StandardErrors | None]:
     """One pass over ``dataset``: its exact per-channel statistics, and their standard errors after a subset.
@@ -106,6 +110,9 @@ def run_pass(
         map-style dataset, the first ``DEFAULT_VERIFY`` of a stream.
     progress : bool, optional
         A progress bar (default: when stderr is a terminal).
+    reduction : Reduction, optional
+        What to leave out (``ignore``, ``mask``), whether to count values
+        (percentiles), and ``spatial_dims``; default every pixel of images.
     **loader
         ``batch_size``, ``num_workers``, ``device``, ``pin_memory``.
 
@@ -129,22 +136,24 @@ def run_pass(
     loader = {"batch_size": None, "num_workers": None, "device": None, "pin_memory": None, **loader}
     errors = None
     if isinstance(dataset, IterableDataset):
-        tracked = _first_moments(dataset, capture, image, max_samples) if track and ranks is None else {}
+        tracked = _first_moments(dataset, capture, image, max_samples, reduction) if track and ranks is None else {}
         result = _on_ranks(ranks, progress, lambda show: stream_pass(
-            dataset, capture, image, None, show, max_samples=max_samples, **loader))
+            dataset, capture, image, None, show, max_samples=max_samples, reduction=reduction, **loader))
         result = result._replace(tracked=tracked)
     else:
-        result, errors = _map_style(dataset, capture, image, max_samples, seed, ranks, track, progress, loader)
+        result, errors = _map_style(dataset, capture, image, max_samples, seed, ranks, track, progress, loader,
+                                    reduction)
     if result.stats is None:
         what = "the stream" if isinstance(dataset, IterableDataset) else "the subset of"
         raise ValueError(f"No samples to fit: {what} {type(dataset).__name__} is empty.")
-    _warn_if_0_255(result.stats, result.probe)
+    if not result.integer:  # integer images are fitted in their own units: any range is theirs
+        _warn_if_0_255(result.stats, result.probe)
     return result, errors
 
 
 def _map_style(
     dataset: Dataset, capture: Capture | None, image: Callable[[Any], Any] | None, max_samples: int | None, seed: int,
-    ranks: Ranks | None, track: bool, progress: bool, loader: dict[str, Any],
+    ranks: Ranks | None, track: bool, progress: bool, loader: dict[str, Any], reduction: Reduction | None = None,
 ) -> tuple[PassResult, StandardErrors | None]:
     """The pass over all of a map-style dataset, or over a random subset with its standard errors."""
     length = check_dataset(dataset)
@@ -160,12 +169,13 @@ def _map_style(
     groups: list[ChannelStats] = []
     on_batch = None if max_samples is None else groups.append
     result = _on_ranks(ranks, progress, lambda show: map_pass(
-        dataset, local, capture, image, on_batch, show, chosen, **loader))
+        dataset, local, capture, image, on_batch, show, chosen, reduction=reduction, **loader))
     return result, subset_errors(groups, result.num_samples, length) if groups else None
 
 
 def _first_moments(
-    dataset: IterableDataset, capture: Capture | None, image: Callable[[Any], Any] | None, max_samples: int | None
+    dataset: IterableDataset, capture: Capture | None, image: Callable[[Any], Any] | None, max_samples: int | None,
+    reduction: Reduction | None = None,
 ) -> dict[int, tuple[list[float], list[float]]]:
     """The moments of a stream's first images, which a hit reads again (``DEFAULT_VERIFY`` more reads).
 
@@ -173,8 +183,9 @@ def _first_moments(
     the stream's.
     """
     count = DEFAULT_VERIFY if max_samples is None else min(DEFAULT_VERIFY, max_samples)
-    first = first_images(dataset, count, capture, image)
-    return {i: own_moments(im) for i, im in enumerate(first)}
+    first = first_images(dataset, count, capture, image, reduction)
+    masked = reduction is not None and reduction.masked
+    return {i: own_moments(moment_image(im, masked)) for i, im in enumerate(first)}
 
 
 def _on_ranks(ranks: Ranks | None, progress: bool, run_local: Callable[[bool], PassResult]) -> PassResult:
@@ -211,7 +222,7 @@ def _ranked_pass(ranks: Ranks, run_local: Callable[[], PassResult]) -> PassResul
     for part in parts:
         probe = probe.merge(part.probe)
     return PassResult(gather_merge(ranks, stats), sum(p.num_samples for p in parts), tracked,
-                      sum(p.captured for p in parts), probe=probe)
+                      sum(p.captured for p in parts), probe=probe, integer=any(p.integer for p in parts))
 
 
 @contextlib.contextmanager
@@ -221,6 +232,7 @@ def rereading(
     count: int,
     capture: Capture | None,
     image: Callable[[Any], Any] | None,
+    reduction: Reduction | None = None,
 ) -> Iterator[tuple[list[int], Callable[[int, int], list[Tensor]]]]:
     """Read tracked images again, in this process, to verify a cache hit.
 
@@ -232,12 +244,12 @@ def rereading(
     """
     count = min(count, len(indices))
     if isinstance(dataset, IterableDataset):
-        with contextlib.closing(stream_images(dataset, capture, image)) as stream:
+        with contextlib.closing(stream_images(dataset, capture, image, reduction)) as stream:
             yield list(range(count)), lambda start, stop: list(itertools.islice(stream, stop - start))
         return
     rows = random.SystemRandom().sample(range(len(indices)), count)
     yield rows, lambda start, stop: read_images(dataset, [int(indices[row]) for row in rows[start:stop]], capture,
-                                                image)
+                                                image, reduction)
 
 
 def looks_0_255(stats: ChannelStats, probe: ScaleProbe) -> bool:

@@ -24,15 +24,36 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .._warn import warn
-from ..accumulator import BatchNormAccumulator, batch_stats, reuse_buffer
-from ..images import check_image, find_image
-from ..stats import ChannelStats
+from ..accumulator import BatchNormAccumulator
+from ..images import (
+    check_image,
+    check_mask,
+    find_image,
+    find_mask,
+    moment_image,
+    planar,
+)
+from ..reduce import Reduction, batch_stats, check_finite, reuse_buffer
+from ..stats import ChannelStats, ValueCounts
 from ..verification import image_moments
 
 __all__ = [
-    "Capture", "read_image", "read_images", "Failure", "Batch", "Collate", "PassResult", "ScaleProbe", "reduce_batches",
+    "DEFAULT_BATCH_SIZE",
+    "Batch",
+    "Capture",
+    "Collate",
+    "Failure",
+    "PassResult",
+    "ScaleProbe",
+    "dataset_length",
+    "default_batch_size",
+    "default_num_workers",
+    "own_moments",
+    "read_image",
+    "read_images",
+    "reduce_batches",
     "running",
-    "tensor_stats", "default_num_workers", "default_batch_size", "DEFAULT_BATCH_SIZE",
+    "tensor_stats",
 ]
 
 DEFAULT_BATCH_SIZE = 64  # for subsets' groups and the file check; fit() picks its own (default_batch_size)
@@ -63,6 +84,10 @@ class Capture:
         self.image: Tensor | None = None
         self.stopped = False
         self.took = False
+        self.mask_source: Any = None
+        """``fit(mask=...)``: FitNormalize looks for the mask in what reaches it (see FitNormalize.forward)."""
+        self.mask: Any = None
+        self.taken_mask: Any = None
 
     def offer(self, image: Tensor) -> Tensor:
         if self.image is None:
@@ -73,8 +98,12 @@ class Capture:
         return image
 
     def take(self) -> Tensor | None:
-        """The image offered since the last take (None if none); ``took`` says whether there was one."""
+        """The image offered since the last take (None if none); ``took`` says whether there was one.
+
+        The mask found beside it, if one was asked for, is then ``taken_mask``.
+        """
         image, self.image, self.stopped = self.image, None, False
+        self.taken_mask, self.mask = self.mask, None
         self.took = image is not None
         return image
 
@@ -117,7 +146,8 @@ class Failure:
 
 
 def read_image(
-    read: Callable[[], Any], where: str, capture: Capture | None, image: Callable[[Any], Any] | None
+    read: Callable[[], Any], where: str, capture: Capture | None, image: Callable[[Any], Any] | None,
+    reduction: Reduction | None = None,
 ) -> Tensor:
     """Read one sample with ``read()`` and return its image tensor, checked.
 
@@ -125,15 +155,19 @@ def read_image(
     the sample (``image(sample)`` or :func:`find_image`). Every error names
     the sample with ``where`` (``"Sample 7: "``). The map-style and the
     stream readers both read through here; a stream's ``StopIteration``
-    passes through unchanged.
+    passes through unchanged. Under a ``reduction`` integer images are kept as
+    they are, a volume comes back as the image ``(C, D*H, W)``, and a mask
+    as a last channel (``(C + 1, H, W)``, in the image's dtype).
     """
+    reduction = reduction or Reduction()
     if capture is not None:
         capture.take()
+        capture.mask_source = reduction.mask
     try:
         sample = read()
     except _Captured:  # FitNormalize has the image: the rest of the sample is not built
         assert capture is not None  # only a Capture raises it
-        return check_image(capture.take(), where)
+        return _with_mask(capture.take(), capture.taken_mask, where, reduction)
     except StopIteration:
         raise
     except Exception as error:
@@ -145,14 +179,26 @@ def read_image(
     if capture is not None and captured is not None:
         if capture.stop:
             _warn_swallowed_stop()
-        return check_image(captured, where)
+        return _with_mask(captured, capture.taken_mask, where, reduction)
     found = image(sample) if image is not None else find_image(sample)
     if found is None:
         raise TypeError(
             f"{where}found no image tensor in a sample of type {type(sample).__name__}. "
             "Return a tensor, a tv_tensors.Image or a tuple/dict holding one, or pass image=... to fit()."
         )
-    return check_image(found, where)
+    mask = find_mask(sample, reduction.mask, where) if reduction.masked else None
+    return _with_mask(found, mask, where, reduction)
+
+
+def _with_mask(found: Any, mask: Any, where: str, reduction: Reduction) -> Tensor:
+    """The checked image, planar, with its mask as a last channel when the reduction wants one."""
+    image = check_image(found, where, integer=True, spatial_dims=reduction.spatial_dims)
+    if not reduction.masked:
+        return planar(image, reduction.spatial_dims)
+    if image.ndim != reduction.spatial_dims + 1:
+        raise ValueError(f"{where}with mask=, each sample holds one image (C, ...). Got {tuple(image.shape)}.")
+    kept = check_mask(mask, image, where, reduction.spatial_dims).to(image.dtype)
+    return planar(torch.cat([image, kept]), reduction.spatial_dims)
 
 
 def _warn_swallowed_stop() -> None:
@@ -178,10 +224,12 @@ def _naming_sample(error: Exception, where: str) -> Exception:
 
 
 def read_images(
-    dataset: Dataset, indices: Sequence[int], capture: Capture | None = None, image: Callable[[Any], Any] | None = None
+    dataset: Dataset, indices: Sequence[int], capture: Capture | None = None, image: Callable[[Any], Any] | None = None,
+    reduction: Reduction | None = None,
 ) -> list[Tensor]:
     """The images of ``dataset[i]`` for ``i`` in ``indices``, read here, one by one (to verify a cache hit)."""
-    return [read_image(functools.partial(operator.getitem, dataset, index), f"Sample {index}: ", capture, image)
+    return [read_image(functools.partial(operator.getitem, dataset, index), f"Sample {index}: ", capture, image,
+                       reduction)
             for index in indices]
 
 
@@ -259,6 +307,10 @@ class Batch:
     """Images that the FitNormalize being fitted captured (the others were found in the sample)."""
     probe: ScaleProbe = ScaleProbe()
     """The scale of the batch's first image (see :class:`ScaleProbe`)."""
+    values: ValueCounts | None = None
+    """The batch's value counts, when the reduction counts values (clip=)."""
+    integer: bool = False
+    """Whether the batch's images are integers (fitted in their own units)."""
 
 
 class Collate:
@@ -271,9 +323,10 @@ class Collate:
     stacked groups instead.
     """
 
-    def __init__(self, reduce: bool, track: frozenset[int] = frozenset()):
+    def __init__(self, reduce: bool, track: frozenset[int] = frozenset(), reduction: Reduction | None = None):
         self.reduce = reduce
         self.track = track
+        self.reduction = reduction or Reduction()
         self._stacked: Tensor | None = None
 
     def __call__(self, items: Sequence[tuple[int, Tensor | Failure, bool]]) -> Batch:
@@ -289,16 +342,21 @@ class Collate:
 
     def _reduce(self, items: Sequence[tuple[int, Tensor]]) -> Batch:
         first_index, first = items[0]
-        channels = first.shape[-3]
+        channels = first.shape[-3] - self.reduction.masked
         by_shape: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}
         for index, image in items:
-            if image.shape[-3] != channels:
-                raise ValueError(_channel_mismatch(index, image.shape[-3], channels, first_index))
+            if image.shape[-3] - self.reduction.masked != channels:
+                raise ValueError(_channel_mismatch(index, image.shape[-3] - self.reduction.masked, channels,
+                                                   first_index))
+            if image.is_floating_point() != first.is_floating_point():
+                raise ValueError(_units_mismatch(index, image, first_index, first))
             by_shape.setdefault((*image.shape, image.dtype), []).append((index, image))
+        masked = self.reduction.masked
         with _one_thread():  # a few images: threads gain nothing, and a forked process may have no thread pool
-            probe = ScaleProbe.of(first)
-            tracked = {index: own_moments(image) for index, image in items if index in self.track}
-        batch = Batch(first_index, len(items), channels, tracked=tracked, probe=probe)
+            probe = ScaleProbe.of(moment_image(first, masked)) if first.is_floating_point() else ScaleProbe()
+            tracked = {index: own_moments(moment_image(image, masked)) for index, image in items if index in self.track}
+        batch = Batch(first_index, len(items), channels, tracked=tracked, probe=probe,
+                      integer=not first.is_floating_point())
         if not self.reduce:
             batch.groups = [([i for i, _ in group], torch.stack([im for _, im in group]))
                             for group in by_shape.values()]
@@ -312,6 +370,7 @@ class Collate:
                     stats = stats.merge(self._piece_stats(group[start : start + step]))
         # Plain floats, not tensors: a tensor crossing the worker queue costs a shared-memory handle each.
         batch.moments = [value.tolist() for value in stats.to_dict().values()]
+        batch.values = stats.values
         return batch
 
     def _piece_stats(self, piece: list[tuple[int, Tensor]]) -> ChannelStats:
@@ -320,8 +379,8 @@ class Collate:
         numel = len(images) * images[0].numel()
         self._stacked = reuse_buffer(self._stacked, numel, images[0])
         stacked = torch.stack(images, out=self._stacked[:numel].view(len(images), *images[0].shape))
-        piece_stats = batch_stats(stacked)
-        _check_finite(piece_stats, [index for index, _ in piece], stacked)
+        piece_stats = self.reduction.stats(stacked)
+        check_finite(piece_stats, [index for index, _ in piece], stacked)
         return piece_stats
 
 
@@ -351,20 +410,17 @@ def _channel_mismatch(index: int, got: int, expected: int, first_index: int) -> 
     )
 
 
-def _check_finite(stats: ChannelStats, indices: list[int], images: Tensor) -> None:
-    if bool(torch.isfinite(stats.mean).all() and torch.isfinite(stats.m2).all()):
-        return
-    finite = torch.isfinite(images.reshape(images.shape[0], -1)).all(dim=1)
-    bad = indices[int((~finite).nonzero()[0])] if not bool(finite.all()) else indices[0]
-    raise ValueError(
-        f"Sample {bad} contains NaN or Inf pixel values. Statistics need finite pixels: fix or drop the sample."
+def _units_mismatch(index: int, image: Tensor, first_index: int, first: Tensor) -> str:
+    return (
+        f"Sample {index} is {image.dtype}, but sample {first_index} is {first.dtype}: integer images are fitted in "
+        "their own units, float images in theirs. Convert them all alike in the pipeline (v2.ToDtype)."
     )
 
 
 class PassResult(NamedTuple):
     """What a pass found: the statistics (None if it read nothing), the images read, the tracked images' moments,
-    how many images FitNormalize captured, for a stream a digest of its first images (see streamed.py), and the
-    :class:`ScaleProbe` of the first image of each batch."""
+    how many images FitNormalize captured, for a stream a digest of its first images (see streamed.py), the
+    :class:`ScaleProbe` of the first image of each batch, and whether the images were integers."""
 
     stats: ChannelStats | None
     num_samples: int
@@ -372,6 +428,7 @@ class PassResult(NamedTuple):
     captured: int = 0
     first: str | None = None
     probe: ScaleProbe = ScaleProbe()
+    integer: bool = False
 
 
 @contextlib.contextmanager
@@ -395,8 +452,10 @@ def reduce_batches(
     device: torch.device,
     on_batch: Callable[[ChannelStats], None] | None,
     bar: Any,
+    reduction: Reduction | None = None,
 ) -> PassResult:
     """Merge each batch into one accumulator; a failure is raised as it was."""
+    reduction = reduction or Reduction()
     accumulator: BatchNormAccumulator | None = None
     first: Batch | None = None
     num_samples, captured, probe = 0, 0, ScaleProbe()
@@ -408,7 +467,13 @@ def reduce_batches(
             first, accumulator = batch, BatchNormAccumulator(batch.channels, device=device)
         elif batch.channels != first.channels:
             raise ValueError(_channel_mismatch(batch.first_index, batch.channels, first.channels, first.first_index))
-        one_batch = _accumulate(accumulator, batch, device)
+        elif batch.integer != first.integer:
+            units = {True: "integer", False: "float"}
+            raise ValueError(f"Sample {batch.first_index} holds {units[batch.integer]} images, but sample "
+                             f"{first.first_index} {units[first.integer]} ones: integer images are fitted in their "
+                             "own units. Convert them all alike in the pipeline (v2.ToDtype).")
+        with _one_thread():  # small merges: a second thread only adds waits (60x on a busy machine)
+            one_batch = _accumulate(accumulator, batch, device, reduction)
         if on_batch is not None:
             on_batch(one_batch)
         num_samples += batch.num_samples
@@ -417,7 +482,7 @@ def reduce_batches(
         tracked.update(batch.tracked)
         bar.update(batch.num_samples)
     stats = None if accumulator is None else accumulator.stats.to("cpu")
-    return PassResult(stats, num_samples, tracked, captured, probe=probe)
+    return PassResult(stats, num_samples, tracked, captured, probe=probe, integer=first is not None and first.integer)
 
 
 def tensor_stats(images: Tensor) -> tuple[ChannelStats, int]:
@@ -426,20 +491,23 @@ def tensor_stats(images: Tensor) -> tuple[ChannelStats, int]:
     with _one_thread():
         stats = batch_stats(images)
     count = images.reshape(-1, *images.shape[-3:]).shape[0]
-    _check_finite(stats, list(range(count)), images.reshape(count, -1))
+    check_finite(stats, list(range(count)), images.reshape(count, -1))
     return stats, count
 
 
-def _accumulate(accumulator: BatchNormAccumulator, batch: Batch, device: torch.device) -> ChannelStats:
+def _accumulate(accumulator: BatchNormAccumulator, batch: Batch, device: torch.device,
+                reduction: Reduction) -> ChannelStats:
     """Merge one batch into the accumulator; return the batch's own statistics."""
     if batch.moments is not None:
-        stats = ChannelStats(*(torch.tensor(values, dtype=torch.float64) for values in batch.moments))
+        count, mean, m2, low, high = (torch.tensor(values, dtype=torch.float64) for values in batch.moments)
+        stats = ChannelStats(count, mean, m2, low, high, values=batch.values)
         accumulator.merge(stats.to(device))
         return stats
     stats = ChannelStats.empty(batch.channels, device=device)
     for indices, images in batch.groups or ():
         images = images.to(device, non_blocking=True)
-        group_stats = accumulator.update(images)
-        _check_finite(group_stats, indices, images)
+        group_stats = reduction.stats(images)
+        check_finite(group_stats, indices, images)
+        accumulator.merge(group_stats)
         stats = stats.merge(group_stats)
     return stats

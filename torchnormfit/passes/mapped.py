@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..images import find_image
+from ..reduce import Reduction
 from ..stats import ChannelStats
 from ..verification import TRACKED
 from .loader import (
@@ -193,10 +194,12 @@ def sample_pixels(dataset: Dataset, *, max_pixels: int = 200_000, max_images: in
 class _SampleReader(Dataset):
     """``dataset[i]`` -> ``(i, image tensor)``, or ``(i, Failure)`` naming ``i``."""
 
-    def __init__(self, dataset: Dataset, capture: Capture | None, image: Callable[[Any], Any] | None):
+    def __init__(self, dataset: Dataset, capture: Capture | None, image: Callable[[Any], Any] | None,
+                 reduction: Reduction | None = None):
         self.dataset = dataset
         self.capture = capture
         self.image = image
+        self.reduction = reduction
 
     def __len__(self) -> int:
         return dataset_length(self.dataset)
@@ -204,7 +207,8 @@ class _SampleReader(Dataset):
     def __getitem__(self, index: int) -> tuple[int, Tensor | Failure, bool]:
         """``(index, image or failure, whether FitNormalize captured the image)``."""
         try:
-            image = read_image(lambda: self.dataset[index], f"Sample {index}: ", self.capture, self.image)
+            image = read_image(lambda: self.dataset[index], f"Sample {index}: ", self.capture, self.image,
+                               self.reduction)
         except Exception as error:
             return index, Failure.capture(error), False
         return index, image, self.capture is not None and self.capture.took
@@ -223,16 +227,18 @@ def map_pass(
     num_workers: int | None,
     device: torch.device | str | None,
     pin_memory: bool | None,
+    reduction: Reduction | None = None,
 ) -> PassResult:
-    """The DataLoader pass over ``indices``."""
+    """The DataLoader pass over ``indices`` (reduced as ``reduction`` says)."""
     num_workers = default_num_workers() if num_workers is None else num_workers
     device = torch.device(device) if device is not None else torch.device("cpu")
-    probed, loader = _loader(dataset, indices, capture, image, track, batch_size, num_workers, device, pin_memory)
+    probed, loader = _loader(dataset, indices, capture, image, track, batch_size, num_workers, device, pin_memory,
+                             reduction)
     logger.info("fitting %s: %d samples, batch_size=%d, num_workers=%d, device=%s",
                 type(dataset).__name__, len(indices), loader.batch_size, num_workers, device)
     bar = tqdm(total=len(indices), unit="img", desc="torchnormfit", disable=not progress)
     with bar, running(loader) as batches:
-        return reduce_batches(itertools.chain(probed, batches), device, on_batch, bar)
+        return reduce_batches(itertools.chain(probed, batches), device, on_batch, bar, reduction)
 
 
 def _loader(
@@ -245,6 +251,7 @@ def _loader(
     num_workers: int,
     device: torch.device,
     pin_memory: bool | None,
+    reduction: Reduction | None = None,
 ) -> tuple[list[Batch], DataLoader]:
     """The DataLoader of the pass, and the batches read before it.
 
@@ -252,7 +259,8 @@ def _loader(
     batch size (:func:`default_batch_size`) and it is the first batch, so no
     sample is read twice.
     """
-    reader, collate = _SampleReader(dataset, capture, image), Collate(reduce=device.type == "cpu", track=track)
+    reader = _SampleReader(dataset, capture, image, reduction)
+    collate = Collate(reduce=device.type == "cpu", track=track, reduction=reduction)
     probed: list[Batch] = []
     if batch_size is None and len(indices) > 0:
         index, item, captured = reader[indices[0]]

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from ..reduce import Reduction
 from ..stats import ChannelStats
 from .loader import (
     Batch,
@@ -59,6 +60,7 @@ def stream_pass(
     device: torch.device | str | None,
     pin_memory: bool | None,
     max_samples: int | None,
+    reduction: Reduction | None = None,
 ) -> PassResult:
     """One DataLoader pass over this process's part of a stream.
 
@@ -73,10 +75,10 @@ def stream_pass(
     num_workers = 0 if max_samples is not None else stream_workers(dataset, num_workers)
     device = torch.device(device) if device is not None else torch.device("cpu")
     length = _length(dataset, max_samples)
-    reader = _StreamReader(dataset, capture, image, batch_size, max_samples, length, num_workers)
+    reader = _StreamReader(dataset, capture, image, batch_size, max_samples, length, num_workers, reduction)
     loader = DataLoader(
         reader, batch_size=None, num_workers=num_workers,
-        collate_fn=_StreamCollate(reduce=device.type == "cpu"),  # type: ignore[arg-type]  # batch_size=None: one item
+        collate_fn=_StreamCollate(reduce=device.type == "cpu", reduction=reduction),  # type: ignore[arg-type]
         pin_memory=(device.type != "cpu") if pin_memory is None else pin_memory,
     )
     logger.info("fitting the stream %s: %s samples, batch_size=%s, num_workers=%d, device=%s",
@@ -84,7 +86,7 @@ def stream_pass(
     bar = tqdm(total=length, unit="img", desc="torchnormfit", disable=not progress)
     firsts: dict[str, int | None] = {}
     with bar, running(loader) as batches:
-        result = reduce_batches(_split_checked(batches, num_workers, firsts), device, on_batch, bar)
+        result = reduce_batches(_split_checked(batches, num_workers, firsts), device, on_batch, bar, reduction)
     return result._replace(first=next(iter(firsts), None))
 
 
@@ -140,7 +142,8 @@ def _length(dataset: IterableDataset, max_samples: int | None) -> int | None:
 
 
 def _samples(
-    dataset: IterableDataset, capture: Capture | None, image: Callable[[Any], Any] | None, where: Callable[[int], str]
+    dataset: IterableDataset, capture: Capture | None, image: Callable[[Any], Any] | None, where: Callable[[int], str],
+    reduction: Reduction | None = None,
 ) -> Generator[Tensor, None, None]:
     """The image of each sample of the stream, read through :func:`~torchnormfit.passes.loader.read_image`."""
     if capture is not None:
@@ -156,7 +159,7 @@ def _samples(
     position = 0
     while True:
         try:
-            found = read_image(read, where(position), capture, image)
+            found = read_image(read, where(position), capture, image, reduction)
         except StopIteration:
             return
         yield found
@@ -185,14 +188,15 @@ class _StreamReader(IterableDataset):
         max_samples: int | None,
         length: int | None,
         num_workers: int,
+        reduction: Reduction | None = None,
     ):
-        self.dataset, self.capture, self.image = dataset, capture, image
+        self.dataset, self.capture, self.image, self.reduction = dataset, capture, image, reduction
         self.batch_size, self.max_samples, self.length, self.num_workers = batch_size, max_samples, length, num_workers
 
     def __iter__(self) -> Iterator[tuple[int | None, list[tuple[int, Tensor | Failure]]]]:
         info = get_worker_info()
         worker = None if info is None else info.id
-        samples = _samples(self.dataset, self.capture, self.image, _where(worker))
+        samples = _samples(self.dataset, self.capture, self.image, _where(worker), self.reduction)
         size, position = self.batch_size, 0
         batch: list[tuple[int, Tensor | Failure]] = []
         while self.max_samples is None or position < self.max_samples:
@@ -216,8 +220,8 @@ class _StreamReader(IterableDataset):
 class _StreamCollate:
     """:class:`~torchnormfit.passes.loader.Collate` on a worker's batch, with a digest of the worker's first images."""
 
-    def __init__(self, reduce: bool):
-        self.collate = Collate(reduce)
+    def __init__(self, reduce: bool, reduction: Reduction | None = None):
+        self.collate = Collate(reduce, reduction=reduction)
 
     def __call__(self, tagged: tuple[int | None, list[tuple[int, Any]]]) -> tuple[int | None, str | None, Batch]:
         worker, items = tagged
@@ -270,7 +274,8 @@ def check_split_across_ranks(firsts: list[str | None]) -> None:
 
 
 def first_images(
-    dataset: IterableDataset, n: int, capture: Capture | None = None, image: Callable[[Any], Any] | None = None
+    dataset: IterableDataset, n: int, capture: Capture | None = None, image: Callable[[Any], Any] | None = None,
+    reduction: Reduction | None = None,
 ) -> list[Tensor]:
     """The images of the first ``n`` samples of a stream, read in this process (no workers).
 
@@ -287,11 +292,12 @@ def first_images(
     >>> len(first_images(Stream(), 2))
     2
     """
-    return list(itertools.islice(stream_images(dataset, capture, image), n))
+    return list(itertools.islice(stream_images(dataset, capture, image, reduction), n))
 
 
 def stream_images(
-    dataset: IterableDataset, capture: Capture | None = None, image: Callable[[Any], Any] | None = None
+    dataset: IterableDataset, capture: Capture | None = None, image: Callable[[Any], Any] | None = None,
+    reduction: Reduction | None = None,
 ) -> Generator[Tensor, None, None]:
     """The images of a stream's samples in order, read in this process as :func:`first_images` reads them."""
-    return _samples(dataset, capture, image, _where(None))
+    return _samples(dataset, capture, image, _where(None), reduction)

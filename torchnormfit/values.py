@@ -1,0 +1,389 @@
+"""ValueCounts: per-channel counts of pixel values, the mergeable state behind percentiles.
+
+Integer images are counted per value (an offset bincount per channel), so their percentiles are exactly
+``numpy.percentile(..., method="linear")`` of the pixels. Float images are counted per narrow range of values
+(a bucket of the float32 bit pattern that keeps 11 of the 23 mantissa bits: every bucket spans at most
+``2**-11`` of its values' magnitude, the idea of DDSketch and HdrHistogram), so a percentile is within that
+relative resolution and :meth:`ValueCounts.rank_error` says how many pixels it could be off by. Counts are
+integers, so :meth:`ValueCounts.merge` is exact in any order: batches, workers, ranks and ``partial_fit``.
+
+Memory is bounded: all channels together hold at most ``MAX_BINS`` counters. Where a range of values needs
+more (wide int32 data, float data spanning many magnitudes), neighbouring values are pooled two by two until it
+fits (``shift`` grows by one) and the counts stop being exact; :attr:`ValueCounts.exact` says which.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["FLOAT_SHIFT", "INTEGER_DTYPES", "MAX_BINS", "ValueCounts", "float_keys"]
+
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32)
+"""Integer image dtypes fitted in their own units: counted per value, so their statistics are exact."""
+
+MAX_BINS = 1 << 22
+"""Counters held at once by one ValueCounts, all channels together (32 MiB of int64)."""
+FLOAT_SHIFT = 12
+"""Bits of a float32 key pooled into one bucket: 11 mantissa bits kept, buckets ``2**-11`` of the value wide."""
+_KINDS = ("int", "float")
+_INT32_MAX = (1 << 31) - 1
+_SCRATCH = threading.local()  # each thread's int32 buffer for the keys it counts
+
+
+def float_keys(images: Tensor) -> Tensor:
+    """int32 keys that order like the float32 values of ``images`` (sign-magnitude to two's complement)."""
+    bits = images.to(torch.float32).contiguous().view(torch.int32)
+    return bits ^ ((bits >> 31) & _INT32_MAX)
+
+
+def _keys_to_floats(keys: np.ndarray) -> np.ndarray:
+    keys = keys.astype(np.int64).clip(-(1 << 31), _INT32_MAX).astype(np.int32)
+    return (keys ^ ((keys >> 31) & _INT32_MAX)).view(np.float32).astype(np.float64)
+
+
+class ValueCounts:
+    """How many kept pixels of each channel hold each value (or fall in each narrow bucket of values).
+
+    Parameters
+    ----------
+    kind : {"int", "float"}
+        ``"int"``: buckets of integer values; ``"float"``: buckets of float32 keys (:func:`float_keys`).
+    shift : int
+        Bucket ``b`` holds the keys ``k`` with ``k >> shift == b``; 0 for exact integer counts.
+    offset : Tensor
+        ``(C,)`` int64: the bucket index of each channel's first counter.
+    counts : Tensor
+        ``(C, L)`` int64 counters.
+
+    Examples
+    --------
+    >>> x = torch.tensor([[[1, 2, 2, 9]]], dtype=torch.int16)  # (N, C, pixels)
+    >>> counts = ValueCounts.count(x)
+    >>> counts.percentiles([50.0], torch.tensor([1.0]), torch.tensor([9.0])).tolist()
+    [[2.0]]
+    """
+
+    __slots__ = ("counts", "kind", "offset", "shift")
+    kind: str
+    shift: int
+    offset: Tensor
+    counts: Tensor
+
+    def __init__(self, kind: str, shift: int, offset: Tensor, counts: Tensor) -> None:
+        if kind not in _KINDS:
+            raise ValueError(f"ValueCounts kind must be one of {_KINDS}. Got {kind!r}.")
+        offset = torch.as_tensor(offset, dtype=torch.int64).cpu()
+        counts = torch.as_tensor(counts, dtype=torch.int64).cpu()
+        if offset.ndim != 1 or counts.ndim != 2 or counts.shape[0] != offset.shape[0]:
+            raise ValueError(f"ValueCounts needs offset (C,) and counts (C, L). Got {tuple(offset.shape)} and "
+                             f"{tuple(counts.shape)}.")
+        if shift < 0 or (kind == "float" and shift < FLOAT_SHIFT) or bool((counts < 0).any()):
+            raise ValueError(f"Invalid ValueCounts: shift {shift} for kind {kind!r}, or negative counts.")
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "shift", int(shift))
+        object.__setattr__(self, "offset", offset)
+        object.__setattr__(self, "counts", counts)
+
+    @classmethod
+    def _of(cls, kind: str, shift: int, offset: Tensor, counts: Tensor) -> ValueCounts:
+        """Counts built here (valid by construction): no checks, no copies."""
+        made = object.__new__(cls)
+        for name, value in (("kind", kind), ("shift", shift), ("offset", offset), ("counts", counts)):
+            object.__setattr__(made, name, value)
+        return made
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("ValueCounts is immutable; merge() returns a new object.")
+
+    def __reduce__(self):
+        return (ValueCounts, (self.kind, self.shift, self.offset, self.counts))
+
+    def __repr__(self) -> str:
+        return (f"ValueCounts(kind={self.kind!r}, channels={self.num_channels}, shift={self.shift}, "
+                f"bins={tuple(self.counts.shape)}, pixels={self.total.tolist()})")
+
+    @property
+    def num_channels(self) -> int:
+        return self.offset.numel()
+
+    @property
+    def total(self) -> Tensor:
+        """Pixels counted per channel (int64)."""
+        return self.counts.sum(dim=1)
+
+    @property
+    def exact(self) -> bool:
+        """Whether every count is of one value (integer data, nothing pooled): percentiles are then exact."""
+        return self.kind == "int" and self.shift == 0
+
+    # --- building --------------------------------------------------------------------------------------
+
+    @classmethod
+    def empty(cls, num_channels: int, kind: str = "int") -> ValueCounts:
+        shift = 0 if kind == "int" else FLOAT_SHIFT
+        offset = torch.zeros(num_channels, dtype=torch.int64)
+        return cls(kind, shift, offset, torch.zeros(num_channels, 0, dtype=torch.int64))
+
+    @classmethod
+    def count(cls, images: Tensor, keep: Tensor | None = None, bounds: tuple[Tensor, Tensor] | None = None,
+              ) -> ValueCounts:
+        """Count the values of ``images`` ``(N, C, P)`` per channel, where ``keep`` ``(N, 1 or C, P)`` is true.
+
+        Integer images are counted per value; float images per bucket of their float32 key. ``bounds``: each
+        channel's min and max kept value when known (a :class:`ChannelStats`'), which saves two passes.
+        """
+        if images.ndim != 3:
+            raise ValueError(f"ValueCounts.count expects (N, C, P) pixels. Got {tuple(images.shape)}.")
+        kind = "float" if images.is_floating_point() else "int"
+        # Keys into a buffer reused from batch to batch: a fresh one costs its page faults every time.
+        _SCRATCH.keys = reuse(getattr(_SCRATCH, "keys", None), images.numel(), images.device)
+        keys = _SCRATCH.keys[: images.numel()].view(images.shape)
+        if kind == "float":
+            bits = images.to(torch.float32).contiguous().view(torch.int32)
+            if bounds is not None and bool((bounds[0] >= 0).all()):  # kept values >= 0: their bits already order
+                keys.copy_(bits)
+            else:
+                torch.bitwise_right_shift(bits, 31, out=keys).bitwise_and_(_INT32_MAX).bitwise_xor_(bits)
+        else:
+            keys.copy_(images)
+        channels = images.shape[1]
+        if keys.numel() == 0:
+            return cls.empty(channels, kind)
+        if bounds is not None:
+            low, high = (_bound_keys(bound, kind, images.device) for bound in bounds)
+        elif keep is None:
+            low, high = keys.amin(dim=(0, 2)), keys.amax(dim=(0, 2))
+        else:
+            low = torch.where(keep, keys, _INT32_MAX).amin(dim=(0, 2))
+            high = torch.where(keep, keys, -_INT32_MAX - 1).amax(dim=(0, 2))
+        none = low > high  # a channel with no kept pixel
+        low, high = torch.where(none, 0, low).long().cpu(), torch.where(none, 0, high).long().cpu()
+        shift, first, length = _grid(0 if kind == "int" else FLOAT_SHIFT, low, high, channels)
+        base = (torch.arange(channels, dtype=torch.int64) * length - first).to(torch.int32).to(keys.device)
+        if shift:
+            keys = keys.bitwise_right_shift_(shift)
+        index = keys.add_(base[:, None])
+        if keep is not None:
+            index.masked_fill_(~keep, channels * length)
+        counts = torch.bincount(index.view(-1), minlength=channels * length + 1)[: channels * length]
+        return cls._of(kind, shift, first, counts.view(channels, length).cpu())
+
+    def drop(self, values: Sequence[float], *, in_place: bool = False) -> ValueCounts:
+        """These counts without one value per channel (NaN: none), for ``ignore=`` on exact integer counts.
+
+        ``in_place`` zeroes them in these counts (only for counts no one else holds yet) and returns them.
+        """
+        if not self.exact:
+            raise ValueError("Only exact integer counts can drop a value after counting; mask the pixels instead.")
+        counts = self.counts if in_place else self.counts.clone()
+        value = torch.tensor([v if math.isfinite(v) and float(v).is_integer() else math.nan for v in values],
+                             dtype=torch.float64)
+        column = value - self.offset.double()
+        rows = ((column >= 0) & (column < counts.shape[1])).nonzero().squeeze(1)
+        if rows.numel():
+            counts[rows, column[rows].long()] = 0
+        return self if in_place else ValueCounts._of(self.kind, self.shift, self.offset, counts)
+
+    # --- merging ---------------------------------------------------------------------------------------
+
+    def merge(self, other: ValueCounts) -> ValueCounts:
+        """The counts of both, added exactly on a common grid (pooled further only if it needs more than MAX_BINS)."""
+        if other.kind != self.kind:
+            raise ValueError(f"Cannot merge value counts of {other.kind} data into counts of {self.kind} data: "
+                             "fit integer and float images separately.")
+        if other.num_channels != self.num_channels:
+            raise ValueError(f"Cannot merge value counts of {other.num_channels} channels into {self.num_channels}.")
+        parts = [part for part in (self, other) if part.counts.shape[1] > 0]
+        if len(parts) < 2:
+            return parts[0] if parts else self
+        shift = max(self.shift, other.shift)
+        low = torch.minimum(*(p.offset >> (shift - p.shift) for p in parts))
+        high = torch.maximum(*((p.offset + p.counts.shape[1] - 1) >> (shift - p.shift) for p in parts))
+        shift, first, length = _grid(shift, low << shift, (high << shift) | ((1 << shift) - 1), self.num_channels)
+        total = torch.zeros(self.num_channels, length, dtype=torch.int64)
+        for part in parts:
+            part._add_into(total, shift, first)
+        return ValueCounts._of(self.kind, shift, first, total)
+
+    def add_(self, other: ValueCounts) -> bool:
+        """Add ``other`` into these counts in place if it fits their grid (same kind and shift, within each
+        channel's range); False (nothing changed) if not. Only for counts no one else holds: an accumulator's own."""
+        width = self.counts.shape[1]
+        if (other.kind != self.kind or other.shift != self.shift or other.num_channels != self.num_channels
+                or other.counts.shape[1] > width):
+            return False
+        start = other.offset - self.offset
+        if bool((start < 0).any()) or bool((start + other.counts.shape[1] > width).any()):
+            return False
+        if other.counts.shape[1]:
+            columns = torch.arange(other.counts.shape[1], dtype=torch.int64)
+            self.counts.scatter_add_(1, columns + start[:, None], other.counts)
+        return True
+
+    def copy(self) -> ValueCounts:
+        """Counts of one's own (for :meth:`add_`)."""
+        return ValueCounts._of(self.kind, self.shift, self.offset.clone(), self.counts.clone())
+
+    def _add_into(self, total: Tensor, shift: int, first: Tensor) -> None:
+        """Add these counts into ``total`` ``(C, L)``, a grid of ``shift`` whose channels start at ``first``."""
+        columns = torch.arange(self.counts.shape[1], dtype=torch.int64)
+        if shift == self.shift:  # the usual case: the same grid, shifted per channel
+            total.scatter_add_(1, columns + (self.offset - first)[:, None], self.counts)
+            return
+        buckets = ((self.offset[:, None] + columns) >> (shift - self.shift)) - first[:, None]
+        total.scatter_add_(1, buckets, self.counts)
+
+    # --- reading -----------------------------------------------------------------------------------------
+
+    def moments(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Float64 count, mean, M2, min and max per channel from exact counts (two passes over the values)."""
+        if not self.exact:
+            raise ValueError("Moments need exact counts per value.")
+        columns = torch.arange(self.counts.shape[1], dtype=torch.float64)
+        counts = self.counts.double()  # exact: counts below 2**53
+        n = self.counts.sum(dim=1)
+        safe = n.clamp_min(1).double()
+        # Around each channel's first value: exact float64 sums of integers below 2**53 (|v - offset| < 2**32).
+        mean = torch.mv(counts, columns) / safe
+        deviation = columns - mean[:, None]
+        weighted = counts * deviation
+        m2 = torch.linalg.vecdot(weighted, deviation) - weighted.sum(dim=1).square() / safe
+        mean = mean + self.offset.double()
+        seen = self.counts > 0
+        first = seen.int().argmax(dim=1)
+        last = self.counts.shape[1] - 1 - seen.flip(1).int().argmax(dim=1)
+        empty = n == 0
+        low = torch.where(empty, math.inf, (self.offset + first).double())
+        high = torch.where(empty, -math.inf, (self.offset + last).double())
+        return n.double(), mean, m2.clamp_min(0), low, high
+
+    def percentiles(self, q: Sequence[float], low: Tensor, high: Tensor) -> Tensor:
+        """``(len(q), C)`` float64 percentiles, ``numpy.percentile(..., method="linear")`` of the counted pixels.
+
+        ``low`` and ``high`` are each channel's exact min and max (from :class:`ChannelStats`): the 0th and
+        100th percentiles, and bounds for every estimate. A channel without pixels gets NaN.
+        """
+        out = np.full((len(q), self.num_channels), np.nan)
+        for channel in range(self.num_channels):
+            counts = self.counts[channel].numpy()
+            n = int(counts.sum())
+            if n == 0:
+                continue
+            cumulative = np.cumsum(counts)
+            bounds = float(low[channel]), float(high[channel])
+            for row, percent in enumerate(q):
+                below, above, t = _order_indices(n, percent)
+                a = self._order_statistic(channel, below, n, counts, cumulative, bounds)
+                b = self._order_statistic(channel, above, n, counts, cumulative, bounds)
+                out[row, channel] = _lerp(a, b, t)
+        return torch.from_numpy(out)
+
+    def rank_error(self, q: Sequence[float]) -> Tensor:
+        """``(len(q), C)``: how far, as a fraction of the channel's pixels, each percentile's rank can be off.
+
+        0 for exact counts; for pooled counts, the share of the pixels in the bucket(s) a percentile falls in.
+        """
+        out = torch.zeros(len(q), self.num_channels, dtype=torch.float64)
+        if self.exact:
+            return out
+        for channel in range(self.num_channels):
+            counts = self.counts[channel].numpy()
+            n = int(counts.sum())
+            if n == 0:
+                continue
+            cumulative = np.cumsum(counts)
+            for row, percent in enumerate(q):
+                below, above, _ = _order_indices(n, percent)
+                buckets = np.searchsorted(cumulative, [below, above], side="right")
+                out[row, channel] = float(counts[buckets].max()) / n
+        return out
+
+    def _order_statistic(self, channel: int, j: int, n: int, counts: np.ndarray, cumulative: np.ndarray,
+                         bounds: tuple[float, float]) -> float:
+        """The ``j``-th smallest kept value of ``channel`` (0-based); interpolated in its bucket if pooled."""
+        if j == 0:
+            return bounds[0]
+        if j == n - 1:
+            return bounds[1]
+        bucket = int(np.searchsorted(cumulative, j, side="right"))
+        key = int(self.offset[channel]) + bucket
+        if self.exact:
+            return float(key)
+        rank_in_bucket = j - (int(cumulative[bucket]) - int(counts[bucket]))
+        start, stop = key << self.shift, ((key + 1) << self.shift) - 1
+        if self.kind == "float":
+            edges = _keys_to_floats(np.array([start, stop]))
+            start_value, stop_value = float(edges[0]), float(edges[1])
+        else:
+            start_value, stop_value = float(start), float(stop)
+        estimate = start_value + (rank_in_bucket + 0.5) / int(counts[bucket]) * (stop_value - start_value)
+        return min(max(estimate, bounds[0]), bounds[1])
+
+    # --- storing -----------------------------------------------------------------------------------------
+
+    def to_arrays(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """``(attrs, arrays)`` for a cache entry: attrs ``value_kind``, ``value_shift``; arrays ``value_offset``,
+        ``value_counts``."""
+        return ({"value_kind": self.kind, "value_shift": self.shift},
+                {"value_offset": self.offset.numpy(), "value_counts": self.counts.numpy()})
+
+    @classmethod
+    def from_arrays(cls, attrs: dict[str, Any], arrays: dict[str, np.ndarray]) -> ValueCounts | None:
+        """The counts :meth:`to_arrays` stored, or None where an entry has none."""
+        if "value_counts" not in arrays:
+            return None
+        offset = torch.from_numpy(np.asarray(arrays["value_offset"]))
+        return cls(str(attrs["value_kind"]), int(attrs["value_shift"]), offset,
+                   torch.from_numpy(np.asarray(arrays["value_counts"])))
+
+
+def _bound_keys(bound: Tensor, kind: str, device: torch.device) -> Tensor:
+    """The keys of per-channel min or max values (float64; +-inf where a channel kept nothing)."""
+    finite = torch.isfinite(bound)
+    if kind == "int":
+        limits = torch.where(bound > 0, float(_INT32_MAX), float(-_INT32_MAX - 1))
+        return torch.where(finite, bound, limits).to(device=device, dtype=torch.int32)
+    return float_keys(bound.to(device))  # +inf min and -inf max (nothing kept) order as low > high
+
+
+def reuse(work: Tensor | None, numel: int, device: torch.device) -> Tensor:
+    """``work`` if it holds ``numel`` int32 elements on ``device``, else a new buffer (a little larger)."""
+    if work is None or work.device != device or work.numel() < numel:
+        work = torch.empty(numel + numel // 8, dtype=torch.int32, device=device)
+    return work
+
+
+def _grid(shift: int, low: Tensor, high: Tensor, channels: int) -> tuple[int, Tensor, int]:
+    """The finest ``shift`` (from ``shift`` up) at which keys ``low..high`` of every channel fit MAX_BINS counters;
+    with each channel's first bucket and the common length."""
+    while True:
+        first = low >> shift
+        length = max(1, int(((high >> shift) - first).max()) + 1)
+        if channels * length <= MAX_BINS or shift >= 62:
+            return shift, first, length
+        shift += 1
+
+
+def _order_indices(n: int, percent: float) -> tuple[int, int, float]:
+    """numpy's 'linear' method: the two order statistics around ``(n - 1) * q`` and the weight of the second."""
+    quantile = np.true_divide(np.float64(percent), 100)
+    virtual = (n - 1) * quantile
+    below = int(np.floor(virtual))
+    above = min(below + 1, n - 1)
+    return below, above, float(virtual - np.floor(virtual))
+
+
+def _lerp(a: float, b: float, t: float) -> float:
+    """numpy's ``_lerp`` (the same float64 operations, so the same bits)."""
+    a64, b64, t64 = np.float64(a), np.float64(b), np.float64(t)
+    diff = b64 - a64
+    if t64 >= 0.5:
+        return float(b64 - diff * (1 - t64))
+    return float(a64 + diff * t64)
