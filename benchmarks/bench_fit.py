@@ -512,7 +512,7 @@ def _populate(spec: dict[str, Any], cache: str) -> dict[str, Any]:
 def _hit_parts(spec: dict[str, Any], cache: str, key: str) -> dict[str, Any]:
     """In a fresh interpreter: a whole ``fit()`` that hits, then its parts again: the key, two reads."""
     from torchnormfit.cache import read_entry
-    from torchnormfit.fingerprint import fingerprint
+    from torchnormfit.key import fingerprint
 
     ds, _, bs = build(spec)
     clock = time.perf_counter

@@ -37,7 +37,7 @@ from torchvision.transforms import v2
 
 from torchnormfit import FitNormalize
 from torchnormfit.accumulator import batch_stats
-from torchnormfit.fingerprint import fingerprint
+from torchnormfit.key import fingerprint
 
 
 def write_pngs(root: Path, n: int, size: int) -> None:

@@ -2,6 +2,8 @@
 
 import os
 
+import numpy as np
+import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
@@ -45,3 +47,44 @@ class FailingDataset(CountingDataset):
         if index == self.fail_at:
             raise self.error(f"broken sample {index}")
         return super().__getitem__(index)
+
+
+class Holder(Dataset):
+    """A dataset whose identity lives in whatever it is given."""
+
+    def __init__(self, **state):
+        self.__dict__.update(state)
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return torch.rand(3, 4, 4)
+
+
+class FileList(Dataset):
+    """Images from the files ``files`` names (a list or a numpy array), relative to ``folder`` when given."""
+
+    def __init__(self, files, folder=None, transform=None):
+        self.files, self.folder, self.transform = files, folder, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        path = self.files[index] if self.folder is None else os.path.join(self.folder, self.files[index])
+        return self.transform(PIL.Image.open(path).convert("RGB")), 0
+
+
+class Store(Dataset):
+    """An LMDB-like store: one .npy file per record in ``store``, found by index."""
+
+    def __init__(self, store, n, transform=None):
+        self.store, self.n, self.transform = store, n, transform
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        image = torch.from_numpy(np.load(os.path.join(self.store, f"{index}.npy")))
+        return (image if self.transform is None else self.transform(image)), 0

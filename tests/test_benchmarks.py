@@ -156,3 +156,11 @@ def test_stream_benchmark_quick_run_compares_the_fit_with_a_plain_pass(tmp_path)
     assert [row["workload"].split()[0] for row in rows] == ["JPEG", "float32"]
     assert all(row["samples"] >= 16 and row["ratio"] > 0 for row in rows)
     assert "| fit / plain (median of rounds) |" in proc.stdout
+
+
+def test_key_benchmark_runs_and_prints_its_ratios(tmp_path):
+    """``benchmarks/bench_key.py`` at 600 files: the key of an absolute and a relative root, against the listing."""
+    proc = subprocess.run([sys.executable, str(BENCH.with_name("bench_key.py")), "--files", "600", "--classes", "6",
+                           "--rounds", "1"], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "ImageFolder of 600 files in 6 classes" in proc.stdout and "after / listing" in proc.stdout

@@ -15,14 +15,15 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from _trust_worker import STALE
+from datasets_for_tests import CountingDataset, FileList, Holder
 from torch import nn
 from torch.utils.data import Dataset, StackDataset
 from torchvision.datasets import FakeData, ImageFolder
 from torchvision.transforms import v2
 
-from datasets_for_tests import CountingDataset
 from torchnormfit import CacheWarning, FitNormalize, list_entries
-from torchnormfit.fingerprint import fingerprint
+from torchnormfit.key import fingerprint
 
 TESTS = Path(__file__).parent
 SCENARIOS = ["numpy_subset", "pipeline_elsewhere", "wrapped_folder", "reexported_folder", "one_of_130_swapped",
@@ -56,10 +57,13 @@ def make_work(work: Path):
     datasets.Dataset.from_dict({"pixels": rng.random((10, 3, 4, 4)).tolist()}).save_to_disk(str(work / "hf"))
 
 
-def run(cache, work, variant, level):
+def run(cache, work, variant, level="1.0", names=SCENARIOS):
+    """One run of the user's script (tests/_trust_worker.py) in ``work``, no bytecode written (a module edited
+    within the second of its import must be read again)."""
     result = subprocess.run(
-        [sys.executable, str(TESTS / "_trust_worker.py"), str(cache), str(work), variant, *SCENARIOS],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "TNF_LEVEL": level},
+        [sys.executable, str(TESTS / "_trust_worker.py"), str(cache), str(work), variant, *names],
+        capture_output=True, text=True, timeout=600, cwd=work, check=False,
+        env={**os.environ, "TNF_LEVEL": level, "PYTHONDONTWRITEBYTECODE": "1"},
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -109,19 +113,6 @@ def test_third_process_on_unchanged_data_is_a_verified_hit(runs, name):
 
 def key(dataset, norm=None, **settings):
     return fingerprint(dataset, norm, {"image": None, **settings})
-
-
-class Holder(Dataset):
-    """A dataset whose identity lives in whatever it is given."""
-
-    def __init__(self, **state):
-        self.__dict__.update(state)
-
-    def __len__(self):
-        return 4
-
-    def __getitem__(self, index):
-        return torch.rand(3, 4, 4)
 
 
 class Slotted(Dataset):
@@ -232,7 +223,7 @@ def test_opaque_state_is_a_gap_recorded_in_the_entry(tmp_path):
 KEY_SCRIPT = """
 import sys, random; sys.path.insert(0, {tests!r})
 from test_trust import Holder
-from torchnormfit.fingerprint import fingerprint
+from torchnormfit.key import fingerprint
 files = [f"/data/img{{i}}.png" for i in range(500)]
 random.shuffle(files)
 print(fingerprint(Holder(files=files, classes={{"cat", "dog", "bird", "fish"}}), None, {{}}).key)
@@ -421,3 +412,195 @@ def test_a_hit_whose_images_now_have_other_channels_refits(tmp_path, monkeypatch
         again.fit(_ChannelsFromEnv(again), num_workers=0, progress=False)
     assert again.fit_record.source == "pass" and len(again.mean) == 1 and len(norm.mean) == 3
     assert again.fit_record.verification.samples == 25  # the first stage of 50 read, then it stopped
+
+
+# --- the length of a map-style dataset (issue 18, item 2) -------------------------------------------------
+
+
+class _LengthFromEnv(Dataset):
+    """Image i is flat at i / 200; the length comes from $TNF_TEST_LENGTH, where no key can see it."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __len__(self):
+        return int(os.environ["TNF_TEST_LENGTH"])
+
+    def __getitem__(self, index):
+        images = [torch.full((3, 4, 4), i / 200) for i in range(len(self))]  # a list: an IndexError past the end
+        return self.transform(images[index])
+
+
+def _fit_length(cache, length, monkeypatch):
+    monkeypatch.setenv("TNF_TEST_LENGTH", str(length))
+    norm = FitNormalize(cache=cache)
+    norm.fit(_LengthFromEnv(v2.Compose([norm])), num_workers=0, progress=False)
+    truth = torch.arange(length, dtype=torch.float64) / 200
+    assert norm.mean == pytest.approx([float(truth.mean())] * 3, rel=1e-6)
+    return norm.fit_record
+
+
+def test_a_dataset_that_grew_or_shrank_under_the_same_key_is_a_miss_with_a_note(tmp_path, monkeypatch):
+    cache = tmp_path / "c.h5"
+    first = _fit_length(cache, 120, monkeypatch)
+    grew = _fit_length(cache, 160, monkeypatch)
+    assert grew.key == first.key and grew.source == "pass" and grew.written
+    assert "the dataset has 160 samples now, the entry was fitted on 120" in grew.note
+    shrank = _fit_length(cache, 110, monkeypatch)  # read the entry's index 110+ before: an IndexError
+    assert shrank.source == "pass" and "has 110 samples now, the entry was fitted on 160" in shrank.note
+    again = _fit_length(cache, 110, monkeypatch)
+    assert again.source == "cache" and again.verification.passed and again.num_samples == 110
+
+
+def test_a_train_entry_named_by_hand_is_used_for_a_dataset_of_another_length(tmp_path, monkeypatch):
+    monkeypatch.setenv("TNF_TEST_LENGTH", "50")
+    train = FitNormalize(cache=tmp_path / "c.h5", key="train")
+    train.fit(_LengthFromEnv(v2.Compose([train])), num_workers=0, progress=False)
+    monkeypatch.setenv("TNF_TEST_LENGTH", "20")
+    test = FitNormalize(cache=tmp_path / "c.h5", key="train")
+    test.fit(_LengthFromEnv(v2.Compose([test])), num_workers=0, progress=False)
+    assert test.fit_record.source == "cache" and test.mean == train.mean
+
+
+def test_a_sample_that_fails_when_read_again_names_its_index():
+    from torchnormfit.passes import read_images
+
+    dataset = _LengthFromEnv(lambda x: x)
+    os.environ["TNF_TEST_LENGTH"] = "3"
+    try:
+        with pytest.raises(IndexError) as raised:
+            read_images(dataset, [1, 7])
+    finally:
+        del os.environ["TNF_TEST_LENGTH"]
+    assert str(raised.value) == "Sample 7: reading the dataset failed: list index out of range"
+
+
+# --- issue 18: the changes the key must see, in two processes sharing one cache ----------------------------
+
+STALE_NO_CHANGE = {"concat_reordered", "relative_root"}
+USER_MODULE = """import torch
+from torch.utils.data import Dataset
+
+
+class Scaled(Dataset):
+    def __init__(self, n, transform):
+        self.n, self.transform = n, transform
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        return self.transform(torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(index)) * {}), 0
+"""
+
+
+def in_place(path, write):
+    """Rewrite a file in place (same name and size), its modification time moved on."""
+    before = os.stat(path)
+    write(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+
+
+def make_stale_work(work: Path):
+    for letter, value, n in (("A", 30, 8), ("B", 90, 8), ("C", 200, 8), ("P", 40, 9), ("Q", 120, 9), ("D", 250, 3),
+                             ("E", 10, 3)):
+        for i in range(n):
+            png(work / "parts" / letter / "c" / f"{i}.png", value, seed=i)
+    for name, level in (("x", 0.2), ("y", 0.4), ("z", 0.9)):
+        np.save(work / f"{name}.npy", (np.random.default_rng(0).random((5, 3, 4, 4)) * 0.1 + level).astype(np.float32))
+    for i in range(12):
+        png(work / "nfiles" / f"{i:02d}.png", 60, seed=i)
+        png(work / "bare" / f"{i}.png", 60, seed=i)
+        png(work / "relroot" / "c" / f"{i}.png", 60, seed=i)
+    (work / "store").mkdir()
+    for i in range(12):
+        np.save(work / "store" / f"{i}.npy", np.full((3, 4, 4), 0.2 + i / 100, dtype=np.float32))
+    (work / "usermod").mkdir()
+    (work / "usermod" / "datasets.py").write_text(USER_MODULE.format("1.0"))
+    for i in range(120):
+        png(work / "lazy" / f"{i:03d}.png", 50, size=4, seed=i)
+    import h5py
+
+    with h5py.File(work / "images.h5", "w") as f:
+        f["images"] = np.random.default_rng(1).random((12, 3, 4, 4)).astype(np.float32) * 0.3
+
+
+def change_stale_work(work: Path):
+    """What the user changed between the runs (variant b picks the replaced parts, seeds and spellings)."""
+    for i in range(3):  # 25% of the 12 images re-exported
+        png(work / "nfiles" / f"{i:02d}.png", 220, seed=i)
+        png(work / "bare" / f"{i}.png", 220, seed=i)
+        in_place(work / "store" / f"{i}.npy", lambda p: np.save(p, np.full((3, 4, 4), 0.9, dtype=np.float32)))
+    (work / "usermod" / "datasets.py").write_text(USER_MODULE.format("0.25"))
+    for i in range(120, 160):
+        png(work / "lazy" / f"{i:03d}.png", 230, size=4, seed=i)
+    import h5py
+
+    def edit(path):
+        with h5py.File(path, "r+") as f:
+            f["images"][:3] = 0.95
+
+    in_place(work / "images.h5", edit)
+
+
+@pytest.fixture(scope="module")
+def stale_runs(tmp_path_factory):
+    work = tmp_path_factory.mktemp("stale")
+    make_stale_work(work)
+    cache = work / "shared.h5"
+    first = run(cache, work, "a", names=STALE)
+    change_stale_work(work)
+    second = run(cache, work, "b", names=STALE)
+    third = run(cache, work, "b", names=STALE)
+    for path in sorted((work / "lazy").glob("*.png"))[110:]:  # the lazily listed folder shrinks to 110 images
+        path.unlink()
+    shrank = run(cache, work, "b", names=["lazy_file_list"])
+    return first, second, third, shrank
+
+
+def assert_true_statistics(run):
+    assert run["mean"] == pytest.approx(run["direct_mean"], rel=1e-6, abs=1e-7)
+    assert run["std"] == pytest.approx(run["direct_std"], rel=1e-5, abs=1e-7)
+    assert run["mean"] == pytest.approx(run["true_mean"], rel=1e-9)
+
+
+@pytest.mark.parametrize("name", STALE)
+def test_issue_18_second_process_refits_or_hits_a_correct_entry(stale_runs, name):
+    first, second, third, _ = stale_runs
+    a, b = first[name], second[name]
+    assert a["source"] == "pass" and not a["warnings"]
+    assert_true_statistics(a)
+    assert_true_statistics(b)
+    if name in STALE_NO_CHANGE:  # the same samples: one key, a verified hit
+        assert b["source"] == "cache" and b["key"] == a["key"] and b["verified"] is True
+        assert b["mean"] == a["mean"]
+    else:  # the key saw the change: a pass, no entry to check
+        assert b["true_mean"] != pytest.approx(a["true_mean"], rel=1e-6)
+        assert b["source"] == "pass" and b["key"] != a["key"] and b["verified"] is None
+    assert third[name]["source"] == "cache" and third[name]["verified"] is True
+    assert third[name]["mean"] == b["mean"] and not third[name]["warnings"]
+
+
+def test_issue_18_a_lazily_listed_folder_that_shrank_refits(stale_runs):
+    _, second, _, shrank = stale_runs
+    run = shrank["lazy_file_list"]
+    assert run["source"] == "pass" and run["key"] != second["lazy_file_list"]["key"]
+    assert_true_statistics(run)
+
+
+def test_a_cache_file_inside_the_data_folder_does_not_change_the_key(tmp_path):
+    for i in range(4):
+        png(tmp_path / "data" / f"{i}.png", 40 + i)
+    sources = []
+    for _ in range(3):  # the entry written inside the folder the dataset's key lists
+        norm = FitNormalize(cache=tmp_path / "data" / "stats.h5")
+        dataset = FileList([f"{i}.png" for i in range(4)], folder=str(tmp_path / "data"),
+                           transform=v2.Compose([TO_FLOAT, norm]))
+        norm.fit(dataset, num_workers=0, progress=False)
+        sources.append(norm.fit_record.source)
+    assert sources == ["pass", "cache", "cache"]
+    png(tmp_path / "data" / "new.png", 200)  # anything else added there still changes the key
+    norm = FitNormalize(cache=tmp_path / "data" / "stats.h5")
+    norm.fit(FileList([f"{i}.png" for i in range(4)], folder=str(tmp_path / "data"),
+                      transform=v2.Compose([TO_FLOAT, norm])), num_workers=0, progress=False)
+    assert norm.fit_record.source == "pass"

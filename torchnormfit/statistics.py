@@ -38,14 +38,14 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from . import cache
 from ._version import __version__
 from ._warn import warn
 from .distributed import current_ranks, on_root
-from .fingerprint import describe_dataset, describe_pipeline, fingerprint
 from .images import moment_image
+from .key import describe_dataset, describe_pipeline, fingerprint
 from .passes import Capture, PassResult, Reduction, StandardErrors, dataset_length, rereading, run_pass, tensor_stats
 from .stats import ChannelStats, ValueCounts
 from .verification import DEFAULT_VERIFY, MAX_VERIFY, Verification, image_moments, threshold, verify_in_stages
@@ -115,7 +115,7 @@ def fit_dataset(
     if max_samples is not None:
         settings.update(max_samples=max_samples, seed=seed)
     if key is None:
-        printed = fingerprint(dataset, norm, settings)
+        printed = fingerprint(dataset, norm, settings, cache=cache_path)
         key, gaps = printed.key, printed.gaps
     else:
         printed, gaps = None, ()
@@ -123,7 +123,9 @@ def fit_dataset(
     note = "refit=True" if refit else ("no cache (cache=None)" if cache_path is None else "")
     verification = None
     if cache_path is not None and not refit:
-        lookup = on_root(ranks, lambda: _lookup(dataset, capturing, image, cache_path, key, verify, gaps, reduction))
+        length = _length_check(dataset, max_samples) if printed is not None else None
+        lookup = on_root(ranks, lambda: _lookup(dataset, capturing, image, cache_path, key, verify, gaps, reduction,
+                                                length))
         if lookup.entry is not None:
             logger.info("cache hit: %r in %s (%s)", key, cache_path, lookup.note or "verified")
             return _entry_record(lookup.entry, key, cache_path, lookup.verification, lookup.note, gaps)
@@ -207,9 +209,10 @@ def _check_verify(verify: int | None, explicit_key: bool) -> int:
 
 def _lookup(
     dataset: Dataset, capturing: Capturing, image: Any, path: Path, key: str, verify: int, gaps: Sequence[str],
-    reduction: Reduction,
+    reduction: Reduction, length: tuple[str, int] | None = None,
 ) -> _Lookup:
-    """The entry if it is there and passes verification; else why not (runs on rank 0)."""
+    """The entry if it is there, has the dataset's length (``length``: see :func:`_length_check`) and passes
+    verification; else why not (runs on rank 0)."""
     try:
         entry = cache.read_entry(path, key)
     except cache.CacheError as error:
@@ -217,6 +220,10 @@ def _lookup(
         return _Lookup(None, None, f"the entry could not be used: {error}")
     if entry is None:
         return _Lookup(None, None, "no entry for this key")
+    mismatch = _length_mismatch(entry, length)
+    if mismatch:
+        logger.info("cache entry %r in %s not used: %s", key, path, mismatch)
+        return _Lookup(None, None, mismatch)
     samples = getattr(entry, "arrays", {}) or {}
     if verify == 0:
         return _Lookup(entry, None, "not verified (verify=0)" + (f"; the key has gaps: {list(gaps)}" if gaps else ""))
@@ -230,6 +237,29 @@ def _lookup(
         f"differ from the ones it was fitted on ({verification.detail}). Fitting again and replacing the entry.",
         cache.CacheWarning)
     return _Lookup(None, verification, "the entry failed verification")
+
+
+def _length_check(dataset: Dataset, max_samples: int | None) -> tuple[str, int] | None:
+    """``(entry attribute, len(dataset))`` to compare on a hit: the sample count of a full fit, the population
+    of a subset fit. None for a stream or a dataset without a length."""
+    if isinstance(dataset, IterableDataset):
+        return None
+    try:
+        length = dataset_length(dataset)
+    except Exception:  # no __len__, or one that fails: nothing to compare
+        return None
+    return ("num_samples" if max_samples is None else "population", int(length))
+
+
+def _length_mismatch(entry: cache.CacheEntry, length: tuple[str, int] | None) -> str:
+    """Why an entry fitted on another number of samples is a miss ("" when the counts agree or are unknown)."""
+    if length is None or length[0] not in entry.attrs:
+        return ""
+    name, now = length
+    then = int(entry.attrs[name])
+    if then == now:
+        return ""
+    return f"a miss: the dataset has {now} samples now, the entry was fitted on {then} ({name})"
 
 
 def _verify(

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 from torchvision.transforms import v2
 
-from ..fingerprint import describe_dataset, describe_pipeline
+from ..key import describe_dataset, describe_pipeline
 from ..passes import sample_pixels
 from ..transform import FitNormalize
 from . import EXIT_FAILURE, EXIT_OK, PROG, CliError

@@ -5,29 +5,35 @@ and ``__slots__``), through wrappers, containers and closures, so a pipeline kep
 under any name (``self.aug``, a wrapper's ``_dataset``, a Hugging Face format
 transform) is seen. What it describes, and how:
 
-- numbers, strings, numpy scalars, enums by value; a string naming a regular file
-  also by that file's size and modification time (re-exported files change the key);
+- numbers, strings, numpy scalars, enums by value; a string or path naming an
+  existing file also by that file's size and modification time, spelled absolute
+  (a relative name is also looked up in the dataset's folders: any of its
+  attributes that is a folder); a folder given as one value by its listing;
 - tensors and numpy arrays of any dtype and layout by dtype, shape and content: a
   transform's (a ``LinearTransformation`` matrix, module weights) hashed whole up to
   64 MiB; a dataset's (the images themselves) by a digest of 4096 evenly spaced
   256-byte runs (first and last byte included), bounded time and memory whatever
-  their size or strides; object arrays item by item;
+  their size or strides; string and object arrays item by item (file lists);
 - lists and tuples item by item, all items hashed; a long list in a dataset (more than
   64 items, file lists for example) and ``Subset`` indices as a multiset, because
   the statistics do not depend on sample order; sets and dict keys sorted;
 - functions by their code, constants, defaults, closure values and the plain values
-  of the globals they name (lambdas differ by body); ``functools.partial`` and
+  of the globals they name (lambdas differ by body); installed code (standard
+  library, site-packages) by name, closure and defaults; ``functools.partial`` and
   ``operator.itemgetter`` by their arguments; methods by function and instance;
-  the methods of user-defined classes by their code;
+  the methods of classes that are not installed code by their code;
 - ``nn.Module`` transforms through their attributes, parameters and buffers included;
-  pandas objects by content (``pandas.util.hash_pandas_object``), PIL images by pixels;
+- the special types of :mod:`torchnormfit.key.describe` by their state: the parts of
+  a ``ConcatDataset``/``ChainDataset`` as a multiset, random generators by their
+  state, open h5py/zip/files by their file's state, pandas, PIL, WebDataset and
+  Hugging Face datasets;
 - in a pipeline (an ordered list), only what comes before the FitNormalize being
   fitted: later transforms do not change what it measures. That FitNormalize
   counts by its position only, never by its fitted state or cache path.
 
 Nothing here reads a sample and nothing depends on the process (no ``hash()``, no
 memory addresses). It never raises: what it cannot describe (objects without
-attributes such as open files, a walk over ~2 million values) is listed in
+attributes such as locks, a walk over ~2 million values) is listed in
 :attr:`Fingerprint.gaps`, and a hit on such a key is always verified.
 """
 
@@ -36,37 +42,37 @@ from __future__ import annotations
 import enum
 import functools
 import hashlib
-import itertools
-import json
 import operator
 import os
-import posixpath
-import random
 import re
-import stat
 import types
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
-__all__ = ["Fingerprint", "fingerprint", "describe_dataset", "describe_pipeline"]
+from .describe import (
+    FileStates,
+    Multiset,
+    Whole,
+    describer_for,
+    folders,
+    is_library_module,
+)
+
+__all__ = ["Fingerprint", "describe_pipeline", "fingerprint"]
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-_PATH_MAX = 4096  # longer text names no file
 _PIECES, _PIECE_BYTES = 4096, 256  # what an array's digest reads (see _array_bytes)
 _WHOLE_BYTES = 64 << 20  # a transform's tensor up to this size is hashed whole; a dataset's is sampled
 _MULTISET_OVER = 64  # a dataset's list longer than this is hashed as a multiset
 _BUDGET = 2_000_000  # values visited before the walk gives up (a gap)
 _PRIMITIVES = (type(None), bool, int, float, complex, str, bytes)
-_PLAIN = frozenset({str, int, float, bool})  # the items of a file list or labels, described as text lines
-_LIBRARIES = ("torch", "torchvision", "numpy", "builtins", "collections", "PIL", "pandas", "datasets", "webdataset",
-              "torchnormfit", "functools", "typing", "abc", "enum", "pathlib", "h5py")
-_RANDOM_STATE = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
 
 
 @dataclass(frozen=True)
@@ -80,14 +86,30 @@ class Fingerprint:
     """What the key could not describe; a hit on this key is always verified."""
 
 
-def fingerprint(dataset: Any, norm: Any, settings: Mapping[str, Any]) -> Fingerprint:
-    """``"<DatasetClass>-<20 hex digits>"``: the cache key of fitting ``norm`` on ``dataset`` with ``settings``."""
+def fingerprint(
+    dataset: Any, norm: Any, settings: Mapping[str, Any], cache: str | os.PathLike[str] | None = None
+) -> Fingerprint:
+    """``"<DatasetClass>-<20 hex digits>"``: the cache key of fitting ``norm`` on ``dataset`` with ``settings``.
+
+    ``cache``: the cache file the entry goes to; if it lies in a folder the key lists (a dataset's root), it and
+    its companions (lock, entry folder, temporary files) are left out of the listing, so writing the entry does
+    not change the key.
+
+    Examples
+    --------
+    >>> from torchvision.datasets import FakeData
+    >>> printed = fingerprint(FakeData(size=8), None, {"image": None})
+    >>> printed.key.startswith("FakeData-"), len(printed.key), printed.gaps
+    (True, 29, ())
+    """
     walk = _Walk(norm)
+    if cache is not None:
+        walk.files.leave_out(os.fspath(cache))
     digest = hashlib.sha256()
     digest.update(walk.of(dataset, "dataset", data=True))
     digest.update(walk.of(dict(settings), "settings"))
     key = f"{type(dataset).__name__}-{digest.hexdigest()[:20]}"
-    return Fingerprint(key, walk.norm_hits > 0 or walk.source_described, tuple(walk.gaps))
+    return Fingerprint(key, walk.norm_hits > 0, tuple(walk.gaps))
 
 
 def describe_pipeline(dataset: Any, norm: Any) -> str:
@@ -95,38 +117,6 @@ def describe_pipeline(dataset: Any, norm: Any) -> str:
     walk = _Walk(norm)
     walk.of(dataset, "dataset", data=True)
     return "\n".join(_ADDRESS.sub("", repr(t)) for t in walk.before_norm or [])
-
-
-def describe_dataset(dataset: Any) -> dict[str, Any]:
-    """A readable summary for the cache entry's provenance: class, length, root and simple settings."""
-    description: dict[str, Any] = {"class": f"{type(dataset).__module__}.{type(dataset).__qualname__}"}
-    try:
-        description["length"] = len(dataset)
-    except Exception:
-        pass
-    from .streams import describe_source  # WebDataset and Hugging Face datasets (streams imports fitting)
-
-    source = describe_source(dataset)
-    if source is not None:
-        return {**description, "source": source}
-    if isinstance(dataset, Subset):
-        description["dataset"] = describe_dataset(dataset.dataset)
-        return description
-    if isinstance(dataset, ConcatDataset):
-        description["datasets"] = [describe_dataset(part) for part in dataset.datasets]
-        return description
-    for name, value in sorted(getattr(dataset, "__dict__", {}).items()):
-        if name.startswith("_"):
-            continue
-        if name == "root" and isinstance(value, (str, os.PathLike)):
-            description[name] = os.path.abspath(os.fspath(value))
-        elif isinstance(value, Dataset):
-            description[name] = describe_dataset(value)
-        elif isinstance(value, (bool, int, float, str)):
-            description[name] = value
-        elif isinstance(value, (list, tuple)) and len(value) <= 8 and all(isinstance(v, (int, float)) for v in value):
-            description[name] = list(value)
-    return description
 
 
 def _sha(*parts: bytes) -> bytes:
@@ -151,14 +141,13 @@ class _Walk:
     def __init__(self, norm: Any):
         self.norm = norm
         self.norm_hits = 0
-        self.source_described = False  # a WebDataset or Hugging Face pipeline, FitNormalize included (streams.py)
         self.before_norm: list[Any] | None = None
         self.gaps: list[str] = []
         self._budget = _BUDGET
         self._path: set[int] = set()  # ids of the containers being described (cycles)
         self._done: dict[int, tuple[bytes, int]] = {}  # id -> (digest, norm hits inside), for shared objects
         self._alive: list[Any] = []
-        self._roots: list[str] = []  # folders of the datasets being described: relative file names resolve there
+        self.files = FileStates()  # the files the walk's strings name; its roots: the datasets' folders
 
     def of(self, value: Any, where: str, data: bool = False) -> bytes:
         if value is self.norm and value is not None:
@@ -186,28 +175,30 @@ class _Walk:
             return _EMPTY_MAPPING
         if isinstance(value, enum.Enum):
             return _sha(b"enum", _text(kind.__qualname__), _text(value.name))
+        if type(value) is str:
+            return self._string(value)
         if isinstance(value, _PRIMITIVES):
-            return _primitive(value, self._roots)
+            return _primitive(value)
         if isinstance(value, np.generic):
             return _sha(b"np scalar", _array_bytes_np(np.asarray(value)))
         if isinstance(value, torch.Tensor):
             whole = not data and value.numel() * value.element_size() <= _WHOLE_BYTES
             return _sha(b"tensor", _text(str(value.dtype)), _text(str(tuple(value.shape))), _tensor_bytes(value, whole))
         if isinstance(value, np.ndarray):
-            if value.dtype.hasobject:
-                return _sha(b"object array", _text(str(value.shape)), self._sequence(value.ravel().tolist(), where, data))
+            if value.dtype.hasobject or value.dtype.kind == "U":  # file lists among them
+                items = self._sequence(value.ravel().tolist(), where, data)
+                return _sha(b"object array", _text(str(value.shape)), items)
             whole = not data and value.nbytes <= _WHOLE_BYTES
             return _sha(b"ndarray", _text(str(value.shape)), _array_bytes_np(value, whole))
         if isinstance(value, os.PathLike):
-            return _primitive(os.fspath(value), self._roots)
+            path = os.fspath(value)
+            return self._string(path) if isinstance(path, str) else _primitive(path)
         if isinstance(value, range):
             return _sha(b"range", _text(repr(value)))
         if isinstance(value, type):
             return _sha(b"class", _text(f"{value.__module__}.{value.__qualname__}"))
         if isinstance(value, types.ModuleType):
             return _sha(b"module", _text(value.__name__))
-        if isinstance(value, _RANDOM_STATE):
-            return _sha(b"random state", _text(kind.__qualname__))  # randomness does not identify the data
         return self._container(value, where, data)
 
     def _container(self, value: Any, where: str, data: bool) -> bytes:
@@ -229,8 +220,24 @@ class _Walk:
         self._alive.append(value)  # a temporary's id must not be reused while the walk remembers it
         return digest
 
+    def _string(self, text: str, attribute: bool = False) -> bytes:
+        """Text; a path to an existing file or folder as its absolute spelling and its state (a dataset's own
+        ``attribute``: see :meth:`~torchnormfit.key.describe.FileStates.path`)."""
+        named = self.files.path(text, attribute=attribute)
+        if named is None:
+            return _sha(b"str", _text(text))
+        return _sha(b"path", _text(named[0]), _text(named[1]))
+
     def _describe(self, value: Any, where: str, data: bool) -> bytes:
-        if isinstance(value, (list, tuple)) or type(value).__name__ == "deque":
+        if isinstance(value, Multiset):
+            return _sha(b"multiset", self._multiset(value, where, data))
+        if isinstance(value, Whole):
+            return _sha(b"whole", *(self.of(item, f"{where}[{i}]", data) for i, item in enumerate(value)))
+        describer = describer_for(type(value))
+        if describer is not None:  # a special type, by its state (a generator's state in order, whatever holds it)
+            state = self.of(describer(value), where, isinstance(value, Dataset))
+            return _sha(b"special", self._class(type(value), where), state)
+        if isinstance(value, (list, tuple, deque)):
             return _sha(_text(type(value).__qualname__), self._sequence(value, where, data))
         if isinstance(value, (set, frozenset)):
             return _sha(b"set", self._multiset(value, where))
@@ -254,20 +261,13 @@ class _Walk:
             return _sha(b"builtin", _text(f"{getattr(value, '__module__', '')}.{value.__qualname__}"), bound)
         if isinstance(value, (operator.itemgetter, operator.attrgetter, operator.methodcaller)):
             return _sha(b"operator", _text(type(value).__name__), self.of(value.__reduce__()[1:], where))
-        source = _source(value)
-        if source is not None:
-            self.source_described = True
-            return source
-        special = _special(value, self._roots)
-        if special is not None:
-            return special
         return self._object(value, where, data)
 
     def _sequence(self, items: Any, where: str, data: bool) -> bytes:
         """Item by item in order, up to the one holding the FitNormalize; a dataset's long list as a multiset."""
         if data and len(items) > _MULTISET_OVER:
             return _sha(b"multiset", self._multiset(items, where, data))
-        fast = _fast_items(items, self._roots)
+        fast = self.files.lines(items)
         if fast is not None:
             self._budget -= len(items)
             return _sha(b"items", _text("\n".join(fast)))
@@ -275,14 +275,15 @@ class _Walk:
         for position, item in enumerate(items):
             hits = self.norm_hits
             digests.append(self.of(item, f"{where}[{position}]", data))
-            if self.norm_hits > hits:  # the pipeline up to the FitNormalize: what follows does not matter
+            if self.norm_hits > hits and not isinstance(item, Dataset):
+                # the pipeline up to the FitNormalize: what follows does not matter (every dataset of a list does)
                 if hits == 0:
-                    self.before_norm = list(items[:position]) + self.before_norm
+                    self.before_norm = list(items[:position]) + (self.before_norm or [])
                 break
         return _sha(b"items", *digests)
 
     def _multiset(self, items: Any, where: str, data: bool = False) -> bytes:
-        fast = _fast_items(items, self._roots)
+        fast = self.files.lines(items)
         if fast is not None:
             self._budget -= len(items)
             return _sha(b"multiset", _text("\n".join(sorted(fast))))
@@ -293,14 +294,19 @@ class _Walk:
         return _sha(*(k + v for k, v in sorted(pairs)))
 
     def _function(self, function: types.FunctionType, where: str) -> bytes:
-        """Code, defaults, closure values and the plain values of the globals the code names."""
+        """Code, defaults, closure values and the plain values of the globals the code names; installed code
+        (a library's, the standard library's) by its name, closure and defaults."""
         code = function.__code__
+        library = is_library_module(function.__module__) if isinstance(function.__module__, str) else False
         cells = []
         for cell in function.__closure__ or ():
             try:
                 cells.append(self.of(cell.cell_contents, f"{where}.<closure>"))
             except ValueError:  # an empty cell
                 cells.append(_sha(b"empty cell"))
+        if library:
+            return _sha(b"library function", _text(f"{function.__module__}.{function.__qualname__}"),
+                        self.of(function.__defaults__, where), self.of(function.__kwdefaults__, where), *cells)
         named = sorted(_global_names(code) & set(function.__globals__))
         globals_ = [
             _text(name) + self.of(function.__globals__[name], f"{where}.<global {name}>")
@@ -330,19 +336,28 @@ class _Walk:
             self.gaps.append(f"{where}: a {kind.__module__}.{kind.__qualname__} (no attributes to describe)")
             return _sha(b"opaque", _text(f"{kind.__module__}.{kind.__qualname__}"))
         data = isinstance(value, Dataset)  # its own lists are data (file lists); deeper ones are not
-        roots = _roots(attributes) if data else []
-        self._roots.extend(roots)
+        roots = folders(attributes) if data else []
+        self.files.roots.extend(roots)
         try:
-            parts = [_text(name) + self.of(attributes[name], f"{where}.{name}", data) for name in sorted(attributes)]
+            parts = [_text(name) + self._attribute(attributes[name], f"{where}.{name}", data)
+                     for name in sorted(attributes)]
         finally:
-            del self._roots[len(self._roots) - len(roots):]
+            del self.files.roots[len(self.files.roots) - len(roots):]
         return _sha(b"object", self._class(kind, where), *parts)
 
+    def _attribute(self, value: Any, where: str, data: bool) -> bytes:
+        """One attribute of an object; a dataset's path (its root, a store folder) with the folder's listing."""
+        if data and isinstance(value, (str, PurePath)) and value is not self.norm:
+            text = os.fspath(value)
+            return self._string(text, attribute=True) if isinstance(text, str) else self.of(value, where, data)
+        return self.of(value, where, data)
+
     def _class(self, kind: type, where: str) -> bytes:
-        """Class name, and the code of the methods of its user-defined classes (a changed __getitem__)."""
+        """Class name, and the code of the methods of its classes that are not installed code (a changed
+        __getitem__ in your own module, whatever its name)."""
         parts = [_text(f"{kind.__module__}.{kind.__qualname__}")]
         for cls in kind.__mro__:
-            if cls.__module__.split(".")[0] in _LIBRARIES:
+            if is_library_module(cls.__module__):
                 continue
             for name, member in sorted(vars(cls).items()):
                 if isinstance(member, (types.FunctionType, staticmethod, classmethod, property)):
@@ -352,86 +367,12 @@ class _Walk:
         return _sha(b"class", *parts)
 
 
-def _primitive(value: Any, roots: Sequence[str] = ()) -> bytes:
+def _primitive(value: Any) -> bytes:
     if isinstance(value, str):
-        return _sha(b"str", _text(value), _text(_file_state(value, roots)))
+        return _sha(b"str", _text(value))
     if isinstance(value, bytes):
         return _sha(b"bytes", value)
     return _sha(_text(type(value).__name__), _text(repr(value)))
-
-
-def _file_state(text: str, roots: Sequence[str] = ()) -> str:
-    """A regular file's size and modification time, if ``text`` names one (absolute, or under a dataset's root)."""
-    if len(text) > _PATH_MAX or "\x00" in text or not (os.sep in text or "." in text):
-        return ""
-    candidates = [text] if os.sep in text else []
-    if not os.path.isabs(text):
-        candidates += [os.path.join(root, text) for root in roots]
-    for candidate in candidates:
-        try:
-            info = os.stat(candidate)
-        except (OSError, ValueError):
-            continue
-        if stat.S_ISREG(info.st_mode):  # not a folder: its time changes whenever anything in it does
-            return _state(info)
-    return ""
-
-
-def _state(info: os.stat_result) -> str:
-    return f" file {info.st_size} {info.st_mtime_ns}"
-
-
-def _file_states(paths: Sequence[str], roots: Sequence[str]) -> list[str]:
-    """:func:`_file_state` of each path; absolute paths that all exist are stat'ed without a Python call each."""
-    if _all_absolute(paths) and max(map(len, paths)) <= _PATH_MAX:  # then _file_state(path) stats path only
-        try:  # each stat result freed at once: no garbage collection triggered
-            return [_state(info) if stat.S_ISREG(info.st_mode) else "" for info in map(os.stat, paths)]
-        except (OSError, ValueError):  # a missing file, a NUL: path by path
-            pass
-    return [_file_state(path, roots) for path in paths]
-
-
-def _all_absolute(paths: Sequence[str]) -> bool:
-    if os.path is posixpath:  # os.path.isabs, without a Python call per path
-        return all(map(str.startswith, paths, itertools.repeat("/")))
-    return all(map(os.path.isabs, paths))
-
-
-def _fast_items(items: Any, roots: Sequence[str] = ()) -> list[str] | None:
-    """One line of text per item, for items that are plain values or tuples of them (file lists, labels):
-    its repr (no line breaks) and the state of the files it names. None for other items.
-
-    Built column by column (the paths of a file list, then its labels), each checked and stat'ed in one go.
-    """
-    kinds = set(map(type, items))
-    if kinds <= _PLAIN:
-        columns = [items]
-    elif kinds <= _PLAIN | {tuple}:
-        rows = items if kinds == {tuple} else [item if type(item) is tuple else (item,) for item in items]
-        columns = list(itertools.zip_longest(*rows, fillvalue=0))  # 0: no file
-    else:
-        return None
-    lines = map(repr, items)
-    for column in columns:
-        kinds = set(map(type, column))
-        if not kinds <= _PLAIN:
-            return None
-        if kinds == {str}:
-            lines = map(operator.add, lines, _file_states(column, roots))
-        elif str in kinds:
-            lines = map(operator.add, lines, [_file_state(v, roots) if type(v) is str else "" for v in column])
-    return list(lines)
-
-
-def _roots(attributes: Mapping[str, Any]) -> list[str]:
-    """A dataset's folders (``root``, ``root_dir``, ``img_dir``, ...): where its relative file names live."""
-    found = []
-    for name, value in attributes.items():
-        if ("root" in name or name.endswith("dir")) and isinstance(value, (str, os.PathLike)):
-            folder = os.fspath(value)
-            if isinstance(folder, str) and os.path.isdir(folder):
-                found.append(folder)
-    return found
 
 
 def _indices(indices: Any) -> bytes:
@@ -461,36 +402,6 @@ def _is_plain_global(value: Any) -> bool:
                               types.FunctionType, functools.partial))
 
 
-def _source(value: Any) -> bytes | None:
-    """A WebDataset pipeline or a Hugging Face dataset, pipeline included (:func:`~torchnormfit.streams.describe_source`)."""
-    if type(value).__module__.split(".")[0] not in ("webdataset", "datasets"):
-        return None
-    from .streams import describe_source  # lazily: never imports the library itself
-
-    source = describe_source(value)
-    return None if source is None else _sha(b"source", _text(json.dumps(source, sort_keys=True, default=str)))
-
-
-def _special(value: Any, roots: Sequence[str]) -> bytes | None:
-    """Libraries' objects described by their content: torch's dtypes and devices, pandas (with the files its text
-    names), PIL images."""
-    if isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
-        return _sha(b"torch", _text(repr(value)))
-    module = type(value).__module__.split(".")[0]
-    if module == "pandas" and hasattr(value, "shape"):
-        import pandas
-
-        if isinstance(value, (pandas.DataFrame, pandas.Series, pandas.Index)):
-            hashed = pandas.util.hash_pandas_object(value, index=not isinstance(value, pandas.Index))
-            columns = json.dumps([str(c) for c in getattr(value, "columns", [])])
-            cells = value.to_numpy().ravel() if value.ndim else []
-            files = _text("".join(_file_state(cell, roots) for cell in cells if isinstance(cell, str)))
-            return _sha(b"pandas", _text(type(value).__name__), _text(columns), hashed.to_numpy().tobytes(), files)
-    if module == "PIL" and hasattr(value, "tobytes") and hasattr(value, "mode"):
-        return _sha(b"PIL image", _text(f"{value.mode} {value.size}"), hashlib.sha256(value.tobytes()).digest())
-    return None
-
-
 def _tensor_bytes(tensor: torch.Tensor, whole: bool = False) -> bytes:
     """The bytes a tensor's digest reads: all of a small one, 4096 evenly spaced 256-byte runs of a large one.
 
@@ -503,7 +414,7 @@ def _tensor_bytes(tensor: torch.Tensor, whole: bool = False) -> bytes:
         raise TypeError(f"{tensor.layout} tensors are not digested")
     layout = b""
     if not tensor.is_contiguous():
-        order = sorted(range(tensor.ndim), key=lambda d: (-tensor.stride(d), -tensor.shape[d]))
+        order = sorted(range(tensor.ndim), key=lambda d: (-tensor.stride()[d], -int(tensor.shape[d])))
         permuted = tensor.permute(order)
         if permuted.is_contiguous():
             tensor, layout = permuted, _text(f"memory order {order}")
