@@ -216,3 +216,25 @@ def test_the_ct_example_runs(capsys):
                                                                      "--workers", "0"])
     assert "0.5 / 99.5 percentiles" in capsys.readouterr().out
     assert_fitted(norm, numpy_truth(case_pixels(Cases(3, 4, 16))))
+
+
+class CaseStream(IterableDataset):
+    """The CT cases as a stream whose pipeline ends in the FitNormalize (split across workers)."""
+
+    def __init__(self, transform):
+        self.cases = Cases(n=5, depth=4, size=16, transform=transform)
+
+    def __iter__(self):
+        info = get_worker_info()
+        start, step = (0, 1) if info is None else (info.id, info.num_workers)
+        for i in range(start, len(self.cases), step):
+            yield self.cases[i]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_with_the_mask_in_its_pipeline(workers):
+    """A stream's sample cannot be stopped: FitNormalize hands over the image and the Mask beside it and lets
+    the sample go on; the numbers are numpy's of the foreground."""
+    norm = FitNormalize(clip=Q, spatial_dims=3, cache=None)
+    norm.fit(CaseStream(norm), mask=tv_tensors.Mask, num_workers=workers, progress=False)
+    assert_fitted(norm, numpy_truth(case_pixels(Cases(n=5, depth=4, size=16))))

@@ -106,7 +106,11 @@ def is_entry_file(path: str | os.PathLike[str]) -> bool:
 @contextlib.contextmanager
 def _opened(file: Path) -> Iterator[tuple[BinaryIO, bytes, os.stat_result]]:
     """``file`` open for reading, its header checked: it must be a regular file that begins like an entry
-    file. Opened without blocking (a FIFO) and, where the owner may, without changing its access time."""
+    file. A FIFO or device is refused before it is opened (and opening never blocks, should one replace the file
+    meanwhile); where the owner may, the file is opened without changing its access time."""
+    not_regular = NotAnEntryError(f"The cache path {file} is not a regular file; it is left untouched.")
+    if not stat.S_ISREG(os.stat(file).st_mode):
+        raise not_regular
     for extra in dict.fromkeys((_NOATIME, 0)):
         with contextlib.suppress(PermissionError):
             fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | extra)
@@ -116,7 +120,7 @@ def _opened(file: Path) -> Iterator[tuple[BinaryIO, bytes, os.stat_result]]:
     with open(fd, "rb") as handle:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise NotAnEntryError(f"The cache path {file} is not a regular file; it is left untouched.")
+            raise not_regular
         head = handle.read(USER_BLOCK)
         check_head(head, str(file))
         if info.st_size > MAX_BYTES:
