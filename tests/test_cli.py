@@ -478,3 +478,23 @@ def test_missing_cache_and_folder_are_failures(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, _, err = call(capsys, "fit", tmp_path / "empty", "--cache", tmp_path / "cache")
     assert code == 1 and "no image files" in err.lower()
+
+
+def test_show_prints_the_percentiles_of_an_entry_fitted_with_clip(tmp_path, capsys):
+    """An entry that counted its values (``clip=``) shows each channel's percentiles, numpy's on the same pixels."""
+    from torchnormfit import FitNormalize
+
+    images = torch.randint(0, 256, (6, 2, 5, 7), generator=torch.Generator().manual_seed(4)).to(torch.uint8)
+    norm = FitNormalize(cache=tmp_path / "cache", key="clipped", clip=(1.0, 99.0))
+    norm.fit(list(images), num_workers=0, progress=False)
+    code, out, err = call(capsys, "show", "clipped", "--cache", tmp_path / "cache", "--json")
+    assert code == 0, err
+    shown = json.loads(out)["percentiles"]
+    pixels = images.permute(1, 0, 2, 3).reshape(2, -1).double().numpy()
+    for q in ("0.5", "1", "50", "99.5"):
+        np.testing.assert_allclose(shown[q], np.percentile(pixels, float(q), axis=1), rtol=0, atol=1e-9)
+    code, out, _ = call(capsys, "show", "clipped", "--cache", tmp_path / "cache")
+    assert code == 0 and "percentile" in out and "99.5" in out
+    write_entry(tmp_path / "cache", "plain", make_stats(0), {})
+    code, out, _ = call(capsys, "show", "plain", "--cache", tmp_path / "cache", "--json")
+    assert code == 0 and json.loads(out)["percentiles"] is None
