@@ -498,3 +498,22 @@ def test_show_prints_the_percentiles_of_an_entry_fitted_with_clip(tmp_path, caps
     write_entry(tmp_path / "cache", "plain", make_stats(0), {})
     code, out, _ = call(capsys, "show", "plain", "--cache", tmp_path / "cache", "--json")
     assert code == 0 and json.loads(out)["percentiles"] is None
+
+
+def test_ignore_and_clip_options_reach_the_fit(tree, tmp_path, capsys):
+    """--ignore leaves a value's pixels out (fewer counted), --clip learns percentiles that show prints."""
+    common = [tree["root"] / "cat", "--workers", 0, "--no-progress", "--json"]
+    code, out, err = call(capsys, "fit", *common, "--cache", tmp_path / "a")
+    assert code == 0, err
+    plain = json.loads(out)
+    lowest = ",".join(repr(value) for value in plain["min"])  # each channel's smallest value, left out
+    code, out, err = call(capsys, "fit", *common, "--cache", tmp_path / "b", "--ignore", lowest, "--clip", "1,99")
+    assert code == 0, err
+    fitted = json.loads(out)
+    assert fitted["key"] != plain["key"] and fitted["pixels_per_channel"] < plain["pixels_per_channel"]
+    assert all(low > plain_low for low, plain_low in zip(fitted["min"], plain["min"]))
+    code, out, err = call(capsys, "show", fitted["key"], "--cache", tmp_path / "b", "--json")
+    assert code == 0 and set(json.loads(out)["percentiles"]) >= {"1", "99"}, err
+    for bad in (["--clip", "1"], ["--clip", "a,b"], ["--spatial-dims", "4"]):
+        code, _, err = call(capsys, "fit", *common, *bad)
+        assert code == 2 and "usage:" in err
