@@ -478,3 +478,42 @@ def test_missing_cache_and_folder_are_failures(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, _, err = call(capsys, "fit", tmp_path / "empty", "--cache", tmp_path / "cache")
     assert code == 1 and "no image files" in err.lower()
+
+
+def test_show_prints_the_percentiles_of_an_entry_fitted_with_clip(tmp_path, capsys):
+    """An entry that counted its values (``clip=``) shows each channel's percentiles, numpy's on the same pixels."""
+    from torchnormfit import FitNormalize
+
+    images = torch.randint(0, 256, (6, 2, 5, 7), generator=torch.Generator().manual_seed(4)).to(torch.uint8)
+    norm = FitNormalize(cache=tmp_path / "cache", key="clipped", clip=(1.0, 99.0))
+    norm.fit(list(images), num_workers=0, progress=False)
+    code, out, err = call(capsys, "show", "clipped", "--cache", tmp_path / "cache", "--json")
+    assert code == 0, err
+    shown = json.loads(out)["percentiles"]
+    pixels = images.permute(1, 0, 2, 3).reshape(2, -1).double().numpy()
+    for q in ("0.5", "1", "50", "99.5"):
+        np.testing.assert_allclose(shown[q], np.percentile(pixels, float(q), axis=1), rtol=0, atol=1e-9)
+    code, out, _ = call(capsys, "show", "clipped", "--cache", tmp_path / "cache")
+    assert code == 0 and "percentile" in out and "99.5" in out
+    write_entry(tmp_path / "cache", "plain", make_stats(0), {})
+    code, out, _ = call(capsys, "show", "plain", "--cache", tmp_path / "cache", "--json")
+    assert code == 0 and json.loads(out)["percentiles"] is None
+
+
+def test_ignore_and_clip_options_reach_the_fit(tree, tmp_path, capsys):
+    """--ignore leaves a value's pixels out (fewer counted), --clip learns percentiles that show prints."""
+    common = [tree["root"] / "cat", "--workers", 0, "--no-progress", "--json"]
+    code, out, err = call(capsys, "fit", *common, "--cache", tmp_path / "a")
+    assert code == 0, err
+    plain = json.loads(out)
+    lowest = ",".join(repr(value) for value in plain["min"])  # each channel's smallest value, left out
+    code, out, err = call(capsys, "fit", *common, "--cache", tmp_path / "b", "--ignore", lowest, "--clip", "1,99")
+    assert code == 0, err
+    fitted = json.loads(out)
+    assert fitted["key"] != plain["key"] and fitted["pixels_per_channel"] < plain["pixels_per_channel"]
+    assert all(low > plain_low for low, plain_low in zip(fitted["min"], plain["min"]))
+    code, out, err = call(capsys, "show", fitted["key"], "--cache", tmp_path / "b", "--json")
+    assert code == 0 and set(json.loads(out)["percentiles"]) >= {"1", "99"}, err
+    for bad in (["--clip", "1"], ["--clip", "a,b"], ["--spatial-dims", "4"]):
+        code, _, err = call(capsys, "fit", *common, *bad)
+        assert code == 2 and "usage:" in err

@@ -238,3 +238,20 @@ def test_few_images_all_moved_one_way_fail_by_the_unanimous_rule_named_as_such()
     result = verify_in_stages(mean, var, reader(mean + noise, var, []), POOLED_MEAN, POOLED_VAR)
     assert not result.passed and result.failed == ("unanimous",)
     assert "the unanimous rule failed (all 10 images one way; with fewer than 21 images that fails)" in result.detail
+
+
+def test_a_deterministic_entry_pairs_a_reordered_image_with_the_tracked_one_it_equals():
+    """The parts of a ConcatDataset swapped: every image is still there, at another index."""
+    mean, var = stored(64)
+    order = torch.cat([torch.arange(32, 64), torch.arange(32)])
+    reordered = reader(mean[order], var[order], [])
+    plain = verify_in_stages(mean, var, reordered, POOLED_MEAN, POOLED_VAR, again=(mean, var), deterministic=True)
+    assert not plain.passed and "identical" in plain.failed  # the premise: by index, every image changed
+    paired = verify_in_stages(mean, var, reader(mean[order], var[order], []), POOLED_MEAN, POOLED_VAR,
+                              again=(mean, var), deterministic=True, known=(mean, var))
+    assert paired.passed and paired.samples == 44
+    changed = mean[order].clone()
+    changed[3] += 0.05  # one image that equals no tracked one
+    caught = verify_in_stages(mean, var, reader(changed, var[order], []), POOLED_MEAN, POOLED_VAR,
+                              again=(mean, var), deterministic=True, known=(mean, var))
+    assert not caught.passed and "1 of 44 images read now differ" in caught.detail

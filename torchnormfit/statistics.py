@@ -298,12 +298,14 @@ def _verify(
     indices = samples["index"].tolist()
     with capturing() as capture, rereading(dataset, indices, verify, capture, image, reduction) as (rows, read):
         again = (rows_of("mean_again", rows), rows_of("var_again", rows)) if "mean_again" in samples else None
+        deterministic = again is not None and bool(entry.attrs.get("deterministic", 0))
+        all_rows = list(range(len(indices)))
         try:
             return verify_in_stages(
                 rows_of("mean", rows), rows_of("var", rows),
                 lambda start, stop: _moments(read(start, stop), channels, start, reduction.masked), entry.stats.mean,
-                entry.stats.var, again=again,
-                deterministic=again is not None and bool(entry.attrs.get("deterministic", 0)))
+                entry.stats.var, again=again, deterministic=deterministic,
+                known=(rows_of("mean", all_rows), rows_of("var", all_rows)) if deterministic else None)
         except _ChannelMismatch as mismatch:
             limit = threshold(channels)
             return Verification(mismatch.read, False, math.inf, limit, str(mismatch), failed=("channels",))

@@ -219,13 +219,21 @@ def stages(verify: int, deterministic: bool = False) -> tuple[int, ...]:
 def verify_in_stages(
     stored_mean: Tensor, stored_var: Tensor, measure: Callable[[int, int], tuple[Tensor, Tensor]],
     pooled_mean: Tensor, pooled_var: Tensor, *, again: tuple[Tensor, Tensor] | None = None,
-    deterministic: bool = False,
+    deterministic: bool = False, known: tuple[Tensor, Tensor] | None = None,
 ) -> Verification:
     """Check ``n`` images in :func:`stages`: ``measure(start, stop)`` reads images ``start:stop`` again and
     returns their moments ``(stop - start, C)`` (fewer if there are no more); the stored ones are ``(n, C)``, and
     ``again`` the fit's second reading of the same images. Stops after the first stage when it fails, or when it is
-    far from failing."""
+    far from failing.
+
+    ``known``: every tracked image's stored moments, on a deterministic entry. A re-read image that is not the one
+    stored at its place but equals another tracked image is paired with that one: the data was reordered (the parts
+    of a ``ConcatDataset``), not changed."""
     plan = stages(stored_mean.shape[0], deterministic)
+    if deterministic and known is not None:
+        stored_mean, stored_var = stored_mean.clone(), stored_var.clone()
+        measure = _pairing(measure, stored_mean, stored_var, known, pooled_mean, pooled_var)
+        again = None if again is None else (stored_mean, stored_var)
     bounds = (FALSE_ALARM_BOUND,) if len(plan) == 1 else (
         FALSE_ALARM_BOUND * FIRST_STAGE_SHARE, FALSE_ALARM_BOUND * (1 - FIRST_STAGE_SHARE))
     means: list[Tensor] = []
@@ -245,6 +253,27 @@ def verify_in_stages(
         if not result.passed or _clearly_unchanged(result) or read < stop:
             break
     return result
+
+
+def _pairing(
+    measure: Callable[[int, int], tuple[Tensor, Tensor]], stored_mean: Tensor, stored_var: Tensor,
+    known: tuple[Tensor, Tensor], pooled_mean: Tensor, pooled_var: Tensor,
+) -> Callable[[int, int], tuple[Tensor, Tensor]]:
+    """``measure``, pairing each re-read image that differs from its stored row with a known image it equals
+    (``stored_mean``/``stored_var`` rows are replaced in place)."""
+
+    def paired(start: int, stop: int) -> tuple[Tensor, Tensor]:
+        mean, var = measure(start, stop)
+        rows = slice(start, start + len(mean))
+        moved = _changed_rows((stored_mean[rows], stored_var[rows]), (mean, var), pooled_mean, pooled_var)
+        for offset in moved.nonzero().flatten().tolist():
+            one = (mean[offset].expand_as(known[0]), var[offset].expand_as(known[1]))
+            equal = (~_changed_rows(known, one, pooled_mean, pooled_var)).nonzero().flatten()
+            if len(equal):
+                stored_mean[start + offset], stored_var[start + offset] = known[0][equal[0]], known[1][equal[0]]
+        return mean, var
+
+    return paired
 
 
 def _clearly_unchanged(result: Verification) -> bool:

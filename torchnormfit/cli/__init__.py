@@ -121,6 +121,22 @@ def _integer(minimum: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def _floats(least: int, most: int | None) -> Callable[[str], list[float]]:
+    """An argparse ``type``: comma-separated numbers (``nan`` allowed), from ``least`` to ``most`` of them."""
+
+    def parse(text: str) -> list[float]:
+        try:
+            values = [float(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+        if len(values) < least or (most is not None and len(values) > most):
+            count = f"{least}" if least == most else f"at least {least}"
+            raise argparse.ArgumentTypeError(f"expected {count} number(s), got {len(values)} in {text!r}")
+        return values
+
+    return parse
+
+
 _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -154,6 +170,14 @@ def _add_fit(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
                           "(default: RGB for folders, unchanged for --dataset)")
     pipeline.add_argument("--resize", type=_integer(1), metavar="N", help="Resize(N): smaller edge to N pixels")
     pipeline.add_argument("--center-crop", type=_integer(1), metavar="N", help="CenterCrop(N) after the resize")
+    statistic = fit.add_argument_group("statistic (as FitNormalize's arguments)")
+    statistic.add_argument("--ignore", type=_floats(1, None), metavar="V[,V...]",
+                           help="nodata: leave pixels of this value out (one value, or one per channel; nan for NaN), "
+                           "in the units the pipeline gives (0-1 for image files)")
+    statistic.add_argument("--clip", type=_floats(2, 2), metavar="LOW,HIGH",
+                           help="learn these percentiles per channel too, e.g. 0.5,99.5 (show prints them)")
+    statistic.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2,
+                           help="2 for images (C, H, W), 3 for volumes (C, D, H, W)")
     run = fit.add_argument_group("run")
     run.add_argument("--batch-size", type=_integer(1), metavar="N",
                      help="images per batch (default: 64 MiB of images, 1 to 256, at least 16 batches per worker); "

@@ -40,6 +40,7 @@ __all__ = ["cache_path", "run_export", "run_ls", "run_rm", "run_show"]
 
 _HIDDEN_ATTRS = {"format", "schema_version", "key"}
 _SHOWN_CHARS = 300
+_SHOWN_PERCENTILES = (0.5, 1.0, 5.0, 50.0, 95.0, 99.0, 99.5)
 
 
 def cache_path(cache: Path | None) -> Path:
@@ -135,7 +136,8 @@ def run_show(args: argparse.Namespace) -> int:
     if args.plot is not None:
         check_plot(args.plot)
     path = cache_path(args.cache)
-    attrs = _read(path, args.key).attrs
+    entry = _read(path, args.key)
+    attrs = entry.attrs
     norm = FitNormalize.from_cache(path, attrs["key"])
     assert norm.mean is not None and norm.stats is not None  # from_cache sets them or raises
     source = described(attrs)
@@ -147,6 +149,7 @@ def run_show(args: argparse.Namespace) -> int:
         "count": floats(norm.stats.count),
         "var": floats(norm.stats.var),
         "attrs": {k: _jsonable(v) for k, v in attrs.items() if k not in _HIDDEN_ATTRS},
+        "percentiles": _percentiles(entry, norm.stats),
         "plot": None,
     }
     if args.plot is not None:
@@ -154,6 +157,17 @@ def run_show(args: argparse.Namespace) -> int:
         report["plot"] = str(args.plot)
     print(json.dumps(report, indent=2) if args.json else _format_show(report))
     return EXIT_OK
+
+
+def _percentiles(entry: CacheEntry, stats: Any) -> dict[str, list[float | None]] | None:
+    """Percentiles of each channel, for an entry that counted its values (fitted with ``clip=``); else None."""
+    from ..values import ValueCounts
+
+    counts = ValueCounts.from_arrays(entry.attrs, entry.arrays)
+    if counts is None:
+        return None
+    rows = counts.percentiles(_SHOWN_PERCENTILES, stats.min, stats.max)
+    return {f"{q:g}": floats(row) for q, row in zip(_SHOWN_PERCENTILES, rows)}
 
 
 def _jsonable(value: Any) -> Any:
@@ -169,6 +183,15 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _percentile_lines(report: dict[str, Any]) -> list[str]:
+    if not report["percentiles"]:
+        return []
+    rows = [["percentile", *report["channels"]]]
+    rows += [[q, *(f"{v:.6g}" if v is not None else "n/a" for v in values)]
+             for q, values in report["percentiles"].items()]
+    return ["", *table(rows)]
+
+
 def _format_show(report: dict[str, Any]) -> str:
     attrs = report["attrs"]
     lines = [
@@ -177,6 +200,7 @@ def _format_show(report: dict[str, Any]) -> str:
         (f"images: {report['num_samples']:,}   pixels per channel: {report['pixels_per_channel']:,}   "
          f"channels: {len(report['channels'])}"),
         *numbers_lines(report),
+        *_percentile_lines(report),
         "",
         "provenance:",
     ]
