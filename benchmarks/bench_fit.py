@@ -52,8 +52,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -856,7 +857,7 @@ def report(results: dict[str, Any]) -> tuple[str, list[tuple[str, bool | None, s
             lines.append("| batch | data | threads | current | previous | four_reductions | five_passes_only | x.sum() ms |")
             lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
             table: dict[tuple[str, str, int], dict[str, float]] = {}
-            for shape, kind, t, name, ratio, ms, sms in acc["speed"]:
+            for shape, kind, t, name, ratio, _ms, sms in acc["speed"]:
                 table.setdefault((shape, kind, t), {"sum_ms": sms})[name] = ratio
             for (shape, kind, t), r in table.items():
                 cells = " | ".join(f"{r.get(name, float('nan')):.2f}"

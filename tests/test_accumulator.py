@@ -14,11 +14,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import truth
 from torch import nn
 
-from reference import truth
-from torchnormfit import BatchNormAccumulator, ChannelStats
-from torchnormfit import reduce
+from torchnormfit import BatchNormAccumulator, ChannelStats, reduce
 from torchnormfit.reduce import batch_stats
 
 C = 3

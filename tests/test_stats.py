@@ -12,8 +12,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from reference import truth
+
 from torchnormfit import ChannelStats
 
 FIELDS = ("count", "mean", "m2", "min", "max")

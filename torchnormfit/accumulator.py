@@ -59,7 +59,8 @@ class BatchNormAccumulator(nn.BatchNorm2d):
     """
 
     def __init__(self, num_features: int, momentum: float | None = None, eps: float = 1e-5, device=None):
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=False, track_running_stats=True, device=device)
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=False, track_running_stats=True,
+                         device=device)
         self.exact = momentum is None
         empty = ChannelStats.empty(num_features, device=device)
         for name, value in empty.to_dict().items():
