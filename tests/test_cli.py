@@ -631,3 +631,21 @@ def test_tiff_without_tifffile_names_the_extra(tmp_path, tifffile_module):
     assert result.returncode == 1, result.stderr
     assert 'pip install "torchnormfit[tiff]"' in result.stderr and "a.tif" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_4_d_tiff_is_refused_with_its_shape(capsys, tmp_path, tifffile_module):
+    (tmp_path / "v").mkdir()
+    tifffile_module.imwrite(tmp_path / "v" / "a.tif", np.zeros((2, 5, 6, 3), dtype=np.uint16), photometric="rgb")
+    code, _, err = call(capsys, "fit", tmp_path / "v", "--cache", tmp_path / "cache", "--workers", 0, "--no-progress")
+    assert code == 1 and "a.tif" in err and "(2, 5, 6, 3)" in err and "4 dimensions" in err
+
+
+def test_integer_tiffs_resize_and_crop_keep_their_dtype(capsys, tmp_path, tifffile_module):
+    (tmp_path / "r").mkdir()
+    tifffile_module.imwrite(tmp_path / "r" / "a.tif", np.full((13, 40, 30), 1234, dtype=np.uint16),
+                            photometric="minisblack")
+    code, out, err = call(capsys, "fit", tmp_path / "r", "--resize", 20, "--center-crop", 16, "--cache",
+                          tmp_path / "cache", "--workers", 0, "--no-progress", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["pixels_per_channel"] == 16 * 16 and report["mean"] == [1234] * 13 and report["std"] == [0] * 13
