@@ -85,9 +85,12 @@ def to_float_pipeline(
 
     Resize and crop act on the PIL image, as in ``Compose([Resize(n), CenterCrop(m), ToTensor()])``,
     and the result equals ``ToTensor()``'s. With ``integers=True`` (an :class:`ImageFiles` of 16-bit or
-    TIFF images, whose samples are integer tensors) the values are not scaled: they stay in their own units.
+    TIFF images, whose samples are integer tensors) the values are not scaled: they stay in their own units,
+    as integers, or as float32 with ``resize`` (interpolated values are not integers).
     """
     steps: list[Callable[[Any], Any]] = [] if mode is None else [ConvertMode(mode)]
+    if integers and resize is not None:  # interpolation makes new values: float32 in the same units (torchvision
+        steps += [v2.ToImage(), v2.ToDtype(torch.float32)]  # would truncate them back to uint16, not round)
     if resize is not None:
         steps.append(v2.Resize(resize, antialias=True))
     if center_crop is not None:
