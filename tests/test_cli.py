@@ -517,3 +517,137 @@ def test_ignore_and_clip_options_reach_the_fit(tree, tmp_path, capsys):
     for bad in (["--clip", "1"], ["--clip", "a,b"], ["--spatial-dims", "4"]):
         code, _, err = call(capsys, "fit", *common, *bad)
         assert code == 2 and "usage:" in err
+
+
+# --- 16-bit PNG and TIFF: integer images in their own units ------------------------------------
+
+
+def _fit_json(capsys: pytest.CaptureFixture, folder: Path, tmp: Path) -> dict:
+    code, out, err = call(capsys, "fit", folder, "--cache", tmp / "cache", "--workers", 0, "--no-progress", "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def _expect(report: dict, arrays: list[np.ndarray]) -> None:
+    """The report's per-channel mean, std, min and max equal numpy's over the (C, H, W) arrays, in their units."""
+    pixels = np.concatenate([a.reshape(a.shape[0], -1).astype(np.float64) for a in arrays], axis=1)
+    np.testing.assert_allclose(report["mean"], pixels.mean(axis=1), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(report["std"], pixels.std(axis=1), rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(report["min"], pixels.min(axis=1))
+    np.testing.assert_array_equal(report["max"], pixels.max(axis=1))
+
+
+@pytest.fixture
+def tifffile_module():
+    return pytest.importorskip("tifffile")
+
+
+def test_uint16_single_band_tiffs_are_fitted_in_their_own_units(capsys, tmp_path, tifffile_module):
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 10_000, size=(h, w), dtype=np.uint16) for h, w in ((9, 7), (12, 12))]
+    (tmp_path / "scenes").mkdir()
+    for i, array in enumerate(arrays):
+        tifffile_module.imwrite(tmp_path / "scenes" / f"{i}.tif", array)
+    _expect(_fit_json(capsys, tmp_path / "scenes", tmp_path), [a[None] for a in arrays])
+
+
+def test_13_band_planar_tiffs_are_13_channels(capsys, tmp_path, tifffile_module):
+    rng = np.random.default_rng(2)
+    (tmp_path / "s2").mkdir()
+    arrays = [rng.integers(0, 4096, size=(13, 8, 6 + i), dtype=np.uint16) for i in range(3)]
+    for i, array in enumerate(arrays):
+        tifffile_module.imwrite(tmp_path / "s2" / f"{i}.tiff", array, photometric="minisblack", planarconfig="separate")
+    report = _fit_json(capsys, tmp_path / "s2", tmp_path)
+    assert len(report["mean"]) == 13
+    _expect(report, arrays)
+
+
+def test_multi_page_tiffs_are_one_channel_a_page(capsys, tmp_path, tifffile_module):
+    rng = np.random.default_rng(3)
+    (tmp_path / "stacks").mkdir()
+    arrays = [rng.integers(0, 255, size=(4, 10, 10), dtype=np.uint8), rng.integers(0, 255, size=(4, 7, 9), dtype=np.uint8)]
+    for i, array in enumerate(arrays):
+        with tifffile_module.TiffWriter(tmp_path / "stacks" / f"{i}.tif") as tif:
+            for page in array:
+                tif.write(page, photometric="minisblack", contiguous=False)
+    report = _fit_json(capsys, tmp_path / "stacks", tmp_path)
+    assert len(report["mean"]) == 4
+    _expect(report, arrays)
+
+
+def test_rgb_uint8_tiff_is_read_like_an_8_bit_png(capsys, tmp_path, tifffile_module):
+    rng = np.random.default_rng(4)
+    (tmp_path / "rgb").mkdir()
+    arrays = [rng.integers(0, 256, size=(11, 13, 3), dtype=np.uint8) for _ in range(2)]
+    for i, array in enumerate(arrays):
+        tifffile_module.imwrite(tmp_path / "rgb" / f"{i}.tif", array, photometric="rgb")
+    report = _fit_json(capsys, tmp_path / "rgb", tmp_path)
+    assert report["channels"] == ["R", "G", "B"]
+    scaled = [a.transpose(2, 0, 1).astype(np.float64) / 255 for a in arrays]  # 8 bits: ToDtype(scale=True), as PNG
+    pixels = np.concatenate([a.reshape(3, -1) for a in scaled], axis=1)
+    np.testing.assert_allclose(report["mean"], pixels.mean(axis=1), atol=TOLERANCE)
+    np.testing.assert_allclose(report["std"], pixels.std(axis=1), atol=TOLERANCE)
+
+
+def test_rgb_uint16_tiff_is_three_channels_in_its_units(capsys, tmp_path, tifffile_module):
+    rng = np.random.default_rng(5)
+    (tmp_path / "rgb16").mkdir()
+    arrays = [rng.integers(0, 65_536, size=(6, 5, 3), dtype=np.uint16) for _ in range(2)]
+    for i, array in enumerate(arrays):
+        tifffile_module.imwrite(tmp_path / "rgb16" / f"{i}.tif", array, photometric="rgb")
+    _expect(_fit_json(capsys, tmp_path / "rgb16", tmp_path), [a.transpose(2, 0, 1) for a in arrays])
+
+
+def test_16_bit_pngs_are_fitted_in_their_own_units(capsys, tmp_path):
+    rng = np.random.default_rng(6)
+    (tmp_path / "png16").mkdir()
+    arrays = [rng.integers(0, 65_536, size=(h, w), dtype=np.uint16) for h, w in ((10, 8), (5, 5))]
+    for i, array in enumerate(arrays):
+        PIL.Image.fromarray(array).save(tmp_path / "png16" / f"{i}.png")
+        with PIL.Image.open(tmp_path / "png16" / f"{i}.png") as image:
+            assert image.mode.startswith("I;16")
+    _expect(_fit_json(capsys, tmp_path / "png16", tmp_path), [a[None] for a in arrays])
+
+
+def test_an_8_bit_png_among_16_bit_ones_is_named(capsys, tmp_path):
+    rng = np.random.default_rng(7)
+    (tmp_path / "mixed").mkdir()
+    PIL.Image.fromarray(rng.integers(0, 65_536, size=(4, 4), dtype=np.uint16)).save(tmp_path / "mixed" / "a.png")
+    write_image(tmp_path / "mixed" / "b.png", random_image(rng, (4, 4), 1, 0.5))
+    code, _, err = call(capsys, "fit", tmp_path / "mixed", "--cache", tmp_path / "cache", "--workers", 0,
+                        "--no-progress")
+    assert code == 1 and "b.png" in err and "Keep files of one kind" in err
+
+
+def test_tiff_without_tifffile_names_the_extra(tmp_path, tifffile_module):
+    (tmp_path / "t").mkdir()
+    tifffile_module.imwrite(tmp_path / "t" / "a.tif", np.zeros((3, 5, 5), dtype=np.uint16), photometric="minisblack")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    script = ("import sys; sys.modules['tifffile'] = None\n"
+              "from torchnormfit.cli import main\n"
+              f"sys.exit(main(['fit', {str(tmp_path / 't')!r}, '--cache', {str(tmp_path / 'c')!r}, '--no-progress']))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert 'pip install "torchnormfit[tiff]"' in result.stderr and "a.tif" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_4_d_tiff_is_refused_with_its_shape(capsys, tmp_path, tifffile_module):
+    (tmp_path / "v").mkdir()
+    tifffile_module.imwrite(tmp_path / "v" / "a.tif", np.zeros((2, 5, 6, 3), dtype=np.uint16), photometric="rgb")
+    code, _, err = call(capsys, "fit", tmp_path / "v", "--cache", tmp_path / "cache", "--workers", 0, "--no-progress")
+    assert code == 1 and "a.tif" in err and "(2, 5, 6, 3)" in err and "4 dimensions" in err
+
+
+def test_integer_tiffs_resize_and_crop_keep_their_units(capsys, tmp_path, tifffile_module):
+    (tmp_path / "r").mkdir()
+    tifffile_module.imwrite(tmp_path / "r" / "a.tif", np.full((13, 40, 30), 1234, dtype=np.uint16),
+                            photometric="minisblack")
+    code, out, err = call(capsys, "fit", tmp_path / "r", "--resize", 20, "--center-crop", 16, "--cache",
+                          tmp_path / "cache", "--workers", 0, "--no-progress", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["pixels_per_channel"] == 16 * 16
+    np.testing.assert_allclose(report["mean"], [1234] * 13, rtol=1e-6)  # float32 after Resize: not truncated
+    np.testing.assert_allclose(report["std"], [0] * 13, atol=1e-3)

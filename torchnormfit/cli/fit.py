@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset, IterableDataset
+from torchvision.datasets.vision import StandardTransform
 from torchvision.transforms import v2
 
 from ..key import describe_dataset, describe_pipeline
@@ -22,6 +23,7 @@ from ..transform import FitNormalize
 from . import EXIT_FAILURE, EXIT_OK, PROG, CliError
 from .entries import cache_path
 from .folder import (
+    TIFF_EXTRA,
     ImageFiles,
     find_unreadable,
     to_float_pipeline,
@@ -138,9 +140,15 @@ def _open_source(args: argparse.Namespace, norm: FitNormalize) -> Dataset:
     if args.source is not None:
         pipeline = _ending_in(norm, to_float_pipeline(resize=args.resize, center_crop=args.center_crop))
         try:
-            return ImageFiles(args.source, mode=args.mode or "RGB", transform=pipeline)
+            folder = ImageFiles(args.source, mode=args.mode or "RGB", transform=pipeline)
         except FileNotFoundError as error:
             raise CliError(str(error)) from None
+        if folder.integers:  # 16-bit or TIFF: no scaling to [0, 1]; the values stay in their own units
+            _check_tifffile(folder)
+            folder.transform = _ending_in(
+                norm, to_float_pipeline(resize=args.resize, center_crop=args.center_crop, integers=True))
+            folder.transforms = StandardTransform(folder.transform)
+        return folder
     cls, kwargs = args.dataset_class, dict(args.dataset_kwargs)
     shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     try:
@@ -153,6 +161,18 @@ def _open_source(args: argparse.Namespace, norm: FitNormalize) -> Dataset:
             f"torchvision.datasets.{cls.__name__}({kwargs.get('root', '...')!r}, download=True), "
             "or point --root at the folder that already holds them."
         ) from None
+
+
+def _check_tifffile(folder: ImageFiles) -> None:
+    """A clear error, before any file is read, when the folder holds TIFF files and tifffile is not installed."""
+    tiffs = [name for name, _ in folder.samples if name.lower().endswith((".tif", ".tiff"))]
+    if not tiffs:
+        return
+    try:
+        import tifffile  # noqa: F401
+    except ImportError:
+        raise CliError(f"Reading the TIFF files of {folder.root} ({len(tiffs)}, for example {tiffs[0]}) "
+                       f"needs tifffile: {TIFF_EXTRA}") from None
 
 
 def _ending_in(norm: FitNormalize, pipeline: v2.Compose) -> v2.Compose:

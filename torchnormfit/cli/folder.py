@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import PIL.Image
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -29,6 +30,7 @@ __all__ = [
     "MODES",
     "BadImageError",
     "ConvertMode",
+    "TIFF_EXTRA",
     "ImageFiles",
     "find_unreadable",
     "to_float_pipeline",
@@ -39,6 +41,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 """File name endings read as images (any case): JPEG, PNG, WebP, BMP, TIFF."""
 
 _WIDE_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
+_TIFF_EXTENSIONS = (".tif", ".tiff")
+TIFF_EXTRA = 'pip install "torchnormfit[tiff]"'
+"""The install line that adds tifffile, which reads TIFF files beyond 8 bits a channel, multi-band or multi-page."""
 _BAD_IMAGE = re.compile(r"BadImageError: (.+)")
 
 
@@ -74,24 +79,37 @@ class ConvertMode:
 
 
 def to_float_pipeline(
-    mode: str | None = None, resize: int | None = None, center_crop: int | None = None
+    mode: str | None = None, resize: int | None = None, center_crop: int | None = None, *, integers: bool = False
 ) -> v2.Compose:
     """The usual pipeline up to Normalize: [mode] -> [Resize] -> [CenterCrop] -> float32 in [0, 1].
 
     Resize and crop act on the PIL image, as in ``Compose([Resize(n), CenterCrop(m), ToTensor()])``,
-    and the result equals ``ToTensor()``'s.
+    and the result equals ``ToTensor()``'s. With ``integers=True`` (an :class:`ImageFiles` of 16-bit or
+    TIFF images, whose samples are integer tensors) the values are not scaled: they stay in their own units,
+    as integers, or as float32 with ``resize`` (interpolated values are not integers).
     """
     steps: list[Callable[[Any], Any]] = [] if mode is None else [ConvertMode(mode)]
+    if integers and resize is not None:  # interpolation makes new values: float32 in the same units (torchvision
+        steps += [v2.ToImage(), v2.ToDtype(torch.float32)]  # would truncate them back to uint16, not round)
     if resize is not None:
         steps.append(v2.Resize(resize, antialias=True))
     if center_crop is not None:
         steps.append(v2.CenterCrop(center_crop))
-    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    steps += [v2.ToImage()] if integers else [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
     return v2.Compose(steps)
 
 
 class ImageFiles(VisionDataset):
-    """Every image file under ``root``, decoded with PIL and converted to ``mode``.
+    """Every image file under ``root``, decoded with PIL and converted to ``mode``, or read as integers.
+
+    The first file (in sorted order) decides how the folder is read. If it has 8 bits a channel (JPEG,
+    PNG, WebP, BMP, a one-page 8-bit TIFF), every file is a PIL image converted to ``mode``, as
+    ``ImageFolder`` does. If it is a 16-bit PNG, or a TIFF that PIL cannot read as 8 bits a channel
+    (uint16, float, multi-band, multi-page), every file is an integer or float tensor (C, H, W) in its
+    own units, and ``integers`` is True (``mode`` is then not applied). TIFF files are read with tifffile
+    (``pip install "torchnormfit[tiff]"``): an (H, W) array is 1 channel, (H, W, S) with S <= 4 samples
+    per pixel is S channels, any other 3-D array (C, H, W: planar bands or pages) is C channels; 4-D or
+    more is refused. A file of the other kind than the first is unreadable (:class:`BadImageError`).
 
     Two layouts are recognized. ImageFolder: all images sit in subfolders of
     ``root`` (at any depth), and each top-level subfolder is a class, as in
@@ -138,6 +156,11 @@ class ImageFiles(VisionDataset):
         self.classes = sorted({name.split("/", 1)[0] for name in files}) if self.layout == "imagefolder" else []
         class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.samples = [(name, class_to_idx.get(name.split("/", 1)[0], -1)) for name in files]
+        if _is_wide(self.path(0)):
+            self.integers = True  # set only when True: an 8-bit folder's dataset (and cache key) is as before
+
+    integers = False
+    """True when the files are read as integer tensors in their own units (the first file is 16-bit or a TIFF)."""
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -146,28 +169,32 @@ class ImageFiles(VisionDataset):
         """The absolute path of sample ``index``."""
         return os.path.join(self.root, *self.samples[index][0].split("/"))
 
-    def load(self, index: int) -> PIL.Image.Image:
-        """Decode sample ``index`` completely and convert it to ``mode``.
+    def load(self, index: int) -> Any:
+        """Decode sample ``index`` completely: a PIL image in ``mode``, or a (C, H, W) tensor if ``integers``.
 
         Raises
         ------
         BadImageError
-            The file cannot be read or decoded, or has more than 8 bits a
-            channel (PIL's conversion would clip it); the message names the file.
+            The file cannot be read or decoded, or is of the other kind than
+            the first file (8 bits a channel or not); the message names the file.
         """
         path = self.path(index)
+        if self.integers:
+            return _read_wide(path, self.path(0))
         try:
             with PIL.Image.open(path) as image:
+                wide = _wide_mode(image)
                 image.load()
-                mode = image.mode
-                converted = image.convert(self.mode) if mode not in _WIDE_MODES else None
+                mode = wide or image.mode
+                converted = image.convert(self.mode) if wide is None else None
         except Exception as error:
             raise BadImageError(path, f"{type(error).__name__}: {error}") from error
         if converted is None:
             raise BadImageError(
                 path,
-                f"its mode is {mode} (more than 8 bits a channel), and converting it to {self.mode} would clip it. "
-                "Convert such files to 8 bits, or fit them in Python with your own float pipeline",
+                f"it is {mode} (not one page of 8 bits a channel), and converting it to {self.mode} would clip it, "
+                f"while the folder's first file {self.path(0)} has 8 bits a channel. "
+                "Keep files of one kind in a folder",
             )
         return converted
 
@@ -186,6 +213,81 @@ class ImageFiles(VisionDataset):
 
     def extra_repr(self) -> str:
         return f"Mode: {self.mode}\nLayout: {self.layout}"
+
+
+def _is_wide(path: str) -> bool:
+    """Whether ``path`` is read as integers: a 16-bit PNG (or other wide mode), or a TIFF beyond one 8-bit page.
+
+    Only the header is read. A file PIL cannot open is not wide, unless it is a TIFF (tifffile reads it).
+    """
+    try:
+        with PIL.Image.open(path) as image:
+            return _wide_mode(image) is not None
+    except Exception:
+        return path.lower().endswith(_TIFF_EXTENSIONS)
+
+
+def _wide_mode(image: PIL.Image.Image) -> str | None:
+    """What makes an opened image more than one page of 8 bits a channel (PIL reads a 16-bit RGB TIFF as 8-bit
+    RGB), or None."""
+    if image.mode in _WIDE_MODES:
+        return image.mode
+    tags = getattr(image, "tag_v2", None)
+    if tags is None:
+        return None
+    bits, formats = (value if isinstance(value, tuple) else (value,) for value in (tags.get(258, 8), tags.get(339, 1)))
+    if any(b > 8 for b in bits) or any(f != 1 for f in formats):  # SampleFormat 1: unsigned integers
+        return f"a TIFF of {max(bits)}-bit {'unsigned' if set(formats) == {1} else 'signed or float'} samples"
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        return f"a TIFF of {frames} pages"
+    return None
+
+
+def _read_wide(path: str, first: str) -> torch.Tensor:
+    """The (C, H, W) tensor of ``path`` in its own units: TIFF with tifffile, others with PIL (no conversion)."""
+    if path.lower().endswith(_TIFF_EXTENSIONS):
+        try:
+            import tifffile
+        except ImportError:
+            raise ImportError(
+                f"Reading the TIFF file {path} needs tifffile: {TIFF_EXTRA}"
+            ) from None
+        try:
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                array, axes = np.asarray(series.asarray()), series.axes
+                if len(tif.series) > 1:  # pages written one by one: every page, stacked (fails if shapes differ)
+                    array, axes = np.asarray(tif.asarray(key=slice(None))), "I" + series.axes
+        except Exception as error:
+            raise BadImageError(path, f"{type(error).__name__}: {error}") from error
+        if array.ndim == 3 and axes.endswith("S"):  # (H, W, S): samples per pixel, as RGB
+            array = array.transpose(2, 0, 1)
+    else:
+        try:
+            with PIL.Image.open(path) as image:
+                image.load()
+                array = np.array(image)
+                mode = image.mode
+        except Exception as error:
+            raise BadImageError(path, f"{type(error).__name__}: {error}") from error
+        if mode not in _WIDE_MODES:
+            raise BadImageError(
+                path, f"its mode is {mode} (8 bits a channel), while the folder's first file {first} is read as "
+                "integers in their own units (16 bits or TIFF). Keep files of one kind in a folder",
+            )
+    if array.ndim == 2:
+        array = array[None]
+    elif array.ndim == 3 and not path.lower().endswith(_TIFF_EXTENSIONS):  # PIL's (H, W, S)
+        array = array.transpose(2, 0, 1)
+    elif array.ndim != 3:
+        raise BadImageError(
+            path, f"its array has {array.ndim} dimensions, shape {tuple(array.shape)}; expected (H, W), "
+            "(H, W, S) with S samples a pixel, or (C, H, W) bands or pages",
+        )
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def _find_images(root: str) -> list[str]:
