@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -264,6 +264,14 @@ class ValueCounts:
         high = torch.where(empty, -math.inf, (self.offset + last).double())
         return n.double(), mean, m2.clamp_min(0), low, high
 
+    def _counted_channels(self) -> Iterator[tuple[int, np.ndarray, int, np.ndarray]]:
+        """``(channel, counts, pixels, cumulative counts)`` of each channel that counted any pixel."""
+        for channel in range(self.num_channels):
+            counts = self.counts[channel].numpy()
+            n = int(counts.sum())
+            if n:
+                yield channel, counts, n, np.cumsum(counts)
+
     def percentiles(self, q: Sequence[float], low: Tensor, high: Tensor) -> Tensor:
         """``(len(q), C)`` float64 percentiles, ``numpy.percentile(..., method="linear")`` of the counted pixels.
 
@@ -271,12 +279,7 @@ class ValueCounts:
         100th percentiles, and bounds for every estimate. A channel without pixels gets NaN.
         """
         out = np.full((len(q), self.num_channels), np.nan)
-        for channel in range(self.num_channels):
-            counts = self.counts[channel].numpy()
-            n = int(counts.sum())
-            if n == 0:
-                continue
-            cumulative = np.cumsum(counts)
+        for channel, counts, n, cumulative in self._counted_channels():
             bounds = float(low[channel]), float(high[channel])
             for row, percent in enumerate(q):
                 below, above, t = _order_indices(n, percent)
@@ -293,12 +296,7 @@ class ValueCounts:
         out = torch.zeros(len(q), self.num_channels, dtype=torch.float64)
         if self.exact:
             return out
-        for channel in range(self.num_channels):
-            counts = self.counts[channel].numpy()
-            n = int(counts.sum())
-            if n == 0:
-                continue
-            cumulative = np.cumsum(counts)
+        for channel, counts, n, cumulative in self._counted_channels():
             for row, percent in enumerate(q):
                 below, above, _ = _order_indices(n, percent)
                 buckets = np.searchsorted(cumulative, [below, above], side="right")
