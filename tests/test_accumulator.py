@@ -189,6 +189,7 @@ def test_a_looser_bound_would_not_be_exact(monkeypatch):
     images = rows_with_ratio(80.0, 200, seed=18)
     assert worst_std_error(images) <= 1e-6
     monkeypatch.setattr(reduce, "_UNCENTRED", 20 * reduce._UNCENTRED)
+    monkeypatch.setattr(reduce, "_GUESS", 20 * reduce._GUESS)
     assert worst_std_error(images) > 1e-6
 
 

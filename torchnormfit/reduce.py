@@ -33,9 +33,9 @@ Ignore = float | Sequence[float] | Tensor | None
 """``ignore=``: one value for every channel, one per channel, or NaN (NaN pixels); None keeps every pixel."""
 
 
-_BLOCK_BYTES = 1 << 20  # rows are reduced ~1 MiB at a time, so each block is still in the CPU cache for all its sums
+_BLOCK_BYTES = 1 << 19  # rows are reduced 512 KiB at a time: a block and its centred copy stay in a 2 MiB L2 cache
 _CHUNK = 128  # pixels per float partial sum; bounds the rounding of each (see batch_stats)
-_UNCENTRED = 5.0  # a row is reduced uncentred when its sum of squares is at most this many times its M2
+_UNCENTRED = 7.0  # a row is reduced uncentred when its sum of squares is at most this many times its M2
 _SCRATCH = threading.local()  # each thread's buffer for the rows it centres
 
 
@@ -78,7 +78,7 @@ def batch_stats(
 
     Its rounding error is that of the sums times ``k = sum(d**2) / M2 = 1 + (mean - c)**2 / var``: for
     float32, M2 within ~3.7 k * 2**-24 relative (``python benchmarks/accumulator_variants.py --bound``). A
-    row is kept when ``k <= _UNCENTRED`` (std within ~6e-7); any other is reduced around its mean. Whether a
+    row is kept when ``k <= _UNCENTRED`` (std within ~8e-7); any other is reduced around its mean. Whether a
     row needs centring is first guessed from a sample of it (:func:`_guess_centre`); a row's centre depends
     on that row alone, so its statistics are the same in whatever batch it comes. Rows with a mask or
     ignored pixels take two passes: the mean of the kept pixels, then their deviations from it. Integer
@@ -367,8 +367,8 @@ def _dense_stats(rows: Tensor, channels: int) -> ChannelStats:
     return ChannelStats._owned(torch.full_like(pooled, float(mean.shape[0] * n)), pooled, m2, low, high)
 
 
-_GUESS = 1.2
-"""A row is centred when its sample's ``sum(x**2) / M2`` is above this times _UNCENTRED (see _guess_centre)."""
+_GUESS = 6.0
+"""A row is centred when its sample's ``sum(x**2) / M2`` is above this (see _guess_centre)."""
 
 
 def _guess_centre(rows: Tensor) -> Tensor | None:
@@ -376,16 +376,18 @@ def _guess_centre(rows: Tensor) -> Tensor | None:
     centring, else 0; None when no row needs it.
 
     A row is said to need it when the sample's ``k = sum(x**2) / M2`` is above
-    ``_GUESS`` (1.2 ``_UNCENTRED``): ``k > T`` is ``sum(x)**2 * T / ((T - 1) m)
-    > sum(x**2)`` for a sample of ``m`` pixels. Rows that stay uncentred but
-    have ``k > _UNCENTRED`` are reduced again. A row's centre depends on that
-    row alone, and so do its statistics: the same whatever batch it comes in.
+    ``_GUESS``: ``k > T`` is ``sum(x)**2 * T / ((T - 1) m) > sum(x**2)`` for a
+    sample of ``m`` pixels. 6 is above what samples of 128 uniform pixels (k = 4)
+    show in all but ~2e-4 of rows, and below ``_UNCENTRED`` by enough that rows a
+    sample misjudges are rare (none in 15,360 CIFAR-like rows); those that stay
+    uncentred with ``k > _UNCENTRED`` are reduced again. A row's centre depends
+    on that row alone, and so do its statistics: the same whatever batch.
     """
     start = max(0, (rows.shape[1] - _CHUNK) // 2)
     sample = rows[:, start : start + _CHUNK]
     m = sample.shape[1]
     total, squares = sample.sum(dim=-1), torch.linalg.vector_norm(sample, dim=-1).square_()
-    threshold = _GUESS * _UNCENTRED
+    threshold = _GUESS
     needs = torch.gt(total.square().mul_(threshold / ((threshold - 1) * m)), squares)
     if not bool(needs.any()):
         return None
