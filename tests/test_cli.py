@@ -651,3 +651,37 @@ def test_integer_tiffs_resize_and_crop_keep_their_units(capsys, tmp_path, tifffi
     assert report["pixels_per_channel"] == 16 * 16
     np.testing.assert_allclose(report["mean"], [1234] * 13, rtol=1e-6)  # float32 after Resize: not truncated
     np.testing.assert_allclose(report["std"], [0] * 13, atol=1e-3)
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".png"])
+def test_a_16_bit_folder_is_shown_as_read_not_as_mode_rgb(capsys, tmp_path, tifffile_module, suffix):
+    """fit, ls and show name how the values were read (uint16 as stored); no PIL mode was applied, none is claimed."""
+    rng = np.random.default_rng(8)
+    (tmp_path / "u16").mkdir()
+    for i in range(2):
+        array = rng.integers(0, 65_536, size=(6, 7), dtype=np.uint16)
+        if suffix == ".tif":
+            tifffile_module.imwrite(tmp_path / "u16" / f"{i}.tif", array)
+        else:
+            PIL.Image.fromarray(array).save(tmp_path / "u16" / f"{i}.png")
+    code, out, err = call(capsys, "fit", tmp_path / "u16", "--cache", tmp_path / "cache", "--workers", 0,
+                          "--no-progress")
+    assert code == 0, err
+    source = next(line for line in out.splitlines() if line.startswith("source: "))
+    assert source == f"source: ImageFiles {tmp_path / 'u16'} (2 samples, integers=True, layout=flat, values=uint16 as stored)"
+    code, out, err = call(capsys, "ls", tmp_path / "cache", "--json")
+    (row,) = json.loads(out)
+    assert row["source"] == source.removeprefix("source: ")
+    code, out, err = call(capsys, "show", row["key"], "--cache", tmp_path / "cache", "--json")
+    dataset = json.loads(json.loads(out)["attrs"]["dataset"])
+    assert "mode" not in dataset and dataset["values"] == "uint16 as stored" and dataset["integers"] is True
+    code, out, err = call(capsys, "show", row["key"], "--cache", tmp_path / "cache")
+    assert code == 0 and "mode" not in out and "uint16 as stored" in out
+
+
+def test_an_8_bit_folder_is_still_shown_with_its_mode(capsys, tmp_path):
+    root = tmp_path / "eight"
+    write_image(root / "a.png", random_image(np.random.default_rng(9), (5, 4), 3, 0.5))
+    code, out, err = call(capsys, "fit", root, "--cache", tmp_path / "cache", "--workers", 0, "--no-progress")
+    assert code == 0, err
+    assert f"source: ImageFiles {root} (1 samples, layout=flat, mode=RGB)\n" in out

@@ -106,10 +106,11 @@ class ImageFiles(VisionDataset):
     PNG, WebP, BMP, a one-page 8-bit TIFF), every file is a PIL image converted to ``mode``, as
     ``ImageFolder`` does. If it is a 16-bit PNG, or a TIFF that PIL cannot read as 8 bits a channel
     (uint16, float, multi-band, multi-page), every file is an integer or float tensor (C, H, W) in its
-    own units, and ``integers`` is True (``mode`` is then not applied). TIFF files are read with tifffile
-    (``pip install "torchnormfit[tiff]"``): an (H, W) array is 1 channel, (H, W, S) with S <= 4 samples
-    per pixel is S channels, any other 3-D array (C, H, W: planar bands or pages) is C channels; 4-D or
-    more is refused. A file of the other kind than the first is unreadable (:class:`BadImageError`).
+    own units: ``integers`` is True, ``mode`` is None (not applied) and ``values`` names the first file's
+    dtype, as ``"uint16 as stored"``. TIFF files are read with tifffile (``pip install "torchnormfit[tiff]"``):
+    an (H, W) array is 1 channel, (H, W, S) with S <= 4 samples per pixel is S channels, any other 3-D array
+    (C, H, W: planar bands or pages) is C channels; 4-D or more is refused. A file of the other kind than the
+    first is unreadable (:class:`BadImageError`).
 
     Two layouts are recognized. ImageFolder: all images sit in subfolders of
     ``root`` (at any depth), and each top-level subfolder is a class, as in
@@ -145,7 +146,7 @@ class ImageFiles(VisionDataset):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {list(MODES)}. Got {mode!r}.")
         super().__init__(root, transform=transform)
-        self.mode = mode
+        self.mode: str | None = mode
         files = _find_images(root)
         if not files:
             raise FileNotFoundError(
@@ -156,11 +157,15 @@ class ImageFiles(VisionDataset):
         self.classes = sorted({name.split("/", 1)[0] for name in files}) if self.layout == "imagefolder" else []
         class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.samples = [(name, class_to_idx.get(name.split("/", 1)[0], -1)) for name in files]
-        if _is_wide(self.path(0)):
-            self.integers = True  # set only when True: an 8-bit folder's dataset (and cache key) is as before
+        if _is_wide(self.path(0)):  # set only here: an 8-bit folder's dataset (and cache key) is as before
+            self.integers = True
+            self.mode = None  # no PIL mode is applied: the provenance must not claim one
+            self.values = _as_stored(self.path(0))
 
     integers = False
     """True when the files are read as integer tensors in their own units (the first file is 16-bit or a TIFF)."""
+    values: str | None = None
+    """With ``integers``, what the values are: the first file's dtype, as ``"uint16 as stored"`` (``mode`` is None)."""
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -212,7 +217,8 @@ class ImageFiles(VisionDataset):
         return kept
 
     def extra_repr(self) -> str:
-        return f"Mode: {self.mode}\nLayout: {self.layout}"
+        read = f"Values: {self.values}" if self.integers else f"Mode: {self.mode}"
+        return f"{read}\nLayout: {self.layout}"
 
 
 def _is_wide(path: str) -> bool:
@@ -225,6 +231,24 @@ def _is_wide(path: str) -> bool:
             return _wide_mode(image) is not None
     except Exception:
         return path.lower().endswith(_TIFF_EXTENSIONS)
+
+
+def _as_stored(path: str) -> str:
+    """What the values of a folder read as stored are: ``"uint16 as stored"``, from the header of its first file
+    (``"as stored"`` alone if the header does not tell, or tifffile is missing)."""
+    dtype = None
+    try:
+        if path.lower().endswith(_TIFF_EXTENSIONS):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                dtype = tif.series[0].dtype
+        else:
+            with PIL.Image.open(path) as image:
+                dtype = {"I": "int32", "F": "float32"}.get(image.mode, "uint16")  # the others: I;16, I;16B, ...
+    except Exception:
+        pass
+    return "as stored" if dtype is None else f"{np.dtype(dtype).name} as stored"
 
 
 def _wide_mode(image: PIL.Image.Image) -> str | None:
