@@ -685,3 +685,62 @@ def test_an_8_bit_folder_is_still_shown_with_its_mode(capsys, tmp_path):
     code, out, err = call(capsys, "fit", root, "--cache", tmp_path / "cache", "--workers", 0, "--no-progress")
     assert code == 0, err
     assert f"source: ImageFiles {root} (1 samples, layout=flat, mode=RGB)\n" in out
+
+
+# --- signed TIFFs, shapes and channel counts that differ between files ----------------------------
+
+
+def _write_tiffs(tifffile_module: object, folder: Path, arrays: list[np.ndarray]) -> None:
+    """One TIFF a (C, H, W) array: 1 band as (H, W), 3 as RGB samples a pixel, more as planar bands."""
+    folder.mkdir()
+    for i, array in enumerate(arrays):
+        if array.shape[0] == 1:
+            tifffile_module.imwrite(folder / f"{i}.tif", array[0])
+        elif array.shape[0] == 3:
+            tifffile_module.imwrite(folder / f"{i}.tif", array.transpose(1, 2, 0), photometric="rgb")
+        else:
+            tifffile_module.imwrite(folder / f"{i}.tif", array, photometric="minisblack", planarconfig="separate")
+
+
+@pytest.mark.parametrize("dtype, low, high", [(np.int8, -128, 128), (np.int16, -1024, 3001)])
+def test_signed_tiffs_print_and_save_the_float64_statistics(capsys, tmp_path, tifffile_module, dtype, low, high):
+    """int8, and int16 CT-like Hounsfield values (-1024 air to 3000 bone): printed and cached as numpy computes."""
+    rng = np.random.default_rng(10)
+    arrays = [rng.integers(low, high, size=(1, h, w), dtype=dtype) for h, w in ((16, 16), (9, 13), (1, 30))]
+    arrays[0][0, 0, :2] = low, high - 1  # both ends of the range are in the data
+    _write_tiffs(tifffile_module, tmp_path / "ct", arrays)
+    report = _fit_json(capsys, tmp_path / "ct", tmp_path)
+    _expect(report, arrays)
+    assert report["min"] == [low] and report["max"] == [high - 1]
+    assert report["pixels_per_channel"] == sum(a[0].size for a in arrays)
+    saved = h5_entry(tmp_path / "cache", report["key"])
+    pixels = np.concatenate([a.ravel() for a in arrays]).astype(np.float64)
+    np.testing.assert_allclose(saved["mean"], [pixels.mean()], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(saved["std"], [pixels.std()], rtol=1e-9, atol=1e-9)
+    assert f"values={np.dtype(dtype).name} as stored" in report["source"]
+
+
+@pytest.mark.parametrize("channels", [1, 3, 5])
+def test_tiffs_of_different_shapes_weigh_each_pixel_once(capsys, tmp_path, tifffile_module, channels):
+    """32x32 and 48x40 (and 7x3) files, same channel count: the statistics of all their pixels, each counted once."""
+    rng = np.random.default_rng(11)
+    arrays = [rng.integers(-1024, 3001, size=(channels, h, w), dtype=np.int16) for h, w in ((32, 32), (48, 40), (7, 3))]
+    arrays[1] += 500  # the big file is brighter: weighing files, not pixels, would show
+    _write_tiffs(tifffile_module, tmp_path / "shapes", arrays)
+    report = _fit_json(capsys, tmp_path / "shapes", tmp_path)
+    assert report["pixels_per_channel"] == 32 * 32 + 48 * 40 + 7 * 3
+    _expect(report, arrays)
+
+
+@pytest.mark.parametrize("batch_size", [None, "1"])  # the odd file in the first batch, or in a later one
+def test_tiffs_with_different_channel_counts_fail_naming_the_file(capsys, tmp_path, tifffile_module, batch_size):
+    rng = np.random.default_rng(12)
+    arrays = [rng.integers(0, 4096, size=(c, 8, 8), dtype=np.uint16) for c in (3, 3, 1)]
+    _write_tiffs(tifffile_module, tmp_path / "mixed", arrays)
+    options = [] if batch_size is None else ["--batch-size", batch_size]
+    code, out, err = call(capsys, "fit", tmp_path / "mixed", "--cache", tmp_path / "cache", "--workers", 0,
+                          "--no-progress", *options)
+    assert code == 1 and out == ""
+    assert f"{tmp_path / 'mixed' / '2.tif'} has 1 channel(s), but {tmp_path / 'mixed' / '0.tif'} has 3" in err
+    assert "same number of channels" in err and "Traceback" not in err
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.h5"))

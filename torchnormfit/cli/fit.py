@@ -35,6 +35,7 @@ from .report import channel_names, numbers, numbers_lines, subset, summary
 __all__ = ["check_usage", "run_fit"]
 
 _IMAGE_ENTRIES = "jpg;jpeg;png;webp;bmp;tif;tiff;ppm;pgm"  # the image entries of a WebDataset sample, first found
+_CHANNEL_MISMATCH = re.compile(r"Sample (\d+) has (\d+) channels, but sample (\d+) has (\d+)\.")  # passes/loader.py
 
 
 def check_usage(args: argparse.Namespace) -> None:
@@ -213,7 +214,7 @@ def _fit(norm: FitNormalize, dataset: Any, args: argparse.Namespace) -> tuple[An
     fit_options = {**loader, "refit": args.refit, "verify": args.verify, "max_samples": args.max_samples,
                    "seed": args.seed or 0}
     try:
-        norm.fit(dataset, **fit_options)
+        _fit_files(norm, dataset, fit_options)
         return dataset, []
     except Exception as error:
         message = unreadable_file_message(error)
@@ -230,8 +231,25 @@ def _fit(norm: FitNormalize, dataset: Any, args: argparse.Namespace) -> tuple[An
     if len(bad) == len(dataset):
         raise CliError(f"None of the {len(dataset)} image files could be read.")
     readable = dataset.without(index for index, _ in bad)
-    norm.fit(readable, **fit_options)
+    _fit_files(norm, readable, fit_options)
     return readable, [dataset.path(index) for index, _ in bad]
+
+
+def _fit_files(norm: FitNormalize, dataset: Any, fit_options: dict[str, Any]) -> None:
+    """``norm.fit(dataset)``; two files of an image folder with different numbers of channels are a CliError that
+    names both files (the fit names the samples by index)."""
+    try:
+        norm.fit(dataset, **fit_options)
+    except ValueError as error:
+        match = _CHANNEL_MISMATCH.search(str(error))
+        if match is None or not isinstance(dataset, ImageFiles):
+            raise
+        index, got, first, expected = map(int, match.groups())
+        raise CliError(
+            f"{dataset.path(index)} has {got} channel(s), but {dataset.path(first)} has {expected}. The files of a "
+            "folder must have the same number of channels (bands, samples a pixel or pages): move the files with "
+            "another number of channels out, and fit them as a folder of their own."
+        ) from None
 
 
 def _verified(verification: Any) -> dict[str, Any] | None:
