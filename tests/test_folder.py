@@ -78,3 +78,34 @@ def test_find_unreadable_and_without_leave_the_readable_files(tree):
     assert [Path(readable.path(i)) for i in range(len(readable))] == tree["good"]
     assert readable.classes == dataset.classes and len(dataset) == len(tree["good"]) + 1  # the original is kept
     assert [readable[i][1] for i in range(len(readable))] == [0, 0, 0, 1, 1, 1, 1]
+
+
+# --- folders read as stored: 16-bit PNG, TIFF ---------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, low, high", [(np.int8, -128, 128), (np.int16, -1024, 3001)])
+def test_signed_tiffs_are_read_as_stored(tmp_path, dtype, low, high):
+    """int8 and int16 (CT-like Hounsfield values) come back bit for bit, as (1, H, W) tensors of their dtype."""
+    tifffile = pytest.importorskip("tifffile")
+    rng = np.random.default_rng(20)
+    arrays = [rng.integers(low, high, size=(h, w), dtype=dtype) for h, w in ((32, 32), (48, 40))]
+    for i, array in enumerate(arrays):
+        tifffile.imwrite(tmp_path / f"{i}.tif", array)
+    dataset = ImageFiles(tmp_path, transform=to_float_pipeline(integers=True))
+    name = np.dtype(dtype).name
+    assert dataset.integers and dataset.mode is None and dataset.values == f"{name} as stored"
+    assert f"Values: {name} as stored" in repr(dataset) and "Mode" not in repr(dataset)
+    for i, array in enumerate(arrays):
+        image, target = dataset[i]
+        assert image.dtype == getattr(torch, name) and target == -1
+        np.testing.assert_array_equal(image.numpy(), array[None])
+
+
+def test_a_tiff_whose_pages_differ_in_shape_is_unreadable_with_its_shapes(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    with tifffile.TiffWriter(tmp_path / "a.tif") as tif:
+        for shape in ((8, 8), (6, 8)):
+            tif.write(np.zeros(shape, dtype=np.uint16), photometric="minisblack", contiguous=False)
+    dataset = ImageFiles(tmp_path)
+    with pytest.raises(BadImageError, match=r"a\.tif: its pages differ in shape \(\(8, 8\), \(6, 8\)\)"):
+        dataset.load(0)

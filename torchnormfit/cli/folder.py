@@ -280,9 +280,16 @@ def _read_wide(path: str, first: str) -> torch.Tensor:
         try:
             with tifffile.TiffFile(path) as tif:
                 series = tif.series[0]
+                shapes = list(dict.fromkeys(tuple(s.shape) for s in tif.series))
+                if len(shapes) > 1:
+                    raise BadImageError(path, f"its pages differ in shape ({', '.join(map(str, shapes))}), while "
+                                        "the pages of a file are read as its channels. Write pages of one shape, or "
+                                        "one file a page")
                 array, axes = np.asarray(series.asarray()), series.axes
-                if len(tif.series) > 1:  # pages written one by one: every page, stacked (fails if shapes differ)
+                if len(tif.series) > 1:  # pages written one by one: every page, stacked
                     array, axes = np.asarray(tif.asarray(key=slice(None))), "I" + series.axes
+        except BadImageError:
+            raise
         except Exception as error:
             raise BadImageError(path, f"{type(error).__name__}: {error}") from error
         if array.ndim == 3 and axes.endswith("S"):  # (H, W, S): samples per pixel, as RGB
