@@ -226,6 +226,47 @@ def test_float_percentiles_within_the_stated_rank_error(seed):
     assert got[0].tolist() == stats.min.tolist() and got[-1].tolist() == stats.max.tolist()
 
 
+@pytest.mark.parametrize("ignore", [0.0, -9999.0, float("nan"), [0.0, float("nan"), 0.5]])
+def test_float_nodata_in_some_rows_of_a_batch(ignore):
+    """Only the rows whose range can hold the ignored value are reduced again without it, and the value
+    counts are taken without a mask: both must equal numpy and the masked counting on every kind of row
+    (no nodata, a little, all of it, -0.0 under ignore=0.0, a value below every kept pixel, NaN)."""
+    g = gen(31)
+    x = 0.3 + 0.4 * torch.rand(12, 3, 16, 16, generator=g)
+    x[0, :, :4] = 0.0  # a nodata border
+    x[1, 0] = 0.0  # a whole channel of nodata
+    x[2, :, 0, :5] = -0.0  # -0.0 equals 0.0
+    x[3, :, 5] = -9999.0  # nodata far below the data
+    x[4, 1, ::2] = float("nan")
+    x[5, 2, 3, 3] = 0.5  # the per-channel ignored value of channel 2, inside the data's range
+    x[6] = 0.5
+    x[7] -= 0.6  # data below 0.0 too: the value 0.0 inside the kept range, its bucket counted then emptied
+    x[8, :, :2], x[9, :, 0, :3] = 0.0, -0.0
+    nan = not isinstance(ignore, list) and math.isnan(ignore)
+    if not nan:  # NaN only where it is ignored; the far nodata only where it is the ignored value
+        x[4, 1, ::2] = float("nan") if isinstance(ignore, list) else 0.0
+        x[3, :, 5] = -9999.0 if ignore == -9999.0 else 0.0
+    pixels = kept_pixels(x, ignore=ignore)
+    for batch in (x, x[:3], x[5:]):  # the same rows, alone or among others
+        assert_stats(batch_stats(batch, ignore=ignore), kept_pixels(batch, ignore=ignore), 1e-6)
+    stats = merged(batch_stats(piece, ignore=ignore, values=True) for piece in x.split(5))
+    assert_stats(stats, pixels, 1e-6)
+    masked = merged(ValueCounts.count(piece.reshape(piece.shape[0], 3, -1), kept_mask(piece, ignore))
+                    for piece in x.split(5))
+    assert torch.equal(stats.values.counts, masked.counts) and torch.equal(stats.values.offset, masked.offset)
+    assert stats.values.total.tolist() == [p.size for p in pixels]
+
+
+def kept_mask(x: torch.Tensor, ignore) -> torch.Tensor:
+    """``(N, C, P)`` booleans: the pixels numpy keeps (see kept_pixels)."""
+    values = np.broadcast_to(np.asarray(ignore, dtype=np.float64).reshape(-1), (x.shape[1],))
+    a = x.reshape(x.shape[0], x.shape[1], -1).double()
+    keep = torch.ones(a.shape, dtype=torch.bool)
+    for c, v in enumerate(values):
+        keep[:, c] = ~a[:, c].isnan() if math.isnan(v) else a[:, c] != v
+    return keep
+
+
 def test_float_counts_pool_to_fit_memory_and_say_so():
     x = torch.cat([torch.full((1, 8, 8, 8), -1e38), torch.full((1, 8, 8, 8), 1e38), torch.rand(1, 8, 8, 8)])
     stats = batch_stats(x, values=True)

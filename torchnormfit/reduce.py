@@ -1,15 +1,16 @@
 """The reduction kernel: a batch of images (with a mask and ignored values) -> exact per-channel statistics.
 
-Three paths, picked by what the batch is:
+Four paths, picked by what the batch is:
 
 - float, every pixel kept: rows of pixels summed in their own dtype over short chunks, centred only where
   their spread is small against their mean (:func:`_dense_stats`);
-- float with a mask or ignored values: two passes over the kept pixels, the second around the first's mean
-  (:func:`_masked_stats`);
+- float with ignored values: every row as if whole, then only the rows that hold an ignored value again without
+  it (:func:`_ignored_stats`);
+- float with a mask: two passes over the kept pixels, the second around the first's mean (:func:`_masked_stats`);
 - integer (uint8, int8, int16, uint16, int32): counted per value (:class:`~torchnormfit.values.ValueCounts`),
   so count, mean, M2, min and max come from exact integer counts, in the data's own units.
 
-All three pool their rows per channel in float64 with Chan's formula; see :func:`batch_stats`.
+All pool their rows per channel in float64 with Chan's formula; see :func:`batch_stats`.
 """
 
 from __future__ import annotations
@@ -101,11 +102,17 @@ def batch_stats(
         return _integer_stats(pixels, keep, drop, values)
     if pixels.dtype in (torch.float16, torch.bfloat16):
         pixels = pixels.float()
-    if drop is not None:
-        keep = _kept(pixels, keep, drop)
-    if keep is None:
+    if keep is None and drop is None:
         stats = _dense_stats(pixels.reshape(-1, pixels.shape[-1]), channels)
+    elif keep is None:
+        assert drop is not None
+        stats = _ignored_stats(pixels, drop)
+        if values:  # every pixel counted, then the ignored ones taken out of their value's bucket
+            counts = ValueCounts.count(pixels, None, (stats.min, stats.max), outside="drop")
+            return stats.with_values(counts.drop_pixels(drop, pixels.shape[0] * pixels.shape[2] - stats.count))
     else:
+        if drop is not None:
+            keep = _kept(pixels, keep, drop)
         stats = _masked_stats(pixels, keep)
     return stats.with_values(ValueCounts.count(pixels, keep, (stats.min, stats.max)) if values else None)
 
@@ -268,17 +275,22 @@ def _integer_stats(pixels: Tensor, keep: Tensor | None, drop: list[float] | None
 
 
 def _masked_stats(pixels: Tensor, keep: Tensor) -> ChannelStats:
-    """Per-channel statistics of the pixels of ``(N, C, P)`` where ``keep`` ``(N, 1 or C, P)`` is true.
+    """Per-channel statistics of the pixels of ``(N, C, P)`` where ``keep`` ``(N, 1 or C, P)`` is true."""
+    rows, channels, n = pixels.shape[0] * pixels.shape[1], pixels.shape[1], pixels.shape[2]
+    keep = keep.expand(pixels.shape)
+    return _pool(*_masked_rows(pixels.reshape(rows, n), keep.reshape(rows, n)), channels)
+
+
+def _masked_rows(flat: Tensor, kept: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Count, mean, M2, min and max (float64) of the pixels of each row of ``flat`` ``(R, n)`` where ``kept``.
 
     Each row's dropped pixels are filled with a kept value ``c`` of that row (the mean of the kept pixels of its
     sample, else its first kept pixel), and the row is reduced around ``c``: filled pixels add exactly 0 to
     the sums of deviations and of their squares, and ``c`` lies within the kept pixels' range, so min and max
-    are theirs. Then :func:`_centred_stats` with each row's count of kept pixels.
+    are theirs. Then :func:`_centred_rows` with each row's count of kept pixels.
     """
-    rows, channels, n = pixels.shape[0] * pixels.shape[1], pixels.shape[1], pixels.shape[2]
-    keep = keep.expand(pixels.shape)
-    count = keep.view(torch.uint8).sum(dim=-1, dtype=torch.int32).view(rows).double()  # 12x faster than bool
-    flat, kept = pixels.reshape(rows, n), keep.reshape(rows, n)
+    n = flat.shape[1]
+    count = kept.view(torch.uint8).sum(dim=-1, dtype=torch.int32).double()  # 12x faster than bool
     start = max(0, (n - _CHUNK) // 2)
     sample, sample_kept = flat[:, start : start + _CHUNK], kept[:, start : start + _CHUNK]
     in_sample = sample_kept.view(torch.uint8).sum(dim=1, dtype=torch.int32)
@@ -292,12 +304,12 @@ def _masked_stats(pixels: Tensor, keep: Tensor) -> ChannelStats:
     high = torch.where(sample_kept, sample, -math.inf).amax(dim=1)
     centre = torch.where(in_sample > 0, torch.minimum(torch.maximum(centre, low), high), first)
     filled = torch.where(kept, flat, centre[:, None])
-    return _centred_stats(filled, centre, count, channels)
+    return _centred_rows(filled, centre, count)
 
 
-def _centred_stats(rows: Tensor, centre: Tensor, count: Tensor, channels: int) -> ChannelStats:
-    """Statistics of rows ``(R, n)`` reduced around ``centre``, each holding ``count`` pixels of its own (the
-    others equal to its centre); a row too far from its centre (``k > _UNCENTRED``) again in float64."""
+def _centred_rows(rows: Tensor, centre: Tensor, count: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Count, mean, M2, min and max of rows ``(R, n)`` reduced around ``centre``, each holding ``count`` pixels of
+    its own (the others equal to its centre); a row too far from its centre (``k > _UNCENTRED``) again in float64."""
     n = rows.shape[1]
     dev_sum, dev_squares, low, high = _reduce(rows, centre)
     safe = count.clamp_min(1)
@@ -314,9 +326,7 @@ def _centred_stats(rows: Tensor, centre: Tensor, count: Tensor, channels: int) -
         mean[redo] += deviation / safe[redo]
         m2[redo] = (squares - deviation.square() / safe[redo]).clamp_min_(0)
     empty = count == 0
-    low, high = low.masked_fill(empty, math.inf), high.masked_fill(empty, -math.inf)
-    return _pool(count.view(-1, channels), mean.view(-1, channels), m2.view(-1, channels),
-                 low.view(-1, channels).amin(dim=0), high.view(-1, channels).amax(dim=0))
+    return count, mean, m2, low.masked_fill(empty, math.inf), high.masked_fill(empty, -math.inf)
 
 
 def _sums(rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -328,8 +338,10 @@ def _sums(rows: Tensor) -> tuple[Tensor, Tensor]:
     return sums[0].sum(dim=1), sums[1].square_().sum(dim=1)
 
 
-def _pool(count: Tensor, mean: Tensor, m2: Tensor, low: Tensor, high: Tensor) -> ChannelStats:
-    """Rows ``(R, C)`` of count, mean and M2 pooled per channel (Chan's formula for many parts at once)."""
+def _pool(count: Tensor, mean: Tensor, m2: Tensor, low: Tensor, high: Tensor, channels: int) -> ChannelStats:
+    """Rows ``(N * C,)`` of count, mean, M2, min and max pooled per channel (Chan's formula for many parts)."""
+    count, mean, m2 = count.view(-1, channels), mean.view(-1, channels), m2.view(-1, channels)
+    low, high = low.view(-1, channels).amin(dim=0), high.view(-1, channels).amax(dim=0)
     total = count.sum(dim=0)
     safe = total.clamp_min(1)
     pooled = (count * mean).sum(dim=0) / safe
@@ -338,11 +350,58 @@ def _pool(count: Tensor, mean: Tensor, m2: Tensor, low: Tensor, high: Tensor) ->
     return ChannelStats._owned(total, pooled, torch.where(total > 0, m2, 0.0), low, high)
 
 
+# --- float, ignored values: every row reduced as if whole, then the rows that hold the value again ------------
+
+
+def _ignored_stats(pixels: Tensor, drop: Sequence[float]) -> ChannelStats:
+    """Per-channel statistics of float pixels ``(N, C, P)`` without those equal to their channel's ``drop`` value.
+
+    A row can hold its ignored value only where its min and max enclose it (NaN: where they are NaN); the
+    others are reduced whole (:func:`_dense_rows`) and only these without the value (:func:`_masked_rows`).
+    Nodata is usually in few rows, so most batches cost what a plain one does plus a min and a max.
+    """
+    images, channels, n = pixels.shape
+    rows = pixels.reshape(-1, n)
+    low, high = rows.amin(dim=1).double(), rows.amax(dim=1).double()
+    value = torch.tensor(drop, dtype=torch.float64, device=rows.device).repeat(images)
+    holding = torch.where(value.isnan(), low.isnan(), (low <= value) & (value <= high))
+    holds = holding.nonzero().squeeze(1)
+    if holds.numel() == 0:
+        return _dense_stats(rows, channels)
+    count = torch.full_like(low, float(n))
+    mean, m2 = torch.empty_like(low), torch.empty_like(low)
+    whole = (~holding).nonzero().squeeze(1)
+    if whole.numel():
+        for full, part in zip((mean, m2, low, high), _dense_rows(rows[whole])):
+            full[whole] = part
+    subset = rows if holds.numel() == rows.shape[0] else rows[holds]
+    if len(set(drop)) == 1 or all(math.isnan(v) for v in drop):  # one value: a scalar comparison (5x faster)
+        kept = subset.isnan().logical_not_() if math.isnan(drop[0]) else subset != drop[0]
+    else:
+        kept = subset != value[holds, None].to(subset.dtype)
+        if bool(value.isnan().any()):
+            kept &= ~(subset.isnan() & value[holds, None].isnan())
+    for full, part in zip((count, mean, m2, low, high), _masked_rows(subset, kept)):
+        full[holds] = part
+    return _pool(count, mean, m2, low, high, channels)
+
+
 # --- float, every pixel: centred only where needed -----------------------------------------------------------
 
 
 def _dense_stats(rows: Tensor, channels: int) -> ChannelStats:
     """Per-channel statistics of float rows ``(R, n)``, ``R`` a multiple of ``channels`` (see batch_stats)."""
+    n = rows.shape[1]
+    mean, m2, low, high = _dense_rows(rows)
+    mean, m2 = mean.view(-1, channels), m2.view(-1, channels)
+    low, high = low.view(-1, channels).amin(dim=0), high.view(-1, channels).amax(dim=0)
+    pooled = mean.mean(dim=0).clamp_(min=low, max=high)  # rounding never leaves [min, max]
+    m2 = m2.sum(dim=0).add_((mean - pooled).square_().sum(dim=0), alpha=n)
+    return ChannelStats._owned(torch.full_like(pooled, float(mean.shape[0] * n)), pooled, m2, low, high)
+
+
+def _dense_rows(rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mean, M2, min and max (float64) of each float row of ``rows`` ``(R, n)``, every pixel counted."""
     n = rows.shape[1]
     centre = _guess_centre(rows)
     dev_sum, dev_squares, low, high = _reduce(rows, centre)
@@ -359,12 +418,7 @@ def _dense_stats(rows: Tensor, channels: int) -> ChannelStats:
         deviation, squares = again.sum(dim=1), torch.linalg.vector_norm(again, dim=1).square_()
         mean[redo] = deviation.div(n).add_(first.squeeze(1))
         m2[redo] = torch.addcmul(squares, deviation, deviation, value=-1 / n).clamp_min_(0)
-
-    mean, m2 = mean.view(-1, channels), m2.view(-1, channels)
-    low, high = low.view(-1, channels).amin(dim=0), high.view(-1, channels).amax(dim=0)
-    pooled = mean.mean(dim=0).clamp_(min=low, max=high)  # rounding never leaves [min, max]
-    m2 = m2.sum(dim=0).add_((mean - pooled).square_().sum(dim=0), alpha=n)
-    return ChannelStats._owned(torch.full_like(pooled, float(mean.shape[0] * n)), pooled, m2, low, high)
+    return mean, m2, low, high
 
 
 _GUESS = 6.0

@@ -133,11 +133,12 @@ class ValueCounts:
 
     @classmethod
     def count(cls, images: Tensor, keep: Tensor | None = None, bounds: tuple[Tensor, Tensor] | None = None,
-              ) -> ValueCounts:
+              outside: str = "error") -> ValueCounts:
         """Count the values of ``images`` ``(N, C, P)`` per channel, where ``keep`` ``(N, 1 or C, P)`` is true.
 
-        Integer images are counted per value; float images per bucket of their float32 key. ``bounds``: each
-        channel's min and max kept value when known (a :class:`ChannelStats`'), which saves two passes.
+        Integer images are counted per value; float images per bucket of their float32 key (-0.0 counted as 0.0).
+        ``bounds``: each channel's min and max kept value when known (a :class:`ChannelStats`'), which saves two
+        passes; ``outside="drop"`` then leaves out the values outside them (ignored ones) instead of a mask.
         """
         if images.ndim != 3:
             raise ValueError(f"ValueCounts.count expects (N, C, P) pixels. Got {tuple(images.shape)}.")
@@ -146,11 +147,9 @@ class ValueCounts:
         _SCRATCH.keys = reuse(getattr(_SCRATCH, "keys", None), images.numel(), images.device)
         keys = _SCRATCH.keys[: images.numel()].view(images.shape)
         if kind == "float":
-            bits = images.to(torch.float32).contiguous().view(torch.int32)
-            if bounds is not None and bool((bounds[0] >= 0).all()):  # kept values >= 0: their bits already order
-                keys.copy_(bits)
-            else:
-                torch.bitwise_right_shift(bits, 31, out=keys).bitwise_and_(_INT32_MAX).bitwise_xor_(bits)
+            torch.add(images.to(torch.float32), 0.0, out=keys.view(torch.float32))  # a copy; -0.0 + 0.0 is 0.0
+            if bounds is None or not bool((bounds[0] >= 0).all()):  # kept values >= 0: their bits already order
+                keys.bitwise_xor_(torch.bitwise_right_shift(keys, 31).bitwise_and_(_INT32_MAX))
         else:
             keys.copy_(images)
         channels = images.shape[1]
@@ -166,14 +165,21 @@ class ValueCounts:
         none = low > high  # a channel with no kept pixel
         low, high = torch.where(none, 0, low).long().cpu(), torch.where(none, 0, high).long().cpu()
         shift, first, length = _grid(0 if kind == "int" else FLOAT_SHIFT, low, high, channels)
-        base = (torch.arange(channels, dtype=torch.int64) * length - first).to(torch.int32).to(keys.device)
         if shift:
             keys = keys.bitwise_right_shift_(shift)
-        index = keys.add_(base[:, None])
+        edge = int(outside == "drop")  # a bucket below and one above each channel's range, thrown away after
+        width = length + 2 * edge
+        start = torch.arange(channels, dtype=torch.int64) * width + edge
+        if edge:  # each channel's buckets from 0, then a scalar clamp (a per-channel one is 4x slower)
+            keys.sub_(first.to(torch.int32).to(keys.device)[:, None]).clamp_(-1, length)
+            index = keys.add_(start.to(torch.int32).to(keys.device)[:, None])
+        else:
+            index = keys.add_((start - first).to(torch.int32).to(keys.device)[:, None])
         if keep is not None:
-            index.masked_fill_(~keep, channels * length)
-        counts = torch.bincount(index.view(-1), minlength=channels * length + 1)[: channels * length]
-        return cls._of(kind, shift, first, counts.view(channels, length).cpu())
+            index.masked_fill_(~keep, channels * width)
+        counts = torch.bincount(index.view(-1), minlength=channels * width + 1)[: channels * width]
+        counts = counts.view(channels, width)[:, edge : edge + length]
+        return cls._of(kind, shift, first, counts.cpu() if counts.is_contiguous() else counts.contiguous().cpu())
 
     def drop(self, values: Sequence[float], *, in_place: bool = False) -> ValueCounts:
         """These counts without one value per channel (NaN: none), for ``ignore=`` on exact integer counts.
@@ -190,6 +196,20 @@ class ValueCounts:
         if rows.numel():
             counts[rows, column[rows].long()] = 0
         return self if in_place else ValueCounts._of(self.kind, self.shift, self.offset, counts)
+
+    def drop_pixels(self, values: Sequence[float], pixels: Tensor) -> ValueCounts:
+        """These counts, in place (counted just now: no one else holds them), without ``pixels[c]`` pixels of
+        value ``values[c]`` per channel: those that counting with ``outside="drop"`` put in that value's bucket
+        (none if it is NaN or outside the counted range)."""
+        counts = self.counts
+        for channel, (value, number) in enumerate(zip(values, pixels.tolist())):
+            if number == 0 or not math.isfinite(value):
+                continue
+            key = int(value) if self.kind == "int" else int(float_keys(torch.tensor([value + 0.0]))[0])
+            column = (key >> self.shift) - int(self.offset[channel])
+            if 0 <= column < counts.shape[1]:
+                counts[channel, column] -= int(number)
+        return self
 
     # --- merging ---------------------------------------------------------------------------------------
 
