@@ -114,7 +114,7 @@ def batch_stats(
         if drop is not None:
             keep = _kept(pixels, keep, drop)
         stats = _masked_stats(pixels, keep)
-    return stats.with_values(ValueCounts.count(pixels, keep, (stats.min, stats.max)) if values else None)
+    return stats.with_values(ValueCounts.count(pixels, keep, (stats.min, stats.max))) if values else stats
 
 
 @dataclass(frozen=True)
