@@ -31,7 +31,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,8 @@ from .verification import (
     verify_in_stages,
 )
 
-__all__ = ["FitRecord", "fit_dataset", "pass_stats", "save_stats", "load_entry", "tensor_stats"]
+__all__ = ["MAX_RANK_ERROR", "FitRecord", "exact_percentiles", "fit_dataset", "pass_stats", "save_stats", "load_entry",
+           "tensor_stats"]
 
 logger = logging.getLogger("torchnormfit")
 
@@ -150,8 +151,9 @@ def fit_dataset(
         verification, note = lookup.verification, lookup.note
     result, errors = _pass(dataset, capturing, image, max_samples, seed, process_group, loader,
                            track=cache_path is not None, reduction=reduction)
-    stats = result.stats
-    assert stats is not None  # run_pass raises when it read no image
+    assert result.stats is not None  # run_pass raises when it read no image
+    stats = exact_percentiles(result.stats, reduction, lambda again: _pass(
+        dataset, capturing, image, max_samples, seed, process_group, loader, reduction=again)[0].stats)
     if printed is not None and not printed.found_norm and result.captured:
         warn(
             f"The FitNormalize being fitted measured the images inside {type(dataset).__name__}'s pipeline, but the "
@@ -181,10 +183,45 @@ def pass_stats(
     dataset: Dataset, capturing: Capturing, reduction: Reduction | None = None, **options: Any
 ) -> tuple[ChannelStats, int, bool]:
     """One pass with no cache involved (``partial_fit``): statistics, the number of images, whether integers."""
-    result, _ = _pass(dataset, capturing, options.pop("image", None), options.pop("max_samples", None),
-                      options.pop("seed", 0), options.pop("process_group", None), options, reduction=reduction)
+    arguments = (dataset, capturing, options.pop("image", None), options.pop("max_samples", None),
+                 options.pop("seed", 0), options.pop("process_group", None), options)
+    result, _ = _pass(*arguments, reduction=reduction)
     assert result.stats is not None  # run_pass raises when it read no image
+    if reduction is not None:
+        stats = exact_percentiles(result.stats, reduction, lambda again: _pass(*arguments, reduction=again)[0].stats)
+        return stats, result.num_samples, result.integer
     return result.stats, result.num_samples, result.integer
+
+
+MAX_RANK_ERROR = 1e-3
+"""The most a fitted float percentile's rank may be off (0.1%); a second pass makes it exact where one pass
+cannot promise this."""
+
+
+def exact_percentiles(stats: ChannelStats, reduction: Reduction,
+                      again: Callable[[Reduction], ChannelStats | None]) -> ChannelStats:
+    """``stats`` with the float percentiles ``reduction.percentiles`` made exact by a second pass ``again`` over
+    the same pixels, where asked (``reduction.exact``) or where one pass cannot promise them within 0.1% in rank.
+
+    The second pass counts every float32 value in the few buckets those percentiles fall in
+    (:meth:`ValueCounts.windows`); if it did not see the pixels the first saw (a random transform), the
+    one-pass percentiles stay, with a warning.
+    """
+    values = stats.values
+    if values is None or values.kind != "float" or not reduction.percentiles:
+        return stats
+    if not reduction.exact and float(values.rank_error(reduction.percentiles).max()) <= MAX_RANK_ERROR:
+        return stats
+    windows = values.windows(reduction.percentiles)
+    logger.info("a second pass for exact percentiles %s", reduction.percentiles)
+    counted = again(replace(reduction, windows=(windows, values.shift)))
+    try:
+        assert counted is not None and counted.values is not None  # the pass raises when it read no image
+        return stats.with_values(values.refined(windows, counted.values))
+    except ValueError as error:
+        warn(f"{error} The percentiles stay those of one pass, within the rank error that "
+             "stats.values.rank_error(q) states.", UserWarning)
+        return stats
 
 
 def save_stats(cache_path: Path, key: str, stats: ChannelStats, num_samples: int, integer: bool = False) -> None:

@@ -32,8 +32,9 @@ MAX_BINS = 1 << 22
 """Counters held at once by one ValueCounts, all channels together (32 MiB of int64)."""
 FLOAT_SHIFT = 12
 """Bits of a float32 key pooled into one bucket: 11 mantissa bits kept, buckets ``2**-11`` of the value wide."""
-_KINDS = ("int", "float")
+_KINDS = ("int", "float", "window")
 _INT32_MAX = (1 << 31) - 1
+_NO_BUCKET = 1 << 30  # pads :meth:`ValueCounts.windows`: above any bucket of float keys (shift >= 12)
 _SCRATCH = threading.local()  # each thread's int32 buffer for the keys it counts
 
 
@@ -53,8 +54,9 @@ class ValueCounts:
 
     Parameters
     ----------
-    kind : {"int", "float"}
-        ``"int"``: buckets of integer values; ``"float"``: buckets of float32 keys (:func:`float_keys`).
+    kind : {"int", "float", "window"}
+        ``"int"``: buckets of integer values; ``"float"``: buckets of float32 keys (:func:`float_keys`);
+        ``"window"``: each float32 key of a few buckets per channel (:meth:`count_windows`, for :meth:`refined`).
     shift : int
         Bucket ``b`` holds the keys ``k`` with ``k >> shift == b``; 0 for exact integer counts.
     offset : Tensor
@@ -70,13 +72,17 @@ class ValueCounts:
     [[2.0]]
     """
 
-    __slots__ = ("counts", "kind", "offset", "shift")
+    __slots__ = ("counts", "detail", "kind", "offset", "shift")
     kind: str
     shift: int
     offset: Tensor
     counts: Tensor
+    detail: tuple[Tensor, Tensor] | None
+    """Float counts refined by a second pass (:meth:`refined`): the buckets ``(C, m)`` and the
+    count of each float32 key in them ``(C, m * 2**shift)``, so the percentiles there are exact."""
 
-    def __init__(self, kind: str, shift: int, offset: Tensor, counts: Tensor) -> None:
+    def __init__(self, kind: str, shift: int, offset: Tensor, counts: Tensor,
+                 detail: tuple[Tensor, Tensor] | None = None) -> None:
         if kind not in _KINDS:
             raise ValueError(f"ValueCounts kind must be one of {_KINDS}. Got {kind!r}.")
         offset = torch.as_tensor(offset, dtype=torch.int64).cpu()
@@ -90,12 +96,21 @@ class ValueCounts:
         object.__setattr__(self, "shift", int(shift))
         object.__setattr__(self, "offset", offset)
         object.__setattr__(self, "counts", counts)
+        if detail is not None:
+            buckets, keys = (torch.as_tensor(part, dtype=torch.int64).cpu() for part in detail)
+            if kind != "float" or buckets.ndim != 2 or keys.shape != (counts.shape[0], buckets.shape[1] << shift):
+                raise ValueError(f"Invalid ValueCounts detail: buckets {tuple(buckets.shape)}, keys "
+                                 f"{tuple(keys.shape)} for {kind!r} counts of shift {shift}.")
+            detail = (buckets, keys)
+        object.__setattr__(self, "detail", detail)
 
     @classmethod
-    def _of(cls, kind: str, shift: int, offset: Tensor, counts: Tensor) -> ValueCounts:
+    def _of(cls, kind: str, shift: int, offset: Tensor, counts: Tensor,
+            detail: tuple[Tensor, Tensor] | None = None) -> ValueCounts:
         """Counts built here (valid by construction): no checks, no copies."""
         made = object.__new__(cls)
-        for name, value in (("kind", kind), ("shift", shift), ("offset", offset), ("counts", counts)):
+        for name, value in (("kind", kind), ("shift", shift), ("offset", offset), ("counts", counts),
+                            ("detail", detail)):
             object.__setattr__(made, name, value)
         return made
 
@@ -103,7 +118,7 @@ class ValueCounts:
         raise AttributeError("ValueCounts is immutable; merge() returns a new object.")
 
     def __reduce__(self):
-        return (ValueCounts, (self.kind, self.shift, self.offset, self.counts))
+        return (ValueCounts, (self.kind, self.shift, self.offset, self.counts, self.detail))
 
     def __repr__(self) -> str:
         return (f"ValueCounts(kind={self.kind!r}, channels={self.num_channels}, shift={self.shift}, "
@@ -311,17 +326,89 @@ class ValueCounts:
     def rank_error(self, q: Sequence[float]) -> Tensor:
         """``(len(q), C)``: how far, as a fraction of the channel's pixels, each percentile's rank can be off.
 
-        0 for exact counts; for pooled counts, the share of the pixels in the bucket(s) a percentile falls in.
+        0 for exact counts and for buckets a second pass counted per value (:meth:`refined`); for pooled
+        counts, the share of the pixels in the bucket(s) a percentile falls in.
         """
         out = torch.zeros(len(q), self.num_channels, dtype=torch.float64)
         if self.exact:
             return out
         for channel, counts, n, cumulative in self._counted_channels():
+            refined = set() if self.detail is None else set(self.detail[0][channel].tolist())
             for row, percent in enumerate(q):
                 below, above, _ = _order_indices(n, percent)
                 buckets = np.searchsorted(cumulative, [below, above], side="right")
-                out[row, channel] = float(counts[buckets].max()) / n
+                shares = [float(counts[b]) / n for b in buckets if int(self.offset[channel]) + int(b) not in refined]
+                out[row, channel] = max(shares, default=0.0)
         return out
+
+    # --- a second pass: the buckets of some percentiles counted per float32 key -----------------------------
+
+    def windows(self, q: Sequence[float]) -> Tensor:
+        """``(C, m)`` int64: the buckets the order statistics of percentiles ``q`` fall in, per channel (padded
+        with a bucket no key falls in), for :meth:`count_windows` in a second pass over the same pixels."""
+        chosen = [sorted({int(self.offset[channel]) + int(b) for percent in q
+                          for b in np.searchsorted(cumulative, _order_indices(n, percent)[:2], side="right")})
+                  for channel, _, n, cumulative in self._counted_channels()]
+        counted = [channel for channel, *_ in self._counted_channels()]
+        out = torch.full((self.num_channels, max(map(len, chosen), default=1)), _NO_BUCKET, dtype=torch.int64)
+        for channel, buckets in zip(counted, chosen):
+            out[channel, : len(buckets)] = torch.tensor(buckets, dtype=torch.int64)
+        return out
+
+    @classmethod
+    def count_windows(cls, images: Tensor, keep: Tensor | None, windows: Tensor, shift: int) -> ValueCounts:
+        """Count each float32 key of ``images`` ``(N, C, P)`` (where ``keep``) that falls in one of its channel's
+        ``windows`` (buckets of ``shift``): counts ``(C, m * 2**shift)``, kind ``"window"``."""
+        channels, slots = windows.shape
+        width = slots << shift
+        if channels * width > MAX_BINS:
+            raise ValueError(f"Exact percentiles of {channels} channels need {channels * width} counters, more than "
+                             f"{MAX_BINS}: fit the channels in groups, or leave exact_percentiles off.")
+        keys = float_keys(images + 0.0)  # -0.0 counted as 0.0, as by count()
+        bucket = keys >> shift
+        index = torch.full_like(keys, channels * width)
+        targets = windows.to(torch.int32).to(keys.device)
+        for slot in range(slots):
+            hit = bucket == targets[:, slot : slot + 1]
+            index = torch.where(hit, (keys & ((1 << shift) - 1)) + (slot << shift), index)
+        base = (torch.arange(channels, dtype=torch.int32, device=keys.device) * width)[:, None]
+        index = torch.where(index < channels * width, index + base, index)
+        if keep is not None:
+            index.masked_fill_(~keep.expand(images.shape), channels * width)
+        counts = torch.bincount(index.reshape(-1), minlength=channels * width + 1)[: channels * width]
+        return cls._of("window", 0, torch.zeros(channels, dtype=torch.int64), counts.view(channels, width).cpu())
+
+    def refined(self, windows: Tensor, counted: ValueCounts) -> ValueCounts:
+        """These float counts with the per-key counts a second pass took of ``windows`` (:meth:`count_windows`).
+
+        Raises ValueError if the second pass did not see the same pixels (a random augmentation, a stream that
+        changed): its keys must add up to these counts, bucket by bucket.
+        """
+        width = 1 << self.shift
+        for channel in range(self.num_channels):
+            for slot, bucket in enumerate(windows[channel].tolist()):
+                if bucket == _NO_BUCKET:
+                    continue
+                seen = int(counted.counts[channel, slot * width : (slot + 1) * width].sum())
+                column = bucket - int(self.offset[channel])
+                if seen != int(self.counts[channel, column]):
+                    raise ValueError(f"The second pass counted {seen} pixels of channel {channel} in a range of "
+                                     f"values where the first counted {int(self.counts[channel, column])}: the "
+                                     "dataset did not give the same pixels twice (a random transform?).")
+        return ValueCounts._of(self.kind, self.shift, self.offset, self.counts, (windows.clone(), counted.counts))
+
+    def _detailed_key(self, channel: int, key: int, rank: int) -> int | None:
+        """The float32 key of the ``rank``-th (0-based) pixel of bucket ``key``, if a second pass counted it."""
+        if self.detail is None:
+            return None
+        buckets, keys = self.detail
+        slots = (buckets[channel] == key).nonzero()
+        if slots.numel() == 0:
+            return None
+        width = 1 << self.shift
+        slot = int(slots[0])
+        cumulative = np.cumsum(keys[channel, slot * width : (slot + 1) * width].numpy())
+        return (key << self.shift) + int(np.searchsorted(cumulative, rank, side="right"))
 
     def _order_statistic(self, channel: int, j: int, n: int, counts: np.ndarray, cumulative: np.ndarray,
                          bounds: tuple[float, float]) -> float:
@@ -335,6 +422,9 @@ class ValueCounts:
         if self.exact:
             return float(key)
         rank_in_bucket = j - (int(cumulative[bucket]) - int(counts[bucket]))
+        exact = self._detailed_key(channel, key, rank_in_bucket)
+        if exact is not None:
+            return float(_keys_to_floats(np.array([exact]))[0])
         start, stop = key << self.shift, ((key + 1) << self.shift) - 1
         if self.kind == "float":
             edges = _keys_to_floats(np.array([start, stop]))
@@ -349,8 +439,10 @@ class ValueCounts:
     def to_arrays(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """``(attrs, arrays)`` for a cache entry: attrs ``value_kind``, ``value_shift``; arrays ``value_offset``,
         ``value_counts``."""
-        return ({"value_kind": self.kind, "value_shift": self.shift},
-                {"value_offset": self.offset.numpy(), "value_counts": self.counts.numpy()})
+        arrays = {"value_offset": self.offset.numpy(), "value_counts": self.counts.numpy()}
+        if self.detail is not None:
+            arrays.update(value_windows=self.detail[0].numpy(), value_window_counts=self.detail[1].numpy())
+        return {"value_kind": self.kind, "value_shift": self.shift}, arrays
 
     @classmethod
     def from_arrays(cls, attrs: dict[str, Any], arrays: dict[str, np.ndarray]) -> ValueCounts | None:
@@ -358,8 +450,12 @@ class ValueCounts:
         if "value_counts" not in arrays:
             return None
         offset = torch.from_numpy(np.asarray(arrays["value_offset"]))
+        detail = None
+        if "value_windows" in arrays:
+            detail = (torch.from_numpy(np.asarray(arrays["value_windows"])),
+                      torch.from_numpy(np.asarray(arrays["value_window_counts"])))
         return cls(str(attrs["value_kind"]), int(attrs["value_shift"]), offset,
-                   torch.from_numpy(np.asarray(arrays["value_counts"])))
+                   torch.from_numpy(np.asarray(arrays["value_counts"])), detail)
 
 
 def _bound_keys(bound: Tensor, kind: str, device: torch.device) -> Tensor:
