@@ -782,15 +782,31 @@ def test_tiffs_of_different_shapes_weigh_each_pixel_once(capsys, tmp_path, tifff
     _expect(report, arrays)
 
 
+@pytest.mark.parametrize("workers", ["0", "2"])
 @pytest.mark.parametrize("batch_size", [None, "1"])  # the odd file in the first batch, or in a later one
-def test_tiffs_with_different_channel_counts_fail_naming_the_file(capsys, tmp_path, tifffile_module, batch_size):
+def test_tiffs_with_different_channel_counts_fail_naming_the_file(capsys, tmp_path, tifffile_module, batch_size,
+                                                                   workers):
     rng = np.random.default_rng(12)
     arrays = [rng.integers(0, 4096, size=(c, 8, 8), dtype=np.uint16) for c in (3, 3, 1)]
     _write_tiffs(tifffile_module, tmp_path / "mixed", arrays)
     options = [] if batch_size is None else ["--batch-size", batch_size]
-    code, out, err = call(capsys, "fit", tmp_path / "mixed", "--cache", tmp_path / "cache", "--workers", 0,
+    code, out, err = call(capsys, "fit", tmp_path / "mixed", "--cache", tmp_path / "cache", "--workers", workers,
                           "--no-progress", *options)
     assert code == 1 and out == ""
     assert f"{tmp_path / 'mixed' / '2.tif'} has 1 channel(s), but {tmp_path / 'mixed' / '0.tif'} has 3" in err
     assert "same number of channels" in err and "Traceback" not in err
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.h5"))
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_channel_count_that_changes_within_a_batch_names_both_files(capsys, tmp_path, tifffile_module, workers):
+    """Files 2 and 3 in one batch of 2: the mismatch is found where the batch is reduced (a worker with --workers 2)
+    and still names both files."""
+    rng = np.random.default_rng(15)
+    arrays = [rng.integers(0, 4096, size=(c, 8, 8), dtype=np.uint16) for c in (3, 3, 3, 1)]
+    _write_tiffs(tifffile_module, tmp_path / "mixed", arrays)
+    code, out, err = call(capsys, "fit", tmp_path / "mixed", "--cache", tmp_path / "cache", "--workers", workers,
+                          "--batch-size", "2", "--no-progress")
+    assert code == 1 and out == ""
+    assert f"{tmp_path / 'mixed' / '3.tif'} has 1 channel(s), but {tmp_path / 'mixed' / '2.tif'} has 3" in err
+    assert "Traceback" not in err
