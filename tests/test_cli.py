@@ -27,7 +27,7 @@ import pytest
 import torch
 from _cache_worker import entry_attrs, entry_file, make_stats
 from reference import truth
-from test_folder import random_image, tree, write_image  # noqa: F401 (tree: a fixture)
+from test_folder import random_image, tree, write_image, write_png16  # noqa: F401 (tree: a fixture)
 
 from torchnormfit import list_entries
 from torchnormfit.cache import write_entry
@@ -609,6 +609,56 @@ def test_16_bit_pngs_are_fitted_in_their_own_units(capsys, tmp_path):
     _expect(_fit_json(capsys, tmp_path / "png16", tmp_path), [a[None] for a in arrays])
 
 
+@pytest.mark.parametrize("channels", [3, 4, 2])
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_16_bit_rgb_rgba_and_gray_alpha_pngs_are_fitted_in_their_own_units(capsys, tmp_path, channels, workers):
+    """48-bit RGB, 64-bit RGBA and 32-bit gray + alpha PNGs: one channel a sample (alpha too, as in a TIFF), each
+    exactly numpy's float64 statistics of the uint16 values written. PIL opens them as 8-bit RGB or RGBA: they were
+    fitted as 8 bits, with no warning (a value of 1000 came back as 232)."""
+    rng = np.random.default_rng(13)
+    arrays = [rng.integers(0, 65_536, size=(h, w, channels), dtype=np.uint16) for h, w in ((9, 7), (6, 11), (5, 5))]
+    arrays[0][0, 0] = 1000
+    for i, array in enumerate(arrays):
+        write_png16(tmp_path / "png48" / f"{i}.png", array)
+    code, out, err = call(capsys, "fit", tmp_path / "png48", "--cache", tmp_path / "cache", "--workers", workers,
+                          "--batch-size", "2", "--no-progress", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert len(report["mean"]) == channels and "values=uint16 as stored" in report["source"]
+    _expect(report, [a.transpose(2, 0, 1) for a in arrays])
+
+
+@pytest.mark.parametrize("first_bits", [8, 16])
+def test_a_png_of_the_other_bit_depth_than_the_first_is_named_not_rescaled(capsys, tmp_path, first_bits):
+    """8-bit RGB PNGs and one 48-bit PNG (or the other way round): exit 1 naming the odd file; --skip-bad fits the
+    others, each as its own kind."""
+    rng = np.random.default_rng(14)
+    eights = [random_image(rng, (5, 4), 3, 0.5) for _ in range(2)]
+    sixteens = [rng.integers(0, 65_536, size=(4, 5, 3), dtype=np.uint16) for _ in range(2)]
+    folder = tmp_path / "mixed"
+    if first_bits == 8:
+        write_image(folder / "a.png", eights[0])
+        write_image(folder / "b.png", eights[1])
+        write_png16(folder / "c.png", sixteens[0])
+    else:
+        write_png16(folder / "a.png", sixteens[0])
+        write_png16(folder / "b.png", sixteens[1])
+        write_image(folder / "c.png", eights[0])
+    code, out, err = call(capsys, "fit", folder, "--cache", tmp_path / "cache", "--workers", 0, "--no-progress")
+    assert code == 1 and out == "" and f"{folder / 'c.png'}" in err and "Keep files of one kind" in err
+    code, out, err = call(capsys, "fit", folder, "--cache", tmp_path / "cache", "--workers", 0, "--no-progress",
+                          "--skip-bad", "--json")
+    assert code == 0, err
+    assert "skipped" in err and "c.png" in err
+    report = json.loads(out)
+    assert report["skipped_files"] == [str(folder / "c.png")]
+    if first_bits == 16:
+        _expect(report, [a.transpose(2, 0, 1) for a in sixteens])
+    else:
+        pixels = np.concatenate([a.reshape(-1, 3).astype(np.float64) / 255 for a in eights])
+        np.testing.assert_allclose(report["mean"], pixels.mean(axis=0), atol=TOLERANCE)
+
+
 def test_an_8_bit_png_among_16_bit_ones_is_named(capsys, tmp_path):
     rng = np.random.default_rng(7)
     (tmp_path / "mixed").mkdir()
@@ -732,15 +782,31 @@ def test_tiffs_of_different_shapes_weigh_each_pixel_once(capsys, tmp_path, tifff
     _expect(report, arrays)
 
 
+@pytest.mark.parametrize("workers", ["0", "2"])
 @pytest.mark.parametrize("batch_size", [None, "1"])  # the odd file in the first batch, or in a later one
-def test_tiffs_with_different_channel_counts_fail_naming_the_file(capsys, tmp_path, tifffile_module, batch_size):
+def test_tiffs_with_different_channel_counts_fail_naming_the_file(capsys, tmp_path, tifffile_module, batch_size,
+                                                                   workers):
     rng = np.random.default_rng(12)
     arrays = [rng.integers(0, 4096, size=(c, 8, 8), dtype=np.uint16) for c in (3, 3, 1)]
     _write_tiffs(tifffile_module, tmp_path / "mixed", arrays)
     options = [] if batch_size is None else ["--batch-size", batch_size]
-    code, out, err = call(capsys, "fit", tmp_path / "mixed", "--cache", tmp_path / "cache", "--workers", 0,
+    code, out, err = call(capsys, "fit", tmp_path / "mixed", "--cache", tmp_path / "cache", "--workers", workers,
                           "--no-progress", *options)
     assert code == 1 and out == ""
     assert f"{tmp_path / 'mixed' / '2.tif'} has 1 channel(s), but {tmp_path / 'mixed' / '0.tif'} has 3" in err
     assert "same number of channels" in err and "Traceback" not in err
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.h5"))
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_channel_count_that_changes_within_a_batch_names_both_files(capsys, tmp_path, tifffile_module, workers):
+    """Files 2 and 3 in one batch of 2: the mismatch is found where the batch is reduced (a worker with --workers 2)
+    and still names both files."""
+    rng = np.random.default_rng(15)
+    arrays = [rng.integers(0, 4096, size=(c, 8, 8), dtype=np.uint16) for c in (3, 3, 3, 1)]
+    _write_tiffs(tifffile_module, tmp_path / "mixed", arrays)
+    code, out, err = call(capsys, "fit", tmp_path / "mixed", "--cache", tmp_path / "cache", "--workers", workers,
+                          "--batch-size", "2", "--no-progress")
+    assert code == 1 and out == ""
+    assert f"{tmp_path / 'mixed' / '3.tif'} has 1 channel(s), but {tmp_path / 'mixed' / '2.tif'} has 3" in err
+    assert "Traceback" not in err

@@ -1,6 +1,7 @@
 """The fit pass: exact statistics through real DataLoaders, in-pipeline capture, bad input."""
 
 import multiprocessing
+import pickle
 
 import numpy as np
 import PIL.Image
@@ -15,7 +16,7 @@ from torchvision.datasets import FakeData, ImageFolder
 from torchvision.transforms import v2
 
 from torchnormfit import FitNormalize, NotFittedError
-from torchnormfit.passes import default_batch_size
+from torchnormfit.passes import SampleMismatch, default_batch_size
 
 TO_FLOAT = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
 
@@ -264,6 +265,32 @@ def test_channel_count_change_names_the_sample(batch_size):
     images = [torch.rand(3, 4, 4) for _ in range(6)] + [torch.rand(1, 4, 4)]
     with pytest.raises(ValueError, match=r"Sample 6 has 1 channels, but sample \d has 3"):
         fit(ListDataset(images), batch_size=batch_size)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("batch_size", [1, 4])  # across batches (found here), or within one (found in a worker)
+@pytest.mark.parametrize("kind", ["channels", "units"])
+def test_a_sample_mismatch_carries_both_indices(num_workers, batch_size, kind):
+    """SampleMismatch, a ValueError, names the two samples by index, however it crossed from a worker."""
+    images = [torch.rand(3, 4, 4) for _ in range(6)]
+    images.append(torch.rand(1, 4, 4) if kind == "channels" else torch.randint(0, 255, (3, 4, 4), dtype=torch.uint8))
+    with pytest.raises(SampleMismatch) as caught:
+        fit(ListDataset(images), batch_size=batch_size, num_workers=num_workers)
+    error = caught.value
+    got, expected = (1, 3) if kind == "channels" else ("integer", "float")
+    assert isinstance(error, ValueError) and (error.kind, error.got, error.expected) == (kind, got, expected)
+    assert error.index == 6 and error.first_index == (4 if batch_size == 4 else 0)
+    assert str(error).startswith(f"Sample 6 {'has 1 channels' if kind == 'channels' else 'holds integer'}")
+
+
+def test_a_sample_mismatch_pickles_and_is_built_from_its_message_alone():
+    """Pickled (a worker's Failure) it keeps its indices; from the message alone (DataLoader's ExceptionWrapper
+    re-raises as ``exc_type(message)``) it is still a SampleMismatch, with no indices."""
+    error = SampleMismatch("Sample 6 has 1 channels, but sample 0 has 3.", 6, 0, "channels", 1, 3)
+    again = pickle.loads(pickle.dumps(error))
+    assert (str(again), again.index, again.first_index, again.kind, again.got) == (str(error), 6, 0, "channels", 1)
+    bare = SampleMismatch(str(error))
+    assert str(bare) == str(error) and bare.index is None and bare.first_index is None
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

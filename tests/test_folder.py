@@ -6,6 +6,8 @@ and test_mapped.py, which import them.
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,30 @@ def write_image(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
     PIL.Image.fromarray(array, mode=mode).save(path, **({"quality": 90} if path.suffix == ".jpg" else {}))
     return path
 
+
+_PNG_COLOR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> PNG color type: gray, gray + alpha, RGB, RGBA
+
+
+def write_png16(path: Path, array: np.ndarray) -> Path:
+    """A 16-bit PNG of a uint16 (H, W) or (H, W, C) array, C = 2 (gray + alpha), 3 (RGB) or 4 (RGBA).
+
+    Written by hand from the PNG spec because nothing installed here writes one: PIL and torchvision's
+    encode_png write 8-bit RGB only, and cv2, imageio and pypng are not installed. A test fixture only: the
+    library reads PNGs through PIL and torchvision.
+    """
+    height, width = array.shape[:2]
+    color_type = _PNG_COLOR_TYPES[1 if array.ndim == 2 else array.shape[2]]
+    rows = array.astype(">u2").reshape(height, -1)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 (None) on each scanline
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +107,59 @@ def test_find_unreadable_and_without_leave_the_readable_files(tree):
 
 
 # --- folders read as stored: 16-bit PNG, TIFF ---------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_16_bit_pngs_are_read_bit_for_bit_with_every_channel(tmp_path, channels):
+    """Gray, gray + alpha, RGB and RGBA 16-bit PNGs: uint16 (C, H, W), alpha a channel, values as written (PIL
+    opens the RGB and RGBA ones as 8-bit modes: they were fitted as 8 bits, 1000 read as 232)."""
+    rng = np.random.default_rng(21)
+    shape = [(6, 5), (4, 7)]
+    arrays = [rng.integers(0, 65_536, size=(h, w) if channels == 1 else (h, w, channels), dtype=np.uint16)
+              for h, w in shape]
+    arrays[0].reshape(-1)[0] = 1000
+    for i, array in enumerate(arrays):
+        write_png16(tmp_path / f"{i}.png", array)
+    dataset = ImageFiles(tmp_path, transform=to_float_pipeline(integers=True))
+    assert dataset.integers and dataset.mode is None and dataset.values == "uint16 as stored"
+    for i, array in enumerate(arrays):
+        image, _ = dataset[i]
+        assert image.dtype == torch.uint16 and image.shape == (channels, *shape[i])
+        np.testing.assert_array_equal(image.numpy(), array[None] if channels == 1 else array.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("first_bits", [8, 16])
+def test_a_png_of_the_other_bit_depth_than_the_first_is_unreadable_by_name(tmp_path, first_bits):
+    """8-bit RGB then 16-bit RGB, or the other way round: never converted (and clipped) to the first's kind."""
+    rng = np.random.default_rng(22)
+    eight = random_image(rng, (5, 4), 3, 0.5)
+    sixteen = rng.integers(0, 65_536, size=(4, 5, 3), dtype=np.uint16)
+    if first_bits == 8:
+        write_image(tmp_path / "a.png", eight)
+        write_png16(tmp_path / "b.png", sixteen)
+        reason = r"b\.png: it is a 16-bit RGB PNG \(not one page of 8 bits a channel\)"
+    else:
+        write_png16(tmp_path / "a.png", sixteen)
+        write_image(tmp_path / "b.png", eight)
+        reason = r"b\.png: it has 8 bits a channel, while the folder's first file .*a\.png is read as integers"
+    dataset = ImageFiles(tmp_path)
+    assert dataset.integers == (first_bits == 16)
+    dataset.load(0)
+    with pytest.raises(BadImageError, match=reason):
+        dataset.load(1)
+
+
+def test_a_tiff_of_another_dtype_than_the_first_is_unreadable_by_name(tmp_path):
+    """uint16 then uint8 (or int16) TIFFs: both read as stored would mix units; the odd file is named."""
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "a.tif", np.full((4, 4), 40_000, dtype=np.uint16))
+    tifffile.imwrite(tmp_path / "b.tif", np.full((4, 4, 3), 200, dtype=np.uint8), photometric="rgb")
+    dataset = ImageFiles(tmp_path)
+    assert dataset.values == "uint16 as stored"
+    dataset.load(0)
+    with pytest.raises(BadImageError, match=r"b\.tif: its samples are uint8, while those of the folder's first file "
+                                            r".*a\.tif are uint16"):
+        dataset.load(1)
 
 
 @pytest.mark.parametrize("dtype, low, high", [(np.int8, -128, 128), (np.int16, -1024, 3001)])

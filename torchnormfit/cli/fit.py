@@ -18,7 +18,7 @@ from torchvision.datasets.vision import StandardTransform
 from torchvision.transforms import v2
 
 from ..key import describe_dataset, describe_pipeline
-from ..passes import sample_pixels
+from ..passes import SampleMismatch, sample_pixels
 from ..transform import FitNormalize
 from . import EXIT_FAILURE, EXIT_OK, PROG, CliError
 from .entries import cache_path
@@ -35,7 +35,12 @@ from .report import channel_names, numbers, numbers_lines, subset, summary
 __all__ = ["check_usage", "run_fit"]
 
 _IMAGE_ENTRIES = "jpg;jpeg;png;webp;bmp;tif;tiff;ppm;pgm"  # the image entries of a WebDataset sample, first found
-_CHANNEL_MISMATCH = re.compile(r"Sample (\d+) has (\d+) channels, but sample (\d+) has (\d+)\.")  # passes/loader.py
+_MISMATCH_FIX = {
+    "channels": "The files of a folder must have the same number of channels (bands, samples a pixel or pages): "
+                "move the files with another number of channels out, and fit them as a folder of their own.",
+    "units": "The files of a folder must all be read as integers, or all as floats: move the files of the other "
+             "kind out, and fit them as a folder of their own.",
+}
 
 
 def check_usage(args: argparse.Namespace) -> None:
@@ -236,19 +241,18 @@ def _fit(norm: FitNormalize, dataset: Any, args: argparse.Namespace) -> tuple[An
 
 
 def _fit_files(norm: FitNormalize, dataset: Any, fit_options: dict[str, Any]) -> None:
-    """``norm.fit(dataset)``; two files of an image folder with different numbers of channels are a CliError that
-    names both files (the fit names the samples by index)."""
+    """``norm.fit(dataset)``; two files of an image folder that cannot be fitted together (different numbers of
+    channels, integer and float values) are a CliError that names both files (the fit names samples by index)."""
     try:
         norm.fit(dataset, **fit_options)
-    except ValueError as error:
-        match = _CHANNEL_MISMATCH.search(str(error))
-        if match is None or not isinstance(dataset, ImageFiles):
+    except SampleMismatch as error:
+        if error.index is None or error.first_index is None or error.kind not in _MISMATCH_FIX \
+                or not isinstance(dataset, ImageFiles):
             raise
-        index, got, first, expected = map(int, match.groups())
+        what = " channel(s)" if error.kind == "channels" else " values"
         raise CliError(
-            f"{dataset.path(index)} has {got} channel(s), but {dataset.path(first)} has {expected}. The files of a "
-            "folder must have the same number of channels (bands, samples a pixel or pages): move the files with "
-            "another number of channels out, and fit them as a folder of their own."
+            f"{dataset.path(error.index)} has {error.got}{what}, but {dataset.path(error.first_index)} has "
+            f"{error.expected}{what}. {_MISMATCH_FIX[error.kind]}"
         ) from None
 
 

@@ -19,6 +19,7 @@ import PIL.Image
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import VisionDataset
+from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
@@ -107,10 +108,12 @@ class ImageFiles(VisionDataset):
     ``ImageFolder`` does. If it is a 16-bit PNG, or a TIFF that PIL cannot read as 8 bits a channel
     (uint16, float, multi-band, multi-page), every file is an integer or float tensor (C, H, W) in its
     own units: ``integers`` is True, ``mode`` is None (not applied) and ``values`` names the first file's
-    dtype, as ``"uint16 as stored"``. TIFF files are read with tifffile (``pip install "torchnormfit[tiff]"``):
-    an (H, W) array is 1 channel, (H, W, S) with S <= 4 samples per pixel is S channels, any other 3-D array
-    (C, H, W: planar bands or pages) is C channels; 4-D or more is refused. A file of the other kind than the
-    first is unreadable (:class:`BadImageError`).
+    dtype, as ``"uint16 as stored"``. A 16-bit PNG is read with torchvision as uint16, a channel a sample
+    (gray 1, gray and alpha 2, RGB 3, RGBA 4: alpha is a channel, as in a TIFF). TIFF files are read with
+    tifffile (``pip install "torchnormfit[tiff]"``): an (H, W) array is 1 channel, (H, W, S) with S <= 4
+    samples per pixel is S channels, any other 3-D array (C, H, W: planar bands or pages) is C channels;
+    4-D or more is refused. A file of the other kind than the first, or read as stored with another dtype
+    than the first, is unreadable (:class:`BadImageError`).
 
     Two layouts are recognized. ImageFolder: all images sit in subfolders of
     ``root`` (at any depth), and each top-level subfolder is a class, as in
@@ -160,12 +163,14 @@ class ImageFiles(VisionDataset):
         if _is_wide(self.path(0)):  # set only here: an 8-bit folder's dataset (and cache key) is as before
             self.integers = True
             self.mode = None  # no PIL mode is applied: the provenance must not claim one
-            self.values = _as_stored(self.path(0))
+            self._dtype = _stored_dtype(self.path(0))
+            self.values = "as stored" if self._dtype is None else f"{self._dtype} as stored"
 
     integers = False
     """True when the files are read as integer tensors in their own units (the first file is 16-bit or a TIFF)."""
     values: str | None = None
     """With ``integers``, what the values are: the first file's dtype, as ``"uint16 as stored"`` (``mode`` is None)."""
+    _dtype: str | None = None  # with ``integers``, the first file's dtype name (every file must hold it), if known
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -180,12 +185,12 @@ class ImageFiles(VisionDataset):
         Raises
         ------
         BadImageError
-            The file cannot be read or decoded, or is of the other kind than
-            the first file (8 bits a channel or not); the message names the file.
+            The file cannot be read or decoded, or is of the other kind than the first
+            file (8 bits a channel or not, or another dtype); the message names the file.
         """
         path = self.path(index)
         if self.integers:
-            return _read_wide(path, self.path(0))
+            return _read_wide(path, self.path(0), self._dtype)
         try:
             with PIL.Image.open(path) as image:
                 wide = _wide_mode(image)
@@ -222,7 +227,7 @@ class ImageFiles(VisionDataset):
 
 
 def _is_wide(path: str) -> bool:
-    """Whether ``path`` is read as integers: a 16-bit PNG (or other wide mode), or a TIFF beyond one 8-bit page.
+    """Whether ``path`` is read as integers: a 16-bit PNG (gray, RGB, with alpha), or a TIFF beyond one 8-bit page.
 
     Only the header is read. A file PIL cannot open is not wide, unless it is a TIFF (tifffile reads it).
     """
@@ -233,27 +238,32 @@ def _is_wide(path: str) -> bool:
         return path.lower().endswith(_TIFF_EXTENSIONS)
 
 
-def _as_stored(path: str) -> str:
-    """What the values of a folder read as stored are: ``"uint16 as stored"``, from the header of its first file
-    (``"as stored"`` alone if the header does not tell, or tifffile is missing)."""
-    dtype = None
+def _stored_dtype(path: str) -> str | None:
+    """The dtype name of a file read as stored, from its header: ``"uint16"`` for any file but a TIFF (torchvision
+    decodes more than 8 bits as uint16); None if the header does not tell, or tifffile is missing."""
+    if not path.lower().endswith(_TIFF_EXTENSIONS):
+        return "uint16"
     try:
-        if path.lower().endswith(_TIFF_EXTENSIONS):
-            import tifffile
+        import tifffile
 
-            with tifffile.TiffFile(path) as tif:
-                dtype = tif.series[0].dtype
-        else:
-            with PIL.Image.open(path) as image:
-                dtype = {"I": "int32", "F": "float32"}.get(image.mode, "uint16")  # the others: I;16, I;16B, ...
+        with tifffile.TiffFile(path) as tif:
+            return np.dtype(tif.series[0].dtype).name
     except Exception:
-        pass
-    return "as stored" if dtype is None else f"{np.dtype(dtype).name} as stored"
+        return None
 
 
 def _wide_mode(image: PIL.Image.Image) -> str | None:
-    """What makes an opened image more than one page of 8 bits a channel (PIL reads a 16-bit RGB TIFF as 8-bit
-    RGB), or None."""
+    """What makes an opened image more than one page of 8 bits a channel, or None.
+
+    PIL opens a 16-bit RGB PNG or TIFF as 8-bit RGB: a PNG's bit depth is in the raw mode PIL parsed from its
+    header (``"RGB;16B"``), a TIFF's in its tags. Call it before ``load()``, which clears the header's tiles.
+    """
+    if image.format == "PNG":
+        tiles = getattr(image, "tile", None)  # an ImageFile's, before load()
+        rawmode = tiles[0].args if tiles else None  # "I;16B", "LA;16B", "RGB;16B", "RGBA;16B", "RGB", "P", ...
+        if isinstance(rawmode, str) and ";16" in rawmode:
+            return f"a 16-bit {rawmode.split(';')[0].replace('I', 'gray')} PNG"
+        return None
     if image.mode in _WIDE_MODES:
         return image.mode
     tags = getattr(image, "tag_v2", None)
@@ -268,8 +278,12 @@ def _wide_mode(image: PIL.Image.Image) -> str | None:
     return None
 
 
-def _read_wide(path: str, first: str) -> torch.Tensor:
-    """The (C, H, W) tensor of ``path`` in its own units: TIFF with tifffile, others with PIL (no conversion)."""
+def _read_wide(path: str, first: str, dtype: str | None) -> torch.Tensor:
+    """The (C, H, W) tensor of ``path`` in its own units: TIFF with tifffile, others (16-bit PNG) with torchvision.
+
+    A file whose samples are not of ``dtype`` (the first file's) is unreadable: uint8 values beside uint16 ones
+    are not in the same units.
+    """
     if path.lower().endswith(_TIFF_EXTENSIONS):
         try:
             import tifffile
@@ -295,22 +309,22 @@ def _read_wide(path: str, first: str) -> torch.Tensor:
         if array.ndim == 3 and axes.endswith("S"):  # (H, W, S): samples per pixel, as RGB
             array = array.transpose(2, 0, 1)
     else:
-        try:
-            with PIL.Image.open(path) as image:
-                image.load()
-                array = np.array(image)
-                mode = image.mode
+        try:  # (C, H, W): every channel (alpha too), uint16 for more than 8 bits, values as stored
+            array = decode_image(path, mode=ImageReadMode.UNCHANGED).numpy()
         except Exception as error:
             raise BadImageError(path, f"{type(error).__name__}: {error}") from error
-        if mode not in _WIDE_MODES:
+        if array.dtype == np.uint8:
             raise BadImageError(
-                path, f"its mode is {mode} (8 bits a channel), while the folder's first file {first} is read as "
+                path, f"it has 8 bits a channel, while the folder's first file {first} is read as "
                 "integers in their own units (16 bits or TIFF). Keep files of one kind in a folder",
             )
+    if dtype is not None and array.dtype.name != dtype:
+        raise BadImageError(
+            path, f"its samples are {array.dtype.name}, while those of the folder's first file {first} are {dtype}, "
+            "read as stored: values of two dtypes are not in the same units. Keep files of one kind in a folder",
+        )
     if array.ndim == 2:
         array = array[None]
-    elif array.ndim == 3 and not path.lower().endswith(_TIFF_EXTENSIONS):  # PIL's (H, W, S)
-        array = array.transpose(2, 0, 1)
     elif array.ndim != 3:
         raise BadImageError(
             path, f"its array has {array.ndim} dimensions, shape {tuple(array.shape)}; expected (H, W), "

@@ -46,6 +46,7 @@ __all__ = [
     "Item",
     "PassResult",
     "Reading",
+    "SampleMismatch",
     "ScaleProbe",
     "dataset_length",
     "default_batch_size",
@@ -114,6 +115,27 @@ class Capture:
 class _Captured(BaseException):
     """Stops reading a sample once the FitNormalize being fitted has its image (not an ``Exception``, so a
     dataset that catches ``Exception`` to skip bad files lets it through)."""
+
+
+class SampleMismatch(ValueError):
+    """Two samples of a pass that cannot be fitted together: different channel counts, or integer and float images.
+
+    ``index`` is the sample that differs, ``first_index`` the one it differs from; ``kind`` is ``"channels"`` or
+    ``"units"``, ``got`` and ``expected`` are theirs (channel counts, or ``"integer"`` and ``"float"``). Built from
+    its message alone (as DataLoader re-raises a worker's error), all four are None.
+
+    Examples
+    --------
+    >>> error = SampleMismatch("Sample 6 has 1 channels, but sample 0 has 3.", 6, 0, "channels", 1, 3)
+    >>> error.index, error.first_index, isinstance(error, ValueError)
+    (6, 0, True)
+    """
+
+    def __init__(self, message: str, index: int | None = None, first_index: int | None = None,
+                 kind: str | None = None, got: Any = None, expected: Any = None):
+        super().__init__(message)  # args is the message alone: pickling restores the rest from __dict__
+        self.index, self.first_index = index, first_index
+        self.kind, self.got, self.expected = kind, got, expected
 
 
 class _RemoteTraceback(Exception):
@@ -362,10 +384,10 @@ class Collate:
         by_shape: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}
         for index, image in items:
             if image.shape[-3] - self.reduction.masked != channels:
-                raise ValueError(_channel_mismatch(index, image.shape[-3] - self.reduction.masked, channels,
-                                                   first_index))
+                raise _channel_mismatch(index, image.shape[-3] - self.reduction.masked, channels, first_index)
             if image.is_floating_point() != first.is_floating_point():
-                raise ValueError(_units_mismatch(index, image, first_index, first))
+                raise _units_mismatch(index, not image.is_floating_point(), first_index,
+                                      f" ({image.dtype}, sample {first_index} {first.dtype})")
             by_shape.setdefault((*image.shape, image.dtype), []).append((index, image))
         masked = self.reduction.masked
         with _one_thread():  # a few images: threads gain nothing, and a forked process may have no thread pool
@@ -419,18 +441,20 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _channel_mismatch(index: int, got: int, expected: int, first_index: int) -> str:
-    return (
+def _channel_mismatch(index: int, got: int, expected: int, first_index: int) -> SampleMismatch:
+    return SampleMismatch(
         f"Sample {index} has {got} channels, but sample {first_index} has {expected}. All images must have "
         "the same number of channels: convert them in the pipeline (for example v2.Grayscale(num_output_channels=3) "
-        "or PIL's .convert('RGB'))."
+        "or PIL's .convert('RGB')).", index, first_index, "channels", got, expected,
     )
 
 
-def _units_mismatch(index: int, image: Tensor, first_index: int, first: Tensor) -> str:
-    return (
-        f"Sample {index} is {image.dtype}, but sample {first_index} is {first.dtype}: integer images are fitted in "
-        "their own units, float images in theirs. Convert them all alike in the pipeline (v2.ToDtype)."
+def _units_mismatch(index: int, integer: bool, first_index: int, dtypes: str = "") -> SampleMismatch:
+    got, expected = ("integer", "float") if integer else ("float", "integer")
+    return SampleMismatch(
+        f"Sample {index} holds {got} images, but sample {first_index} {expected} ones{dtypes}: integer images are "
+        "fitted in their own units, float images in theirs. Convert them all alike in the pipeline (v2.ToDtype).",
+        index, first_index, "units", got, expected,
     )
 
 
@@ -483,12 +507,9 @@ def reduce_batches(
         if first is None or accumulator is None:
             first, accumulator = batch, BatchNormAccumulator(batch.channels, device=device)
         elif batch.channels != first.channels:
-            raise ValueError(_channel_mismatch(batch.first_index, batch.channels, first.channels, first.first_index))
+            raise _channel_mismatch(batch.first_index, batch.channels, first.channels, first.first_index)
         elif batch.integer != first.integer:
-            units = {True: "integer", False: "float"}
-            raise ValueError(f"Sample {batch.first_index} holds {units[batch.integer]} images, but sample "
-                             f"{first.first_index} {units[first.integer]} ones: integer images are fitted in their "
-                             "own units. Convert them all alike in the pipeline (v2.ToDtype).")
+            raise _units_mismatch(batch.first_index, batch.integer, first.first_index)
         with _one_thread():  # small merges: a second thread only adds waits (60x on a busy machine)
             one_batch = _accumulate(accumulator, batch, device, reduction)
         if on_batch is not None:
