@@ -514,7 +514,17 @@ def test_ignore_and_clip_options_reach_the_fit(tree, tmp_path, capsys):
     assert all(low > plain_low for low, plain_low in zip(fitted["min"], plain["min"]))
     code, out, err = call(capsys, "show", fitted["key"], "--cache", tmp_path / "b", "--json")
     assert code == 0 and set(json.loads(out)["percentiles"]) >= {"1", "99"}, err
-    for bad in (["--clip", "1"], ["--clip", "a,b"], ["--spatial-dims", "4"]):
+    code, out, err = call(capsys, "fit", *common, "--cache", tmp_path / "c", "--clip", "1,99",
+                          "--exact-percentiles", "yes")
+    assert code == 0, err
+    exact = json.loads(out)
+    code, out, err = call(capsys, "show", exact["key"], "--cache", tmp_path / "c", "--json")
+    shown = json.loads(out)["percentiles"]
+    pixels = np.concatenate([np.asarray(PIL.Image.open(f).convert("RGB"), dtype=np.float32).reshape(-1, 3) / 255
+                             for f in tree["good"] if f.parent.name == "cat"]).astype(np.float64)
+    for q in ("1", "99"):
+        assert shown[q] == np.percentile(pixels, float(q), axis=0).tolist(), q
+    for bad in (["--clip", "1"], ["--clip", "a,b"], ["--spatial-dims", "4"], ["--exact-percentiles", "yes"]):
         code, _, err = call(capsys, "fit", *common, *bad)
         assert code == 2 and "usage:" in err
 

@@ -95,6 +95,8 @@ def test_exact_percentiles_on_request_even_where_one_pass_is_within_the_promise(
     exact.fit(Smooth(), batch_size=7, num_workers=0, progress=False)
     assert [exact.clip_low, exact.clip_high] == numpy_percentiles(images)
     assert "exact_percentiles=True" in repr(exact)
+    kept = FitNormalize(cache=None, clip=Q, exact_percentiles=False).fit(Smooth(), num_workers=0, progress=False)
+    assert [kept.clip_low, kept.clip_high] == [one_pass.clip_low, one_pass.clip_high]
     plain = FitNormalize(cache=tmp_path, clip=Q).fit(Smooth(), batch_size=7, num_workers=0, progress=False)
     assert plain.fit_record.source == "pass"  # another key: a cached exact fit is not a one-pass one
 
@@ -111,6 +113,16 @@ def test_window_counts_merge_to_the_same_whatever_the_batches():
     assert torch.equal(at_once.counts, merged.counts)
     low, high = data.images.amin(dim=(0, 2, 3)).double(), data.images.amax(dim=(0, 2, 3)).double()
     assert whole.refined(windows, merged).percentiles(Q, low, high).tolist() == numpy_percentiles(data.images)
+
+
+def test_exact_percentiles_false_keeps_one_pass_and_states_its_rank_error():
+    data = Narrow()
+    norm = FitNormalize(cache=None, ignore=-1.0, clip=Q, exact_percentiles=False)
+    norm.fit(data, num_workers=0, progress=False)
+    assert float(norm.stats.values.rank_error(Q).max()) > MAX_RANK_ERROR
+    truth = numpy_percentiles(data.images, ignore=-1.0)
+    assert [norm.clip_low, norm.clip_high] != truth
+    np.testing.assert_allclose([norm.clip_low, norm.clip_high], truth, rtol=2**-11)
 
 
 def test_a_random_transform_keeps_the_one_pass_numbers_and_says_why():

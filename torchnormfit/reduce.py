@@ -134,7 +134,7 @@ class Reduction:
     volumes; ``mask`` says where a sample's mask is (:data:`~torchnormfit.images.MaskSource`): the pass then
     carries it as the image's last channel, so stacking, grouping and transport stay as for images.
     ``percentiles`` (the ones the fit needs) are made exact by a second pass over float images when ``exact``,
-    or when the counts cannot promise them within 0.1% in rank; that pass counts ``windows``.
+    or (``exact=None``) when the counts cannot promise them within 0.1% in rank; that pass counts ``windows``.
     """
 
     ignore: float | tuple[float, ...] | None = None
@@ -142,7 +142,7 @@ class Reduction:
     spatial_dims: int = 2
     mask: Any = None
     percentiles: tuple[float, ...] = ()
-    exact: bool = False
+    exact: bool | None = None
     windows: tuple[Tensor, int] | None = field(default=None, compare=False)
 
     @property
@@ -165,7 +165,7 @@ class Reduction:
         if self.plain:
             return {}
         settings = {"ignore": self.ignore, "values": self.values, "spatial_dims": self.spatial_dims, "mask": self.mask}
-        return settings | ({"exact_percentiles": True} if self.exact else {})
+        return settings | ({} if self.exact is None else {"exact_percentiles": self.exact})
 
 
 def tensor_stats(images: Tensor, *, ignore: Ignore = None, mask: Tensor | None = None, spatial_dims: int = 2,

@@ -201,16 +201,17 @@ cannot promise this."""
 def exact_percentiles(stats: ChannelStats, reduction: Reduction,
                       again: Callable[[Reduction], ChannelStats | None]) -> ChannelStats:
     """``stats`` with the float percentiles ``reduction.percentiles`` made exact by a second pass ``again`` over
-    the same pixels, where asked (``reduction.exact``) or where one pass cannot promise them within 0.1% in rank.
+    the same pixels, where asked (``reduction.exact``) or, unless told not to (``exact=False``), where one pass
+    cannot promise them within 0.1% in rank.
 
     The second pass counts every float32 value in the few buckets those percentiles fall in
     (:meth:`ValueCounts.windows`); if it did not see the pixels the first saw (a random transform), the
     one-pass percentiles stay, with a warning.
     """
     values = stats.values
-    if values is None or values.kind != "float" or not reduction.percentiles:
+    if values is None or values.kind != "float" or not reduction.percentiles or reduction.exact is False:
         return stats
-    if not reduction.exact and float(values.rank_error(reduction.percentiles).max()) <= MAX_RANK_ERROR:
+    if reduction.exact is None and float(values.rank_error(reduction.percentiles).max()) <= MAX_RANK_ERROR:
         return stats
     windows = values.windows(reduction.percentiles)
     logger.info("a second pass for exact percentiles %s", reduction.percentiles)

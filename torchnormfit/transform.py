@@ -77,13 +77,15 @@ class FitNormalize(v2.Normalize):
         Percentiles, e.g. ``(0.5, 99.5)``: learned per channel in the same pass
         (exactly ``numpy.percentile(..., method="linear")`` for integer images)
         and the output is ``(clamp(x, low, high) - mean) / std``, with mean and
-        std of the kept pixels before clipping (nnU-Net's CT rule). For float
-        images, one pass places each within 0.1% of the pixels in rank (a second
-        pass over a few narrow ranges of values makes it exact where one pass
-        cannot promise that).
-    exact_percentiles : bool
-        Float images: always make the ``clip`` percentiles exact (numpy's over
-        the kept pixels' float32 values) with a second pass.
+        std of the kept pixels before clipping (nnU-Net's CT rule).
+    exact_percentiles : bool, optional
+        Float images only. None: each ``clip`` percentile within 0.1% of the
+        pixels in rank; where one pass cannot promise that (values in few
+        narrow ranges, as in images decoded from 8-bit files), a second pass
+        makes it exact. True: always exact (numpy's over the kept float32
+        values), with a second pass. False: one pass; each percentile within
+        ``2**-11`` of its value, its rank error stated by
+        ``stats.values.rank_error(q)``.
     spatial_dims : int
         2 for images ``(..., C, H, W)``; 3 for volumes ``(..., C, D, H, W)``:
         statistics per channel over every voxel, and the transform normalizes
@@ -120,7 +122,7 @@ class FitNormalize(v2.Normalize):
         key: str | None = None,
         ignore: Ignore = None,
         clip: tuple[float, float] | None = None,
-        exact_percentiles: bool = False,
+        exact_percentiles: bool | None = None,
         spatial_dims: int = 2,
     ) -> None:
         Transform.__init__(self)
@@ -128,9 +130,9 @@ class FitNormalize(v2.Normalize):
             raise ValueError("Pass both mean and std, or neither and call .fit(dataset).")
         self.ignore: list[float] | float | None = _checked_ignore(ignore)
         self.clip: tuple[float, float] | None = _checked_clip(clip)
-        if exact_percentiles and clip is None:
-            raise ValueError("exact_percentiles=True is about the percentiles of clip=: pass clip=(low, high) too.")
-        self.exact_percentiles = bool(exact_percentiles)
+        if exact_percentiles is not None and clip is None:
+            raise ValueError("exact_percentiles= is about the percentiles of clip=: pass clip=(low, high) too.")
+        self.exact_percentiles = None if exact_percentiles is None else bool(exact_percentiles)
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 (images (..., C, H, W)) or 3 (volumes (..., C, D, H, W)). "
                              f"Got {spatial_dims!r}.")
@@ -249,14 +251,14 @@ class FitNormalize(v2.Normalize):
 
     def extra_repr(self) -> str:
         options = "".join(f", {name}={getattr(self, name)}" for name, default in
-                          (("ignore", None), ("clip", None), ("exact_percentiles", False), ("spatial_dims", 2))
+                          (("ignore", None), ("clip", None), ("exact_percentiles", None), ("spatial_dims", 2))
                           if getattr(self, name) != default)
         return f"mean={self.mean}, std={self.std}, inplace={self.inplace}{options}"
 
     # Instances pickled before these options existed lack them: the class defaults keep them plain.
     ignore: list[float] | float | None = None
     clip: tuple[float, float] | None = None
-    exact_percentiles: bool = False
+    exact_percentiles: bool | None = None
     clip_low: list[float] | None = None
     clip_high: list[float] | None = None
     spatial_dims: int = 2

@@ -58,6 +58,8 @@ def check_usage(args: argparse.Namespace) -> None:
         fail("--seed does not apply to WebDataset shards: --max-samples N fits the first N samples of the stream")
     if args.seed is not None and args.max_samples is None:
         fail("--seed chooses the --max-samples subset; give --max-samples N too")
+    if args.exact_percentiles != "auto" and args.clip is None:
+        fail("--exact-percentiles is about the --clip percentiles: give --clip LOW,HIGH too")
     if args.dataset is not None:
         args.dataset_class = _dataset_class(args.dataset, fail)
         args.dataset_kwargs = _dataset_kwargs(args, fail)
@@ -108,7 +110,8 @@ def run_fit(args: argparse.Namespace) -> int:
     path = cache_path(args.cache)
     ignore = args.ignore[0] if args.ignore is not None and len(args.ignore) == 1 else args.ignore
     norm = FitNormalize(cache=path, key=args.key, ignore=ignore, clip=None if args.clip is None else tuple(args.clip),
-                        spatial_dims=args.spatial_dims)
+                        exact_percentiles={"auto": None, "yes": True, "no": False}[args.exact_percentiles]
+                        if args.clip is not None else None, spatial_dims=args.spatial_dims)
     dataset, skipped = _fit(norm, _open_source(args, norm), args)
     record = norm.fit_record
     assert record is not None and norm.mean is not None and norm.std is not None  # fit() sets them or raises
