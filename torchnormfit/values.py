@@ -363,19 +363,22 @@ class ValueCounts:
         width = slots << shift
         if channels * width > MAX_BINS:
             raise ValueError(f"Exact percentiles of {channels} channels need {channels * width} counters, more than "
-                             f"{MAX_BINS}: fit the channels in groups, or leave exact_percentiles off.")
+                             f"{MAX_BINS}: fit the channels in groups, or pass exact_percentiles=False.")
         keys = float_keys(images + 0.0)  # -0.0 counted as 0.0, as by count()
         bucket = keys >> shift
-        index = torch.full_like(keys, channels * width)
-        targets = windows.to(torch.int32).to(keys.device)
-        for slot in range(slots):
-            hit = bucket == targets[:, slot : slot + 1]
-            index = torch.where(hit, (keys & ((1 << shift) - 1)) + (slot << shift), index)
-        base = (torch.arange(channels, dtype=torch.int32, device=keys.device) * width)[:, None]
-        index = torch.where(index < channels * width, index + base, index)
+        targets = windows.clamp_max(_NO_BUCKET).to(torch.int32).to(keys.device)
+        hit = bucket == targets[:, :1]
+        for column in range(1, slots):
+            hit |= bucket == targets[:, column : column + 1]
         if keep is not None:
-            index.masked_fill_(~keep.expand(images.shape), channels * width)
-        counts = torch.bincount(index.reshape(-1), minlength=channels * width + 1)[: channels * width]
+            hit &= keep.expand(images.shape)
+        # The few pixels in a window (a percentile's buckets), found once and then handled alone.
+        where = hit.view(-1).nonzero().squeeze(1)
+        chosen = keys.view(-1)[where]
+        channel = (where // images.shape[2]) % channels
+        slot = (bucket.view(-1)[where][:, None] == targets[channel]).to(torch.uint8).argmax(dim=1)
+        index = (chosen & ((1 << shift) - 1)).long() + (slot << shift) + channel * width
+        counts = torch.bincount(index, minlength=channels * width)
         return cls._of("window", 0, torch.zeros(channels, dtype=torch.int64), counts.view(channels, width).cpu())
 
     def refined(self, windows: Tensor, counted: ValueCounts) -> ValueCounts:
