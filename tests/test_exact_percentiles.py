@@ -172,3 +172,38 @@ def test_two_gloo_ranks_get_the_exact_percentiles(tmp_path):
     mp.start_processes(_rank_main, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="fork")
     results = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(2)]
     assert results[0] == results[1] == numpy_percentiles(Narrow(n=9).images, ignore=-1.0)
+
+
+def test_float64_images_whose_values_round_to_minus_zero():
+    """-1e-50 is -0.0 in float32: both passes put it where 0.0 is, so the second pass agrees with the first."""
+    x = torch.tensor([0.0] * 10 + [-1e-50] * 10 + [1.0] * 10 + [-1.0] * 10, dtype=torch.float64).view(1, 1, 40, 1)
+    first = batch_stats(x, values=True).values
+    windows = first.windows([50.0])
+    refined = first.refined(windows, batch_stats(x, windows=(windows, first.shift)).values)
+    assert refined.percentiles([50.0], torch.tensor([-1.0]), torch.tensor([1.0])).tolist() == [[0.0]]
+
+
+def test_too_many_channels_for_a_second_pass_say_so_before_it():
+    images = 5 + 1e-4 * torch.randn(2, 1100, 4, 4, generator=torch.Generator().manual_seed(7))
+    with pytest.raises(ValueError, match="in groups"):
+        FitNormalize(cache=None, clip=Q, exact_percentiles=True).fit(list(images), num_workers=0, progress=False)
+    with pytest.warns(UserWarning, match="in groups"):
+        norm = FitNormalize(cache=None, clip=Q).fit(list(images), num_workers=0, progress=False)
+    assert norm.clip_low is not None and len(norm.clip_low) == 1100
+
+
+def test_an_empty_batch_in_the_second_pass_counts_nothing():
+    windows = torch.tensor([[3, 4]])
+    empty = batch_stats(torch.empty(0, 1, 4, 4), windows=(windows, 12))
+    assert empty.values.kind == "window" and empty.values.counts.shape == (1, 2 << 12)
+    full = batch_stats(torch.rand(2, 1, 4, 4), windows=(windows, 12))
+    assert torch.equal(full.merge(empty).values.counts, full.values.counts)
+
+
+def test_exact_percentiles_survive_the_state_dict_and_partial_fit_says_it_cannot():
+    norm = FitNormalize(cache=None, clip=Q, exact_percentiles=True)
+    with pytest.warns(UserWarning, match="not made exact"):
+        norm.partial_fit(Narrow(n=4).images)
+    copy = FitNormalize(cache=None, clip=Q)
+    copy.load_state_dict(norm.state_dict())
+    assert copy.exact_percentiles is True and copy.clip_low == norm.clip_low

@@ -358,3 +358,47 @@ def test_masked_rows_whose_sample_misleads_the_centre_are_redone(dtype, tol):
     mask[0] = False  # an image with nothing kept
     stats = batch_stats(x, mask=mask, ignore=[float("nan"), 5.0])
     assert_stats(stats, kept_pixels(x, mask=mask.numpy()), tol=tol)
+
+
+def test_a_channel_of_values_up_to_minus_zero_keeps_its_zeros_in_its_own_counts():
+    """amax of [-1, -0.0, 0.0] is -0.0: its bucket is that of 0.0, so no zero lands in the next channel."""
+    g = gen(41)
+    x = torch.stack([-torch.relu(torch.randn(8, 32, 32, generator=g)), torch.rand(8, 32, 32, generator=g) + 1], 1)
+    x[0, 0, 0, :4] = -0.0
+    stats = batch_stats(x, values=True)
+    assert stats.values.total.tolist() == [8 * 32 * 32] * 2
+    got = stats.percentiles([50.0])[0]
+    for c, p in enumerate(kept_pixels(x)):
+        assert abs(got[c].item() - np.percentile(p, 50)) <= 2**-10 * abs(np.percentile(p, 50)) + 1e-30
+    nodata = batch_stats(x, ignore=-1.0, values=True)  # the ignored path counts alike
+    assert nodata.values.total.tolist() == [8 * 32 * 32] * 2
+
+
+@pytest.mark.parametrize("value", [0.3, -3.4028234663852886e38])
+def test_ignore_is_compared_in_the_images_dtype(value):
+    """ignore=0.3 on float32 images drops the pixels that hold float32(0.3), as x == 0.3 does, also where the
+    value is a row's min or max (GDAL prints float32 nodata as -3.4028234663852886e+38)."""
+    g = gen(42)
+    x = 0.5 + torch.rand(4, 2, 8, 8, generator=g)
+    x[1, :, :2] = value
+    x[2, 0] = value
+    want = [(x[:, c] != value).sum().item() for c in range(2)]
+    for stats in (batch_stats(x, ignore=value), batch_stats(x, ignore=[value, value]),
+                  batch_stats(x, ignore=value, mask=torch.ones(4, 1, 8, 8))):
+        assert stats.count.tolist() == want
+        kept = [x[:, c][x[:, c] != value].double() for c in range(2)]
+        assert stats.mean.tolist() == pytest.approx([k.mean().item() for k in kept], rel=1e-6)
+    half = x.half()
+    half[0, 0, 0, 0] = -9999.0  # float16 stores -10000
+    assert batch_stats(half, ignore=-9999.0).count[0].item() == (half[:, 0] != -9999.0).sum().item()
+
+
+def test_an_image_whose_channel_is_all_nan_under_ignore_nan():
+    """A whole nodata tile: the channel keeps the other images' pixels; nothing becomes NaN."""
+    x = torch.rand(3, 2, 4, 4, generator=gen(43))
+    x[0, 0] = float("nan")
+    stats = batch_stats(x, ignore=float("nan"), values=True)
+    assert stats.count.tolist() == [32.0, 48.0]
+    assert stats.mean[0].item() == pytest.approx(x[1:, 0].double().mean().item(), rel=1e-6)
+    assert torch.isfinite(stats.mean).all() and torch.isfinite(stats.m2).all()
+    assert stats.values.total.tolist() == [32, 48]

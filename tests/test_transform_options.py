@@ -65,6 +65,15 @@ def test_per_channel_nodata_and_nan():
     assert torch.isfinite(out[:, 2:]).all()
 
 
+def test_a_nodata_value_float32_cannot_hold_is_the_same_one_or_per_channel():
+    """ignore=0.1 and ignore=[0.1, 0.1] fit and normalize alike: both compare in the images' dtype."""
+    x = torch.rand(4, 2, 8, 8, generator=gen(3)) + 0.5
+    x[:, :, 0] = 0.1
+    one, each = (FitNormalize(cache=None, ignore=v).partial_fit(x) for v in (0.1, [0.1, 0.1]))
+    assert one.stats.count.tolist() == each.stats.count.tolist() == [4 * 7 * 8.0] * 2
+    assert torch.equal(one(x[0]), each(x[0])) and (one(x[0])[:, 0] == 0).all()
+
+
 def test_nan_that_is_not_ignored_names_the_image():
     x = torch.rand(4, 3, 8, 8)
     x[2, 1, 3, 3] = float("nan")

@@ -98,9 +98,12 @@ def batch_stats(
     """
     pixels, keep = pixel_rows(images, mask, spatial_dims)
     channels = pixels.shape[1]
-    drop = ignore_values(ignore, channels)
+    drop = ignore_values(ignore, channels, pixels.dtype)
     if pixels.numel() == 0:
-        return ChannelStats.empty(channels, device=images.device).with_values(
+        empty = ChannelStats.empty(channels, device=images.device)
+        if windows is not None:
+            return empty.with_values(ValueCounts.window_counts(channels, windows))
+        return empty.with_values(
             ValueCounts.empty(channels, "float" if images.is_floating_point() else "int") if values else None)
     if not pixels.is_floating_point():
         return _integer_stats(pixels, keep, drop, values)
@@ -165,7 +168,7 @@ class Reduction:
         if self.plain:
             return {}
         settings = {"ignore": self.ignore, "values": self.values, "spatial_dims": self.spatial_dims, "mask": self.mask}
-        return settings | ({} if self.exact is None else {"exact_percentiles": self.exact})
+        return settings | ({"exact_percentiles": self.exact} if self.values else {})
 
 
 def tensor_stats(images: Tensor, *, ignore: Ignore = None, mask: Tensor | None = None, spatial_dims: int = 2,
@@ -238,16 +241,20 @@ def _mask_rows(mask: Tensor, shape: torch.Size, spatial_dims: int) -> Tensor:
     return mask.reshape(math.prod(shape[: -spatial_dims - 1]), mask_channels, math.prod(spatial))
 
 
-def ignore_values(ignore: Ignore, channels: int) -> list[float] | None:
-    """``ignore=`` as one float per channel (None: nothing ignored), checked."""
+def ignore_values(ignore: Ignore, channels: int, dtype: torch.dtype | None = None) -> list[float] | None:
+    """``ignore=`` as one float per channel (None: nothing ignored), checked; rounded to a float ``dtype`` (the
+    images'), as ``x == v`` compares them: ``ignore=0.3`` drops float32 pixels of ``float32(0.3)``."""
     if ignore is None:
         return None
-    values = torch.as_tensor(ignore, dtype=torch.float64).flatten().tolist()
-    if len(values) == 1:
-        values = values * channels
-    if len(values) != channels:
-        raise ValueError(f"ignore= needs one value or one per channel ({channels}). Got {len(values)}: {values}.")
-    return values
+    values = torch.as_tensor(ignore, dtype=torch.float64).flatten()
+    if dtype is not None and dtype.is_floating_point:
+        values = values.to(dtype).double()
+    listed = values.tolist()
+    if len(listed) == 1:
+        listed = listed * channels
+    if len(listed) != channels:
+        raise ValueError(f"ignore= needs one value or one per channel ({channels}). Got {len(listed)}: {listed}.")
+    return listed
 
 
 def _kept(pixels: Tensor, keep: Tensor | None, drop: Sequence[float]) -> Tensor:
@@ -340,8 +347,9 @@ def _centred_rows(rows: Tensor, centre: Tensor, count: Tensor) -> tuple[Tensor, 
         squares = torch.linalg.vector_norm(again, dim=1).square_() - dropped * gap.square()
         mean[redo] += deviation / safe[redo]
         m2[redo] = (squares - deviation.square() / safe[redo]).clamp_min_(0)
-    empty = count == 0
-    return count, mean, m2, low.masked_fill(empty, math.inf), high.masked_fill(empty, -math.inf)
+    empty = count == 0  # filled with a pixel that is not kept (NaN for a row of NaN under ignore=nan): nothing
+    return (count, mean.masked_fill(empty, 0.0), m2.masked_fill(empty, 0.0), low.masked_fill(empty, math.inf),
+            high.masked_fill(empty, -math.inf))
 
 
 def _sums(rows: Tensor) -> tuple[Tensor, Tensor]:

@@ -58,6 +58,7 @@ from .passes import (
     tensor_stats,
 )
 from .stats import ChannelStats, ValueCounts
+from .values import MAX_BINS
 from .verification import (
     DEFAULT_VERIFY,
     MAX_VERIFY,
@@ -214,6 +215,16 @@ def exact_percentiles(stats: ChannelStats, reduction: Reduction,
     if reduction.exact is None and float(values.rank_error(reduction.percentiles).max()) <= MAX_RANK_ERROR:
         return stats
     windows = values.windows(reduction.percentiles)
+    needed = windows.numel() << values.shift
+    if needed > MAX_BINS:
+        why = (f"Exact percentiles of {values.num_channels} channels need {needed} counters in a second pass, more "
+               f"than {MAX_BINS}")
+        if reduction.exact:
+            raise ValueError(f"{why}: fit the channels in groups, or pass exact_percentiles=None or False.")
+        warn(f"{why}, so the percentiles stay those of one pass, within the rank error that "
+             "stats.values.rank_error(q) states (above 0.1% here). Fit the channels in groups to make them exact.",
+             UserWarning)
+        return stats
     logger.info("a second pass for exact percentiles %s", reduction.percentiles)
     counted = again(replace(reduction, windows=(windows, values.shift)))
     try:

@@ -216,7 +216,8 @@ class FitNormalize(v2.Normalize):
                                  "num_samples": self._num_samples}
         if not self._is_plain():  # a plain one's state stays what 0.1 wrote
             state.update(ignore=self.ignore, clip=self.clip, clip_low=self.clip_low, clip_high=self.clip_high,
-                         spatial_dims=self.spatial_dims, integer_input=self.integer_input)
+                         spatial_dims=self.spatial_dims, integer_input=self.integer_input,
+                         exact_percentiles=self.exact_percentiles)
         return state
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -227,7 +228,7 @@ class FitNormalize(v2.Normalize):
         if state.get("key") is not None:
             self._key = state["key"]
         self._num_samples = int(state.get("num_samples", 0))
-        for name in ("ignore", "clip", "clip_low", "clip_high", "spatial_dims", "integer_input"):
+        for name in ("ignore", "clip", "clip_low", "clip_high", "spatial_dims", "integer_input", "exact_percentiles"):
             if name in state:
                 setattr(self, name, state[name])
 
@@ -440,6 +441,12 @@ class FitNormalize(v2.Normalize):
             raise ValueError(f"This FitNormalize was fitted on {units[self.integer_input]} images; these are "
                              f"{units[integer]}. Fit integer and float images separately (their units differ).")
         merged = stats if self._stats is None else self._stats.merge(stats)
+        if self.exact_percentiles and merged.values is not None and merged.values.kind == "float" \
+                and merged.values.detail is None:
+            warn("partial_fit() adds one pass's value counts, so the clip= percentiles of float images are not made "
+                 "exact (that needs a second pass over all the data): they are within 2**-11 of their value, with the "
+                 "rank error stats.values.rank_error(q) states. fit() on the whole dataset makes them exact.",
+                 UserWarning)
         self._use_stats(merged, self._num_samples + num_samples, integer=integer)
         return self
 
@@ -578,7 +585,9 @@ def normalize_fitted(
     shape = (-1,) + (1,) * spatial_dims
     dropped = None
     if ignore is not None:
-        values = torch.as_tensor(ignore, dtype=torch.float64, device=image.device)
+        # In the images' own float dtype, as the fit compared them (ignore=0.3 is float32(0.3) for float32 images).
+        dtype = source.dtype if source.is_floating_point() else torch.float64
+        values = torch.as_tensor(ignore, dtype=torch.float64, device=image.device).to(dtype)
         values = values.view(shape if isinstance(ignore, list) else ())
         dropped = source == values
     if low is not None and high is not None:

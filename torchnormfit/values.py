@@ -39,8 +39,9 @@ _SCRATCH = threading.local()  # each thread's int32 buffer for the keys it count
 
 
 def float_keys(images: Tensor) -> Tensor:
-    """int32 keys that order like the float32 values of ``images`` (sign-magnitude to two's complement)."""
-    bits = images.to(torch.float32).contiguous().view(torch.int32)
+    """int32 keys that order like the float32 values of ``images`` (sign-magnitude to two's complement); -0.0 has
+    the key of 0.0 (they are one value), also where a float64 value rounds to -0.0 in float32."""
+    bits = (images.to(torch.float32) + 0.0).contiguous().view(torch.int32)
     return bits ^ ((bits >> 31) & _INT32_MAX)
 
 
@@ -98,7 +99,8 @@ class ValueCounts:
         object.__setattr__(self, "counts", counts)
         if detail is not None:
             buckets, keys = (torch.as_tensor(part, dtype=torch.int64).cpu() for part in detail)
-            if kind != "float" or buckets.ndim != 2 or keys.shape != (counts.shape[0], buckets.shape[1] << shift):
+            if (kind != "float" or buckets.ndim != 2 or buckets.shape[0] != counts.shape[0]
+                    or keys.shape != (counts.shape[0], buckets.shape[1] << shift)):
                 raise ValueError(f"Invalid ValueCounts detail: buckets {tuple(buckets.shape)}, keys "
                                  f"{tuple(keys.shape)} for {kind!r} counts of shift {shift}.")
             detail = (buckets, keys)
@@ -220,7 +222,7 @@ class ValueCounts:
         for channel, (value, number) in enumerate(zip(values, pixels.tolist())):
             if number == 0 or not math.isfinite(value):
                 continue
-            key = int(value) if self.kind == "int" else int(float_keys(torch.tensor([value + 0.0]))[0])
+            key = int(value) if self.kind == "int" else int(float_keys(torch.tensor([value], dtype=torch.float64))[0])
             column = (key >> self.shift) - int(self.offset[channel])
             if 0 <= column < counts.shape[1]:
                 counts[channel, column] -= int(number)
@@ -260,6 +262,7 @@ class ValueCounts:
         if other.counts.shape[1]:
             columns = torch.arange(other.counts.shape[1], dtype=torch.int64)
             self.counts.scatter_add_(1, columns + start[:, None], other.counts)
+        object.__setattr__(self, "detail", None)  # a second pass saw the pixels before these only
         return True
 
     def copy(self) -> ValueCounts:
@@ -364,7 +367,7 @@ class ValueCounts:
         if channels * width > MAX_BINS:
             raise ValueError(f"Exact percentiles of {channels} channels need {channels * width} counters, more than "
                              f"{MAX_BINS}: fit the channels in groups, or pass exact_percentiles=False.")
-        keys = float_keys(images + 0.0)  # -0.0 counted as 0.0, as by count()
+        keys = float_keys(images)
         bucket = keys >> shift
         targets = windows.clamp_max(_NO_BUCKET).to(torch.int32).to(keys.device)
         hit = bucket == targets[:, :1]
@@ -380,6 +383,13 @@ class ValueCounts:
         index = (chosen & ((1 << shift) - 1)).long() + (slot << shift) + channel * width
         counts = torch.bincount(index, minlength=channels * width)
         return cls._of("window", 0, torch.zeros(channels, dtype=torch.int64), counts.view(channels, width).cpu())
+
+    @classmethod
+    def window_counts(cls, channels: int, windows: tuple[Tensor, int]) -> ValueCounts:
+        """No pixels counted in ``windows`` (:meth:`count_windows` of an empty batch)."""
+        width = windows[0].shape[1] << windows[1]
+        return cls._of("window", 0, torch.zeros(channels, dtype=torch.int64),
+                       torch.zeros(channels, width, dtype=torch.int64))
 
     def refined(self, windows: Tensor, counted: ValueCounts) -> ValueCounts:
         """These float counts with the per-key counts a second pass took of ``windows`` (:meth:`count_windows`).
@@ -467,7 +477,7 @@ def _bound_keys(bound: Tensor, kind: str, device: torch.device) -> Tensor:
     if kind == "int":
         limits = torch.where(bound > 0, float(_INT32_MAX), float(-_INT32_MAX - 1))
         return torch.where(finite, bound, limits).to(device=device, dtype=torch.int32)
-    return float_keys(bound.to(device))  # +inf min and -inf max (nothing kept) order as low > high
+    return float_keys(bound.to(device))  # +inf min and -inf max (nothing kept) order as low > high; -0.0 as 0.0
 
 
 def reuse(work: Tensor | None, numel: int, device: torch.device) -> Tensor:

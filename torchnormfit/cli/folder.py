@@ -260,7 +260,7 @@ def _wide_mode(image: PIL.Image.Image) -> str | None:
     """
     if image.format == "PNG":
         tiles = getattr(image, "tile", None)  # an ImageFile's, before load()
-        rawmode = tiles[0].args if tiles else None  # "I;16B", "LA;16B", "RGB;16B", "RGBA;16B", "RGB", "P", ...
+        rawmode = tiles[0][3] if tiles else None  # args: "I;16B", "LA;16B", "RGB;16B", "RGBA;16B", "RGB", "P", ...
         if isinstance(rawmode, str) and ";16" in rawmode:
             return f"a 16-bit {rawmode.split(';')[0].replace('I', 'gray')} PNG"
         return None
