@@ -109,24 +109,22 @@ def batch_stats(
         return _integer_stats(pixels, keep, drop, values)
     if pixels.dtype in (torch.float16, torch.bfloat16):
         pixels = pixels.float()
-    if windows is not None:
-        keep = _kept(pixels, keep, drop) if drop is not None else keep
-        stats = _dense_stats(pixels.reshape(-1, pixels.shape[-1]), channels) if keep is None else \
-            _masked_stats(pixels, keep)
-        return stats.with_values(ValueCounts.count_windows(pixels, keep, *windows))
-    if keep is None and drop is None:
-        stats = _dense_stats(pixels.reshape(-1, pixels.shape[-1]), channels)
-    elif keep is None:
-        assert drop is not None
-        stats = _ignored_stats(pixels, drop)
-        if values:  # every pixel counted, then the ignored ones taken out of their value's bucket
-            counts = ValueCounts.count(pixels, None, (stats.min, stats.max), outside="drop")
-            return stats.with_values(counts.drop_pixels(drop, pixels.shape[0] * pixels.shape[2] - stats.count))
-    else:
-        if drop is not None:
-            keep = _kept(pixels, keep, drop)
+    if drop is not None and (keep is not None or windows is not None):
+        keep, drop = _kept(pixels, keep, drop), None  # the ignored pixels join the mask
+    if keep is not None:
         stats = _masked_stats(pixels, keep)
-    return stats.with_values(ValueCounts.count(pixels, keep, (stats.min, stats.max))) if values else stats
+    elif drop is not None:
+        stats = _ignored_stats(pixels, drop)
+    else:
+        stats = _dense_stats(pixels.reshape(-1, pixels.shape[-1]), channels)
+    if windows is not None:
+        return stats.with_values(ValueCounts.count_windows(pixels, keep, *windows))
+    if not values:
+        return stats
+    if drop is not None:  # every pixel counted, then the ignored ones taken out of their value's bucket
+        counts = ValueCounts.count(pixels, None, (stats.min, stats.max), outside="drop")
+        return stats.with_values(counts.drop_pixels(drop, pixels.shape[0] * pixels.shape[2] - stats.count))
+    return stats.with_values(ValueCounts.count(pixels, keep, (stats.min, stats.max)))
 
 
 @dataclass(frozen=True)
@@ -257,18 +255,22 @@ def ignore_values(ignore: Ignore, channels: int, dtype: torch.dtype | None = Non
     return listed
 
 
-def _kept(pixels: Tensor, keep: Tensor | None, drop: Sequence[float]) -> Tensor:
-    """Where a float pixel is kept: in the mask, not equal to its channel's ignored value, not NaN if NaN is."""
-    values = torch.tensor(drop, dtype=pixels.dtype, device=pixels.device)[:, None]
-    nan = [math.isnan(v) for v in drop]
-    if all(nan):
+def _kept(pixels: Tensor, keep: Tensor | None, drop: Sequence[float], values: Tensor | None = None) -> Tensor:
+    """Where a float pixel is kept: in the mask, not equal to its ignored value, not NaN if NaN is.
+
+    ``drop`` holds the ignored values, one per channel of ``pixels`` ``(N, C, P)``; ``values`` places them
+    against other pixels (one per row of ``(R, n)`` rows, as ``(R, 1)``).
+    """
+    if values is None:
+        values = torch.tensor(drop, dtype=pixels.dtype, device=pixels.device)[:, None]
+    if all(math.isnan(v) for v in drop):
         kept = ~torch.isnan(pixels)
     elif len(set(drop)) == 1:  # one value for every channel: a scalar comparison (5x faster than broadcasting)
         kept = pixels != drop[0]
     else:
         kept = pixels != values
-        if any(nan):
-            kept &= ~(torch.isnan(pixels) & torch.tensor(nan, device=pixels.device)[:, None])
+        if any(math.isnan(v) for v in drop):
+            kept &= ~(torch.isnan(pixels) & values.isnan())
     return kept if keep is None else kept & keep
 
 
@@ -352,15 +354,6 @@ def _centred_rows(rows: Tensor, centre: Tensor, count: Tensor) -> tuple[Tensor, 
             high.masked_fill(empty, -math.inf))
 
 
-def _sums(rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Float64 sum and sum of squares of each row of ``rows`` ``(R, n)``, over float chunks of ``_CHUNK``."""
-    chunks = -(-rows.shape[1] // _CHUNK)
-    sums = torch.empty(2, rows.shape[0], chunks, dtype=rows.dtype, device=rows.device)
-    _chunk_sums(rows, sums[0], sums[1])
-    sums = sums.double()
-    return sums[0].sum(dim=1), sums[1].square_().sum(dim=1)
-
-
 def _pool(count: Tensor, mean: Tensor, m2: Tensor, low: Tensor, high: Tensor, channels: int) -> ChannelStats:
     """Rows ``(N * C,)`` of count, mean, M2, min and max pooled per channel (Chan's formula for many parts)."""
     count, mean, m2 = count.view(-1, channels), mean.view(-1, channels), m2.view(-1, channels)
@@ -398,12 +391,7 @@ def _ignored_stats(pixels: Tensor, drop: Sequence[float]) -> ChannelStats:
         for full, part in zip((mean, m2, low, high), _dense_rows(rows[whole])):
             full[whole] = part
     subset = rows if holds.numel() == rows.shape[0] else rows[holds]
-    if len(set(drop)) == 1 or all(math.isnan(v) for v in drop):  # one value: a scalar comparison (5x faster)
-        kept = subset.isnan().logical_not_() if math.isnan(drop[0]) else subset != drop[0]
-    else:
-        kept = subset != value[holds, None].to(subset.dtype)
-        if bool(value.isnan().any()):
-            kept &= ~(subset.isnan() & value[holds, None].isnan())
+    kept = _kept(subset, None, drop, value[holds, None].to(subset.dtype))
     for full, part in zip((count, mean, m2, low, high), _masked_rows(subset, kept)):
         full[holds] = part
     return _pool(count, mean, m2, low, high, channels)
