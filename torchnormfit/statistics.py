@@ -188,10 +188,9 @@ def pass_stats(
                  options.pop("seed", 0), options.pop("process_group", None), options)
     result, _ = _pass(*arguments, reduction=reduction)
     assert result.stats is not None  # run_pass raises when it read no image
-    if reduction is not None:
-        stats = exact_percentiles(result.stats, reduction, lambda again: _pass(*arguments, reduction=again)[0].stats)
-        return stats, result.num_samples, result.integer
-    return result.stats, result.num_samples, result.integer
+    stats = exact_percentiles(result.stats, reduction or Reduction(),
+                              lambda again: _pass(*arguments, reduction=again)[0].stats)
+    return stats, result.num_samples, result.integer
 
 
 MAX_RANK_ERROR = 1e-3

@@ -38,11 +38,18 @@ _NO_BUCKET = 1 << 30  # pads :meth:`ValueCounts.windows`: above any bucket of fl
 _SCRATCH = threading.local()  # each thread's int32 buffer for the keys it counts
 
 
-def float_keys(images: Tensor) -> Tensor:
+def float_keys(images: Tensor, out: Tensor | None = None, nonnegative: bool = False) -> Tensor:
     """int32 keys that order like the float32 values of ``images`` (sign-magnitude to two's complement); -0.0 has
-    the key of 0.0 (they are one value), also where a float64 value rounds to -0.0 in float32."""
-    bits = (images.to(torch.float32) + 0.0).contiguous().view(torch.int32)
-    return bits ^ ((bits >> 31) & _INT32_MAX)
+    the key of 0.0 (they are one value), also where a float64 value rounds to -0.0 in float32.
+
+    ``out``: a contiguous int32 tensor of ``images``' shape to write them in; ``nonnegative``: no value is below
+    0, so the float32 bits already order (one pass saved).
+    """
+    floats = None if out is None else out.view(torch.float32)
+    bits = torch.add(images.to(torch.float32), 0.0, out=floats).view(torch.int32)  # a copy; -0.0 + 0.0 is 0.0
+    if not nonnegative:
+        bits.bitwise_xor_(torch.bitwise_right_shift(bits, 31).bitwise_and_(_INT32_MAX))
+    return bits
 
 
 def _keys_to_floats(keys: np.ndarray) -> np.ndarray:
@@ -164,9 +171,7 @@ class ValueCounts:
         _SCRATCH.keys = reuse(getattr(_SCRATCH, "keys", None), images.numel(), images.device)
         keys = _SCRATCH.keys[: images.numel()].view(images.shape)
         if kind == "float":
-            torch.add(images.to(torch.float32), 0.0, out=keys.view(torch.float32))  # a copy; -0.0 + 0.0 is 0.0
-            if bounds is None or not bool((bounds[0] >= 0).all()):  # kept values >= 0: their bits already order
-                keys.bitwise_xor_(torch.bitwise_right_shift(keys, 31).bitwise_and_(_INT32_MAX))
+            float_keys(images, out=keys, nonnegative=bounds is not None and bool((bounds[0] >= 0).all()))
         else:
             keys.copy_(images)
         channels = images.shape[1]
@@ -215,14 +220,14 @@ class ValueCounts:
         return self if in_place else ValueCounts._of(self.kind, self.shift, self.offset, counts)
 
     def drop_pixels(self, values: Sequence[float], pixels: Tensor) -> ValueCounts:
-        """These counts, in place (counted just now: no one else holds them), without ``pixels[c]`` pixels of
-        value ``values[c]`` per channel: those that counting with ``outside="drop"`` put in that value's bucket
-        (none if it is NaN or outside the counted range)."""
+        """These float counts, in place (counted just now: no one else holds them), without ``pixels[c]`` pixels
+        of value ``values[c]`` per channel: those that counting with ``outside="drop"`` put in that value's bucket
+        (none if it is NaN or outside the counted range). Exact integer counts use :meth:`drop`."""
         counts = self.counts
-        for channel, (value, number) in enumerate(zip(values, pixels.tolist())):
+        keys = float_keys(torch.tensor(values, dtype=torch.float64)).tolist()
+        for channel, (value, key, number) in enumerate(zip(values, keys, pixels.tolist())):
             if number == 0 or not math.isfinite(value):
                 continue
-            key = int(value) if self.kind == "int" else int(float_keys(torch.tensor([value], dtype=torch.float64))[0])
             column = (key >> self.shift) - int(self.offset[channel])
             if 0 <= column < counts.shape[1]:
                 counts[channel, column] -= int(number)
@@ -349,12 +354,12 @@ class ValueCounts:
     def windows(self, q: Sequence[float]) -> Tensor:
         """``(C, m)`` int64: the buckets the order statistics of percentiles ``q`` fall in, per channel (padded
         with a bucket no key falls in), for :meth:`count_windows` in a second pass over the same pixels."""
-        chosen = [sorted({int(self.offset[channel]) + int(b) for percent in q
-                          for b in np.searchsorted(cumulative, _order_indices(n, percent)[:2], side="right")})
-                  for channel, _, n, cumulative in self._counted_channels()]
-        counted = [channel for channel, *_ in self._counted_channels()]
-        out = torch.full((self.num_channels, max(map(len, chosen), default=1)), _NO_BUCKET, dtype=torch.int64)
-        for channel, buckets in zip(counted, chosen):
+        chosen = {channel: sorted({int(self.offset[channel]) + int(b) for percent in q
+                                   for b in np.searchsorted(cumulative, _order_indices(n, percent)[:2], side="right")})
+                  for channel, _, n, cumulative in self._counted_channels()}
+        out = torch.full((self.num_channels, max(map(len, chosen.values()), default=1)), _NO_BUCKET,
+                         dtype=torch.int64)
+        for channel, buckets in chosen.items():
             out[channel, : len(buckets)] = torch.tensor(buckets, dtype=torch.int64)
         return out
 
@@ -363,10 +368,7 @@ class ValueCounts:
         """Count each float32 key of ``images`` ``(N, C, P)`` (where ``keep``) that falls in one of its channel's
         ``windows`` (buckets of ``shift``): counts ``(C, m * 2**shift)``, kind ``"window"``."""
         channels, slots = windows.shape
-        width = slots << shift
-        if channels * width > MAX_BINS:
-            raise ValueError(f"Exact percentiles of {channels} channels need {channels * width} counters, more than "
-                             f"{MAX_BINS}: fit the channels in groups, or pass exact_percentiles=False.")
+        width = slots << shift  # the caller keeps channels * width within its budget (fit: MAX_BINS)
         keys = float_keys(images)
         bucket = keys >> shift
         targets = windows.clamp_max(_NO_BUCKET).to(torch.int32).to(keys.device)

@@ -110,8 +110,8 @@ def run_fit(args: argparse.Namespace) -> int:
     path = cache_path(args.cache)
     ignore = args.ignore[0] if args.ignore is not None and len(args.ignore) == 1 else args.ignore
     norm = FitNormalize(cache=path, key=args.key, ignore=ignore, clip=None if args.clip is None else tuple(args.clip),
-                        exact_percentiles={"auto": None, "yes": True, "no": False}[args.exact_percentiles]
-                        if args.clip is not None else None, spatial_dims=args.spatial_dims)
+                        exact_percentiles={"auto": None, "yes": True, "no": False}[args.exact_percentiles],
+                        spatial_dims=args.spatial_dims)
     dataset, skipped = _fit(norm, _open_source(args, norm), args)
     record = norm.fit_record
     assert record is not None and norm.mean is not None and norm.std is not None  # fit() sets them or raises
