@@ -1,6 +1,5 @@
 """Fitting across real torch.distributed process groups (gloo on loopback), and partial fits."""
 
-import json
 import logging
 import os
 import sys
@@ -9,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from datasets_for_tests import CountingDataset, FailingDataset
+from ranks import on_ranks
 
 from torchnormfit import FitNormalize, NotFittedError, list_entries
 from torchnormfit.verification import readings_per_image
@@ -19,35 +17,26 @@ from torchnormfit.verification import readings_per_image
 TESTS = str(Path(__file__).parent)
 
 
-def _rank_main(rank, world_size, workdir, n, fail_at):
+def _rank_fit(rank, world_size, workdir, n, fail_at):
     sys.path.insert(0, TESTS)
     warnings.simplefilter("default")  # a fork of pytest would turn CacheWarning into an error, as no user's run does
     logging.basicConfig(filename=os.path.join(workdir, f"log{rank}.txt"), level=logging.INFO, force=True)
-    dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world_size)
+    norm = FitNormalize(cache=os.path.join(workdir, "cache"))
+    log = os.path.join(workdir, f"reads{rank}.txt")
+    if fail_at is None:
+        dataset = CountingDataset(n=n, transform=norm, log=log)
+    else:
+        dataset = FailingDataset(fail_at=fail_at, n=n, transform=norm, log=log)
     try:
-        norm = FitNormalize(cache=os.path.join(workdir, "cache"))
-        log = os.path.join(workdir, f"reads{rank}.txt")
-        if fail_at is None:
-            dataset = CountingDataset(n=n, transform=norm, log=log)
-        else:
-            dataset = FailingDataset(fail_at=fail_at, n=n, transform=norm, log=log)
-        try:
-            norm.fit(dataset, num_workers=0, batch_size=3, progress=False)
-            result = {"mean": norm.mean, "std": norm.std, "count": norm.stats.count.tolist()}
-        except Exception as error:
-            result = {"error": f"{type(error).__name__}: {error}"}
-        with open(os.path.join(workdir, f"result{rank}.json"), "w") as f:
-            json.dump(result, f)
-    finally:
-        dist.barrier()  # every rank done with its collectives before gloo is torn down (teardown races abort)
-        dist.destroy_process_group()
+        norm.fit(dataset, num_workers=0, batch_size=3, progress=False)
+        return {"mean": norm.mean, "std": norm.std, "count": norm.stats.count.tolist()}
+    except Exception as error:
+        return {"error": f"{type(error).__name__}: {error}"}
 
 
 def run_ranks(tmp_path, world_size, n, fail_at=None, start_method="fork"):
     """One process per rank: forks of this one (milliseconds), or fresh interpreters as torchrun starts ("spawn")."""
-    mp.start_processes(_rank_main, args=(world_size, str(tmp_path), n, fail_at), nprocs=world_size,
-                       join=True, start_method=start_method)
-    return [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(world_size)]
+    return on_ranks(tmp_path, _rank_fit, n, fail_at, world_size=world_size, start_method=start_method)
 
 
 def reads(tmp_path, world_size):

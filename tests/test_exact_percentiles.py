@@ -6,15 +6,12 @@ in float64; real passes, real DataLoader workers, real cache files.
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import on_ranks
 from torch.utils.data import Dataset
 
 from torchnormfit import FitNormalize
@@ -155,22 +152,15 @@ def test_exact_percentiles_need_clip():
         FitNormalize(exact_percentiles=True)
 
 
-def _rank_main(rank: int, world_size: int, workdir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world_size)
-    try:
-        norm = FitNormalize(cache=None, ignore=-1.0, clip=Q)
-        norm.fit(Narrow(n=9), batch_size=2, num_workers=0, progress=False)
-        with open(os.path.join(workdir, f"result{rank}.json"), "w") as f:
-            json.dump([norm.clip_low, norm.clip_high], f)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+def _rank_fit(rank: int, world_size: int, workdir: str) -> list:
+    norm = FitNormalize(cache=None, ignore=-1.0, clip=Q)
+    norm.fit(Narrow(n=9), batch_size=2, num_workers=0, progress=False)
+    return [norm.clip_low, norm.clip_high]
 
 
 def test_two_gloo_ranks_get_the_exact_percentiles(tmp_path):
     """Each rank reads its shard in both passes; the window counts merge across ranks like the first ones."""
-    mp.start_processes(_rank_main, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="fork")
-    results = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(2)]
+    results = on_ranks(tmp_path, _rank_fit)
     assert results[0] == results[1] == numpy_percentiles(Narrow(n=9).images, ignore=-1.0)
 
 

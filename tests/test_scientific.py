@@ -5,8 +5,6 @@ Real DataLoader workers, real gloo ranks, real cache files; every expected numbe
 
 from __future__ import annotations
 
-import json
-import os
 import runpy
 import sys
 from pathlib import Path
@@ -14,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import on_ranks
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torchvision import tv_tensors
 
@@ -174,25 +171,17 @@ def test_the_cache_keeps_percentiles_and_units_and_the_options_change_the_key(tm
 # --- two gloo ranks -----------------------------------------------------------------------------------------
 
 
-def _rank_main(rank, world_size, workdir):
+def _rank_fit(rank, world_size, workdir):
     sys.path.insert(0, str(ROOT / "examples"))
-    dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world_size)
-    try:
-        norm = FitNormalize(clip=Q, spatial_dims=3, cache=None)
-        cases = Cases(n=5, depth=4, size=16, transform=norm)
-        norm.fit(cases, mask=tv_tensors.Mask, num_workers=0, batch_size=2, progress=False)
-        result = {"count": norm.stats.count.tolist(), "mean": norm.mean, "std": norm.std, "low": norm.clip_low,
-                  "high": norm.clip_high}
-        with open(os.path.join(workdir, f"result{rank}.json"), "w") as f:
-            json.dump(result, f)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+    norm = FitNormalize(clip=Q, spatial_dims=3, cache=None)
+    cases = Cases(n=5, depth=4, size=16, transform=norm)
+    norm.fit(cases, mask=tv_tensors.Mask, num_workers=0, batch_size=2, progress=False)
+    return {"count": norm.stats.count.tolist(), "mean": norm.mean, "std": norm.std, "low": norm.clip_low,
+            "high": norm.clip_high}
 
 
 def test_two_gloo_ranks_merge_counts_exactly(tmp_path):
-    mp.start_processes(_rank_main, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="fork")
-    results = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(2)]
+    results = on_ranks(tmp_path, _rank_fit)
     assert results[0] == results[1]
     want = numpy_truth(case_pixels(Cases(n=5, depth=4, size=16)))
     assert results[0]["count"] == want["count"]

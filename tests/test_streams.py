@@ -18,8 +18,8 @@ import PIL.Image
 import pytest
 import streams_for_tests as st
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from ranks import on_ranks
 
 from torchnormfit import CacheWarning, FitNormalize, list_entries
 from torchnormfit.cli import main
@@ -326,42 +326,35 @@ def test_a_plain_stream_tracks_its_head():
 # --- torch.distributed ---------------------------------------------------------------------------
 
 
-def _rank_main(rank, world_size, workdir, shards):
-    """One torchrun-like rank: RANK/WORLD_SIZE set, DataLoader workers forked; results to result{rank}.json."""
+def _rank_fits(rank, world_size, workdir, shards):
+    """One torchrun-like rank: RANK/WORLD_SIZE set, DataLoader workers forked; each stream's fit or error."""
     sys.path.insert(0, TESTS)
     import webdataset as wds
     from datasets.distributed import split_dataset_by_node
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
     mp.set_start_method("fork", force=True)  # as in a process torchrun starts (spawn's children inherit spawn)
-    dist.init_process_group("gloo", init_method=f"file://{workdir}/rendezvous", rank=rank, world_size=world_size)
-    try:
-        streams = {
-            "webdataset": (lambda norm: st.webdataset(shards, norm, nodesplitter=wds.split_by_node), 2),
-            "huggingface": (lambda norm: split_dataset_by_node(st.hf_iterable(N, 4, norm), rank, world_size), 2),
-            "empty_on_rank_1": (lambda norm: st.Stream(range(N) if rank == 0 else [], transform=norm), 0),
-            "not_split": (lambda norm: st.hf_iterable(N, 4, norm), 0),
-        }
-        results = {}
-        for name, (make, workers) in streams.items():
-            norm = FitNormalize(cache=None)
-            try:
-                norm.fit(make(norm), num_workers=workers, progress=False)
-            except ValueError as error:
-                results[name] = str(error)
-                continue
-            results[name] = {"stats": {k: v.tolist() for k, v in norm.stats.to_dict().items()},
-                             "num_samples": norm.num_samples}
-        with open(os.path.join(workdir, f"result{rank}.json"), "w") as f:
-            json.dump(results, f)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+    streams = {
+        "webdataset": (lambda norm: st.webdataset(shards, norm, nodesplitter=wds.split_by_node), 2),
+        "huggingface": (lambda norm: split_dataset_by_node(st.hf_iterable(N, 4, norm), rank, world_size), 2),
+        "empty_on_rank_1": (lambda norm: st.Stream(range(N) if rank == 0 else [], transform=norm), 0),
+        "not_split": (lambda norm: st.hf_iterable(N, 4, norm), 0),
+    }
+    results = {}
+    for name, (make, workers) in streams.items():
+        norm = FitNormalize(cache=None)
+        try:
+            norm.fit(make(norm), num_workers=workers, progress=False)
+        except ValueError as error:
+            results[name] = str(error)
+            continue
+        results[name] = {"stats": {k: v.tolist() for k, v in norm.stats.to_dict().items()},
+                         "num_samples": norm.num_samples}
+    return results
 
 
 def test_two_gloo_ranks_equal_one_process_each_sample_once(shards, tmp_path):
-    mp.start_processes(_rank_main, args=(2, str(tmp_path), shards), nprocs=2, join=True, start_method="spawn")
-    results = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(2)]
+    results = on_ranks(tmp_path, _rank_fits, shards, start_method="spawn")
     assert results[0] == results[1], "every rank ends with identical statistics"
     unsplit = results[0].pop("not_split")
     assert unsplit.startswith("Ranks 0 and 1 both started the stream with the same samples: it is not split")
